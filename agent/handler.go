@@ -1,0 +1,156 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/sidelane/sidelane/agent/cnirpc"
+	"github.com/sidelane/sidelane/agent/datapath"
+	"github.com/sidelane/sidelane/agent/store"
+)
+
+// Classifier decides a pod's datapath mode. The Kubernetes-backed one waits
+// (bounded) for the pod to appear in its cache.
+type Classifier interface {
+	Classify(ctx context.Context, pod cnirpc.PodRef) (mode string, err error)
+}
+
+// ModeNone is the mode of pods sidelane leaves alone.
+const ModeNone = "none"
+
+// StaticClassifier gives every pod the same mode. It serves the agent when it
+// runs without Kubernetes (tests, conformance).
+type StaticClassifier string
+
+func (c StaticClassifier) Classify(context.Context, cnirpc.PodRef) (string, error) {
+	return string(c), nil
+}
+
+// Readiness reports whether the agent can serve ADD, and why not.
+type Readiness interface {
+	Ready() (bool, string)
+}
+
+// cniHandler implements the agent side of the plugin protocol.
+type cniHandler struct {
+	log        *slog.Logger
+	store      *store.Store
+	datapath   datapath.Datapath
+	classifier Classifier
+	readiness  Readiness
+	now        func() time.Time
+}
+
+func (h *cniHandler) Handle(ctx context.Context, req *cnirpc.Request) (*cnirpc.Reply, error) {
+	switch req.Op {
+	case cnirpc.OpAdd:
+		return h.add(ctx, req)
+	case cnirpc.OpDel:
+		return h.del(ctx, req)
+	case cnirpc.OpCheck:
+		return h.check(ctx, req)
+	case cnirpc.OpGC:
+		return h.gc(ctx, req)
+	case cnirpc.OpStatus:
+		ready, reason := h.readiness.Ready()
+		return &cnirpc.Reply{Ready: ready, Reason: reason}, nil
+	}
+	return nil, fmt.Errorf("unknown op %q", req.Op)
+}
+
+func keyOf(req *cnirpc.Request) store.Key {
+	return store.Key{Network: req.Network, ContainerID: req.ContainerID, IfName: req.IfName}
+}
+
+func (h *cniHandler) add(ctx context.Context, req *cnirpc.Request) (*cnirpc.Reply, error) {
+	if ready, reason := h.readiness.Ready(); !ready {
+		return nil, fmt.Errorf("agent not ready: %s: %w", reason, cnirpc.ErrRetry)
+	}
+	mode, err := h.classifier.Classify(ctx, req.Pod)
+	if err != nil {
+		return nil, fmt.Errorf("classify pod %s/%s: %w", req.Pod.Namespace, req.Pod.Name, err)
+	}
+	e := store.Entry{
+		Key:          keyOf(req),
+		Netns:        req.Netns,
+		PodNamespace: req.Pod.Namespace,
+		PodName:      req.Pod.Name,
+		PodUID:       req.Pod.UID,
+		IPs:          req.IPs,
+		Mode:         mode,
+		Added:        h.now().UTC(),
+	}
+	if err := h.datapath.Enroll(ctx, &e); err != nil {
+		// Nothing half-applied: undo whatever Enroll managed before failing.
+		if uerr := h.datapath.Unenroll(ctx, e); uerr != nil {
+			h.log.Error("undo failed enroll", "attachment", e.Key.String(), "error", uerr)
+		}
+		return nil, fmt.Errorf("enroll pod %s/%s in %s datapath: %w", req.Pod.Namespace, req.Pod.Name, h.datapath.Name(), err)
+	}
+	if err := h.store.Put(e); err != nil {
+		_ = h.datapath.Unenroll(ctx, e)
+		return nil, fmt.Errorf("record attachment: %w", err)
+	}
+	h.log.Info("pod added", "attachment", e.Key.String(), "pod", req.Pod.Namespace+"/"+req.Pod.Name, "mode", mode)
+	return &cnirpc.Reply{Mode: mode}, nil
+}
+
+func (h *cniHandler) del(ctx context.Context, req *cnirpc.Request) (*cnirpc.Reply, error) {
+	k := keyOf(req)
+	e, ok := h.store.Get(k)
+	if !ok {
+		// DEL for an attachment we never saw (or already removed) succeeds.
+		return &cnirpc.Reply{}, nil
+	}
+	if err := h.datapath.Unenroll(ctx, e); err != nil {
+		return nil, fmt.Errorf("unenroll %s: %w", k, err)
+	}
+	if _, _, err := h.store.Delete(k); err != nil {
+		return nil, fmt.Errorf("forget attachment: %w", err)
+	}
+	h.log.Info("pod deleted", "attachment", k.String())
+	return &cnirpc.Reply{}, nil
+}
+
+func (h *cniHandler) check(ctx context.Context, req *cnirpc.Request) (*cnirpc.Reply, error) {
+	k := keyOf(req)
+	e, ok := h.store.Get(k)
+	if !ok {
+		return nil, fmt.Errorf("agent has no state for attachment %s (container %s, interface %s): the pod is not captured", req.Network, req.ContainerID, req.IfName)
+	}
+	if err := h.datapath.Verify(ctx, e); err != nil {
+		return nil, fmt.Errorf("%s datapath state for %s is not in place: %w", h.datapath.Name(), k, err)
+	}
+	return &cnirpc.Reply{Mode: e.Mode}, nil
+}
+
+func (h *cniHandler) gc(ctx context.Context, req *cnirpc.Request) (*cnirpc.Reply, error) {
+	valid := make(map[store.Key]bool, len(req.ValidAttachments))
+	for _, a := range req.ValidAttachments {
+		valid[store.Key{Network: req.Network, ContainerID: a.ContainerID, IfName: a.IfName}] = true
+	}
+	var errs []error
+	removed := 0
+	for _, e := range h.store.List() {
+		if e.Network != req.Network || valid[e.Key] {
+			continue
+		}
+		if err := h.datapath.Unenroll(ctx, e); err != nil {
+			errs = append(errs, fmt.Errorf("unenroll %s: %w", e.Key, err))
+			continue
+		}
+		if _, _, err := h.store.Delete(e.Key); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		removed++
+		h.log.Info("stale attachment removed", "attachment", e.Key.String())
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, fmt.Errorf("gc network %s: %w", req.Network, err)
+	}
+	return &cnirpc.Reply{Removed: removed}, nil
+}

@@ -1,0 +1,59 @@
+// Command sidelane is the node agent and the operator's tool:
+//
+//	sidelane agent        run the node agent
+//	sidelane version      print the version
+//
+// Each subcommand's flags are listed by "sidelane <subcommand> -h".
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/sidelane/sidelane/internal/buildinfo"
+)
+
+type subcommand struct {
+	name, summary string
+	run           func(ctx context.Context, args []string) error
+}
+
+func subcommands() []subcommand {
+	return []subcommand{
+		{"agent", "run the node agent", runAgent},
+		{"version", "print the version", func(context.Context, []string) error {
+			fmt.Println("sidelane", buildinfo.Version)
+			return nil
+		}},
+	}
+}
+
+func usage() {
+	fmt.Fprintln(os.Stderr, "usage: sidelane <subcommand> [flags]")
+	for _, c := range subcommands() {
+		fmt.Fprintf(os.Stderr, "  %-14s %s\n", c.name, c.summary)
+	}
+}
+
+func main() {
+	if len(os.Args) < 2 {
+		usage()
+		os.Exit(2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	for _, c := range subcommands() {
+		if c.name == os.Args[1] {
+			if err := c.run(ctx, os.Args[2:]); err != nil {
+				fmt.Fprintf(os.Stderr, "sidelane %s: %v\n", c.name, err)
+				os.Exit(1)
+			}
+			return
+		}
+	}
+	usage()
+	os.Exit(2)
+}

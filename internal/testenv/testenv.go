@@ -1,0 +1,111 @@
+// Package testenv holds helpers for tests that need the real machine: root,
+// network namespaces, the built binaries and the reference CNI plugins.
+// Only _test.go files import it.
+package testenv
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"testing"
+)
+
+// RequirePrivilegedEnv, when "1", turns every would-be privilege skip into a
+// failure, so CI cannot pass by skipping the tests that matter.
+const RequirePrivilegedEnv = "SIDELANE_REQUIRE_PRIVILEGED"
+
+// SkipOrFail skips the test with reason, or fails it when CI demands the
+// privileged tests run.
+func SkipOrFail(t testing.TB, reason string) {
+	t.Helper()
+	if os.Getenv(RequirePrivilegedEnv) == "1" {
+		t.Fatalf("%s, but %s=1 requires this test to run", reason, RequirePrivilegedEnv)
+	}
+	t.Skip(reason)
+}
+
+// Privileged skips (or fails, see SkipOrFail) unless running as root on Linux.
+func Privileged(t testing.TB) {
+	t.Helper()
+	if runtime.GOOS != "linux" {
+		SkipOrFail(t, "needs Linux")
+	}
+	if os.Geteuid() != 0 {
+		SkipOrFail(t, "needs root")
+	}
+}
+
+// UniqueName returns prefix plus 8 random hex digits, for netns, links,
+// bridges, cgroups and pins that must not collide with a parallel run.
+// Keep prefix short: interface names have 15 characters at most.
+func UniqueName(prefix string) string {
+	b := make([]byte, 4)
+	if _, err := rand.Read(b); err != nil {
+		panic(err)
+	}
+	return prefix + hex.EncodeToString(b)
+}
+
+// RepoRoot finds the module root from the test's working directory.
+func RepoRoot(t testing.TB) string {
+	t.Helper()
+	dir, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			t.Fatal("go.mod not found above the test's directory")
+		}
+		dir = parent
+	}
+}
+
+// SidelaneBin is the directory of the built sidelane binaries ($SIDELANE_BIN,
+// else <repo>/bin). It fails the test when a binary is missing: run make build.
+func SidelaneBin(t testing.TB) string {
+	t.Helper()
+	dir := os.Getenv("SIDELANE_BIN")
+	if dir == "" {
+		dir = filepath.Join(RepoRoot(t), "bin")
+	}
+	for _, b := range []string{"sidelane", "sidelane-cni"} {
+		if _, err := os.Stat(filepath.Join(dir, b)); err != nil {
+			t.Fatalf("%s not built in %s (run make build): %v", b, dir, err)
+		}
+	}
+	return dir
+}
+
+// ToolBin is where hack/install-tools.sh put the third-party tools.
+func ToolBin(t testing.TB) string {
+	t.Helper()
+	cache := os.Getenv("SIDELANE_CACHE")
+	if cache == "" {
+		home, _ := os.UserHomeDir()
+		cache = filepath.Join(home, ".cache", "sidelane")
+	}
+	return filepath.Join(cache, "bin")
+}
+
+// RequireTool fails (never skips: a missing tool is a setup bug that would
+// hide regressions) unless name is in ToolBin or on PATH.
+func RequireTool(t testing.TB, name string) string {
+	t.Helper()
+	p := filepath.Join(ToolBin(t), name)
+	if _, err := os.Stat(p); err == nil {
+		return p
+	}
+	if p, err := exec.LookPath(name); err == nil {
+		return p
+	}
+	t.Fatalf("%s not installed (run make tools)", name)
+	return ""
+}
