@@ -27,7 +27,7 @@ type Config struct {
 	StateDir string
 	Log      *slog.Logger
 	Datapath datapath.Datapath
-	// Classifier defaults to StaticClassifier(ModeNone).
+	// Classifier defaults to StaticClassifier{Mode: ModeNone}.
 	Classifier Classifier
 	// RequestTimeout bounds one plugin request (default 10s).
 	RequestTimeout time.Duration
@@ -57,7 +57,7 @@ func New(cfg Config) (*Agent, error) {
 		cfg.Datapath = datapath.Noop{}
 	}
 	if cfg.Classifier == nil {
-		cfg.Classifier = StaticClassifier(ModeNone)
+		cfg.Classifier = StaticClassifier{Mode: ModeNone, Reason: "no classifier configured"}
 	}
 	st, err := store.Open(filepath.Join(cfg.StateDir, "state.json"))
 	if err != nil {

@@ -10,23 +10,38 @@ import (
 	"github.com/sidelane/sidelane/agent/cnirpc"
 	"github.com/sidelane/sidelane/agent/datapath"
 	"github.com/sidelane/sidelane/agent/store"
+	"github.com/sidelane/sidelane/istio/capture"
 )
 
-// Classifier decides a pod's datapath mode. The Kubernetes-backed one waits
-// (bounded) for the pod to appear in its cache.
+// Classifier decides a pod's datapath mode and capture settings. The
+// Kubernetes-backed one waits (bounded) for the pod to appear in its cache.
 type Classifier interface {
-	Classify(ctx context.Context, pod cnirpc.PodRef) (mode string, err error)
+	Classify(ctx context.Context, pod cnirpc.PodRef) (Decision, error)
 }
 
-// ModeNone is the mode of pods sidelane leaves alone.
-const ModeNone = "none"
+// Decision is a classifier's verdict for one pod.
+type Decision struct {
+	// Mode is one of the Mode* constants.
+	Mode string
+	// Reason says why, in words an operator understands (shown by explain).
+	Reason string
+	// Capture is what to capture in sidecar mode; nil otherwise.
+	Capture *capture.Settings
+}
 
-// StaticClassifier gives every pod the same mode. It serves the agent when it
-// runs without Kubernetes (tests, conformance).
-type StaticClassifier string
+// The datapath modes.
+const (
+	ModeNone    = "none"    // sidelane leaves the pod alone
+	ModeSidecar = "sidecar" // Istio sidecar: capture to the pod's own Envoy
+	ModeNode    = "node"    // sidecar-free: steer to the per-node proxy
+)
 
-func (c StaticClassifier) Classify(context.Context, cnirpc.PodRef) (string, error) {
-	return string(c), nil
+// StaticClassifier gives every pod the same decision. It serves the agent
+// when it runs without Kubernetes (tests, conformance).
+type StaticClassifier Decision
+
+func (c StaticClassifier) Classify(context.Context, cnirpc.PodRef) (Decision, error) {
+	return Decision(c), nil
 }
 
 // Readiness reports whether the agent can serve ADD, and why not.
@@ -69,7 +84,7 @@ func (h *cniHandler) add(ctx context.Context, req *cnirpc.Request) (*cnirpc.Repl
 	if ready, reason := h.readiness.Ready(); !ready {
 		return nil, fmt.Errorf("agent not ready: %s: %w", reason, cnirpc.ErrRetry)
 	}
-	mode, err := h.classifier.Classify(ctx, req.Pod)
+	dec, err := h.classifier.Classify(ctx, req.Pod)
 	if err != nil {
 		return nil, fmt.Errorf("classify pod %s/%s: %w", req.Pod.Namespace, req.Pod.Name, err)
 	}
@@ -80,7 +95,9 @@ func (h *cniHandler) add(ctx context.Context, req *cnirpc.Request) (*cnirpc.Repl
 		PodName:      req.Pod.Name,
 		PodUID:       req.Pod.UID,
 		IPs:          req.IPs,
-		Mode:         mode,
+		Mode:         dec.Mode,
+		Reason:       dec.Reason,
+		Capture:      dec.Capture,
 		Added:        h.now().UTC(),
 	}
 	if err := h.datapath.Enroll(ctx, &e); err != nil {
@@ -94,8 +111,8 @@ func (h *cniHandler) add(ctx context.Context, req *cnirpc.Request) (*cnirpc.Repl
 		_ = h.datapath.Unenroll(ctx, e)
 		return nil, fmt.Errorf("record attachment: %w", err)
 	}
-	h.log.Info("pod added", "attachment", e.Key.String(), "pod", req.Pod.Namespace+"/"+req.Pod.Name, "mode", mode)
-	return &cnirpc.Reply{Mode: mode}, nil
+	h.log.Info("pod added", "attachment", e.Key.String(), "pod", req.Pod.Namespace+"/"+req.Pod.Name, "mode", dec.Mode)
+	return &cnirpc.Reply{Mode: dec.Mode}, nil
 }
 
 func (h *cniHandler) del(ctx context.Context, req *cnirpc.Request) (*cnirpc.Reply, error) {

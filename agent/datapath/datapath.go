@@ -27,7 +27,7 @@ type Datapath interface {
 // running the agent's protocol without a datapath.
 type Noop struct{}
 
-func (Noop) Name() string                                  { return "noop" }
-func (Noop) Enroll(context.Context, *store.Entry) error    { return nil }
-func (Noop) Unenroll(context.Context, store.Entry) error   { return nil }
-func (Noop) Verify(context.Context, store.Entry) error     { return nil }
+func (Noop) Name() string                                { return "noop" }
+func (Noop) Enroll(context.Context, *store.Entry) error  { return nil }
+func (Noop) Unenroll(context.Context, store.Entry) error { return nil }
+func (Noop) Verify(context.Context, store.Entry) error   { return nil }

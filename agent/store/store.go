@@ -14,6 +14,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/sidelane/sidelane/istio/capture"
 )
 
 // Key is CNI's identity of an attachment: network name, container ID and
@@ -34,8 +36,12 @@ type Entry struct {
 	PodName      string         `json:"podName,omitempty"`
 	PodUID       string         `json:"podUID,omitempty"`
 	IPs          []netip.Prefix `json:"ips,omitempty"`
-	// Mode is the datapath mode in force (e.g. "sidecar", "none").
-	Mode string `json:"mode,omitempty"`
+	// Mode is the datapath mode in force (e.g. "sidecar", "none"), and
+	// Reason why the classifier chose it.
+	Mode   string `json:"mode,omitempty"`
+	Reason string `json:"reason,omitempty"`
+	// Capture is what the datapath captures in sidecar mode.
+	Capture *capture.Settings `json:"capture,omitempty"`
 	// NetnsCookie identifies the pod's network namespace to the datapath.
 	NetnsCookie uint64    `json:"netnsCookie,omitempty"`
 	Added       time.Time `json:"added"`
