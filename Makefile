@@ -41,7 +41,7 @@ unit: build ## unit tests (privileged ones run as root)
 	$(GO) test -count=1 $$($(GO) list ./... | grep -v /conformance)
 
 conformance: build tools ## CNI and capture conformance in real network namespaces; ends with "N passed, N failed"
-	$(GO) test -count=1 -v -timeout 20m ./conformance/ 2>&1 | tee $(BIN)/conformance.log | grep -E '^(=== RUN|--- (FAIL|SKIP)|.*[0-9]+ passed, [0-9]+ failed|FAIL|ok|PASS)' ; test $${PIPESTATUS[0]} -eq 0
+	$(GO) test -count=1 -json -timeout 30m ./conformance/ | tee $(BIN)/conformance.json | $(GO) run ./hack/testsummary
 
 fuzz: ## short runs of every fuzz target
 	$(GO) test -run='^$$' -fuzz='^FuzzParseConfig$$' -fuzztime=$(FUZZTIME) ./plugin/
