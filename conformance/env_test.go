@@ -402,7 +402,6 @@ func mustJSON(t *testing.T, v any) []byte {
 	return b
 }
 
-
 func addrOf(t *testing.T, s string) netip.Addr {
 	t.Helper()
 	a, err := netip.ParseAddr(s)
