@@ -10,9 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
-	"time"
 
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/types"
@@ -20,8 +18,8 @@ import (
 	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
 
-	"github.com/sidelane/sidelane/agent/cnirpc"
 	"github.com/sidelane/sidelane/agent/store"
+	"github.com/sidelane/sidelane/internal/agentproc"
 	"github.com/sidelane/sidelane/internal/testenv"
 )
 
@@ -143,21 +141,20 @@ func runtimeConf(id string, n ns.NetNS, podName string) *libcni.RuntimeConf {
 
 // agentProc is the real `sidelane agent` binary, started and stopped by tests.
 type agentProc struct {
+	*agentproc.Proc
 	t        *testing.T
-	bin      string
 	socket   string
 	stateDir string
-	cmd      *exec.Cmd
-	logs     *bytes.Buffer
 }
 
 func startAgent(t *testing.T, bin, dir string) *agentProc {
-	a := &agentProc{t: t, bin: bin, socket: filepath.Join(dir, "agent", "cni.sock"), stateDir: filepath.Join(dir, "agent", "state")}
+	p := agentproc.New(bin, filepath.Join(dir, "agent"))
+	a := &agentProc{Proc: p, t: t, socket: p.Socket, stateDir: p.StateDir}
 	a.start()
 	t.Cleanup(func() {
 		a.stop()
 		if t.Failed() {
-			t.Logf("agent logs:\n%s", a.logs)
+			t.Logf("agent logs:\n%s", a.Logs())
 		}
 	})
 	return a
@@ -165,43 +162,12 @@ func startAgent(t *testing.T, bin, dir string) *agentProc {
 
 func (a *agentProc) start() {
 	a.t.Helper()
-	if a.logs == nil {
-		a.logs = &bytes.Buffer{}
+	if err := a.Start(context.Background()); err != nil {
+		a.t.Fatal(err)
 	}
-	a.cmd = exec.Command(a.bin, "agent", "--socket", a.socket, "--state-dir", a.stateDir, "--log-level", "debug")
-	a.cmd.Stdout = a.logs
-	a.cmd.Stderr = a.logs
-	// No Pdeathsig: it fires when the forking OS thread exits, and Go kills
-	// threads that a locked goroutine leaves (as netns helpers do).
-	if err := a.cmd.Start(); err != nil {
-		a.t.Fatalf("start agent: %v", err)
-	}
-	c := cnirpc.Client{Socket: a.socket, Timeout: time.Second}
-	deadline := time.Now().Add(10 * time.Second)
-	for time.Now().Before(deadline) {
-		if rep, err := c.Do(context.Background(), cnirpc.Request{Op: cnirpc.OpStatus}); err == nil && rep.Ready {
-			return
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	a.t.Fatalf("agent did not become ready; logs:\n%s", a.logs)
 }
 
-func (a *agentProc) stop() {
-	if a.cmd == nil {
-		return
-	}
-	_ = a.cmd.Process.Signal(syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { _ = a.cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		_ = a.cmd.Process.Kill()
-		<-done
-	}
-	a.cmd = nil
-}
+func (a *agentProc) stop() { a.Stop() }
 
 // entries reads the agent's persisted state (the agent must be stopped or
 // idle: the file is replaced atomically, so a read is always consistent).
