@@ -57,8 +57,10 @@ chart: ## placeholder: helm lint, golden templates and server-side dry-run (issu
 e2e: ## placeholder: end-to-end tests on the local kube-apiserver harness (agent issue)
 	@echo "e2e: not built yet (agent issue)"
 
-bench: ## placeholder: side-by-side benchmarks into bench/out/ (benchmarks issue)
-	@echo "bench: not built yet (benchmarks issue)"
+bench: build tools ## side-by-side benchmarks into bench/out/ (QUICK=1: under 3 minutes); needs root
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/sidelane-bench ./cmd/sidelane-bench
+	$(BIN)/sidelane-bench run $(if $(QUICK),-quick) -out bench/out -bin $(BIN) -tools $(CACHE)/bin
+	@cat bench/out/results.md
 
 demo: ## placeholder: the whole product on one machine (demo issue)
 	@echo "demo: not built yet; it will bring up a local kube-apiserver, two simulated nodes and the agent, then walk through capture, live toggle, L7 policy and explain"
