@@ -34,8 +34,8 @@ lint: ## gofmt and go vet
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 
-tools: ## build the reference CNI plugins, cnitool and the noop test plugin into $(CACHE)/bin
-	hack/install-tools.sh cni
+tools: ## build the reference CNI plugins, cnitool, the noop test plugin and Istio's pilot-agent into $(CACHE)/bin
+	hack/install-tools.sh cni istio
 
 unit: build ## unit tests (privileged ones run as root)
 	$(GO) test -count=1 $$($(GO) list ./... | grep -v /conformance)
@@ -47,6 +47,7 @@ fuzz: ## short runs of every fuzz target
 	$(GO) test -run='^$$' -fuzz='^FuzzParseConfig$$' -fuzztime=$(FUZZTIME) ./plugin/
 	$(GO) test -run='^$$' -fuzz='^FuzzParseArgs$$' -fuzztime=$(FUZZTIME) ./plugin/
 	$(GO) test -run='^$$' -fuzz='^FuzzDecodeRequest$$' -fuzztime=$(FUZZTIME) ./agent/cnirpc/
+	$(GO) test -run='^$$' -fuzz='^FuzzParse$$' -fuzztime=$(FUZZTIME) ./istio/capture/
 
 test: lint unit conformance fuzz ## everything CI runs
 	@echo "make test: all passed"
