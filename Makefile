@@ -37,7 +37,7 @@ lint: ## gofmt and go vet
 tools: ## build the reference CNI plugins, cnitool, the noop test plugin and Istio's pilot-agent into $(CACHE)/bin
 	hack/install-tools.sh cni istio
 
-unit: build ## unit tests (privileged ones run as root)
+unit: build tools ## unit tests (privileged ones run as root; some compare with pilot-agent)
 	$(GO) test -count=1 $$($(GO) list ./... | grep -v /conformance)
 
 conformance: build tools ## CNI and capture conformance in real network namespaces; ends with "N passed, N failed"

@@ -6,13 +6,13 @@ import (
 	"context"
 	"log/slog"
 	"net/netip"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/sidelane/sidelane/agent/datapath/iptables"
 	"github.com/sidelane/sidelane/agent/store"
+	"github.com/sidelane/sidelane/internal/istioref"
 	"github.com/sidelane/sidelane/internal/testenv"
 	"github.com/sidelane/sidelane/istio/capture"
 )
@@ -41,70 +41,8 @@ func (r *istioReference) install(t *testing.T, pod *capPod) {
 	// The namespace (and its rules) go away with the pod.
 }
 
-// istioFlags are istio-cni's istio-iptables settings for pod, as flags.
-func istioFlags(pod *capPod) []string {
-	a := pod.spec.Annotations
-	get := func(name, def string) string {
-		if v, ok := a[name]; ok {
-			return v
-		}
-		return def
-	}
-	// istio-cni appends Istio's own ports to excludeInboundPorts.
-	excludeIn := strings.TrimSpace(get(capture.AnnotationExcludeInboundPorts, "15020"))
-	if excludeIn != "" && !strings.HasSuffix(excludeIn, ",") {
-		excludeIn += ","
-	}
-	excludeIn += "15020,15021,15090"
-	var seen []string
-	for _, p := range strings.Split(excludeIn, ",") {
-		if !contains(seen, p) {
-			seen = append(seen, p)
-		}
-	}
-	flags := []string{
-		"-p", "15001", "-z", "15006",
-		"-u", strconv.Itoa(int(pod.proxyUID)), "-g", strconv.Itoa(int(pod.proxyGID)),
-		"-m", get(capture.AnnotationInterceptionMode, "REDIRECT"),
-		"-i", get(capture.AnnotationIncludeOutboundIPRanges, "*"),
-		"-x", get(capture.AnnotationExcludeOutboundIPRanges, ""),
-		"-b", get(capture.AnnotationIncludeInboundPorts, "*"),
-		"-d", strings.Join(seen, ","),
-		"-o", get(capture.AnnotationExcludeOutboundPorts, "15020"),
-		"-q", get(capture.AnnotationIncludeOutboundPorts, ""),
-		"-c", get(capture.AnnotationExcludeInterfaces, ""),
-	}
-	if envBool(pod.spec, capture.EnvDNSCapture) {
-		flags = append(flags, "--redirect-dns", "--capture-all-dns")
-	}
-	if envBool(pod.spec, capture.EnvDualStack) {
-		flags = append(flags, "--dual-stack")
-	}
-	return flags
-}
-
-// envBool reads an ISTIO_* knob from the proxy's env, or from the
-// proxyMetadata the injector would have turned into env.
-func envBool(p capture.Pod, name string) bool {
-	v, ok := p.ProxyEnv[name]
-	if !ok {
-		cfg := p.Annotations[capture.AnnotationProxyConfig]
-		if i := strings.Index(cfg, name+":"); i >= 0 {
-			v = strings.Trim(strings.Fields(cfg[i+len(name)+1:])[0], `"'`)
-		}
-	}
-	b, _ := strconv.ParseBool(v)
-	return b
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
-}
+// istioFlags are istio-cni's istio-iptables flags for pod.
+func istioFlags(pod *capPod) []string { return istioref.Flags(pod.spec) }
 
 // sidelaneIPTables is sidelane's iptables fallback backend, driven the way
 // the agent drives it: parse the pod's knobs, Enroll the entry, Verify it.

@@ -15,6 +15,7 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/sidelane/sidelane/internal/istioref"
 	"github.com/sidelane/sidelane/internal/podnet"
 	"github.com/sidelane/sidelane/internal/testenv"
 	"github.com/sidelane/sidelane/istio/capture"
@@ -285,7 +286,7 @@ func (w *captureWorld) newPod(t *testing.T, c capCase, sidecar bool) *capPod {
 	for k, v := range c.pod.Annotations {
 		p.spec.Annotations[k] = w.expand(v)
 	}
-	p.proxyUID, p.proxyGID = proxyID(c.pod.ProxyUID), proxyID(c.pod.ProxyGID)
+	p.proxyUID, p.proxyGID = istioref.ProxyID(c.pod.ProxyUID), istioref.ProxyID(c.pod.ProxyGID)
 	for _, port := range podPorts {
 		go serveEcho(p.ns.Listen(t, "tcp", fmt.Sprintf(":%d", port)))
 	}
@@ -297,13 +298,6 @@ func (w *captureWorld) newPod(t *testing.T, c capCase, sidecar bool) *capPod {
 		go serveOracle(p.ns.Listen(t, "tcp6", fmt.Sprintf("[::]:%d", capture.DNSPort)), wantDNS)
 	}
 	return p
-}
-
-func proxyID(id *int64) uint32 {
-	if id == nil || *id <= 0 {
-		return capture.DefaultProxyUID
-	}
-	return uint32(*id)
 }
 
 // serveEcho answers each connection with "<via> <original destination>":
@@ -512,4 +506,3 @@ func tail(s string, n int) string {
 	}
 	return strings.Join(lines, "\n")
 }
-
