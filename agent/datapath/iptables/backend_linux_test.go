@@ -232,4 +232,3 @@ func TestModeNoneRemovesRules(t *testing.T) {
 		t.Errorf("verify in mode none: %v", err)
 	}
 }
-
