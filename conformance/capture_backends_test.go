@@ -66,7 +66,7 @@ func (s *sidelaneIPTables) install(t *testing.T, pod *capPod) {
 	e := store.Entry{
 		Key:     store.Key{Network: "capture", ContainerID: pod.ns.Name, IfName: "eth0"},
 		Netns:   pod.ns.Path,
-		IPs:     []netip.Prefix{netip.PrefixFrom(pod.ns.IP4, 24), netip.PrefixFrom(pod.ns.IP6, 64)},
+		IPs:     podIPs(pod),
 		Mode:    "sidecar",
 		Capture: &settings,
 	}
@@ -82,6 +82,14 @@ func (s *sidelaneIPTables) install(t *testing.T, pod *capPod) {
 	if err := s.backend.Verify(ctx, e); err != nil {
 		t.Fatalf("verify right after enroll: %v", err)
 	}
+}
+
+func podIPs(pod *capPod) []netip.Prefix {
+	var ips []netip.Prefix
+	if pod.ns.IP4.IsValid() {
+		ips = append(ips, netip.PrefixFrom(pod.ns.IP4, 24))
+	}
+	return append(ips, netip.PrefixFrom(pod.ns.IP6, 64))
 }
 
 type testWriter struct{ t *testing.T }

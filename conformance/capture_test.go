@@ -82,8 +82,9 @@ func (p capProbe) String() string {
 type capCase struct {
 	name string
 	// pod's annotations may use {A4} {B4} {A6} {B6}: the remote addresses.
-	pod    capture.Pod
-	probes []capProbe
+	pod      capture.Pod
+	ipv6Only bool // the pod has no IPv4 address
+	probes   []capProbe
 }
 
 func out(ipv6 bool, uid uint32, dst string, port uint16, want string) capProbe {
@@ -136,6 +137,17 @@ var captureCases = []capCase{
 		in(true, 80, wantIn),
 		in(true, 15021, wantDirect),
 		in(true, 15008, wantDirect),
+	}},
+	{name: "ipv6-only", ipv6Only: true, probes: []capProbe{
+		// Istio captures IPv6 in an IPv6-only pod without ISTIO_DUAL_STACK.
+		out(true, appUID, "a", 80, wantOut),
+		out(true, proxyUID, "a", 80, wantDirect),
+		out(true, appUID, "a", 15020, wantDirect),
+		local(true, appUID, 80, wantDirect),
+		self(true, appUID, 80, wantDirect),
+		self(true, proxyUID, 80, wantIn),
+		in(true, 80, wantIn),
+		in(true, 15090, wantDirect),
 	}},
 	{name: "exclude-outbound-ranges", pod: capture.Pod{
 		Annotations: map[string]string{capture.AnnotationExcludeOutboundIPRanges: "{B4}/32,{B6}/128"},
@@ -281,7 +293,11 @@ type capPod struct {
 // (IPv4) and the oracle listeners (IPv6 outbound/inbound, DNS), with no
 // capture yet.
 func (w *captureWorld) newPod(t *testing.T, c capCase, sidecar bool) *capPod {
-	p := &capPod{ns: w.net.Add("pnp"), spec: c.pod}
+	ns := w.net.Add
+	if c.ipv6Only {
+		ns = w.net.AddIPv6Only
+	}
+	p := &capPod{ns: ns("pnp"), spec: c.pod}
 	p.spec.Annotations = map[string]string{}
 	for k, v := range c.pod.Annotations {
 		p.spec.Annotations[k] = w.expand(v)

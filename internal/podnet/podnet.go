@@ -40,7 +40,8 @@ type Net struct {
 type NS struct {
 	Name string
 	Path string
-	// IP4 and IP6 are the addresses of its eth0.
+	// IP4 and IP6 are the addresses of its eth0 (IP4 is invalid in an
+	// IPv6-only namespace).
 	IP4, IP6 netip.Addr
 }
 
@@ -76,8 +77,14 @@ func New(t testing.TB) *Net {
 	return n
 }
 
-// Add makes a namespace on the network with the next addresses.
-func (n *Net) Add(prefix string) *NS {
+// Add makes a namespace on the network with the next addresses, one per
+// family.
+func (n *Net) Add(prefix string) *NS { return n.add(prefix, true) }
+
+// AddIPv6Only makes a namespace with only an IPv6 address on eth0.
+func (n *Net) AddIPv6Only(prefix string) *NS { return n.add(prefix, false) }
+
+func (n *Net) add(prefix string, ipv4 bool) *NS {
 	t := n.t
 	t.Helper()
 	name := testenv.UniqueName(prefix)
@@ -96,7 +103,11 @@ func (n *Net) Add(prefix string) *NS {
 	Run(t, "ip", "-n", n.router, "link", "set", host, "master", n.bridge, "up")
 	Run(t, "ip", "-n", name, "link", "set", "lo", "up")
 	Run(t, "ip", "-n", name, "link", "set", "eth0", "up")
-	Run(t, "ip", "-n", name, "addr", "add", fmt.Sprintf("%s/%d", s.IP4, n.Subnet4.Bits()), "dev", "eth0")
+	if ipv4 {
+		Run(t, "ip", "-n", name, "addr", "add", fmt.Sprintf("%s/%d", s.IP4, n.Subnet4.Bits()), "dev", "eth0")
+	} else {
+		s.IP4 = netip.Addr{}
+	}
 	Run(t, "ip", "-n", name, "addr", "add", fmt.Sprintf("%s/%d", s.IP6, n.Subnet6.Bits()), "dev", "eth0", "nodad")
 	return s
 }
