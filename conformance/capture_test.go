@@ -61,6 +61,7 @@ type capProbe struct {
 	// cases exclude or leave out).
 	dst  string
 	port uint16
+	udp  bool // a UDP datagram instead of a TCP connection
 	want string
 }
 
@@ -69,7 +70,11 @@ func (p capProbe) String() string {
 	if p.ipv6 {
 		fam = "v6"
 	}
-	s := fmt.Sprintf("%s-%s-%d", p.dir, fam, p.port)
+	proto := ""
+	if p.udp {
+		proto = "udp"
+	}
+	s := fmt.Sprintf("%s-%s-%s%d", p.dir, fam, proto, p.port)
 	if p.dir != toPod {
 		s += "-uid" + strconv.Itoa(int(p.uid))
 	}
@@ -89,6 +94,9 @@ type capCase struct {
 
 func out(ipv6 bool, uid uint32, dst string, port uint16, want string) capProbe {
 	return capProbe{dir: fromPod, ipv6: ipv6, uid: uid, dst: dst, port: port, want: want}
+}
+func outUDP(ipv6 bool, uid uint32, port uint16, want string) capProbe {
+	return capProbe{dir: fromPod, ipv6: ipv6, uid: uid, dst: "a", port: port, udp: true, want: want}
 }
 func in(ipv6 bool, port uint16, want string) capProbe {
 	return capProbe{dir: toPod, ipv6: ipv6, port: port, want: want}
@@ -112,6 +120,7 @@ var captureCases = []capCase{
 		out(false, proxyUID, "a", 80, wantDirect),
 		out(false, appUID, "a", 15020, wantDirect), // istio-cni excludes outbound 15020 by default
 		out(false, appUID, "a", 53, wantOut),       // no DNS capture: port 53 is plain outbound
+		outUDP(false, appUID, 53, wantDirect),      // and UDP is never captured but for DNS
 		out(true, appUID, "a", 80, wantDirect),     // dual-stack pod without ISTIO_DUAL_STACK: IPv4 only
 		local(false, appUID, 80, wantDirect),
 		local(false, proxyUID, 80, wantDirect),
@@ -214,6 +223,10 @@ var captureCases = []capCase{
 		out(false, appUID, "a", 53, wantDNS),
 		out(true, appUID, "a", 53, wantDNS),
 		out(false, proxyUID, "a", 53, wantDirect),
+		outUDP(false, appUID, 53, wantDNS),
+		outUDP(true, appUID, 53, wantDNS),
+		outUDP(false, proxyUID, 53, wantDirect),
+		outUDP(false, appUID, 5353, wantDirect),
 		out(false, appUID, "a", 80, wantOut),
 		self(false, appUID, 80, wantDirect),
 		self(false, proxyUID, 80, wantIn),
@@ -273,6 +286,9 @@ func newCaptureWorld(t *testing.T) *captureWorld {
 	for _, p := range remotePorts {
 		go serveEcho(w.remote.Listen(t, "tcp", fmt.Sprintf(":%d", p)))
 	}
+	for _, p := range []uint16{53, 5353} {
+		go serveUDP(w.remote.ListenPacket(t, "udp", fmt.Sprintf(":%d", p)), wantDirect)
+	}
 	return w
 }
 
@@ -312,6 +328,12 @@ func (w *captureWorld) newPod(t *testing.T, c capCase, sidecar bool) *capPod {
 		go serveOracle(p.ns.Listen(t, "tcp6", fmt.Sprintf("[::]:%d", capture.InboundPort)), wantIn)
 		go serveOracle(p.ns.Listen(t, "tcp4", fmt.Sprintf("0.0.0.0:%d", capture.DNSPort)), wantDNS)
 		go serveOracle(p.ns.Listen(t, "tcp6", fmt.Sprintf("[::]:%d", capture.DNSPort)), wantDNS)
+		// Like istio-agent's DNS proxy: bound to loopback (where REDIRECT
+		// delivers, so answers leave from the redirected-to address) and
+		// owned by the proxy user (Istio's conntrack zones rely on it).
+		for _, lo := range []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.IPv6Loopback()} {
+			go serveUDP(p.ns.ListenUDPAs(t, p.proxyUID, p.proxyGID, netip.AddrPortFrom(lo, capture.DNSPort)), wantDNS)
+		}
 	}
 	return p
 }
@@ -361,6 +383,20 @@ func serveOracle(l net.Listener, via string) {
 			}
 			fmt.Fprintf(c, "%s %s\n", via, orig)
 		}()
+	}
+}
+
+// serveUDP answers each datagram with "<via>". (UDP has no
+// SO_ORIGINAL_DST; the client's connected socket only accepts the answer
+// from the address it sent to, which conntrack restores for a redirect.)
+func serveUDP(c net.PacketConn, via string) {
+	buf := make([]byte, 512)
+	for {
+		_, from, err := c.ReadFrom(buf)
+		if err != nil {
+			return
+		}
+		_, _ = c.WriteTo([]byte(via+"\n"), from)
 	}
 }
 
@@ -427,7 +463,11 @@ func (w *captureWorld) dialTarget(p capProbe, pod *capPod) (from *podnet.NS, uid
 func (w *captureWorld) probe(p capProbe, pod *capPod) (string, netip.AddrPort, error) {
 	from, uid, dst := w.dialTarget(p, pod)
 	gid := uid
-	c, err := from.DialAs(uid, gid, dst, 5*time.Second)
+	sotype := syscall.SOCK_STREAM
+	if p.udp {
+		sotype = syscall.SOCK_DGRAM
+	}
+	c, err := from.DialAsProto(uid, gid, sotype, dst, 5*time.Second)
 	if errors.Is(err, syscall.ECONNREFUSED) {
 		return wantRefused, dst, nil
 	}
@@ -440,7 +480,7 @@ func (w *captureWorld) probe(p capProbe, pod *capPod) (string, netip.AddrPort, e
 	}
 	line, err := podnet.ReadLine(c, 10*time.Second)
 	if err != nil {
-		return "", dst, fmt.Errorf("read reply: %w (connection accepted then closed)", err)
+		return "", dst, fmt.Errorf("read reply (accepted, then no answer): %w", err)
 	}
 	return line, dst, nil
 }
@@ -478,7 +518,7 @@ func TestCapture(t *testing.T) {
 							continue
 						}
 						want := p.want
-						if want != wantRefused {
+						if want != wantRefused && !p.udp {
 							want += " " + dst.String()
 						}
 						if got != want {

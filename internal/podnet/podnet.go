@@ -172,6 +172,12 @@ func (s *NS) Command(ctx context.Context, name string, args ...string) *exec.Cmd
 // programs see) are switched for the socket() call only. A refused or
 // unreachable connection is returned as the error.
 func (s *NS) DialAs(uid, gid uint32, addr netip.AddrPort, timeout time.Duration) (net.Conn, error) {
+	return s.DialAsProto(uid, gid, syscall.SOCK_STREAM, addr, timeout)
+}
+
+// DialAsProto is DialAs for a socket type: SOCK_STREAM (TCP) or
+// SOCK_DGRAM (a connected UDP socket).
+func (s *NS) DialAsProto(uid, gid uint32, sotype int, addr netip.AddrPort, timeout time.Duration) (net.Conn, error) {
 	var conn net.Conn
 	err := s.Do(func() error {
 		var family int
@@ -183,7 +189,7 @@ func (s *NS) DialAs(uid, gid uint32, addr netip.AddrPort, timeout time.Duration)
 			family = syscall.AF_INET6
 			sa = &syscall.SockaddrInet6{Port: int(addr.Port()), Addr: addr.Addr().As16()}
 		}
-		fd, err := socketAs(uid, gid, family)
+		fd, err := socketAs(uid, gid, family, sotype)
 		if err != nil {
 			return err
 		}
@@ -207,7 +213,7 @@ func (s *NS) DialAs(uid, gid uint32, addr netip.AddrPort, timeout time.Duration)
 // socketAs makes a TCP socket owned by uid/gid. setfsuid/setfsgid act on
 // the calling thread only (raw syscalls, not Go's all-threads wrappers),
 // and the caller holds a locked thread; both are restored before return.
-func socketAs(uid, gid uint32, family int) (int, error) {
+func socketAs(uid, gid uint32, family, sotype int) (int, error) {
 	if _, _, e := syscall.RawSyscall(syscall.SYS_SETFSGID, uintptr(gid), 0, 0); e != 0 {
 		return -1, fmt.Errorf("setfsgid: %w", e)
 	}
@@ -216,11 +222,63 @@ func socketAs(uid, gid uint32, family int) (int, error) {
 		return -1, fmt.Errorf("setfsuid: %w", e)
 	}
 	defer syscall.RawSyscall(syscall.SYS_SETFSUID, 0, 0, 0)
-	fd, err := syscall.Socket(family, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	fd, err := syscall.Socket(family, sotype|syscall.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return -1, fmt.Errorf("socket: %w", err)
 	}
 	return fd, nil
+}
+
+// ListenPacket opens a UDP socket inside s; it stays in s.
+func (s *NS) ListenPacket(t testing.TB, network, addr string) net.PacketConn {
+	t.Helper()
+	var c net.PacketConn
+	err := s.Do(func() error {
+		var err error
+		c, err = net.ListenPacket(network, addr)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("listen %s %s in %s: %v", network, addr, s.Name, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// ListenUDPAs opens a UDP socket on addr inside s owned by uid/gid, the
+// way a process running as them would own it: owner matches (e.g. Istio's
+// DNS conntrack zones for the proxy's answers) see uid/gid on what it
+// sends.
+func (s *NS) ListenUDPAs(t testing.TB, uid, gid uint32, addr netip.AddrPort) net.PacketConn {
+	t.Helper()
+	var c net.PacketConn
+	err := s.Do(func() error {
+		var sa syscall.Sockaddr
+		family := syscall.AF_INET
+		if addr.Addr().Is4() {
+			sa = &syscall.SockaddrInet4{Port: int(addr.Port()), Addr: addr.Addr().As4()}
+		} else {
+			family = syscall.AF_INET6
+			sa = &syscall.SockaddrInet6{Port: int(addr.Port()), Addr: addr.Addr().As16()}
+		}
+		fd, err := socketAs(uid, gid, family, syscall.SOCK_DGRAM)
+		if err != nil {
+			return err
+		}
+		if err := syscall.Bind(fd, sa); err != nil {
+			syscall.Close(fd)
+			return fmt.Errorf("bind udp %s: %w", addr, err)
+		}
+		f := os.NewFile(uintptr(fd), "udp")
+		defer f.Close()
+		c, err = net.FilePacketConn(f)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("listen udp %s in %s: %v", addr, s.Name, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
 }
 
 // ReadLine reads one line from c with a deadline.
