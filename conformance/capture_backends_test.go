@@ -32,11 +32,18 @@ func (r *istioReference) install(t *testing.T, pod *capPod) {
 	if pod.spec.Annotations[capture.AnnotationInterceptionMode] == capture.ModeNone {
 		return // Istio installs no capture at all
 	}
+	spec := pod.spec
+	if _, _, err := capture.Parse(spec); err != nil {
+		// istio-cni would refuse to start this pod; sidelane's documented
+		// answer is Istio's default capture, so that is the reference.
+		spec = capture.Pod{ProxyEnv: spec.ProxyEnv, ProxyUID: spec.ProxyUID, ProxyGID: spec.ProxyGID}
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	out, err := pod.ns.Command(ctx, r.bin, append([]string{"istio-iptables"}, istioFlags(pod)...)...).CombinedOutput()
+	flags := istioref.Flags(spec)
+	out, err := pod.ns.Command(ctx, r.bin, append([]string{"istio-iptables"}, flags...)...).CombinedOutput()
 	if err != nil {
-		t.Fatalf("istio-iptables %s: %v\n%s", strings.Join(istioFlags(pod), " "), err, tail(string(out), 20))
+		t.Fatalf("istio-iptables %s: %v\n%s", strings.Join(flags, " "), err, tail(string(out), 20))
 	}
 	// The namespace (and its rules) go away with the pod.
 }
@@ -58,7 +65,7 @@ func (s *sidelaneIPTables) install(t *testing.T, pod *capPod) {
 	t.Helper()
 	settings, warnings, err := capture.ParseOrDefaults(pod.spec)
 	if err != nil {
-		t.Fatalf("parse capture knobs: %v", err)
+		t.Logf("capture knobs rejected, Istio's defaults apply: %v", err)
 	}
 	for _, w := range warnings {
 		t.Logf("capture warning: %s", w)

@@ -250,6 +250,17 @@ var captureCases = []capCase{
 		in(false, 80, wantDirect),
 		self(false, proxyUID, 80, wantIn), // over lo, not eth0
 	}},
+	// A malformed annotation: sidelane reports it and captures the pod
+	// with Istio's defaults, never with the valid half of the knobs.
+	{name: "malformed-falls-back-to-defaults", pod: capture.Pod{Annotations: map[string]string{
+		capture.AnnotationExcludeOutboundPorts: "5432",
+		capture.AnnotationIncludeInboundPorts:  "80,http",
+	}}, probes: []capProbe{
+		out(false, appUID, "a", 5432, wantOut),
+		out(false, appUID, "a", 15020, wantDirect),
+		in(false, 80, wantIn),
+		in(false, 9090, wantIn),
+	}},
 	{name: "interception-none", pod: capture.Pod{Annotations: map[string]string{
 		capture.AnnotationInterceptionMode: capture.ModeNone,
 	}}, probes: []capProbe{
