@@ -8,6 +8,13 @@ import (
 	"github.com/sidelane/sidelane/istio/capture"
 )
 
+// Log attribute keys.
+const (
+	logNetns  = "netns"
+	logFamily = "family"
+	logRules  = "rules"
+)
+
 // Backend implements datapath.Datapath with Istio's iptables rules.
 type Backend struct {
 	log *slog.Logger

@@ -46,7 +46,7 @@ func (b *Backend) Enroll(_ context.Context, e *store.Entry) error {
 				}
 				return fmt.Errorf("install %s rules in %s: %w", family(fam.proto), e.Netns, err)
 			}
-			b.log.Debug("installed capture rules", "netns", e.Netns, "family", family(fam.proto), "rules", len(fam.rules))
+			b.log.Debug("installed capture rules", logNetns, e.Netns, logFamily, family(fam.proto), logRules, len(fam.rules))
 		}
 		return nil
 	})

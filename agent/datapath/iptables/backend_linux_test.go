@@ -126,9 +126,18 @@ func TestSameRulesAsIstio(t *testing.T) {
 			if err := b.Unenroll(ctx, e); err != nil {
 				t.Fatalf("unenroll: %v", err)
 			}
-			for _, v6 := range []bool{false, true} {
-				if got := istioRules(save(t, ours, v6)); len(got) != 0 {
-					t.Errorf("unenroll left rules (ipv6=%v): %q", v6, got)
+			// Unenroll also removes what istio-iptables itself installed
+			// (a pod moving from istio-cni to sidelane).
+			refEntry := e
+			refEntry.Netns = ref.Path
+			if err := b.Unenroll(ctx, refEntry); err != nil {
+				t.Fatalf("unenroll istio's rules: %v", err)
+			}
+			for _, ns := range []*podnet.NS{ours, ref} {
+				for _, v6 := range []bool{false, true} {
+					if got := istioRules(save(t, ns, v6)); len(got) != 0 {
+						t.Errorf("unenroll left rules in %s (ipv6=%v): %q", ns.Name, v6, got)
+					}
 				}
 			}
 		})
