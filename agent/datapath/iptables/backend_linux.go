@@ -25,7 +25,7 @@ var tables = []string{"nat", "raw"}
 // again, so the pod never keeps a half-applied set.
 func (b *Backend) Enroll(_ context.Context, e *store.Entry) error {
 	v4, v6 := Desired(*e)
-	return inNetns(e.Netns, func() error {
+	return ignoreGoneIfEmpty(v4, v6, inNetns(e.Netns, func() error {
 		for _, fam := range []struct {
 			proto goipt.Protocol
 			rules []Rule
@@ -49,7 +49,17 @@ func (b *Backend) Enroll(_ context.Context, e *store.Entry) error {
 			b.log.Debug("installed capture rules", logNetns, e.Netns, logFamily, family(fam.proto), logRules, len(fam.rules))
 		}
 		return nil
-	})
+	}))
+}
+
+// ignoreGoneIfEmpty treats a vanished netns as fine when no rules are
+// wanted there (a pod not in sidecar mode, e.g. after its deletion).
+func ignoreGoneIfEmpty(v4, v6 []Rule, err error) error {
+	var missing ns.NSPathNotExistErr
+	if len(v4) == 0 && len(v6) == 0 && errors.As(err, &missing) {
+		return nil
+	}
+	return err
 }
 
 // Unenroll removes every Istio chain and every jump to one. A netns that
@@ -79,7 +89,7 @@ func (b *Backend) Unenroll(_ context.Context, e store.Entry) error {
 // Verify reports the first difference between the installed rules and e's.
 func (b *Backend) Verify(_ context.Context, e store.Entry) error {
 	v4, v6 := Desired(e)
-	return inNetns(e.Netns, func() error {
+	return ignoreGoneIfEmpty(v4, v6, inNetns(e.Netns, func() error {
 		for _, fam := range []struct {
 			proto goipt.Protocol
 			rules []Rule
@@ -93,7 +103,7 @@ func (b *Backend) Verify(_ context.Context, e store.Entry) error {
 			}
 		}
 		return nil
-	})
+	}))
 }
 
 func family(p goipt.Protocol) string {

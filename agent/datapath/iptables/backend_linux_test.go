@@ -209,12 +209,23 @@ func TestEnrollFailureLeavesNothing(t *testing.T) {
 	}
 }
 
-func TestUnenrollGoneNetns(t *testing.T) {
+func TestGoneNetns(t *testing.T) {
 	testenv.Privileged(t)
 	b := New(nil)
+	ctx := context.Background()
 	e := store.Entry{Netns: "/run/netns/" + testenv.UniqueName("gone"), Mode: modeSidecar}
-	if err := b.Unenroll(context.Background(), e); err != nil {
+	if err := b.Unenroll(ctx, e); err != nil {
 		t.Errorf("unenroll of a gone netns: %v", err)
+	}
+	if err := b.Verify(ctx, e); err == nil {
+		t.Error("verify of a sidecar pod whose netns is gone passed")
+	}
+	if err := b.Enroll(ctx, &e); err == nil {
+		t.Error("enroll into a gone netns passed")
+	}
+	e.Mode = "none"
+	if err := b.Verify(ctx, e); err != nil {
+		t.Errorf("verify of a mode-none pod whose netns is gone: %v", err)
 	}
 }
 
