@@ -119,3 +119,57 @@ func TestRuleSpecsHaveNoSpaces(t *testing.T) {
 		}
 	}
 }
+
+// FuzzRules builds rules from arbitrary knobs (through the parser, as the
+// agent does) and checks what Enroll and Verify rely on: hooks last, no
+// token Verify's space split would break, every jump target created.
+func FuzzRules(f *testing.F) {
+	f.Add("*", "", "*", "", "", "", "", "true")
+	f.Add("10.0.0.0/8,fd00::/8,127.0.0.1/32", "10.1.0.0/16,fd00:1::/64", "80,443", "9090", "8000:8100", "25", "eth1,net2", "false")
+	f.Fuzz(func(t *testing.T, incCIDR, excCIDR, incIn, excIn, incOut, excOut, ifaces, dns string) {
+		s, _, err := capture.Parse(capture.Pod{
+			Annotations: map[string]string{
+				capture.AnnotationIncludeOutboundIPRanges: incCIDR,
+				capture.AnnotationExcludeOutboundIPRanges: excCIDR,
+				capture.AnnotationIncludeInboundPorts:     incIn,
+				capture.AnnotationExcludeInboundPorts:     excIn,
+				capture.AnnotationIncludeOutboundPorts:    incOut,
+				capture.AnnotationExcludeOutboundPorts:    excOut,
+				capture.AnnotationExcludeInterfaces:       ifaces,
+			},
+			ProxyEnv: map[string]string{capture.EnvDNSCapture: dns},
+		})
+		if err != nil {
+			return
+		}
+		for _, fam := range []Family{IPv4, IPv6} {
+			rules := Rules(s, fam)
+			chains := Chains(rules)
+			hook := false
+			for _, r := range rules {
+				if builtin(r.Chain) {
+					hook = true
+				} else if hook {
+					t.Fatalf("%s after a hook", r)
+				}
+				for _, tok := range r.Spec {
+					if tok == "" || strings.ContainsAny(tok, " \t\n") {
+						t.Fatalf("bad token %q in %s", tok, r)
+					}
+				}
+				if n := len(r.Spec); n >= 2 && r.Spec[n-2] == "-j" && strings.HasPrefix(r.Spec[n-1], "ISTIO_") {
+					found := false
+					for _, c := range chains[r.Table] {
+						found = found || c == r.Spec[n-1]
+					}
+					if !found {
+						t.Fatalf("jump to %s in %s but the chain is not created", r.Spec[n-1], r.Table)
+					}
+				}
+			}
+			if Render(rules) != Render(Rules(s, fam)) {
+				t.Fatal("rules are not deterministic")
+			}
+		}
+	})
+}
