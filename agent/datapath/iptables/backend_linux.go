@@ -22,7 +22,10 @@ var tables = []string{"nat", "raw"}
 // place it changes nothing. Otherwise it removes any Istio rules there and
 // installs the new set: Istio chains first (inert until jumped to), the
 // jumps from the built-in chains last. On error everything is removed
-// again, so the pod never keeps a half-applied set.
+// again, so the pod never keeps a half-applied set. (Replacing a drifted
+// or changed set leaves a window of milliseconds between removal and
+// re-install in which new connections are not captured; go-iptables has
+// no atomic restore.)
 func (b *Backend) Enroll(_ context.Context, e *store.Entry) error {
 	v4, v6 := Desired(*e)
 	return ignoreGoneIfEmpty(v4, v6, inNetns(e.Netns, func() error {
