@@ -57,6 +57,7 @@ type capProbe struct {
 	dir  string
 	ipv6 bool
 	uid  uint32 // owner of the pod-side socket (fromPod, podToSelf, podToLocal)
+	gid  uint32 // its group; 0 means the same as uid
 	// dst picks the remote address: "a" (never excluded) or "b" (the one
 	// cases exclude or leave out).
 	dst  string
@@ -77,6 +78,9 @@ func (p capProbe) String() string {
 	s := fmt.Sprintf("%s-%s-%s%d", p.dir, fam, proto, p.port)
 	if p.dir != toPod {
 		s += "-uid" + strconv.Itoa(int(p.uid))
+		if p.gid != 0 {
+			s += "-gid" + strconv.Itoa(int(p.gid))
+		}
 	}
 	if p.dst == "b" {
 		s += "-b"
@@ -95,6 +99,10 @@ type capCase struct {
 func out(ipv6 bool, uid uint32, dst string, port uint16, want string) capProbe {
 	return capProbe{dir: fromPod, ipv6: ipv6, uid: uid, dst: dst, port: port, want: want}
 }
+
+// withGID sets a probe's socket group apart from its user.
+func withGID(p capProbe, gid uint32) capProbe { p.gid = gid; return p }
+
 func outUDP(ipv6 bool, uid uint32, port uint16, want string) capProbe {
 	return capProbe{dir: fromPod, ipv6: ipv6, uid: uid, dst: "a", port: port, udp: true, want: want}
 }
@@ -127,6 +135,9 @@ var captureCases = []capCase{
 		self(false, appUID, 80, wantDirect),
 		self(false, proxyUID, 80, wantIn), // sidecar calling its own pod goes inbound
 		self(false, proxyUID, 15008, wantDirect),
+		withGID(out(false, appUID, "a", 80, wantDirect), proxyUID), // the proxy's gid alone exempts
+		withGID(self(false, appUID, 80, wantDirect), proxyUID),     // the uid rules return it first
+		withGID(out(false, proxyUID, "a", 80, wantDirect), appUID),
 		in(false, 80, wantIn),
 		in(false, 8080, wantIn),
 		in(false, 15008, wantDirect),
@@ -474,6 +485,9 @@ func (w *captureWorld) dialTarget(p capProbe, pod *capPod) (from *podnet.NS, uid
 func (w *captureWorld) probe(p capProbe, pod *capPod) (string, netip.AddrPort, error) {
 	from, uid, dst := w.dialTarget(p, pod)
 	gid := uid
+	if p.gid != 0 && p.dir != toPod {
+		gid = p.gid
+	}
 	sotype := syscall.SOCK_STREAM
 	if p.udp {
 		sotype = syscall.SOCK_DGRAM
