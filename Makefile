@@ -34,10 +34,10 @@ lint: ## gofmt and go vet
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 
-tools: ## build the reference CNI plugins, cnitool and the noop test plugin into $(CACHE)/bin
-	hack/install-tools.sh cni
+tools: ## build the reference CNI plugins, cnitool, the noop test plugin and Istio's pilot-agent into $(CACHE)/bin
+	hack/install-tools.sh cni istio
 
-unit: build ## unit tests (privileged ones run as root)
+unit: build tools ## unit tests (privileged ones run as root; some compare with pilot-agent)
 	$(GO) test -count=1 $$($(GO) list ./... | grep -v /conformance)
 
 conformance: build tools ## CNI and capture conformance in real network namespaces; ends with "N passed, N failed"
@@ -47,6 +47,8 @@ fuzz: ## short runs of every fuzz target
 	$(GO) test -run='^$$' -fuzz='^FuzzParseConfig$$' -fuzztime=$(FUZZTIME) ./plugin/
 	$(GO) test -run='^$$' -fuzz='^FuzzParseArgs$$' -fuzztime=$(FUZZTIME) ./plugin/
 	$(GO) test -run='^$$' -fuzz='^FuzzDecodeRequest$$' -fuzztime=$(FUZZTIME) ./agent/cnirpc/
+	$(GO) test -run='^$$' -fuzz='^FuzzParse$$' -fuzztime=$(FUZZTIME) ./istio/capture/
+	$(GO) test -run='^$$' -fuzz='^FuzzRules$$' -fuzztime=$(FUZZTIME) ./agent/datapath/iptables/
 
 test: lint unit conformance fuzz ## everything CI runs
 	@echo "make test: all passed"
