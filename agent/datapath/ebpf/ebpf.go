@@ -1,0 +1,103 @@
+// Package ebpf is the eBPF capture backend: it implements datapath.Datapath
+// over the programs and maps of package bpf, keyed by each pod's network
+// namespace cookie.
+package ebpf
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+
+	"github.com/sidelane/sidelane/agent/store"
+	"github.com/sidelane/sidelane/bpf"
+)
+
+// modeSidecar is the agent's mode for pods with an Istio sidecar (the
+// agent's ModeSidecar; not imported to keep this package below the agent).
+const modeSidecar = "sidecar"
+
+// Pods is what the backend needs from the loaded programs (*bpf.Capture).
+type Pods interface {
+	Put(netns uint64, p bpf.Pod) error
+	Delete(netns uint64) error
+	Verify(netns uint64, p bpf.Pod) error
+}
+
+// Datapath captures sidecar pods with eBPF.
+type Datapath struct {
+	pods   Pods
+	cookie func(netnsPath string) (uint64, error)
+	log    *slog.Logger
+}
+
+// New returns the backend over loaded programs (see bpf.Load).
+func New(pods Pods, log *slog.Logger) *Datapath {
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Datapath{pods: pods, cookie: bpf.NetnsCookie, log: log}
+}
+
+// Name implements datapath.Datapath.
+func (d *Datapath) Name() string { return "ebpf" }
+
+// Enroll writes the pod's capture state, keyed by its netns cookie, which
+// it records in e. Pods not in sidecar mode are left uncaptured (and any
+// earlier capture of theirs removed).
+func (d *Datapath) Enroll(_ context.Context, e *store.Entry) error {
+	if e.Mode != modeSidecar || e.Capture == nil {
+		if e.NetnsCookie != 0 {
+			if err := d.pods.Delete(e.NetnsCookie); err != nil {
+				return err
+			}
+			e.NetnsCookie = 0
+		}
+		return nil
+	}
+	p, err := bpf.PlanPod(e.IPs, *e.Capture)
+	if err != nil {
+		return fmt.Errorf("capture settings: %w", err)
+	}
+	cookie, err := d.cookie(e.Netns)
+	if err != nil {
+		return err
+	}
+	if e.NetnsCookie != 0 && e.NetnsCookie != cookie {
+		// The path now names another netns (the old one is gone): drop the
+		// old state so nothing else is captured under its cookie.
+		if err := d.pods.Delete(e.NetnsCookie); err != nil {
+			return err
+		}
+	}
+	e.NetnsCookie = cookie
+	if err := d.pods.Put(cookie, p); err != nil {
+		return fmt.Errorf("enroll netns %s: %w", e.Netns, err)
+	}
+	d.log.Debug("pod enrolled", "attachment", e.Key.String(), "netnsCookie", cookie)
+	return nil
+}
+
+// Unenroll removes everything Enroll wrote. It works from the recorded
+// cookie, so it needs no netns (which may be gone).
+func (d *Datapath) Unenroll(_ context.Context, e store.Entry) error {
+	if e.NetnsCookie == 0 {
+		return nil
+	}
+	return d.pods.Delete(e.NetnsCookie)
+}
+
+// Verify checks the pod's state is in the maps exactly as its settings say.
+func (d *Datapath) Verify(_ context.Context, e store.Entry) error {
+	if e.Mode != modeSidecar || e.Capture == nil {
+		return nil
+	}
+	if e.NetnsCookie == 0 {
+		return errors.New("pod has no netns cookie: never enrolled")
+	}
+	p, err := bpf.PlanPod(e.IPs, *e.Capture)
+	if err != nil {
+		return fmt.Errorf("capture settings: %w", err)
+	}
+	return d.pods.Verify(e.NetnsCookie, p)
+}

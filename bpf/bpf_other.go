@@ -1,0 +1,13 @@
+//go:build !linux
+
+package bpf
+
+import "fmt"
+
+// NetnsCookie needs Linux.
+func NetnsCookie(path string) (uint64, error) {
+	return 0, fmt.Errorf("netns %s cookie: %w", path, ErrNotSupported)
+}
+
+// CgroupV2Mount needs Linux.
+func CgroupV2Mount() (string, error) { return "", fmt.Errorf("cgroup v2: %w", ErrNotSupported) }

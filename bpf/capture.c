@@ -1,0 +1,569 @@
+//go:build ignore
+
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/* Copyright sidelane authors.
+ *
+ * Istio sidecar traffic capture without iptables.
+ *
+ * Every hook first asks "is this socket's network namespace enrolled?" by
+ * looking its netns cookie up in `pods`. The agent writes that entry at CNI
+ * ADD, before the pod's first process runs, so capture is deterministic and
+ * starts with the very first connection. A socket in a netns that is not
+ * enrolled is never touched.
+ *
+ * Programs:
+ *   cgroup/connect4, cgroup/connect6  outbound TCP -> 127.0.0.1:<outbound port>
+ *                                     (Istio's ISTIO_OUTPUT semantics), same-node
+ *                                     inbound -> <pod IP>:<inbound port>, TCP DNS
+ *                                     -> <dns port>; records the original dst by
+ *                                     socket cookie.
+ *   sockops                           when a redirected connection is established,
+ *                                     re-keys the original dst by the connection's
+ *                                     4-tuple, which the proxy's accepted socket
+ *                                     sees mirrored.
+ *   cgroup/getsockopt                 answers SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST
+ *                                     for those accepted sockets only.
+ */
+
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <linux/socket.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+char __license[] SEC("license") = "Dual BSD/GPL";
+
+#define AF_INET 2
+#define AF_INET6 10
+#define SOL_IP 0
+#define SOL_IPV6 41
+#define SO_ORIGINAL_DST 80 /* also IP6T_SO_ORIGINAL_DST */
+
+/* pod_config.flags */
+#define POD_OUTBOUND_ALL 0x1 /* capture every outbound CIDR not excluded */
+#define POD_INBOUND_ALL 0x2  /* capture every inbound port not excluded */
+#define POD_DNS 0x4          /* DNS capture to dns_port */
+
+#define MAX_IDS 4
+
+#define READ(x) (*(volatile typeof(x) *)&(x))
+
+/* What the agent writes for one enrolled pod (netns). Ports in host order. */
+struct pod_config {
+	__u16 outbound_port;
+	__u16 inbound_port;
+	__u16 dns_port;
+	__u16 flags;
+	__u32 n_uids;
+	__u32 n_gids;
+	__u32 proxy_uids[MAX_IDS];
+	__u32 proxy_gids[MAX_IDS];
+};
+
+/* cidr_key.kind */
+#define CIDR_EXCLUDE_OUT 1
+#define CIDR_INCLUDE_OUT 2
+#define CIDR_LOCAL 3 /* the pod's own addresses: Istio's "-o lo" */
+
+/* LPM key: the pod's netns cookie is always matched in full (64 bits), then
+ * the kind (8 bits), then the address. IPv4 is stored v4-mapped (::ffff:a.b.c.d)
+ * so one trie serves both families. */
+struct cidr_key {
+	__u32 prefixlen;
+	__u32 netns_lo;
+	__u32 netns_hi;
+	__u8 kind;
+	__u8 addr[16];
+};
+
+/* port_key.kind */
+#define PORT_EXCLUDE_OUT 1
+#define PORT_INCLUDE_OUT 2
+#define PORT_EXCLUDE_IN 3
+#define PORT_INCLUDE_IN 4
+
+/* Port ranges are decomposed into prefixes by the agent, so any range costs
+ * one lookup. port is big-endian so prefixes are its high bits. */
+struct port_key {
+	__u32 prefixlen;
+	__u32 netns_lo;
+	__u32 netns_hi;
+	__u8 kind;
+	__u8 port[2];
+};
+
+/* The destination a connection had before we rewrote it. addr is
+ * v4-mapped for IPv4; port in host order. netns is the cookie of the netns
+ * whose proxy accepts the redirected connection. */
+struct orig_dst {
+	__u8 addr[16];
+	__u16 port;
+	__u16 family;
+	__u32 pad;
+	__u64 netns;
+};
+
+/* A connection as the connecting socket sees it. Ports in host order. */
+struct tuple_key {
+	__u64 netns;
+	__u8 src[16];
+	__u8 dst[16];
+	__u16 sport;
+	__u16 dport;
+	__u32 pad;
+};
+
+/* Per-pod counters (per CPU; the agent sums them). */
+struct counters {
+	__u64 redirected_out;
+	__u64 redirected_in;
+	__u64 redirected_dns;
+	__u64 excluded;
+	__u64 orig_dst_answered;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct pod_config);
+} pods SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(max_entries, 1 << 20);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct cidr_key);
+	__type(value, __u8);
+} cidrs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(max_entries, 1 << 18);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct port_key);
+	__type(value, __u8);
+} ports SEC(".maps");
+
+/* Pod IP (v4-mapped for IPv4) -> netns cookie, for same-node inbound. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(max_entries, 65536);
+	__type(key, __u8[16]);
+	__type(value, __u64);
+} pod_ips SEC(".maps");
+
+/* Socket cookie of a redirected connecting socket -> original dst, from
+ * connect until the connection is established. LRU: a connect that never
+ * completes must not leak an entry forever. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct orig_dst);
+} orig_by_cookie SEC(".maps");
+
+/* Established redirected connection -> original dst, for getsockopt on the
+ * proxy's accepted socket. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(max_entries, 262144);
+	__type(key, struct tuple_key);
+	__type(value, struct orig_dst);
+} orig_by_tuple SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct counters);
+} pod_counters SEC(".maps");
+
+enum verdict {
+	PASS = 0,
+	PASS_EXCLUDED,
+	REDIRECT_OUT,
+	REDIRECT_IN_SELF, /* the proxy calling its own pod IP: Istio's ISTIO_IN_REDIRECT */
+	REDIRECT_DNS,
+	REDIRECT_IN_OTHER, /* same-node inbound to another pod: keep the address */
+};
+
+static __always_inline void count(__u64 netns, int field)
+{
+	struct counters *c = bpf_map_lookup_elem(&pod_counters, &netns);
+	if (!c)
+		return;
+	switch (field) {
+	case REDIRECT_OUT:
+		c->redirected_out++;
+		break;
+	case REDIRECT_IN_SELF:
+		c->redirected_in++;
+		break;
+	case REDIRECT_DNS:
+		c->redirected_dns++;
+		break;
+	case PASS_EXCLUDED:
+		c->excluded++;
+		break;
+	}
+}
+
+static __always_inline int cidr_match(__u64 netns, __u8 kind, const __u8 addr[16])
+{
+	struct cidr_key k = {
+		.prefixlen = 64 + 8 + 128,
+		.netns_lo = (__u32)netns,
+		.netns_hi = (__u32)(netns >> 32),
+		.kind = kind,
+	};
+	__builtin_memcpy(k.addr, addr, 16);
+	return bpf_map_lookup_elem(&cidrs, &k) != NULL;
+}
+
+static __always_inline int port_match(__u64 netns, __u8 kind, __u16 port)
+{
+	struct port_key k = {
+		.prefixlen = 64 + 8 + 16,
+		.netns_lo = (__u32)netns,
+		.netns_hi = (__u32)(netns >> 32),
+		.kind = kind,
+		.port = {port >> 8, port & 0xff},
+	};
+	return bpf_map_lookup_elem(&ports, &k) != NULL;
+}
+
+static __always_inline int is_v4mapped(const __u8 a[16])
+{
+	const __u32 *w = (const __u32 *)a;
+	return w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0xffff);
+}
+
+static __always_inline int is_loopback(const __u8 a[16])
+{
+	const __u32 *w = (const __u32 *)a;
+	if (is_v4mapped(a))
+		return a[12] == 127;
+	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == bpf_htonl(1);
+}
+
+/* 127.0.0.1 or ::1: Istio's "-d 127.0.0.1/32 -j RETURN". */
+static __always_inline int is_localhost(const __u8 a[16])
+{
+	const __u32 *w = (const __u32 *)a;
+	if (is_v4mapped(a))
+		return w[3] == bpf_htonl(0x7f000001);
+	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == bpf_htonl(1);
+}
+
+static __always_inline int is_passthrough_src(const __u8 a[16])
+{
+	const __u32 *w = (const __u32 *)a;
+	return is_v4mapped(a) && w[3] == bpf_htonl(0x7f000006);
+}
+
+static __always_inline int id_in(__u32 id, const __u32 *ids, __u32 n)
+{
+#pragma unroll
+	for (int i = 0; i < MAX_IDS; i++)
+		if (i < n && ids[i] == id)
+			return 1;
+	return 0;
+}
+
+/* The order follows istio-iptables' ISTIO_OUTPUT chain: excluded ports,
+ * 127.0.0.6 source, owner (uid then gid) rules, 127.0.0.1, included ports,
+ * excluded CIDRs, included CIDRs. "-o lo" means the destination is local:
+ * loopback or one of the pod's own addresses. */
+static __always_inline enum verdict decide_outbound(__u64 netns, const struct pod_config *pod,
+						    const __u8 src[16], const __u8 dst[16], __u16 dport)
+{
+	__u64 ugid = bpf_get_current_uid_gid();
+	__u32 uid = (__u32)ugid, gid = (__u32)(ugid >> 32);
+	int local = is_loopback(dst) || cidr_match(netns, CIDR_LOCAL, dst);
+	int proxy_uid = id_in(uid, pod->proxy_uids, pod->n_uids);
+	int proxy_gid = id_in(gid, pod->proxy_gids, pod->n_gids);
+
+	if (port_match(netns, PORT_EXCLUDE_OUT, dport))
+		return PASS_EXCLUDED;
+	if (local && is_passthrough_src(src))
+		return PASS;
+	if (proxy_uid) {
+		if (local && !is_localhost(dst) && dport != 15008)
+			return REDIRECT_IN_SELF;
+		return PASS;
+	}
+	if (local)
+		return PASS;
+	if (proxy_gid)
+		return PASS;
+	if ((pod->flags & POD_DNS) && dport == 53)
+		return REDIRECT_DNS;
+	if (is_localhost(dst))
+		return PASS;
+	if (port_match(netns, PORT_INCLUDE_OUT, dport))
+		return REDIRECT_OUT;
+	if (cidr_match(netns, CIDR_EXCLUDE_OUT, dst))
+		return PASS_EXCLUDED;
+	if ((pod->flags & POD_OUTBOUND_ALL) || cidr_match(netns, CIDR_INCLUDE_OUT, dst))
+		return REDIRECT_OUT;
+	return PASS_EXCLUDED;
+}
+
+/* Same-node inbound, decided at connect time: the destination is an enrolled
+ * pod on this node and the port is one Istio's ISTIO_INBOUND captures. Ports
+ * 15008/15090/15021/15020 arrive in PORT_EXCLUDE_IN from the Settings. */
+static __always_inline int inbound_captured(__u64 netns, const struct pod_config *pod, __u16 dport)
+{
+	if (dport == pod->inbound_port)
+		return 0;
+	if (port_match(netns, PORT_EXCLUDE_IN, dport))
+		return 0;
+	if (pod->flags & POD_INBOUND_ALL)
+		return 1;
+	return port_match(netns, PORT_INCLUDE_IN, dport);
+}
+
+static __always_inline void record(void *ctx, const __u8 dst[16], __u16 dport, __u16 family, __u64 netns)
+{
+	struct orig_dst o = {.port = dport, .family = family, .netns = netns};
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memcpy(o.addr, dst, 16);
+	bpf_map_update_elem(&orig_by_cookie, &cookie, &o, BPF_ANY);
+}
+
+/* connect_common decides for one TCP connect. It returns the verdict and, for
+ * redirects, the new port; the caller rewrites the address. */
+static __always_inline enum verdict connect_common(void *ctx, const __u8 src[16], const __u8 dst[16],
+						   __u16 dport, __u16 family, __u16 *new_port, __u64 *rec_netns)
+{
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	struct pod_config *pod = bpf_map_lookup_elem(&pods, &netns);
+	enum verdict v = PASS;
+
+	if (pod) {
+		v = decide_outbound(netns, pod, src, dst, dport);
+		count(netns, v);
+		switch (v) {
+		case REDIRECT_OUT:
+			*new_port = pod->outbound_port;
+			break;
+		case REDIRECT_IN_SELF:
+			*new_port = pod->inbound_port;
+			break;
+		case REDIRECT_DNS:
+			*new_port = pod->dns_port;
+			break;
+		default:
+			break;
+		}
+		if (v >= REDIRECT_OUT) {
+			*rec_netns = netns;
+			record(ctx, dst, dport, family, netns);
+			return v;
+		}
+	}
+
+	/* Not captured on the way out: maybe captured on the way in. */
+	__u64 *dst_netns = bpf_map_lookup_elem(&pod_ips, dst);
+	if (!dst_netns || *dst_netns == netns)
+		return v;
+	__u64 dn = *dst_netns;
+	struct pod_config *dpod = bpf_map_lookup_elem(&pods, &dn);
+	if (!dpod || !inbound_captured(dn, dpod, dport))
+		return v;
+	*new_port = dpod->inbound_port;
+	*rec_netns = dn;
+	count(dn, REDIRECT_IN_SELF);
+	record(ctx, dst, dport, family, dn);
+	return REDIRECT_IN_OTHER;
+}
+
+SEC("cgroup/connect4")
+int sidelane_connect4(struct bpf_sock_addr *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return 1;
+	__u8 dst[16] = {}, src[16] = {};
+	__u32 *d = (__u32 *)dst, *s = (__u32 *)src;
+	d[2] = bpf_htonl(0xffff);
+	d[3] = ctx->user_ip4;
+	s[2] = bpf_htonl(0xffff);
+	struct bpf_sock *sk = ctx->sk;
+	if (sk)
+		s[3] = READ(sk->src_ip4);
+	__u16 dport = bpf_ntohs((__u16)ctx->user_port);
+	__u16 new_port = 0;
+	__u64 rec = 0;
+	enum verdict v = connect_common(ctx, src, dst, dport, AF_INET, &new_port, &rec);
+	if (v < REDIRECT_OUT)
+		return 1;
+	if (v != REDIRECT_IN_OTHER)
+		ctx->user_ip4 = bpf_htonl(0x7f000001);
+	ctx->user_port = bpf_htons(new_port);
+	return 1;
+}
+
+SEC("cgroup/connect6")
+int sidelane_connect6(struct bpf_sock_addr *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return 1;
+	__u8 dst[16] = {}, src[16] = {};
+	__u32 *d = (__u32 *)dst, *s = (__u32 *)src;
+	d[0] = READ(ctx->user_ip6[0]);
+	d[1] = READ(ctx->user_ip6[1]);
+	d[2] = READ(ctx->user_ip6[2]);
+	d[3] = READ(ctx->user_ip6[3]);
+	struct bpf_sock *sk = ctx->sk;
+	if (sk) {
+		s[0] = READ(sk->src_ip6[0]);
+		s[1] = READ(sk->src_ip6[1]);
+		s[2] = READ(sk->src_ip6[2]);
+		s[3] = READ(sk->src_ip6[3]);
+	}
+	__u16 dport = bpf_ntohs((__u16)ctx->user_port);
+	__u16 new_port = 0;
+	__u64 rec = 0;
+	int mapped = is_v4mapped(dst);
+	enum verdict v = connect_common(ctx, src, dst, dport, mapped ? AF_INET : AF_INET6, &new_port, &rec);
+	if (v < REDIRECT_OUT)
+		return 1;
+	if (v != REDIRECT_IN_OTHER) {
+		if (mapped) {
+			ctx->user_ip6[0] = 0;
+			ctx->user_ip6[1] = 0;
+			ctx->user_ip6[2] = bpf_htonl(0xffff);
+			ctx->user_ip6[3] = bpf_htonl(0x7f000001);
+		} else {
+			ctx->user_ip6[0] = 0;
+			ctx->user_ip6[1] = 0;
+			ctx->user_ip6[2] = 0;
+			ctx->user_ip6[3] = bpf_htonl(1);
+		}
+	}
+	ctx->user_port = bpf_htons(new_port);
+	return 1;
+}
+
+static __always_inline void load_addr(__u8 out[16], __u32 family, __u32 ip4, const __u32 *ip6)
+{
+	__u32 *w = (__u32 *)out;
+	if (family == AF_INET) {
+		w[0] = 0;
+		w[1] = 0;
+		w[2] = bpf_htonl(0xffff);
+		w[3] = ip4;
+	} else {
+		w[0] = ip6[0];
+		w[1] = ip6[1];
+		w[2] = ip6[2];
+		w[3] = ip6[3];
+	}
+}
+
+SEC("sockops")
+int sidelane_sockops(struct bpf_sock_ops *skops)
+{
+	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+		return 1;
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	struct orig_dst *o = bpf_map_lookup_elem(&orig_by_cookie, &cookie);
+	if (!o)
+		return 1;
+	struct tuple_key k = {.netns = o->netns};
+	/* Read every field unconditionally with volatile loads: the verifier
+	 * rejects the pointer arithmetic clang emits when it merges branches
+	 * that read different ctx fields. */
+	__u32 family = READ(skops->family);
+	__u32 l4 = READ(skops->local_ip4), r4 = READ(skops->remote_ip4);
+	__u32 l6[4] = {READ(skops->local_ip6[0]), READ(skops->local_ip6[1]), READ(skops->local_ip6[2]),
+		       READ(skops->local_ip6[3])};
+	__u32 r6[4] = {READ(skops->remote_ip6[0]), READ(skops->remote_ip6[1]), READ(skops->remote_ip6[2]),
+		       READ(skops->remote_ip6[3])};
+	load_addr(k.src, family, l4, l6);
+	load_addr(k.dst, family, r4, r6);
+	k.sport = (__u16)READ(skops->local_port);
+	/* remote_port holds the big-endian port in its upper half on
+	 * little-endian machines; ntohl yields the port either way. */
+	k.dport = (__u16)bpf_ntohl(READ(skops->remote_port));
+	struct orig_dst v = *o;
+	bpf_map_update_elem(&orig_by_tuple, &k, &v, BPF_ANY);
+	bpf_map_delete_elem(&orig_by_cookie, &cookie);
+	return 1;
+}
+
+struct sockaddr_in_ {
+	__u16 family;
+	__u16 port;
+	__u32 addr;
+	__u8 zero[8];
+};
+
+struct sockaddr_in6_ {
+	__u16 family;
+	__u16 port;
+	__u32 flowinfo;
+	__u8 addr[16];
+	__u32 scope_id;
+};
+
+SEC("cgroup/getsockopt")
+int sidelane_getsockopt(struct bpf_sockopt *ctx)
+{
+	if (ctx->optname != SO_ORIGINAL_DST || (ctx->level != SOL_IP && ctx->level != SOL_IPV6))
+		return 1;
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk || sk->protocol != IPPROTO_TCP)
+		return 1;
+
+	/* The accepted socket sees the connection mirrored: its peer is the
+	 * connecting socket's source. */
+	struct tuple_key k = {.netns = bpf_get_netns_cookie(ctx)};
+	__u32 family = READ(sk->family);
+	__u32 s4 = READ(sk->src_ip4), d4 = READ(sk->dst_ip4);
+	__u32 s6[4] = {READ(sk->src_ip6[0]), READ(sk->src_ip6[1]), READ(sk->src_ip6[2]), READ(sk->src_ip6[3])};
+	__u32 d6[4] = {READ(sk->dst_ip6[0]), READ(sk->dst_ip6[1]), READ(sk->dst_ip6[2]), READ(sk->dst_ip6[3])};
+	load_addr(k.src, family, d4, d6);
+	load_addr(k.dst, family, s4, s6);
+	k.sport = bpf_ntohs(READ(sk->dst_port));
+	k.dport = (__u16)READ(sk->src_port);
+	struct orig_dst *o = bpf_map_lookup_elem(&orig_by_tuple, &k);
+	if (!o)
+		return 1;
+
+	void *optval = ctx->optval, *end = ctx->optval_end;
+	if (ctx->level == SOL_IP && o->family == AF_INET) {
+		struct sockaddr_in_ *sa = optval;
+		if ((void *)(sa + 1) > end || ctx->optlen < (int)sizeof(*sa))
+			return 1;
+		__builtin_memset(sa, 0, sizeof(*sa));
+		sa->family = AF_INET;
+		sa->port = bpf_htons(o->port);
+		sa->addr = ((__u32 *)o->addr)[3];
+		ctx->optlen = sizeof(*sa);
+	} else if (ctx->level == SOL_IPV6 && o->family == AF_INET6) {
+		struct sockaddr_in6_ *sa = optval;
+		if ((void *)(sa + 1) > end || ctx->optlen < (int)sizeof(*sa))
+			return 1;
+		__builtin_memset(sa, 0, sizeof(*sa));
+		sa->family = AF_INET6;
+		sa->port = bpf_htons(o->port);
+		__builtin_memcpy(sa->addr, o->addr, 16);
+		ctx->optlen = sizeof(*sa);
+	} else {
+		return 1;
+	}
+	ctx->retval = 0;
+	struct counters *c = bpf_map_lookup_elem(&pod_counters, &k.netns);
+	if (c)
+		c->orig_dst_answered++;
+	return 1;
+}
