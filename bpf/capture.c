@@ -13,21 +13,28 @@
  *
  * Programs:
  *   cgroup/connect4, cgroup/connect6  outbound TCP -> 127.0.0.1:<outbound port>
- *                                     (Istio's ISTIO_OUTPUT semantics), same-node
- *                                     inbound -> <pod IP>:<inbound port>, TCP DNS
- *                                     -> <dns port>; records the original dst by
- *                                     socket cookie.
+ *                                     (Istio's ISTIO_OUTPUT semantics), the proxy
+ *                                     calling its own pod IP -> <inbound port>,
+ *                                     TCP DNS -> <dns port>; records the original
+ *                                     dst by socket cookie.
  *   sockops                           when a redirected connection is established,
  *                                     re-keys the original dst by the connection's
  *                                     4-tuple, which the proxy's accepted socket
  *                                     sees mirrored.
  *   cgroup/getsockopt                 answers SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST
  *                                     for those accepted sockets only.
+ *   tc (tcx ingress on the pod's if)  inbound TCP to a captured port is assigned
+ *                                     to the <inbound port> listener (bpf_sk_assign).
  */
 
 #include <linux/bpf.h>
 #include <linux/in.h>
 #include <linux/socket.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
@@ -148,7 +155,7 @@ struct {
 	__type(value, __u8);
 } ports SEC(".maps");
 
-/* Pod IP (v4-mapped for IPv4) -> netns cookie, for same-node inbound. */
+/* Pod IP (v4-mapped for IPv4) -> netns cookie, for inbound capture in tc. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -192,7 +199,6 @@ enum verdict {
 	REDIRECT_OUT,
 	REDIRECT_IN_SELF, /* the proxy calling its own pod IP: Istio's ISTIO_IN_REDIRECT */
 	REDIRECT_DNS,
-	REDIRECT_IN_OTHER, /* same-node inbound to another pod: keep the address */
 };
 
 static __always_inline void count(__u64 netns, int field)
@@ -317,9 +323,8 @@ static __always_inline enum verdict decide_outbound(__u64 netns, const struct po
 	return PASS_EXCLUDED;
 }
 
-/* Same-node inbound, decided at connect time: the destination is an enrolled
- * pod on this node and the port is one Istio's ISTIO_INBOUND captures. Ports
- * 15008/15090/15021/15020 arrive in PORT_EXCLUDE_IN from the Settings. */
+/* Whether Istio's ISTIO_INBOUND captures dport. Ports 15008/15090/15021/15020
+ * arrive in PORT_EXCLUDE_IN from the Settings. */
 static __always_inline int inbound_captured(__u64 netns, const struct pod_config *pod, __u16 dport)
 {
 	if (dport == pod->inbound_port)
@@ -329,6 +334,97 @@ static __always_inline int inbound_captured(__u64 netns, const struct pod_config
 	if (pod->flags & POD_INBOUND_ALL)
 		return 1;
 	return port_match(netns, PORT_INCLUDE_IN, dport);
+}
+
+/* Inbound: Istio's ISTIO_INBOUND. A connection to a captured port of the pod
+ * is handed to the listener on the inbound port with bpf_sk_assign, from tc
+ * ingress on the pod's interface. Unlike rewriting the destination at the
+ * client's connect(), this works for clients on other nodes (and for
+ * same-node clients in any netns or cgroup) and leaves both ends' view of
+ * the connection intact: the proxy's accepted socket has the original
+ * destination as its local address (what Envoy and haproxy fall back to
+ * when SO_ORIGINAL_DST has no answer), and the client still sees the port it
+ * dialed. The pod is found by destination address, so no per-netns helper
+ * is needed in tc. */
+SEC("tc")
+int sidelane_inbound(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end)
+		return TC_ACT_OK;
+	struct bpf_sock_tuple t = {};
+	__u32 tlen;
+	__u8 dst[16] = {};
+	__u32 *d = (__u32 *)dst;
+	struct tcphdr *tcp;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP || ip->ihl < 5)
+			return TC_ACT_OK;
+		tcp = (void *)ip + ip->ihl * 4;
+		if ((void *)(tcp + 1) > end)
+			return TC_ACT_OK;
+		t.ipv4.saddr = ip->saddr;
+		t.ipv4.daddr = ip->daddr;
+		t.ipv4.sport = tcp->source;
+		t.ipv4.dport = tcp->dest;
+		tlen = sizeof(t.ipv4);
+		d[2] = bpf_htonl(0xffff);
+		d[3] = ip->daddr;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > end || ip6->nexthdr != IPPROTO_TCP)
+			return TC_ACT_OK;
+		tcp = (void *)(ip6 + 1);
+		if ((void *)(tcp + 1) > end)
+			return TC_ACT_OK;
+		__builtin_memcpy(t.ipv6.saddr, &ip6->saddr, 16);
+		__builtin_memcpy(t.ipv6.daddr, &ip6->daddr, 16);
+		t.ipv6.sport = tcp->source;
+		t.ipv6.dport = tcp->dest;
+		tlen = sizeof(t.ipv6);
+		__builtin_memcpy(dst, &ip6->daddr, 16);
+	} else {
+		return TC_ACT_OK;
+	}
+
+	__u64 *netnsp = bpf_map_lookup_elem(&pod_ips, dst);
+	if (!netnsp)
+		return TC_ACT_OK;
+	__u64 netns = *netnsp;
+	struct pod_config *pod = bpf_map_lookup_elem(&pods, &netns);
+	__u16 dport = bpf_ntohs(tcp->dest);
+	if (!pod || !inbound_captured(netns, pod, dport))
+		return TC_ACT_OK;
+
+	/* A packet of an existing connection (or handshake) goes where the
+	 * stack would send it. */
+	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, tlen, BPF_F_CURRENT_NETNS, 0);
+	if (sk) {
+		int listener = sk->state == BPF_TCP_LISTEN;
+		bpf_sk_release(sk);
+		if (!listener)
+			return TC_ACT_OK;
+	}
+	if (tlen == sizeof(t.ipv4))
+		t.ipv4.dport = bpf_htons(pod->inbound_port);
+	else
+		t.ipv6.dport = bpf_htons(pod->inbound_port);
+	sk = bpf_skc_lookup_tcp(skb, &t, tlen, BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return TC_ACT_SHOT; /* fail closed: never deliver around the proxy */
+	if (sk->state != BPF_TCP_LISTEN) {
+		bpf_sk_release(sk);
+		return TC_ACT_SHOT;
+	}
+	long err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	if (err)
+		return TC_ACT_SHOT;
+	if (tcp->syn && !tcp->ack)
+		count(netns, REDIRECT_IN_SELF);
+	return TC_ACT_OK;
 }
 
 static __always_inline void record(void *ctx, const __u8 dst[16], __u16 dport, __u16 family, __u64 netns)
@@ -371,19 +467,7 @@ static __always_inline enum verdict connect_common(void *ctx, const __u8 src[16]
 		}
 	}
 
-	/* Not captured on the way out: maybe captured on the way in. */
-	__u64 *dst_netns = bpf_map_lookup_elem(&pod_ips, dst);
-	if (!dst_netns || *dst_netns == netns)
-		return v;
-	__u64 dn = *dst_netns;
-	struct pod_config *dpod = bpf_map_lookup_elem(&pods, &dn);
-	if (!dpod || !inbound_captured(dn, dpod, dport))
-		return v;
-	*new_port = dpod->inbound_port;
-	*rec_netns = dn;
-	count(dn, REDIRECT_IN_SELF);
-	record(ctx, dst, dport, family, dn);
-	return REDIRECT_IN_OTHER;
+	return v;
 }
 
 SEC("cgroup/connect4")
@@ -405,8 +489,7 @@ int sidelane_connect4(struct bpf_sock_addr *ctx)
 	enum verdict v = connect_common(ctx, src, dst, dport, AF_INET, &new_port, &rec);
 	if (v < REDIRECT_OUT)
 		return 1;
-	if (v != REDIRECT_IN_OTHER)
-		ctx->user_ip4 = bpf_htonl(0x7f000001);
+	ctx->user_ip4 = bpf_htonl(0x7f000001);
 	ctx->user_port = bpf_htons(new_port);
 	return 1;
 }
@@ -436,19 +519,10 @@ int sidelane_connect6(struct bpf_sock_addr *ctx)
 	enum verdict v = connect_common(ctx, src, dst, dport, mapped ? AF_INET : AF_INET6, &new_port, &rec);
 	if (v < REDIRECT_OUT)
 		return 1;
-	if (v != REDIRECT_IN_OTHER) {
-		if (mapped) {
-			ctx->user_ip6[0] = 0;
-			ctx->user_ip6[1] = 0;
-			ctx->user_ip6[2] = bpf_htonl(0xffff);
-			ctx->user_ip6[3] = bpf_htonl(0x7f000001);
-		} else {
-			ctx->user_ip6[0] = 0;
-			ctx->user_ip6[1] = 0;
-			ctx->user_ip6[2] = 0;
-			ctx->user_ip6[3] = bpf_htonl(1);
-		}
-	}
+	ctx->user_ip6[0] = 0;
+	ctx->user_ip6[1] = 0;
+	ctx->user_ip6[2] = mapped ? bpf_htonl(0xffff) : 0;
+	ctx->user_ip6[3] = mapped ? bpf_htonl(0x7f000001) : bpf_htonl(1);
 	ctx->user_port = bpf_htons(new_port);
 	return 1;
 }

@@ -87,6 +87,7 @@ const (
 	captureProgSidelaneConnect4   = "sidelane_connect4"
 	captureProgSidelaneConnect6   = "sidelane_connect6"
 	captureProgSidelaneGetsockopt = "sidelane_getsockopt"
+	captureProgSidelaneInbound    = "sidelane_inbound"
 	captureProgSidelaneSockops    = "sidelane_sockops"
 )
 
@@ -135,6 +136,7 @@ type captureProgramSpecs struct {
 	SidelaneConnect4   *ebpf.ProgramSpec `ebpf:"sidelane_connect4"`
 	SidelaneConnect6   *ebpf.ProgramSpec `ebpf:"sidelane_connect6"`
 	SidelaneGetsockopt *ebpf.ProgramSpec `ebpf:"sidelane_getsockopt"`
+	SidelaneInbound    *ebpf.ProgramSpec `ebpf:"sidelane_inbound"`
 	SidelaneSockops    *ebpf.ProgramSpec `ebpf:"sidelane_sockops"`
 }
 
@@ -211,6 +213,7 @@ type capturePrograms struct {
 	SidelaneConnect4   *ebpf.Program `ebpf:"sidelane_connect4"`
 	SidelaneConnect6   *ebpf.Program `ebpf:"sidelane_connect6"`
 	SidelaneGetsockopt *ebpf.Program `ebpf:"sidelane_getsockopt"`
+	SidelaneInbound    *ebpf.Program `ebpf:"sidelane_inbound"`
 	SidelaneSockops    *ebpf.Program `ebpf:"sidelane_sockops"`
 }
 
@@ -219,6 +222,7 @@ func (p *capturePrograms) Close() error {
 		p.SidelaneConnect4,
 		p.SidelaneConnect6,
 		p.SidelaneGetsockopt,
+		p.SidelaneInbound,
 		p.SidelaneSockops,
 	)
 }

@@ -97,6 +97,10 @@ func Load(cfg Config) (*Capture, error) {
 		}
 		c.links = append(c.links, l)
 	}
+	if err := c.updateInbound(); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("update pinned inbound links: %w", err)
+	}
 	return c, nil
 }
 
@@ -152,7 +156,7 @@ func (c *Capture) Close() error {
 // Uninstall detaches the programs and removes every pin, then closes c.
 // Capture stops for every pod.
 func (c *Capture) Uninstall() error {
-	var errs []error
+	errs := []error{c.detachInbound(0)}
 	for _, l := range c.links {
 		errs = append(errs, l.Unpin())
 	}
@@ -341,6 +345,7 @@ func ignoreNotExist(err error) error {
 func (c *Capture) Delete(netns uint64) error {
 	var errs []error
 	errs = append(errs, ignoreNotExist(c.objs.Pods.Delete(&netns)))
+	errs = append(errs, c.detachInbound(netns))
 	errs = append(errs, c.deleteStale(netns, nil, nil, nil))
 	errs = append(errs, ignoreNotExist(c.objs.PodCounters.Delete(&netns)))
 	var tk captureTupleKey
@@ -393,6 +398,15 @@ func (c *Capture) Verify(netns uint64, p Pod) error {
 		if err := c.objs.Ports.Lookup(&k, &v); err != nil {
 			return fmt.Errorf("port rule %d/%d for netns %d: %w", k.Kind, k.Prefixlen, netns, err)
 		}
+	}
+	return nil
+}
+
+// VerifyInbound reports whether inbound capture is attached to ifname of
+// the pod with cookie netns.
+func (c *Capture) VerifyInbound(netns uint64, ifname string) error {
+	if _, err := os.Stat(c.inboundPin(netns, ifname)); err != nil {
+		return fmt.Errorf("inbound capture on %s: %w", ifname, err)
 	}
 	return nil
 }

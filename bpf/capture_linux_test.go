@@ -43,6 +43,8 @@ var (
 	podIP6      = netip.MustParseAddr("fd00::2")
 	remoteIP6   = netip.MustParseAddr("fd00::1")
 	serverPorts = []int{8080, 9090}
+	// The pod's application listens on these.
+	appPorts = []int{8080, 9090, 15020}
 )
 
 const helperEnv = "SIDELANE_BPFTEST_HELPER"
@@ -183,9 +185,12 @@ func newEnv(t *testing.T) *env {
 		}
 	})
 	for _, p := range serverPorts {
-		e.serve(remoteIP, p)
-		e.serve(remoteIP2, p)
-		e.serve(remoteIP6, p)
+		e.serve(e.remNS, remoteIP, p)
+		e.serve(e.remNS, remoteIP2, p)
+		e.serve(e.remNS, remoteIP6, p)
+	}
+	for _, p := range appPorts {
+		e.serve(e.podNS, netip.IPv6Unspecified(), p)
 	}
 	return e
 }
@@ -214,10 +219,10 @@ func removeCgroup(t *testing.T, cg string) {
 // serve runs a server in the remote netns that answers every connection
 // with "peer=<addr> local=<addr>" and, when the client sent data, the byte
 // count and sha256 of it.
-func (e *env) serve(ip netip.Addr, port int) {
+func (e *env) serve(nsName string, ip netip.Addr, port int) {
 	e.t.Helper()
 	var l net.Listener
-	netns, err := ns.GetNS("/var/run/netns/" + e.remNS)
+	netns, err := ns.GetNS("/var/run/netns/" + nsName)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -255,7 +260,7 @@ func (e *env) serve(ip netip.Addr, port int) {
 }
 
 // startSidecar runs haproxy as uid/gid 1337 in the pod netns and cgroup.
-func (e *env) startSidecar() {
+func (e *env) startSidecar() *exec.Cmd {
 	e.t.Helper()
 	haproxy := testenv.RequireTool(e.t, "haproxy")
 	dir := e.t.TempDir()
@@ -273,6 +278,11 @@ frontend outbound
   default_backend orig
 backend orig
   server orig 0.0.0.0 source %s
+frontend inbound
+  bind 0.0.0.0:15006
+  default_backend inorig
+backend inorig
+  server orig 0.0.0.0 source 127.0.0.6
 `, sidecarSrc)
 	path := filepath.Join(dir, "haproxy.cfg")
 	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
@@ -289,13 +299,16 @@ backend orig
 	if !e.waitListen(15001) {
 		e.t.Fatalf("haproxy did not listen on 15001: %s", logs.String())
 	}
+	return cmd
 }
 
-// waitListen waits until something listens on port in the pod netns.
-func (e *env) waitListen(port int) bool {
+// waitListen waits until something listens on port in the pod netns (or,
+// with want false, until nothing does).
+func (e *env) waitListen(port int, want ...bool) bool {
+	listening := len(want) == 0 || want[0]
 	for i := 0; i < 100; i++ {
 		out, _ := exec.Command("ip", "netns", "exec", e.podNS, "ss", "-Hltn", fmt.Sprintf("sport = :%d", port)).Output()
-		if len(strings.TrimSpace(string(out))) > 0 {
+		if (len(strings.TrimSpace(string(out))) > 0) == listening {
 			return true
 		}
 		time.Sleep(50 * time.Millisecond)
@@ -635,6 +648,101 @@ func mustPlan(t *testing.T) Pod {
 		t.Fatal(err)
 	}
 	return p
+}
+
+// dialFromRemote connects from the remote netns with a socket outside the
+// test cgroup: a client on another node, seen only by tc on the pod's eth0.
+func (e *env) dialFromRemote(dst netip.AddrPort) (reply, error) {
+	netns, err := ns.GetNS("/var/run/netns/" + e.remNS)
+	if err != nil {
+		return reply{}, err
+	}
+	defer netns.Close()
+	var out []byte
+	err = netns.Do(func(ns.NetNS) error {
+		c, err := net.DialTimeout("tcp", dst.String(), 3*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		out, err = io.ReadAll(c)
+		return err
+	})
+	if err != nil {
+		return reply{}, err
+	}
+	return parseReply(e.t, string(out)), nil
+}
+
+func TestInboundCapture(t *testing.T) {
+	e := newEnv(t)
+	sidecar := e.startSidecar()
+	s := defaultSettings()
+	s.ExcludeInboundPorts = append(s.ExcludeInboundPorts, capture.PortRange{First: 9090, Last: 9090})
+	e.enroll(s)
+	if err := e.cap.AttachInbound(e.podPath, e.cookie, "eth0"); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.cap.VerifyInbound(e.cookie, "eth0"); err != nil {
+		t.Fatal(err)
+	}
+	// Attaching again (agent reconcile) keeps one link.
+	if err := e.cap.AttachInbound(e.podPath, e.cookie, "eth0"); err != nil {
+		t.Fatal(err)
+	}
+
+	tests := []struct {
+		name     string
+		dst      netip.AddrPort
+		captured bool
+	}{
+		{"captured port reaches the sidecar", ap(podIP, 8080), true},
+		{"excludeInboundPorts goes direct", ap(podIP, 9090), false},
+		{"Istio's 15020 goes direct", ap(podIP, 15020), false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r, err := e.dialFromRemote(tt.dst)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.local != tt.dst {
+				t.Errorf("app reached at %s, want %s", r.local, tt.dst)
+			}
+			want := remoteIP
+			if tt.captured {
+				want = netip.MustParseAddr("127.0.0.6") // the sidecar's inbound passthrough
+			}
+			if r.peer.Addr().Unmap() != want {
+				t.Errorf("app saw peer %s, want %s (captured=%v)", r.peer.Addr(), want, tt.captured)
+			}
+		})
+	}
+	if got, _ := e.cap.Counters(e.cookie); got.RedirectedInbound != 1 {
+		t.Errorf("inbound redirects counted: %d, want 1", got.RedirectedInbound)
+	}
+
+	// Fail closed: with no sidecar listening, a captured port is refused
+	// rather than delivered to the application around the proxy.
+	sidecar.Process.Kill()
+	sidecar.Wait()
+	if !e.waitListen(15006, false) {
+		t.Fatal("haproxy still listens after being killed")
+	}
+	if r, err := e.dialFromRemote(ap(podIP, 8080)); err == nil {
+		t.Errorf("captured port with no sidecar: reached the app (peer %s)", r.peer)
+	}
+
+	if err := e.cap.Delete(e.cookie); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.cap.VerifyInbound(e.cookie, "eth0"); err == nil {
+		t.Error("inbound link still pinned after Delete")
+	}
+	if r, err := e.dialFromRemote(ap(podIP, 8080)); err != nil || r.peer.Addr().Unmap() != remoteIP {
+		t.Errorf("after Delete: %v, peer %v; want direct from %s", err, r.peer, remoteIP)
+	}
 }
 
 func TestProbe(t *testing.T) {

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 
 	"github.com/sidelane/sidelane/agent/store"
 	"github.com/sidelane/sidelane/bpf"
@@ -22,6 +23,8 @@ type Pods interface {
 	Put(netns uint64, p bpf.Pod) error
 	Delete(netns uint64) error
 	Verify(netns uint64, p bpf.Pod) error
+	AttachInbound(netnsPath string, netns uint64, ifname string) error
+	VerifyInbound(netns uint64, ifname string) error
 }
 
 // Datapath captures sidecar pods with eBPF.
@@ -74,6 +77,11 @@ func (d *Datapath) Enroll(_ context.Context, e *store.Entry) error {
 	if err := d.pods.Put(cookie, p); err != nil {
 		return fmt.Errorf("enroll netns %s: %w", e.Netns, err)
 	}
+	if inboundOn(*e) {
+		if err := d.pods.AttachInbound(e.Netns, cookie, e.IfName); err != nil {
+			return err
+		}
+	}
 	d.log.Debug("pod enrolled", "attachment", e.Key.String(), "netnsCookie", cookie)
 	return nil
 }
@@ -99,5 +107,17 @@ func (d *Datapath) Verify(_ context.Context, e store.Entry) error {
 	if err != nil {
 		return fmt.Errorf("capture settings: %w", err)
 	}
-	return d.pods.Verify(e.NetnsCookie, p)
+	if err := d.pods.Verify(e.NetnsCookie, p); err != nil {
+		return err
+	}
+	if inboundOn(e) {
+		return d.pods.VerifyInbound(e.NetnsCookie, e.IfName)
+	}
+	return nil
+}
+
+// inboundOn says whether inbound capture goes on the attachment's
+// interface: not when Istio's excludeInterfaces names it.
+func inboundOn(e store.Entry) bool {
+	return e.IfName != "" && !slices.Contains(e.Capture.ExcludeInterfaces, e.IfName)
 }

@@ -47,12 +47,15 @@ func TestLifecycle(t *testing.T) {
 		t.Fatalf("ip netns add: %v: %s", err, out)
 	}
 	t.Cleanup(func() { exec.Command("ip", "netns", "del", nsName).Run() })
+	if out, err := exec.Command("ip", "-n", nsName, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1").CombinedOutput(); err != nil {
+		t.Fatalf("add eth0: %v: %s", err, out)
+	}
 
 	d := New(c, nil)
 	ctx := context.Background()
 	s := capture.Settings{OutboundPort: 15001, InboundPort: 15006, OutboundAllCIDRs: true,
 		ProxyUIDs: []uint32{1337}, ExcludeOutboundPorts: []capture.PortRange{{First: 20, Last: 30}}}
-	e := store.Entry{Netns: "/var/run/netns/" + nsName, Mode: modeSidecar, Capture: &s,
+	e := store.Entry{Key: store.Key{IfName: "eth0"}, Netns: "/var/run/netns/" + nsName, Mode: modeSidecar, Capture: &s,
 		IPs: []netip.Prefix{netip.MustParsePrefix("10.9.0.2/24")}}
 	if err := d.Enroll(ctx, &e); err != nil {
 		t.Fatal(err)
