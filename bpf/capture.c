@@ -127,7 +127,12 @@ struct counters {
 	__u64 redirected_dns;
 	__u64 excluded;
 	__u64 orig_dst_answered;
+	__u64 shortcut_msgs;
+	__u64 shortcut_bytes;
 };
+
+/* settings[0] bits. */
+#define SETTING_SHORTCUT 0x1
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -165,8 +170,8 @@ struct {
 } pod_ips SEC(".maps");
 
 /* Socket cookie of a redirected connecting socket -> original dst, from
- * connect until the connection is established. LRU: a connect that never
- * completes must not leak an entry forever. */
+ * connect until the socket closes (getpeername answers from it). LRU: a
+ * connect that never completes must not leak an entry forever. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -176,7 +181,7 @@ struct {
 } orig_by_cookie SEC(".maps");
 
 /* Established redirected connection -> original dst, for getsockopt on the
- * proxy's accepted socket. */
+ * proxy's accepted socket; removed when the connecting socket closes. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -192,6 +197,39 @@ struct {
 	__type(key, __u64);
 	__type(value, struct counters);
 } pod_counters SEC(".maps");
+
+/* Global switches written by the agent (settings[0]). */
+struct {
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} settings SEC(".maps");
+
+/* Same-node established sockets eligible for the shortcut, keyed by their
+ * own 4-tuple (netns set for loopback tuples, 0 for pod IPs, which are
+ * unique on the node). */
+struct {
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, struct tuple_key);
+	__type(value, __u64);
+} sock_pairs SEC(".maps");
+
+/* The same keys -> socket cookie. sk_msg cannot read its own socket's
+ * cookie, so it compares the cookie stored under its own tuple with the one
+ * under its peer's: equal means the "peer" is the sending socket itself
+ * (a self-connected socket, or tuples made symmetric by leftover NAT), and
+ * redirecting would loop its writes into itself. */
+struct {
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct tuple_key);
+	__type(value, __u64);
+} pair_cookies SEC(".maps");
 
 enum verdict {
 	PASS = 0,
@@ -543,16 +581,9 @@ static __always_inline void load_addr(__u8 out[16], __u32 family, __u32 ip4, con
 	}
 }
 
-SEC("sockops")
-int sidelane_sockops(struct bpf_sock_ops *skops)
+/* The socket's own tuple, as sock_ops sees it. */
+static __always_inline void sockops_tuple(struct bpf_sock_ops *skops, struct tuple_key *k)
 {
-	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
-		return 1;
-	__u64 cookie = bpf_get_socket_cookie(skops);
-	struct orig_dst *o = bpf_map_lookup_elem(&orig_by_cookie, &cookie);
-	if (!o)
-		return 1;
-	struct tuple_key k = {.netns = o->netns};
 	/* Read every field unconditionally with volatile loads: the verifier
 	 * rejects the pointer arithmetic clang emits when it merges branches
 	 * that read different ctx fields. */
@@ -562,15 +593,156 @@ int sidelane_sockops(struct bpf_sock_ops *skops)
 		       READ(skops->local_ip6[3])};
 	__u32 r6[4] = {READ(skops->remote_ip6[0]), READ(skops->remote_ip6[1]), READ(skops->remote_ip6[2]),
 		       READ(skops->remote_ip6[3])};
-	load_addr(k.src, family, l4, l6);
-	load_addr(k.dst, family, r4, r6);
-	k.sport = (__u16)READ(skops->local_port);
+	load_addr(k->src, family, l4, l6);
+	load_addr(k->dst, family, r4, r6);
+	k->sport = (__u16)READ(skops->local_port);
 	/* remote_port holds the big-endian port in its upper half on
 	 * little-endian machines; ntohl yields the port either way. */
-	k.dport = (__u16)bpf_ntohl(READ(skops->remote_port));
-	struct orig_dst v = *o;
-	bpf_map_update_elem(&orig_by_tuple, &k, &v, BPF_ANY);
-	bpf_map_delete_elem(&orig_by_cookie, &cookie);
+	k->dport = (__u16)bpf_ntohl(READ(skops->remote_port));
+}
+
+/* pair_netns is the netns part of a shortcut key: loopback tuples repeat in
+ * every netns, pod IPs do not. */
+static __always_inline __u64 pair_netns(const struct tuple_key *k, __u64 netns)
+{
+	return is_loopback(k->src) ? netns : 0;
+}
+
+static __always_inline int shortcut_enabled(void)
+{
+	__u32 zero = 0;
+	__u32 *v = bpf_map_lookup_elem(&settings, &zero);
+	return v && (*v & SETTING_SHORTCUT);
+}
+
+/* A same-node pair: both ends loopback in an enrolled pod (app <-> its own
+ * sidecar), or both ends pod IPs on this node (sidecar <-> sidecar). */
+static __always_inline void maybe_shortcut(struct bpf_sock_ops *skops, struct tuple_key *k, __u64 netns)
+{
+	if (!shortcut_enabled() || !bpf_map_lookup_elem(&pods, &netns))
+		return;
+	if (!(is_loopback(k->src) && is_loopback(k->dst)) &&
+	    !(bpf_map_lookup_elem(&pod_ips, k->src) && bpf_map_lookup_elem(&pod_ips, k->dst)))
+		return;
+	k->netns = pair_netns(k, netns);
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	if (bpf_sock_hash_update(skops, &sock_pairs, k, BPF_ANY) == 0) {
+		bpf_map_update_elem(&pair_cookies, k, &cookie, BPF_ANY);
+		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+	}
+}
+
+SEC("sockops")
+int sidelane_sockops(struct bpf_sock_ops *skops)
+{
+	__u32 op = skops->op;
+	struct tuple_key k = {};
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	__u64 netns = bpf_get_netns_cookie(skops);
+
+	switch (op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
+		sockops_tuple(skops, &k);
+		struct orig_dst *o = bpf_map_lookup_elem(&orig_by_cookie, &cookie);
+		if (o) {
+			/* Redirected by connect: re-key the original dst by the
+			 * tuple the proxy's accepted socket will see mirrored. */
+			struct tuple_key tk = k;
+			tk.netns = o->netns;
+			struct orig_dst v = *o;
+			bpf_map_update_elem(&orig_by_tuple, &tk, &v, BPF_ANY);
+			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+		}
+		maybe_shortcut(skops, &k, netns);
+		break;
+	}
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		sockops_tuple(skops, &k);
+		maybe_shortcut(skops, &k, netns);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] != BPF_TCP_CLOSE)
+			break;
+		sockops_tuple(skops, &k);
+		struct orig_dst *o = bpf_map_lookup_elem(&orig_by_cookie, &cookie);
+		if (o) {
+			struct tuple_key tk = k;
+			tk.netns = o->netns;
+			bpf_map_delete_elem(&orig_by_tuple, &tk);
+			bpf_map_delete_elem(&orig_by_cookie, &cookie);
+		}
+		k.netns = pair_netns(&k, netns);
+		bpf_map_delete_elem(&pair_cookies, &k);
+		break;
+	}
+	return 1;
+}
+
+SEC("sk_msg")
+int sidelane_msg(struct sk_msg_md *msg)
+{
+	struct tuple_key self = {}, peer = {};
+	__u64 netns = bpf_get_netns_cookie(msg);
+	__u32 family = READ(msg->family);
+	__u32 l4 = READ(msg->local_ip4), r4 = READ(msg->remote_ip4);
+	__u32 l6[4] = {READ(msg->local_ip6[0]), READ(msg->local_ip6[1]), READ(msg->local_ip6[2]),
+		       READ(msg->local_ip6[3])};
+	__u32 r6[4] = {READ(msg->remote_ip6[0]), READ(msg->remote_ip6[1]), READ(msg->remote_ip6[2]),
+		       READ(msg->remote_ip6[3])};
+	load_addr(self.src, family, l4, l6);
+	load_addr(self.dst, family, r4, r6);
+	self.sport = (__u16)READ(msg->local_port);
+	self.dport = (__u16)bpf_ntohl(READ(msg->remote_port));
+	self.netns = pair_netns(&self, netns);
+	__builtin_memcpy(peer.src, self.dst, 16);
+	__builtin_memcpy(peer.dst, self.src, 16);
+	peer.sport = self.dport;
+	peer.dport = self.sport;
+	peer.netns = self.netns;
+
+	__u64 *own = bpf_map_lookup_elem(&pair_cookies, &self);
+	__u64 *other = bpf_map_lookup_elem(&pair_cookies, &peer);
+	if (!own || !other || *own == *other)
+		return SK_PASS;
+	/* On failure (the peer just closed) the helper leaves no redirect and
+	 * SK_PASS sends the bytes the normal way: never drop. */
+	if (bpf_msg_redirect_hash(msg, &sock_pairs, &peer, BPF_F_INGRESS) == SK_PASS) {
+		struct counters *c = bpf_map_lookup_elem(&pod_counters, &netns);
+		if (c) {
+			c->shortcut_msgs++;
+			c->shortcut_bytes += msg->size;
+		}
+	}
+	return SK_PASS;
+}
+
+/* getpeername on a redirected socket answers the original destination, as
+ * conntrack's reverse NAT makes it for Istio's REDIRECT. */
+SEC("cgroup/getpeername4")
+int sidelane_getpeername4(struct bpf_sock_addr *ctx)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct orig_dst *o = bpf_map_lookup_elem(&orig_by_cookie, &cookie);
+	if (!o || o->family != AF_INET)
+		return 1;
+	ctx->user_ip4 = ((__u32 *)o->addr)[3];
+	ctx->user_port = bpf_htons(o->port);
+	return 1;
+}
+
+SEC("cgroup/getpeername6")
+int sidelane_getpeername6(struct bpf_sock_addr *ctx)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct orig_dst *o = bpf_map_lookup_elem(&orig_by_cookie, &cookie);
+	if (!o)
+		return 1;
+	__u32 *a = (__u32 *)o->addr;
+	ctx->user_ip6[0] = a[0];
+	ctx->user_ip6[1] = a[1];
+	ctx->user_ip6[2] = a[2];
+	ctx->user_ip6[3] = a[3];
+	ctx->user_port = bpf_htons(o->port);
 	return 1;
 }
 

@@ -30,6 +30,8 @@ type captureCounters struct {
 	RedirectedDns   uint64
 	Excluded        uint64
 	OrigDstAnswered uint64
+	ShortcutMsgs    uint64
+	ShortcutBytes   uint64
 }
 
 type captureOrigDst struct {
@@ -77,18 +79,24 @@ type captureTupleKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	captureMapCidrs               = "cidrs"
-	captureMapOrigByCookie        = "orig_by_cookie"
-	captureMapOrigByTuple         = "orig_by_tuple"
-	captureMapPodCounters         = "pod_counters"
-	captureMapPodIps              = "pod_ips"
-	captureMapPods                = "pods"
-	captureMapPorts               = "ports"
-	captureProgSidelaneConnect4   = "sidelane_connect4"
-	captureProgSidelaneConnect6   = "sidelane_connect6"
-	captureProgSidelaneGetsockopt = "sidelane_getsockopt"
-	captureProgSidelaneInbound    = "sidelane_inbound"
-	captureProgSidelaneSockops    = "sidelane_sockops"
+	captureMapCidrs                 = "cidrs"
+	captureMapOrigByCookie          = "orig_by_cookie"
+	captureMapOrigByTuple           = "orig_by_tuple"
+	captureMapPairCookies           = "pair_cookies"
+	captureMapPodCounters           = "pod_counters"
+	captureMapPodIps                = "pod_ips"
+	captureMapPods                  = "pods"
+	captureMapPorts                 = "ports"
+	captureMapSettings              = "settings"
+	captureMapSockPairs             = "sock_pairs"
+	captureProgSidelaneConnect4     = "sidelane_connect4"
+	captureProgSidelaneConnect6     = "sidelane_connect6"
+	captureProgSidelaneGetpeername4 = "sidelane_getpeername4"
+	captureProgSidelaneGetpeername6 = "sidelane_getpeername6"
+	captureProgSidelaneGetsockopt   = "sidelane_getsockopt"
+	captureProgSidelaneInbound      = "sidelane_inbound"
+	captureProgSidelaneMsg          = "sidelane_msg"
+	captureProgSidelaneSockops      = "sidelane_sockops"
 )
 
 // loadCapture returns the embedded CollectionSpec for capture.
@@ -133,11 +141,14 @@ type captureSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type captureProgramSpecs struct {
-	SidelaneConnect4   *ebpf.ProgramSpec `ebpf:"sidelane_connect4"`
-	SidelaneConnect6   *ebpf.ProgramSpec `ebpf:"sidelane_connect6"`
-	SidelaneGetsockopt *ebpf.ProgramSpec `ebpf:"sidelane_getsockopt"`
-	SidelaneInbound    *ebpf.ProgramSpec `ebpf:"sidelane_inbound"`
-	SidelaneSockops    *ebpf.ProgramSpec `ebpf:"sidelane_sockops"`
+	SidelaneConnect4     *ebpf.ProgramSpec `ebpf:"sidelane_connect4"`
+	SidelaneConnect6     *ebpf.ProgramSpec `ebpf:"sidelane_connect6"`
+	SidelaneGetpeername4 *ebpf.ProgramSpec `ebpf:"sidelane_getpeername4"`
+	SidelaneGetpeername6 *ebpf.ProgramSpec `ebpf:"sidelane_getpeername6"`
+	SidelaneGetsockopt   *ebpf.ProgramSpec `ebpf:"sidelane_getsockopt"`
+	SidelaneInbound      *ebpf.ProgramSpec `ebpf:"sidelane_inbound"`
+	SidelaneMsg          *ebpf.ProgramSpec `ebpf:"sidelane_msg"`
+	SidelaneSockops      *ebpf.ProgramSpec `ebpf:"sidelane_sockops"`
 }
 
 // captureMapSpecs contains maps before they are loaded into the kernel.
@@ -147,10 +158,13 @@ type captureMapSpecs struct {
 	Cidrs        *ebpf.MapSpec `ebpf:"cidrs"`
 	OrigByCookie *ebpf.MapSpec `ebpf:"orig_by_cookie"`
 	OrigByTuple  *ebpf.MapSpec `ebpf:"orig_by_tuple"`
+	PairCookies  *ebpf.MapSpec `ebpf:"pair_cookies"`
 	PodCounters  *ebpf.MapSpec `ebpf:"pod_counters"`
 	PodIps       *ebpf.MapSpec `ebpf:"pod_ips"`
 	Pods         *ebpf.MapSpec `ebpf:"pods"`
 	Ports        *ebpf.MapSpec `ebpf:"ports"`
+	Settings     *ebpf.MapSpec `ebpf:"settings"`
+	SockPairs    *ebpf.MapSpec `ebpf:"sock_pairs"`
 }
 
 // captureVariableSpecs contains global variables before they are loaded into the kernel.
@@ -182,10 +196,13 @@ type captureMaps struct {
 	Cidrs        *ebpf.Map `ebpf:"cidrs"`
 	OrigByCookie *ebpf.Map `ebpf:"orig_by_cookie"`
 	OrigByTuple  *ebpf.Map `ebpf:"orig_by_tuple"`
+	PairCookies  *ebpf.Map `ebpf:"pair_cookies"`
 	PodCounters  *ebpf.Map `ebpf:"pod_counters"`
 	PodIps       *ebpf.Map `ebpf:"pod_ips"`
 	Pods         *ebpf.Map `ebpf:"pods"`
 	Ports        *ebpf.Map `ebpf:"ports"`
+	Settings     *ebpf.Map `ebpf:"settings"`
+	SockPairs    *ebpf.Map `ebpf:"sock_pairs"`
 }
 
 func (m *captureMaps) Close() error {
@@ -193,10 +210,13 @@ func (m *captureMaps) Close() error {
 		m.Cidrs,
 		m.OrigByCookie,
 		m.OrigByTuple,
+		m.PairCookies,
 		m.PodCounters,
 		m.PodIps,
 		m.Pods,
 		m.Ports,
+		m.Settings,
+		m.SockPairs,
 	)
 }
 
@@ -210,19 +230,25 @@ type captureVariables struct {
 //
 // It can be passed to loadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type capturePrograms struct {
-	SidelaneConnect4   *ebpf.Program `ebpf:"sidelane_connect4"`
-	SidelaneConnect6   *ebpf.Program `ebpf:"sidelane_connect6"`
-	SidelaneGetsockopt *ebpf.Program `ebpf:"sidelane_getsockopt"`
-	SidelaneInbound    *ebpf.Program `ebpf:"sidelane_inbound"`
-	SidelaneSockops    *ebpf.Program `ebpf:"sidelane_sockops"`
+	SidelaneConnect4     *ebpf.Program `ebpf:"sidelane_connect4"`
+	SidelaneConnect6     *ebpf.Program `ebpf:"sidelane_connect6"`
+	SidelaneGetpeername4 *ebpf.Program `ebpf:"sidelane_getpeername4"`
+	SidelaneGetpeername6 *ebpf.Program `ebpf:"sidelane_getpeername6"`
+	SidelaneGetsockopt   *ebpf.Program `ebpf:"sidelane_getsockopt"`
+	SidelaneInbound      *ebpf.Program `ebpf:"sidelane_inbound"`
+	SidelaneMsg          *ebpf.Program `ebpf:"sidelane_msg"`
+	SidelaneSockops      *ebpf.Program `ebpf:"sidelane_sockops"`
 }
 
 func (p *capturePrograms) Close() error {
 	return _CaptureClose(
 		p.SidelaneConnect4,
 		p.SidelaneConnect6,
+		p.SidelaneGetpeername4,
+		p.SidelaneGetpeername6,
 		p.SidelaneGetsockopt,
 		p.SidelaneInbound,
+		p.SidelaneMsg,
 		p.SidelaneSockops,
 	)
 }

@@ -83,6 +83,8 @@ func runHelper(mode, addr string) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
+	// What the application believes it is connected to (getpeername).
+	fmt.Printf("app_peer=%s ", c.RemoteAddr())
 	os.Stdout.Write(out)
 	return 0
 }
@@ -331,7 +333,8 @@ func (e *env) app(mode, addr string, asProxy bool) *exec.Cmd {
 }
 
 type reply struct {
-	peer, local netip.AddrPort
+	appPeer     netip.AddrPort // the client's getpeername
+	peer, local netip.AddrPort // the server's view
 	bytes       int64
 	sha         string
 }
@@ -344,6 +347,8 @@ func parseReply(t *testing.T, out string) reply {
 		switch k {
 		case "peer":
 			r.peer = netip.MustParseAddrPort(v)
+		case "app_peer":
+			r.appPeer = netip.MustParseAddrPort(v)
 		case "local":
 			r.local = netip.MustParseAddrPort(v)
 		case "bytes":
@@ -421,6 +426,9 @@ func TestOutboundCapture(t *testing.T) {
 			if r.local != tt.dst {
 				t.Errorf("server reached at %s, want %s (original destination)", r.local, tt.dst)
 			}
+			if r.appPeer != tt.dst {
+				t.Errorf("application's getpeername = %s, want %s", r.appPeer, tt.dst)
+			}
 			wantPeer := podIP
 			if tt.captured {
 				wantPeer = sidecarSrc
@@ -438,6 +446,13 @@ func TestOutboundCapture(t *testing.T) {
 	// "not captured" without counting as excluded.
 	if got.RedirectedOutbound != 1 || got.Excluded != 2 || got.OrigDstAnswered != 1 {
 		t.Errorf("counters = %+v, want 1 redirected, 2 excluded, 1 SO_ORIGINAL_DST answered", got)
+	}
+	// The server's reply crossed the sidecar -> app loopback pair.
+	if got.ShortcutMessages == 0 || got.ShortcutBytes == 0 {
+		t.Errorf("counters = %+v, want the reply shortcut", got)
+	}
+	if n := countEntries(t, e.cap.objs.OrigByTuple); n != 0 {
+		t.Errorf("orig_by_tuple has %d entries after every connection closed, want 0", n)
 	}
 }
 
@@ -639,6 +654,49 @@ func TestRestartKeepsCapture(t *testing.T) {
 	}
 	if err := e.cap.Verify(e.cookie, mustPlan(t)); err != nil {
 		t.Errorf("pod state after restart: %v", err)
+	}
+}
+
+// The shortcut carries a stream intact between the app and its sidecar,
+// and stops being used for new connections once switched off.
+func TestShortcut(t *testing.T) {
+	e := newEnv(t)
+	e.startSidecar()
+	e.enroll(defaultSettings())
+	want := sha256.New()
+	for i := 0; i < streamChunks; i++ {
+		want.Write(chunk(i))
+	}
+	stream := func() reply {
+		out, err := e.app("stream", ap(remoteIP, 8080).String(), false).CombinedOutput()
+		if err != nil {
+			t.Fatalf("stream: %v: %s", err, out)
+		}
+		r := parseReply(t, string(out))
+		if r.peer.Addr() != sidecarSrc || r.bytes != streamChunks*16<<10 || r.sha != hex.EncodeToString(want.Sum(nil)) {
+			t.Fatalf("stream: server saw %s, %d bytes, sha %s; want the sidecar, %d bytes, sha %s",
+				r.peer, r.bytes, r.sha, streamChunks*16<<10, hex.EncodeToString(want.Sum(nil)))
+		}
+		return r
+	}
+	stream()
+	on, err := e.cap.Counters(e.cookie)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if on.ShortcutBytes < streamChunks*16<<10 {
+		t.Errorf("shortcut carried %d bytes, want at least the %d streamed", on.ShortcutBytes, streamChunks*16<<10)
+	}
+	if err := e.cap.SetShortcut(false); err != nil {
+		t.Fatal(err)
+	}
+	stream()
+	off, err := e.cap.Counters(e.cookie)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if off.ShortcutBytes != on.ShortcutBytes {
+		t.Errorf("shortcut disabled, yet it carried %d more bytes", off.ShortcutBytes-on.ShortcutBytes)
 	}
 }
 
