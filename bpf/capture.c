@@ -23,6 +23,11 @@
  *                                     sees mirrored.
  *   cgroup/getsockopt                 answers SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST
  *                                     for those accepted sockets only.
+ *   cgroup/sendmsg4/6, recvmsg4/6     DNS over UDP -> <dns port>, replies show
+ *                                     the original server as their source.
+ *   cgroup/getpeername4/6             a redirected socket's peer is the original dst.
+ *   cgroup/sock_release               forgets a released socket's original dst.
+ *   sk_msg (on sock_pairs)            same-node shortcut, socket to socket.
  *   tc (tcx ingress on the pod's if)  inbound TCP to a captured port is assigned
  *                                     to the <inbound port> listener (bpf_sk_assign).
  */
@@ -508,9 +513,125 @@ static __always_inline enum verdict connect_common(void *ctx, const __u8 src[16]
 	return v;
 }
 
+/* DNS over UDP (Istio's "-p udp --dport 53" REDIRECT to the agent's DNS
+ * proxy, proxy uid/gid exempt). Connected sockets are rewritten at connect,
+ * unconnected ones at every sendmsg; recvmsg puts the original server back
+ * as the reply's source, as conntrack's reverse NAT does, so resolvers
+ * accept the answer. */
+static __always_inline int dns_udp(struct bpf_sock_addr *ctx, int v6)
+{
+	if (bpf_ntohs((__u16)ctx->user_port) != 53)
+		return 0;
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	struct pod_config *pod = bpf_map_lookup_elem(&pods, &netns);
+	if (!pod || !(pod->flags & POD_DNS))
+		return 0;
+	__u64 ugid = bpf_get_current_uid_gid();
+	if (id_in((__u32)ugid, pod->proxy_uids, pod->n_uids) || id_in((__u32)(ugid >> 32), pod->proxy_gids, pod->n_gids))
+		return 0;
+	__u8 dst[16] = {};
+	__u32 *d = (__u32 *)dst;
+	if (v6) {
+		d[0] = READ(ctx->user_ip6[0]);
+		d[1] = READ(ctx->user_ip6[1]);
+		d[2] = READ(ctx->user_ip6[2]);
+		d[3] = READ(ctx->user_ip6[3]);
+	} else {
+		d[2] = bpf_htonl(0xffff);
+		d[3] = ctx->user_ip4;
+	}
+	int mapped = is_v4mapped(dst);
+	record(ctx, dst, 53, mapped ? AF_INET : AF_INET6, netns);
+	count(netns, REDIRECT_DNS);
+	if (v6) {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = mapped ? bpf_htonl(0xffff) : 0;
+		ctx->user_ip6[3] = mapped ? bpf_htonl(0x7f000001) : bpf_htonl(1);
+	} else {
+		ctx->user_ip4 = bpf_htonl(0x7f000001);
+	}
+	ctx->user_port = bpf_htons(pod->dns_port);
+	return 1;
+}
+
+SEC("cgroup/sendmsg4")
+int sidelane_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	dns_udp(ctx, 0);
+	return 1;
+}
+
+SEC("cgroup/sendmsg6")
+int sidelane_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	dns_udp(ctx, 1);
+	return 1;
+}
+
+static __always_inline int from_dns_proxy(struct bpf_sock_addr *ctx, struct orig_dst **out)
+{
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	struct pod_config *pod = bpf_map_lookup_elem(&pods, &netns);
+	if (!pod || !(pod->flags & POD_DNS) || bpf_ntohs((__u16)ctx->user_port) != pod->dns_port)
+		return 0;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	*out = bpf_map_lookup_elem(&orig_by_cookie, &cookie);
+	return *out != NULL;
+}
+
+SEC("cgroup/recvmsg4")
+int sidelane_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	struct orig_dst *o = NULL;
+	if (ctx->user_ip4 != bpf_htonl(0x7f000001) || !from_dns_proxy(ctx, &o) || !o || o->family != AF_INET)
+		return 1;
+	ctx->user_ip4 = ((__u32 *)o->addr)[3];
+	ctx->user_port = bpf_htons(o->port);
+	return 1;
+}
+
+SEC("cgroup/recvmsg6")
+int sidelane_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	struct orig_dst *o = NULL;
+	__u8 src[16] = {};
+	__u32 *w = (__u32 *)src;
+	w[0] = READ(ctx->user_ip6[0]);
+	w[1] = READ(ctx->user_ip6[1]);
+	w[2] = READ(ctx->user_ip6[2]);
+	w[3] = READ(ctx->user_ip6[3]);
+	if (!is_localhost(src) || !from_dns_proxy(ctx, &o) || !o)
+		return 1;
+	__u32 *a = (__u32 *)o->addr;
+	ctx->user_ip6[0] = a[0];
+	ctx->user_ip6[1] = a[1];
+	ctx->user_ip6[2] = a[2];
+	ctx->user_ip6[3] = a[3];
+	ctx->user_port = bpf_htons(o->port);
+	return 1;
+}
+
+/* Forget a UDP socket's original destination when it is released. TCP
+ * sockets are forgotten by sock_ops when they reach TCP_CLOSE, which for a
+ * closed socket comes after release. */
+SEC("cgroup/sock_release")
+int sidelane_sock_release(struct bpf_sock *sk)
+{
+	if (sk->protocol == IPPROTO_TCP)
+		return 1;
+	__u64 cookie = bpf_get_socket_cookie(sk);
+	bpf_map_delete_elem(&orig_by_cookie, &cookie);
+	return 1;
+}
+
 SEC("cgroup/connect4")
 int sidelane_connect4(struct bpf_sock_addr *ctx)
 {
+	if (ctx->protocol == IPPROTO_UDP) {
+		dns_udp(ctx, 0);
+		return 1;
+	}
 	if (ctx->protocol != IPPROTO_TCP)
 		return 1;
 	__u8 dst[16] = {}, src[16] = {};
@@ -535,6 +656,10 @@ int sidelane_connect4(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect6")
 int sidelane_connect6(struct bpf_sock_addr *ctx)
 {
+	if (ctx->protocol == IPPROTO_UDP) {
+		dns_udp(ctx, 1);
+		return 1;
+	}
 	if (ctx->protocol != IPPROTO_TCP)
 		return 1;
 	__u8 dst[16] = {}, src[16] = {};
@@ -641,6 +766,12 @@ int sidelane_sockops(struct bpf_sock_ops *skops)
 	__u64 netns = bpf_get_netns_cookie(skops);
 
 	switch (op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		/* Redirected: watch state changes from the SYN on, so the
+		 * entries go even if the connection never establishes. */
+		if (bpf_map_lookup_elem(&orig_by_cookie, &cookie))
+			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
 		sockops_tuple(skops, &k);
 		struct orig_dst *o = bpf_map_lookup_elem(&orig_by_cookie, &cookie);

@@ -96,6 +96,11 @@ const (
 	captureProgSidelaneGetsockopt   = "sidelane_getsockopt"
 	captureProgSidelaneInbound      = "sidelane_inbound"
 	captureProgSidelaneMsg          = "sidelane_msg"
+	captureProgSidelaneRecvmsg4     = "sidelane_recvmsg4"
+	captureProgSidelaneRecvmsg6     = "sidelane_recvmsg6"
+	captureProgSidelaneSendmsg4     = "sidelane_sendmsg4"
+	captureProgSidelaneSendmsg6     = "sidelane_sendmsg6"
+	captureProgSidelaneSockRelease  = "sidelane_sock_release"
 	captureProgSidelaneSockops      = "sidelane_sockops"
 )
 
@@ -148,6 +153,11 @@ type captureProgramSpecs struct {
 	SidelaneGetsockopt   *ebpf.ProgramSpec `ebpf:"sidelane_getsockopt"`
 	SidelaneInbound      *ebpf.ProgramSpec `ebpf:"sidelane_inbound"`
 	SidelaneMsg          *ebpf.ProgramSpec `ebpf:"sidelane_msg"`
+	SidelaneRecvmsg4     *ebpf.ProgramSpec `ebpf:"sidelane_recvmsg4"`
+	SidelaneRecvmsg6     *ebpf.ProgramSpec `ebpf:"sidelane_recvmsg6"`
+	SidelaneSendmsg4     *ebpf.ProgramSpec `ebpf:"sidelane_sendmsg4"`
+	SidelaneSendmsg6     *ebpf.ProgramSpec `ebpf:"sidelane_sendmsg6"`
+	SidelaneSockRelease  *ebpf.ProgramSpec `ebpf:"sidelane_sock_release"`
 	SidelaneSockops      *ebpf.ProgramSpec `ebpf:"sidelane_sockops"`
 }
 
@@ -237,6 +247,11 @@ type capturePrograms struct {
 	SidelaneGetsockopt   *ebpf.Program `ebpf:"sidelane_getsockopt"`
 	SidelaneInbound      *ebpf.Program `ebpf:"sidelane_inbound"`
 	SidelaneMsg          *ebpf.Program `ebpf:"sidelane_msg"`
+	SidelaneRecvmsg4     *ebpf.Program `ebpf:"sidelane_recvmsg4"`
+	SidelaneRecvmsg6     *ebpf.Program `ebpf:"sidelane_recvmsg6"`
+	SidelaneSendmsg4     *ebpf.Program `ebpf:"sidelane_sendmsg4"`
+	SidelaneSendmsg6     *ebpf.Program `ebpf:"sidelane_sendmsg6"`
+	SidelaneSockRelease  *ebpf.Program `ebpf:"sidelane_sock_release"`
 	SidelaneSockops      *ebpf.Program `ebpf:"sidelane_sockops"`
 }
 
@@ -249,6 +264,11 @@ func (p *capturePrograms) Close() error {
 		p.SidelaneGetsockopt,
 		p.SidelaneInbound,
 		p.SidelaneMsg,
+		p.SidelaneRecvmsg4,
+		p.SidelaneRecvmsg6,
+		p.SidelaneSendmsg4,
+		p.SidelaneSendmsg6,
+		p.SidelaneSockRelease,
 		p.SidelaneSockops,
 	)
 }

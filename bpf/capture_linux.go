@@ -108,6 +108,11 @@ func Load(cfg Config) (*Capture, error) {
 		{"getsockopt", c.objs.SidelaneGetsockopt, ebpf.AttachCGroupGetsockopt},
 		{"getpeername4", c.objs.SidelaneGetpeername4, ebpf.AttachCgroupInet4GetPeername},
 		{"getpeername6", c.objs.SidelaneGetpeername6, ebpf.AttachCgroupInet6GetPeername},
+		{"sendmsg4", c.objs.SidelaneSendmsg4, ebpf.AttachCGroupUDP4Sendmsg},
+		{"sendmsg6", c.objs.SidelaneSendmsg6, ebpf.AttachCGroupUDP6Sendmsg},
+		{"recvmsg4", c.objs.SidelaneRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg},
+		{"recvmsg6", c.objs.SidelaneRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg},
+		{"sock_release", c.objs.SidelaneSockRelease, ebpf.AttachCgroupInetSockRelease},
 	} {
 		l, err := c.attach(a, cgID)
 		if err != nil {
@@ -143,7 +148,7 @@ func (c *Capture) attach(a attachment, cgID uint64) (link.Link, error) {
 			l.Close()
 			return nil, fmt.Errorf("update pinned %s link: %w", a.name, err)
 		}
-		c.cfg.Log.Info("reused pinned link", "program", a.name, "pin", pin)
+		c.cfg.Log.Debug("reused pinned link", "program", a.name, "pin", pin)
 		return l, nil
 	case errors.Is(err, os.ErrNotExist):
 	default:

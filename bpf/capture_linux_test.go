@@ -52,6 +52,8 @@ const helperEnv = "SIDELANE_BPFTEST_HELPER"
 func TestMain(m *testing.M) {
 	if mode := os.Getenv(helperEnv); mode == "origdst" {
 		os.Exit(origDstHelper(os.Args[len(os.Args)-1]))
+	} else if mode == "udp" {
+		os.Exit(udpHelper(os.Args[len(os.Args)-1]))
 	} else if mode != "" {
 		os.Exit(runHelper(mode, os.Args[len(os.Args)-1]))
 	}
@@ -800,6 +802,89 @@ func TestInboundCapture(t *testing.T) {
 	}
 	if r, err := e.dialFromRemote(ap(podIP, 8080)); err != nil || r.peer.Addr().Unmap() != remoteIP {
 		t.Errorf("after Delete: %v, peer %v; want direct from %s", err, r.peer, remoteIP)
+	}
+}
+
+// udpHelper sends one unconnected datagram to addr and prints where the
+// answer came from (recvfrom's address) and what it said.
+func udpHelper(addr string) int {
+	c, err := net.ListenUDP("udp4", nil)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer c.Close()
+	if _, err := c.WriteToUDPAddrPort([]byte("query"), netip.MustParseAddrPort(addr)); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	buf := make([]byte, 100)
+	n, from, err := c.ReadFromUDPAddrPort(buf)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	fmt.Printf("from=%s data=%s\n", from, buf[:n])
+	return 0
+}
+
+func TestDNSCapture(t *testing.T) {
+	e := newEnv(t)
+	// The DNS proxy (istio-agent's, here the test's) in the pod netns.
+	e.serve(e.podNS, netip.MustParseAddr("127.0.0.1"), int(capture.DNSPort))
+	netns, err := ns.GetNS(e.podPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer netns.Close()
+	var pc net.PacketConn
+	if err := netns.Do(func(ns.NetNS) error {
+		pc, err = net.ListenPacket("udp4", fmt.Sprintf("127.0.0.1:%d", capture.DNSPort))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	go func() {
+		buf := make([]byte, 100)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteTo([]byte("proxied-"+string(buf[:n])), from)
+		}
+	}()
+
+	s := defaultSettings()
+	s.DNSCapture, s.DNSPort = true, capture.DNSPort
+	e.enroll(s)
+	server := ap(remoteIP, 53)
+	out, err := e.app("udp", server.String(), false).CombinedOutput()
+	if err != nil {
+		t.Fatalf("udp query: %v: %s", err, out)
+	}
+	if got, want := strings.TrimSpace(string(out)), "from="+server.String()+" data=proxied-query"; got != want {
+		t.Errorf("UDP DNS: %q, want %q (answered by the DNS proxy, from the server queried)", got, want)
+	}
+	r := e.dial(server, false)
+	if r.local != ap(netip.MustParseAddr("127.0.0.1"), int(capture.DNSPort)) || r.appPeer != server {
+		t.Errorf("TCP DNS reached %s (app sees %s), want the DNS proxy (app sees %s)", r.local, r.appPeer, server)
+	}
+	if got, _ := e.cap.Counters(e.cookie); got.RedirectedDNS != 2 {
+		t.Errorf("DNS redirects counted: %d, want 2", got.RedirectedDNS)
+	}
+
+	// Without DNS capture, port 53 is ordinary outbound traffic: UDP goes
+	// straight to the server (which does not answer here).
+	s.DNSCapture = false
+	e.enroll(s)
+	if out, err := e.app("udp", server.String(), false).CombinedOutput(); err == nil {
+		t.Errorf("UDP DNS without DNS capture was answered: %s", out)
+	}
+	if n := countEntries(t, e.cap.objs.OrigByCookie); n != 0 {
+		t.Errorf("orig_by_cookie has %d entries after every socket closed, want 0", n)
 	}
 }
 
