@@ -101,3 +101,38 @@ func TestPlanPodMapsIPv4(t *testing.T) {
 		t.Fatalf("CIDRs = %v, want %v", p.CIDRs, want)
 	}
 }
+
+// FuzzPortPrefixes checks that the prefixes of any range match exactly the
+// ports inside it, at the edges and at a fuzzed probe port.
+func FuzzPortPrefixes(f *testing.F) {
+	f.Add(uint16(15000), uint16(15099), uint16(15050))
+	f.Add(uint16(0), uint16(65535), uint16(1))
+	f.Fuzz(func(t *testing.T, first, last, probe uint16) {
+		if first > last {
+			first, last = last, first
+		}
+		pre := portPrefixes(first, last)
+		if len(pre) > 30 {
+			t.Fatalf("range %d-%d: %d prefixes, want at most 30", first, last, len(pre))
+		}
+		for _, p := range []int{int(first) - 1, int(first), int(last), int(last) + 1, int(probe)} {
+			if p < 0 || p > 65535 {
+				continue
+			}
+			n := 0
+			for _, pp := range pre {
+				var mask uint16
+				if pp.Bits > 0 {
+					mask = uint16(0xffff) << (16 - pp.Bits)
+				}
+				if uint16(p)&mask == pp.Port&mask {
+					n++
+				}
+			}
+			in := p >= int(first) && p <= int(last)
+			if (in && n != 1) || (!in && n != 0) {
+				t.Fatalf("range %d-%d: port %d matched %d prefixes", first, last, p, n)
+			}
+		}
+	})
+}

@@ -25,6 +25,8 @@ type Pods interface {
 	Verify(netns uint64, p bpf.Pod) error
 	AttachInbound(netnsPath string, netns uint64, ifname string) error
 	VerifyInbound(netns uint64, ifname string) error
+	Enrolled() ([]uint64, error)
+	Counters(netns uint64) (bpf.Counters, error)
 }
 
 // Datapath captures sidecar pods with eBPF.
@@ -120,4 +122,37 @@ func (d *Datapath) Verify(_ context.Context, e store.Entry) error {
 // interface: not when Istio's excludeInterfaces names it.
 func inboundOn(e store.Entry) bool {
 	return e.IfName != "" && !slices.Contains(e.Capture.ExcludeInterfaces, e.IfName)
+}
+
+// Reconcile removes pinned state of pods the agent no longer knows (e.g.
+// deleted while it was down). Call it at start with every stored entry,
+// then Enroll each of them again to repair anything missing.
+func (d *Datapath) Reconcile(_ context.Context, known []store.Entry) error {
+	keep := make(map[uint64]bool, len(known))
+	for _, e := range known {
+		if e.NetnsCookie != 0 {
+			keep[e.NetnsCookie] = true
+		}
+	}
+	enrolled, err := d.pods.Enrolled()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, cookie := range enrolled {
+		if keep[cookie] {
+			continue
+		}
+		d.log.Info("removing pinned state of an unknown pod", "netnsCookie", cookie)
+		errs = append(errs, d.pods.Delete(cookie))
+	}
+	return errors.Join(errs...)
+}
+
+// Counters returns the pod's capture counters (for the agent's metrics).
+func (d *Datapath) Counters(e store.Entry) (bpf.Counters, error) {
+	if e.NetnsCookie == 0 {
+		return bpf.Counters{}, errors.New("pod has no netns cookie: never enrolled")
+	}
+	return d.pods.Counters(e.NetnsCookie)
 }

@@ -83,6 +83,25 @@ func TestLifecycle(t *testing.T) {
 	if got, _ := c.Enrolled(); len(got) != 1 || got[0] != want {
 		t.Fatalf("Enrolled = %v, want [%d]", got, want)
 	}
+	if _, err := d.Counters(e); err != nil {
+		t.Fatalf("Counters: %v", err)
+	}
+	// Reconcile keeps known pods and removes the others.
+	if err := d.Reconcile(ctx, []store.Entry{e}); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Verify(ctx, e); err != nil {
+		t.Fatalf("Verify after Reconcile with the pod known: %v", err)
+	}
+	if err := d.Reconcile(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Verify(ctx, e); err == nil {
+		t.Fatal("Verify passed after Reconcile without the pod")
+	}
+	if err := d.Enroll(ctx, &e); err != nil {
+		t.Fatal(err)
+	}
 	if err := d.Unenroll(ctx, e); err != nil {
 		t.Fatal(err)
 	}
