@@ -927,3 +927,33 @@ func TestParseCgroup2Mount(t *testing.T) {
 		t.Fatal("no cgroup2 mount: want an error")
 	}
 }
+
+// Istio's own check (what the istio-validation init container runs) passes
+// in a pod captured by eBPF, and fails in one that is not.
+func TestIstioValidation(t *testing.T) {
+	agent := filepath.Join(testenv.ToolBin(t), "pilot-agent")
+	if _, err := os.Stat(agent); err != nil {
+		// The capture conformance suite (make conformance) builds it and
+		// runs this check for every backend; here it is a quick extra.
+		t.Skipf("pilot-agent not built (hack/install-tools.sh istio): %v", err)
+	}
+	e := newEnv(t)
+	validate := func() error {
+		cmd := exec.Command("ip", "netns", "exec", e.podNS, "setpriv", "--reuid", "1337", "--regid", "1337", "--clear-groups",
+			agent, "istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "",
+			"-b", "*", "-d", "15090,15021,15020", "--run-validation", "--skip-rule-apply", "--probe-timeout", "3s")
+		cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: e.cgfd}
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("%w: %s", err, out)
+		}
+		return nil
+	}
+	if err := validate(); err == nil {
+		t.Fatal("validation passed in a pod that is not captured")
+	}
+	e.enroll(defaultSettings())
+	if err := validate(); err != nil {
+		t.Fatalf("validation under eBPF capture: %v", err)
+	}
+}
