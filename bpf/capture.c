@@ -55,6 +55,8 @@ char __license[] SEC("license") = "Dual BSD/GPL";
 #define POD_OUTBOUND_ALL 0x1 /* capture every outbound CIDR not excluded */
 #define POD_INBOUND_ALL 0x2  /* capture every inbound port not excluded */
 #define POD_DNS 0x4          /* DNS capture to dns_port */
+#define POD_LOOPBACK_IN 0x8  /* an included CIDR is loopback: capture the app's lo traffic too */
+#define POD_NO_IPV6 0x10     /* leave IPv6 alone (dual-stack pod without ISTIO_DUAL_STACK) */
 
 #define MAX_IDS 4
 
@@ -312,10 +314,13 @@ static __always_inline int is_localhost(const __u8 a[16])
 	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == bpf_htonl(1);
 }
 
+/* Envoy's inbound passthrough source: 127.0.0.6, or ::6 for IPv6. */
 static __always_inline int is_passthrough_src(const __u8 a[16])
 {
 	const __u32 *w = (const __u32 *)a;
-	return is_v4mapped(a) && w[3] == bpf_htonl(0x7f000006);
+	if (is_v4mapped(a))
+		return w[3] == bpf_htonl(0x7f000006);
+	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == bpf_htonl(6);
 }
 
 static __always_inline int id_in(__u32 id, const __u32 *ids, __u32 n)
@@ -327,40 +332,70 @@ static __always_inline int id_in(__u32 id, const __u32 *ids, __u32 n)
 	return 0;
 }
 
-/* The order follows istio-iptables' ISTIO_OUTPUT chain: excluded ports,
- * 127.0.0.6 source, owner (uid then gid) rules, 127.0.0.1, included ports,
- * excluded CIDRs, included CIDRs. "-o lo" means the destination is local:
- * loopback or one of the pod's own addresses. */
+/* The order is istio-iptables' ISTIO_OUTPUT chain, rule by rule:
+ *   excluded ports                                   RETURN
+ *   -o lo -s 127.0.0.6                               RETURN
+ *   per proxy uid, then per proxy gid:
+ *     -o lo ! -d 127.0.0.1 ! --dport 15008 (,53 for uids with DNS)  IN_REDIRECT
+ *     -o lo ! owner (! --dport 53 with DNS; absent when a loopback
+ *       range is included)                           RETURN
+ *     owner                                          RETURN
+ *   DNS capture: --dport 53                          REDIRECT 15053
+ *   -d 127.0.0.1                                     RETURN
+ *   excluded CIDRs                                   RETURN
+ *   included ports                                   REDIRECT
+ *   included CIDRs (or all)                          REDIRECT
+ * "-o lo" means the destination is local: loopback or one of the pod's own
+ * addresses. As with iptables and several proxy uids, only the first uid's
+ * rules can match a connection to a local address. */
+static __always_inline enum verdict owner_rules(const struct pod_config *pod, const __u32 *ids, __u32 n, __u32 id,
+						int local, const __u8 dst[16], __u16 dport, int dns_aware, int *done)
+{
+	int dns = pod->flags & POD_DNS;
+	*done = 1;
+	for (int i = 0; i < MAX_IDS; i++) { /* bounded: the verifier accepts it */
+		if (i >= n)
+			break;
+		int owner = ids[i] == id;
+		if (local && owner && !is_localhost(dst) && dport != 15008 && !(dns && dns_aware && dport == 53))
+			return REDIRECT_IN_SELF;
+		if (local && !owner && !(pod->flags & POD_LOOPBACK_IN) && !(dns && dport == 53))
+			return PASS;
+		if (owner)
+			return PASS;
+	}
+	*done = 0;
+	return PASS;
+}
+
 static __always_inline enum verdict decide_outbound(__u64 netns, const struct pod_config *pod,
 						    const __u8 src[16], const __u8 dst[16], __u16 dport)
 {
 	__u64 ugid = bpf_get_current_uid_gid();
-	__u32 uid = (__u32)ugid, gid = (__u32)(ugid >> 32);
 	int local = is_loopback(dst) || cidr_match(netns, CIDR_LOCAL, dst);
-	int proxy_uid = id_in(uid, pod->proxy_uids, pod->n_uids);
-	int proxy_gid = id_in(gid, pod->proxy_gids, pod->n_gids);
+	int done;
+	enum verdict v;
 
+	if ((pod->flags & POD_NO_IPV6) && !is_v4mapped(dst))
+		return PASS;
 	if (port_match(netns, PORT_EXCLUDE_OUT, dport))
 		return PASS_EXCLUDED;
 	if (local && is_passthrough_src(src))
 		return PASS;
-	if (proxy_uid) {
-		if (local && !is_localhost(dst) && dport != 15008)
-			return REDIRECT_IN_SELF;
-		return PASS;
-	}
-	if (local)
-		return PASS;
-	if (proxy_gid)
-		return PASS;
+	v = owner_rules(pod, pod->proxy_uids, pod->n_uids, (__u32)ugid, local, dst, dport, 1, &done);
+	if (done)
+		return v;
+	v = owner_rules(pod, pod->proxy_gids, pod->n_gids, (__u32)(ugid >> 32), local, dst, dport, 0, &done);
+	if (done)
+		return v;
 	if ((pod->flags & POD_DNS) && dport == 53)
 		return REDIRECT_DNS;
 	if (is_localhost(dst))
 		return PASS;
-	if (port_match(netns, PORT_INCLUDE_OUT, dport))
-		return REDIRECT_OUT;
 	if (cidr_match(netns, CIDR_EXCLUDE_OUT, dst))
 		return PASS_EXCLUDED;
+	if (port_match(netns, PORT_INCLUDE_OUT, dport))
+		return REDIRECT_OUT;
 	if ((pod->flags & POD_OUTBOUND_ALL) || cidr_match(netns, CIDR_INCLUDE_OUT, dst))
 		return REDIRECT_OUT;
 	return PASS_EXCLUDED;
@@ -439,6 +474,8 @@ int sidelane_inbound(struct __sk_buff *skb)
 	struct pod_config *pod = bpf_map_lookup_elem(&pods, &netns);
 	__u16 dport = bpf_ntohs(tcp->dest);
 	if (!pod || !inbound_captured(netns, pod, dport))
+		return TC_ACT_OK;
+	if ((pod->flags & POD_NO_IPV6) && tlen != sizeof(t.ipv4))
 		return TC_ACT_OK;
 
 	/* A packet of an existing connection (or handshake) goes where the
@@ -529,6 +566,8 @@ static __always_inline int dns_udp(struct bpf_sock_addr *ctx, int v6)
 	__u64 ugid = bpf_get_current_uid_gid();
 	if (id_in((__u32)ugid, pod->proxy_uids, pod->n_uids) || id_in((__u32)(ugid >> 32), pod->proxy_gids, pod->n_gids))
 		return 0;
+	if (port_match(netns, PORT_EXCLUDE_OUT, 53))
+		return 0;
 	__u8 dst[16] = {};
 	__u32 *d = (__u32 *)dst;
 	if (v6) {
@@ -541,6 +580,8 @@ static __always_inline int dns_udp(struct bpf_sock_addr *ctx, int v6)
 		d[3] = ctx->user_ip4;
 	}
 	int mapped = is_v4mapped(dst);
+	if (!mapped && (pod->flags & POD_NO_IPV6))
+		return 0;
 	record(ctx, dst, 53, mapped ? AF_INET : AF_INET6, netns);
 	count(netns, REDIRECT_DNS);
 	if (v6) {

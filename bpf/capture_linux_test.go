@@ -382,6 +382,7 @@ func defaultSettings() capture.Settings {
 		ProxyGIDs:           []uint32{capture.DefaultProxyGID},
 		OutboundAllCIDRs:    true,
 		InboundAllPorts:     true,
+		DualStack:           true,
 		ExcludeInboundPorts: []capture.PortRange{{First: 15008, Last: 15008}, {First: 15020, Last: 15021}, {First: 15090, Last: 15090}},
 	}
 }
@@ -449,6 +450,13 @@ func TestOutboundCapture(t *testing.T) {
 	if got.RedirectedOutbound != 1 || got.Excluded != 2 || got.OrigDstAnswered != 1 {
 		t.Errorf("counters = %+v, want 1 redirected, 2 excluded, 1 SO_ORIGINAL_DST answered", got)
 	}
+	// A dual-stack pod without ISTIO_DUAL_STACK: IPv6 is not captured.
+	s.DualStack = false
+	e.enroll(s)
+	if r := e.dial(ap(remoteIP6, 8080), false); r.peer.Addr() != podIP6 {
+		t.Errorf("IPv6 without ISTIO_DUAL_STACK: server saw %s, want direct from %s", r.peer.Addr(), podIP6)
+	}
+
 	// The server's reply crossed the sidecar -> app loopback pair.
 	if got.ShortcutMessages == 0 || got.ShortcutBytes == 0 {
 		t.Errorf("counters = %+v, want the reply shortcut", got)

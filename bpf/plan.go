@@ -19,6 +19,8 @@ const (
 	flagOutboundAll uint16 = 0x1
 	flagInboundAll  uint16 = 0x2
 	flagDNS         uint16 = 0x4
+	flagLoopbackIn  uint16 = 0x8
+	flagNoIPv6      uint16 = 0x10
 )
 
 // CIDR and port rule kinds, as capture.c's CIDR_* and PORT_* defines.
@@ -93,6 +95,15 @@ func PlanPod(ips []netip.Prefix, s capture.Settings) (Pod, error) {
 	if s.DNSCapture {
 		p.Flags |= flagDNS
 	}
+	for _, c := range s.IncludeOutboundCIDRs {
+		if c.Addr().IsLoopback() {
+			// istio-iptables then drops its "app over lo: RETURN" rule.
+			p.Flags |= flagLoopbackIn
+		}
+	}
+	if !captureIPv6(ips, s.DualStack) {
+		p.Flags |= flagNoIPv6
+	}
 	for i, ip := range ips {
 		if !ip.IsValid() {
 			errs = append(errs, fmt.Errorf("ips[%d]: invalid address", i))
@@ -132,6 +143,24 @@ func PlanPod(ips []netip.Prefix, s capture.Settings) (Pod, error) {
 		return Pod{}, errors.Join(errs...)
 	}
 	return p, nil
+}
+
+// captureIPv6 is istio-iptables' choice: IPv6 is captured in an IPv6-only
+// pod, and in a dual-stack pod only with ISTIO_DUAL_STACK.
+func captureIPv6(ips []netip.Prefix, dualStack bool) bool {
+	var v4, v6 bool
+	for _, p := range ips {
+		ip := p.Addr().Unmap()
+		if !ip.IsValid() || ip.IsLoopback() || ip.IsLinkLocalUnicast() || ip.IsLinkLocalMulticast() {
+			continue
+		}
+		if ip.Is4() {
+			v4 = true
+		} else {
+			v6 = true
+		}
+	}
+	return v6 && (!v4 || dualStack)
 }
 
 type portPrefix struct {

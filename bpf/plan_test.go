@@ -136,3 +136,41 @@ func FuzzPortPrefixes(f *testing.F) {
 		}
 	})
 }
+
+func TestPlanPodFlags(t *testing.T) {
+	v4 := netip.MustParsePrefix("10.0.0.5/24")
+	v6 := netip.MustParsePrefix("fd00::5/64")
+	base := capture.Settings{OutboundPort: 15001, InboundPort: 15006}
+	tests := []struct {
+		name string
+		ips  []netip.Prefix
+		mod  func(*capture.Settings)
+		want uint16
+	}{
+		{"IPv4-only pod", []netip.Prefix{v4}, nil, flagNoIPv6},
+		{"IPv6-only pod captures IPv6", []netip.Prefix{v6}, nil, 0},
+		{"dual-stack without ISTIO_DUAL_STACK leaves IPv6", []netip.Prefix{v4, v6}, nil, flagNoIPv6},
+		{"dual-stack with ISTIO_DUAL_STACK", []netip.Prefix{v4, v6}, func(s *capture.Settings) { s.DualStack = true }, 0},
+		{"loopback range included", []netip.Prefix{v6}, func(s *capture.Settings) {
+			s.IncludeOutboundCIDRs = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}
+		}, flagLoopbackIn},
+		{"everything", []netip.Prefix{v6}, func(s *capture.Settings) {
+			s.OutboundAllCIDRs, s.InboundAllPorts, s.DNSCapture, s.DNSPort = true, true, true, 15053
+		}, flagOutboundAll | flagInboundAll | flagDNS},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := base
+			if tt.mod != nil {
+				tt.mod(&s)
+			}
+			p, err := PlanPod(tt.ips, s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if p.Flags != tt.want {
+				t.Errorf("flags = %#x, want %#x", p.Flags, tt.want)
+			}
+		})
+	}
+}

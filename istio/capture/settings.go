@@ -63,4 +63,9 @@ type Settings struct {
 	// DNSCapture sends UDP and TCP port 53 to DNSPort (ISTIO_META_DNS_CAPTURE).
 	DNSCapture bool   `json:"dnsCapture"`
 	DNSPort    uint16 `json:"dnsPort"`
+
+	// DualStack is ISTIO_DUAL_STACK: capture IPv6 as well in a pod that has
+	// both families. Without it Istio captures IPv6 only in IPv6-only pods
+	// (its sidecar then listens on IPv4 only); see CaptureIPv6.
+	DualStack bool `json:"dualStack,omitempty"`
 }
