@@ -42,6 +42,7 @@
 #include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -323,6 +324,60 @@ static __always_inline int is_passthrough_src(const __u8 a[16])
 	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == bpf_htonl(6);
 }
 
+/* The socket's owner, as iptables' owner match sees it: the fsuid/fsgid of
+ * the credentials the socket's file was opened with, which can differ from
+ * the calling task's ids (setfsuid, sockets passed between processes).
+ * Minimal CO-RE views of the kernel structs; libbpf-style ___ suffixes
+ * match the kernel's struct names, field offsets come from the kernel BTF. */
+typedef struct {
+	__u32 val;
+} kuid_t;
+typedef struct {
+	__u32 val;
+} kgid_t;
+struct cred___sl {
+	kuid_t fsuid;
+	kgid_t fsgid;
+} __attribute__((preserve_access_index));
+struct file___sl {
+	const struct cred___sl *f_cred;
+} __attribute__((preserve_access_index));
+struct socket___sl {
+	struct file___sl *file;
+} __attribute__((preserve_access_index));
+struct sock___sl {
+	struct socket___sl *sk_socket;
+} __attribute__((preserve_access_index));
+
+struct bpf_sock_addr_kern___sl {
+	struct sock___sl *sk;
+} __attribute__((preserve_access_index));
+struct bpf_sock___sl; /* opaque */
+
+/* The kernel's context behind a sock_addr program's ctx (Linux 6.2+). */
+extern void *bpf_cast_to_kern_ctx(void *) __ksym;
+
+/* owner_ids returns the socket owner's uid in the low and gid in the high
+ * half, like bpf_get_current_uid_gid (the fallback while the socket has no
+ * file). Pointer walks through BTF-typed kernel memory are checked loads. */
+static __always_inline __u64 owner_ids(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock_addr_kern___sl *k = bpf_cast_to_kern_ctx(ctx);
+	struct sock___sl *sk = k->sk;
+	if (sk) {
+		struct socket___sl *sock = sk->sk_socket;
+		if (sock) {
+			struct file___sl *file = sock->file;
+			if (file) {
+				const struct cred___sl *cred = file->f_cred;
+				if (cred)
+					return (__u64)cred->fsgid.val << 32 | cred->fsuid.val;
+			}
+		}
+	}
+	return bpf_get_current_uid_gid();
+}
+
 static __always_inline int id_in(__u32 id, const __u32 *ids, __u32 n)
 {
 #pragma unroll
@@ -368,10 +423,9 @@ static __always_inline enum verdict owner_rules(const struct pod_config *pod, co
 	return PASS;
 }
 
-static __always_inline enum verdict decide_outbound(__u64 netns, const struct pod_config *pod,
+static __always_inline enum verdict decide_outbound(__u64 netns, const struct pod_config *pod, __u64 ugid,
 						    const __u8 src[16], const __u8 dst[16], __u16 dport)
 {
-	__u64 ugid = bpf_get_current_uid_gid();
 	int local = is_loopback(dst) || cidr_match(netns, CIDR_LOCAL, dst);
 	int done;
 	enum verdict v;
@@ -502,8 +556,26 @@ int sidelane_inbound(struct __sk_buff *skb)
 	bpf_sk_release(sk);
 	if (err)
 		return TC_ACT_SHOT;
-	if (tcp->syn && !tcp->ack)
+	if (tcp->syn && !tcp->ack) {
+		/* What SO_ORIGINAL_DST answers on the accepted socket (its peer
+		 * and local address are exactly this tuple), as Istio's
+		 * REDIRECT does for inbound. */
+		struct tuple_key k = {.netns = netns, .sport = bpf_ntohs(tcp->source), .dport = dport};
+		struct orig_dst o = {.port = dport, .netns = netns};
+		__u32 *sw = (__u32 *)k.src;
+		if (tlen == sizeof(t.ipv4)) {
+			sw[2] = bpf_htonl(0xffff);
+			sw[3] = t.ipv4.saddr;
+			o.family = AF_INET;
+		} else {
+			__builtin_memcpy(k.src, t.ipv6.saddr, 16);
+			o.family = AF_INET6;
+		}
+		__builtin_memcpy(k.dst, dst, 16);
+		__builtin_memcpy(o.addr, dst, 16);
+		bpf_map_update_elem(&orig_by_tuple, &k, &o, BPF_ANY);
 		count(netns, REDIRECT_IN_SELF);
+	}
 	return TC_ACT_OK;
 }
 
@@ -517,7 +589,7 @@ static __always_inline void record(void *ctx, const __u8 dst[16], __u16 dport, _
 
 /* connect_common decides for one TCP connect. It returns the verdict and, for
  * redirects, the new port; the caller rewrites the address. */
-static __always_inline enum verdict connect_common(void *ctx, const __u8 src[16], const __u8 dst[16],
+static __always_inline enum verdict connect_common(struct bpf_sock_addr *ctx, const __u8 src[16], const __u8 dst[16],
 						   __u16 dport, __u16 family, __u16 *new_port, __u64 *rec_netns)
 {
 	__u64 netns = bpf_get_netns_cookie(ctx);
@@ -525,7 +597,7 @@ static __always_inline enum verdict connect_common(void *ctx, const __u8 src[16]
 	enum verdict v = PASS;
 
 	if (pod) {
-		v = decide_outbound(netns, pod, src, dst, dport);
+		v = decide_outbound(netns, pod, owner_ids(ctx), src, dst, dport);
 		count(netns, v);
 		switch (v) {
 		case REDIRECT_OUT:
@@ -563,7 +635,7 @@ static __always_inline int dns_udp(struct bpf_sock_addr *ctx, int v6)
 	struct pod_config *pod = bpf_map_lookup_elem(&pods, &netns);
 	if (!pod || !(pod->flags & POD_DNS))
 		return 0;
-	__u64 ugid = bpf_get_current_uid_gid();
+	__u64 ugid = owner_ids(ctx);
 	if (id_in((__u32)ugid, pod->proxy_uids, pod->n_uids) || id_in((__u32)(ugid >> 32), pod->proxy_gids, pod->n_gids))
 		return 0;
 	if (port_match(netns, PORT_EXCLUDE_OUT, 53))
@@ -767,6 +839,15 @@ static __always_inline void sockops_tuple(struct bpf_sock_ops *skops, struct tup
 	k->dport = (__u16)bpf_ntohl(READ(skops->remote_port));
 }
 
+/* mirrored is the connecting side's tuple for an accepted socket's own. */
+static __always_inline struct tuple_key mirrored(const struct tuple_key *k, __u64 netns)
+{
+	struct tuple_key m = {.netns = netns, .sport = k->dport, .dport = k->sport};
+	__builtin_memcpy(m.src, k->dst, 16);
+	__builtin_memcpy(m.dst, k->src, 16);
+	return m;
+}
+
 /* pair_netns is the netns part of a shortcut key: loopback tuples repeat in
  * every netns, pod IPs do not. */
 static __always_inline __u64 pair_netns(const struct tuple_key *k, __u64 netns)
@@ -828,10 +909,16 @@ int sidelane_sockops(struct bpf_sock_ops *skops)
 		maybe_shortcut(skops, &k, netns);
 		break;
 	}
-	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: {
 		sockops_tuple(skops, &k);
+		/* An accepted socket with a recorded original destination (tc
+		 * inbound, or a connect redirect) forgets it when it closes. */
+		struct tuple_key m = mirrored(&k, netns);
+		if (bpf_map_lookup_elem(&orig_by_tuple, &m))
+			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 		maybe_shortcut(skops, &k, netns);
 		break;
+	}
 	case BPF_SOCK_OPS_STATE_CB:
 		if (skops->args[1] != BPF_TCP_CLOSE)
 			break;
@@ -843,6 +930,8 @@ int sidelane_sockops(struct bpf_sock_ops *skops)
 			bpf_map_delete_elem(&orig_by_tuple, &tk);
 			bpf_map_delete_elem(&orig_by_cookie, &cookie);
 		}
+		struct tuple_key m = mirrored(&k, netns);
+		bpf_map_delete_elem(&orig_by_tuple, &m);
 		k.netns = pair_netns(&k, netns);
 		bpf_map_delete_elem(&pair_cookies, &k);
 		break;

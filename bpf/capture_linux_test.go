@@ -461,7 +461,7 @@ func TestOutboundCapture(t *testing.T) {
 	if got.ShortcutMessages == 0 || got.ShortcutBytes == 0 {
 		t.Errorf("counters = %+v, want the reply shortcut", got)
 	}
-	if n := countEntries(t, e.cap.objs.OrigByTuple); n != 0 {
+	if n := drained(t, e.cap.objs.OrigByTuple); n != 0 {
 		t.Errorf("orig_by_tuple has %d entries after every connection closed, want 0", n)
 	}
 }
@@ -565,6 +565,18 @@ func countEntries(t *testing.T, m *ebpf.Map) int {
 	}
 	if err := it.Err(); err != nil {
 		t.Fatal(err)
+	}
+	return n
+}
+
+// drained waits (the last FIN of a closed connection is processed after the
+// client returns) until m is empty, and returns how many entries are left.
+func drained(t *testing.T, m *ebpf.Map) int {
+	t.Helper()
+	n := countEntries(t, m)
+	for i := 0; i < 50 && n != 0; i++ {
+		time.Sleep(100 * time.Millisecond)
+		n = countEntries(t, m)
 	}
 	return n
 }
@@ -802,6 +814,28 @@ func TestInboundCapture(t *testing.T) {
 		t.Errorf("captured port with no sidecar: reached the app (peer %s)", r.peer)
 	}
 
+	// IPv6, and SO_ORIGINAL_DST on the inbound listener's accepted socket.
+	l := exec.Command("ip", "netns", "exec", e.podNS, os.Args[0], "-test.run=^$", "[::]:15006")
+	l.Env = append(os.Environ(), helperEnv+"=origdst")
+	l.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: e.cgfd}
+	var out strings.Builder
+	l.Stdout, l.Stderr = &out, &out
+	if err := l.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { l.Process.Kill(); l.Wait() }()
+	e.waitListen(15006)
+	if _, err := e.dialFromRemote(ap(podIP6, 8080)); err != nil {
+		t.Errorf("IPv6 inbound: %v", err)
+	}
+	l.Wait()
+	if got, want := strings.TrimSpace(out.String()), "v4=error v6="+ap(podIP6, 8080).String(); got != want {
+		t.Errorf("IPv6 inbound, getsockopt on the accepted socket: %q, want %q", got, want)
+	}
+	if n := drained(t, e.cap.objs.OrigByTuple); n != 0 {
+		t.Errorf("orig_by_tuple has %d entries after every connection closed, want 0", n)
+	}
+
 	if err := e.cap.Delete(e.cookie); err != nil {
 		t.Fatal(err)
 	}
@@ -891,7 +925,7 @@ func TestDNSCapture(t *testing.T) {
 	if out, err := e.app("udp", server.String(), false).CombinedOutput(); err == nil {
 		t.Errorf("UDP DNS without DNS capture was answered: %s", out)
 	}
-	if n := countEntries(t, e.cap.objs.OrigByCookie); n != 0 {
+	if n := drained(t, e.cap.objs.OrigByCookie); n != 0 {
 		t.Errorf("orig_by_cookie has %d entries after every socket closed, want 0", n)
 	}
 }
