@@ -11,3 +11,8 @@ func NetnsCookie(path string) (uint64, error) {
 
 // CgroupV2Mount needs Linux.
 func CgroupV2Mount() (string, error) { return "", fmt.Errorf("cgroup v2: %w", ErrNotSupported) }
+
+// PodRoutes needs Linux.
+func PodRoutes(path string, excluded []string) ([]Route, error) {
+	return nil, fmt.Errorf("routes of netns %s: %w", path, ErrNotSupported)
+}

@@ -79,6 +79,7 @@ struct pod_config {
 #define CIDR_EXCLUDE_OUT 1
 #define CIDR_INCLUDE_OUT 2
 #define CIDR_LOCAL 3 /* the pod's own addresses: Istio's "-o lo" */
+#define CIDR_ROUTE 4 /* the pod's routes; value 1: via an excluded interface */
 
 /* LPM key: the pod's netns cookie is always matched in full (64 bits), then
  * the kind (8 bits), then the address. IPv4 is stored v4-mapped (::ffff:a.b.c.d)
@@ -280,6 +281,22 @@ static __always_inline int cidr_match(__u64 netns, __u8 kind, const __u8 addr[16
 	return bpf_map_lookup_elem(&cidrs, &k) != NULL;
 }
 
+/* Istio's "-o <excludeInterfaces> -j RETURN": the pod's routing table
+ * (written at enroll when interfaces are excluded) says which interface a
+ * destination leaves by; the longest matching route decides. */
+static __always_inline int route_excluded(__u64 netns, const __u8 addr[16])
+{
+	struct cidr_key k = {
+		.prefixlen = 64 + 8 + 128,
+		.netns_lo = (__u32)netns,
+		.netns_hi = (__u32)(netns >> 32),
+		.kind = CIDR_ROUTE,
+	};
+	__builtin_memcpy(k.addr, addr, 16);
+	__u8 *v = bpf_map_lookup_elem(&cidrs, &k);
+	return v && *v == 1;
+}
+
 static __always_inline int port_match(__u64 netns, __u8 kind, __u16 port)
 {
 	struct port_key k = {
@@ -432,6 +449,8 @@ static __always_inline enum verdict decide_outbound(__u64 netns, const struct po
 
 	if ((pod->flags & POD_NO_IPV6) && !is_v4mapped(dst))
 		return PASS;
+	if (!local && route_excluded(netns, dst))
+		return PASS_EXCLUDED;
 	if (port_match(netns, PORT_EXCLUDE_OUT, dport))
 		return PASS_EXCLUDED;
 	if (local && is_passthrough_src(src))
@@ -653,6 +672,8 @@ static __always_inline int dns_udp(struct bpf_sock_addr *ctx, int v6)
 	}
 	int mapped = is_v4mapped(dst);
 	if (!mapped && (pod->flags & POD_NO_IPV6))
+		return 0;
+	if (!is_loopback(dst) && !cidr_match(netns, CIDR_LOCAL, dst) && route_excluded(netns, dst))
 		return 0;
 	record(ctx, dst, 53, mapped ? AF_INET : AF_INET6, netns);
 	count(netns, REDIRECT_DNS);

@@ -259,9 +259,10 @@ func (p Pod) config() capturePodConfig {
 	return c
 }
 
-func (p Pod) cidrKeys(netns uint64) []captureCidrKey {
+func (p Pod) cidrKeys(netns uint64) ([]captureCidrKey, []uint8) {
 	lo, hi := splitCookie(netns)
 	keys := make([]captureCidrKey, 0, len(p.CIDRs))
+	vals := make([]uint8, 0, len(p.CIDRs))
 	for _, r := range p.CIDRs {
 		bits := r.Prefix.Bits()
 		if r.Prefix.Addr().Is4() {
@@ -269,8 +270,9 @@ func (p Pod) cidrKeys(netns uint64) []captureCidrKey {
 		}
 		keys = append(keys, captureCidrKey{Prefixlen: uint32(64 + 8 + bits), NetnsLo: lo, NetnsHi: hi,
 			Kind: r.Kind, Addr: mapped(r.Prefix.Addr())})
+		vals = append(vals, r.Value)
 	}
-	return keys
+	return keys, vals
 }
 
 func (p Pod) portKeys(netns uint64) []capturePortKey {
@@ -293,9 +295,9 @@ func (c *Capture) Put(netns uint64, p Pod) error {
 		return errors.New("netns cookie: must not be 0")
 	}
 	one := uint8(1)
-	newCIDRs := p.cidrKeys(netns)
-	for _, k := range newCIDRs {
-		if err := c.objs.Cidrs.Update(&k, &one, ebpf.UpdateAny); err != nil {
+	newCIDRs, vals := p.cidrKeys(netns)
+	for i, k := range newCIDRs {
+		if err := c.objs.Cidrs.Update(&k, &vals[i], ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("write CIDR rule: %w", err)
 		}
 	}
@@ -429,9 +431,13 @@ func (c *Capture) Verify(netns uint64, p Pod) error {
 		return fmt.Errorf("pod config for netns %d differs from the pod's settings", netns)
 	}
 	var v uint8
-	for _, k := range p.cidrKeys(netns) {
+	keys, vals := p.cidrKeys(netns)
+	for i, k := range keys {
 		if err := c.objs.Cidrs.Lookup(&k, &v); err != nil {
 			return fmt.Errorf("CIDR rule %d/%d for netns %d: %w", k.Kind, k.Prefixlen, netns, err)
+		}
+		if v != vals[i] {
+			return fmt.Errorf("CIDR rule %d/%d for netns %d: value %d, want %d", k.Kind, k.Prefixlen, netns, v, vals[i])
 		}
 	}
 	for _, k := range p.portKeys(netns) {
@@ -466,17 +472,6 @@ func (c *Capture) Enrolled() ([]uint64, error) {
 	}
 	slices.Sort(out)
 	return out, nil
-}
-
-// Counters are one pod's totals since it was enrolled.
-type Counters struct {
-	RedirectedOutbound uint64 // connects sent to the outbound port
-	RedirectedInbound  uint64 // connects sent to the inbound port
-	RedirectedDNS      uint64 // connects sent to the DNS port
-	Excluded           uint64 // connects an exclusion let go direct
-	OrigDstAnswered    uint64 // SO_ORIGINAL_DST answers to the pod's proxy
-	ShortcutMessages   uint64 // sends moved socket-to-socket by the shortcut
-	ShortcutBytes      uint64 // bytes in those sends
 }
 
 // Counters sums the pod's per-CPU counters.

@@ -5,10 +5,13 @@ package bpf
 import (
 	"bufio"
 	"fmt"
+	"net/netip"
 	"os"
+	"slices"
 	"strings"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -63,4 +66,51 @@ func parseCgroup2Mount(sc *bufio.Scanner) (string, error) {
 		return "", fmt.Errorf("read mounts: %w", err)
 	}
 	return "", fmt.Errorf("no cgroup2 mount: %w", ErrNotSupported)
+}
+
+// PodRoutes reads the main routing table of the netns at path and marks
+// the routes that leave by one of the excluded interfaces.
+func PodRoutes(path string, excluded []string) ([]Route, error) {
+	target, err := ns.GetNS(path)
+	if err != nil {
+		return nil, fmt.Errorf("open netns %s: %w", path, err)
+	}
+	defer target.Close()
+	var routes []Route
+	err = target.Do(func(ns.NetNS) error {
+		links := map[int]string{}
+		ls, err := netlink.LinkList()
+		if err != nil {
+			return fmt.Errorf("list links: %w", err)
+		}
+		for _, l := range ls {
+			links[l.Attrs().Index] = l.Attrs().Name
+		}
+		rs, err := netlink.RouteList(nil, netlink.FAMILY_ALL)
+		if err != nil {
+			return fmt.Errorf("list routes: %w", err)
+		}
+		for _, r := range rs {
+			var dst netip.Prefix
+			switch {
+			case r.Dst != nil:
+				a, ok := netip.AddrFromSlice(r.Dst.IP)
+				if !ok {
+					continue
+				}
+				ones, _ := r.Dst.Mask.Size()
+				dst = netip.PrefixFrom(a.Unmap(), ones)
+			case r.Family == netlink.FAMILY_V6:
+				dst = netip.MustParsePrefix("::/0")
+			default:
+				dst = netip.MustParsePrefix("0.0.0.0/0")
+			}
+			routes = append(routes, Route{Dst: dst, Excluded: slices.Contains(excluded, links[r.LinkIndex])})
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("routes of netns %s: %w", path, err)
+	}
+	return routes, nil
 }

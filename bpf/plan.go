@@ -28,6 +28,7 @@ const (
 	cidrExcludeOut uint8 = 1
 	cidrIncludeOut uint8 = 2
 	cidrLocal      uint8 = 3
+	cidrRoute      uint8 = 4
 
 	portExcludeOut uint8 = 1
 	portIncludeOut uint8 = 2
@@ -52,6 +53,27 @@ type Pod struct {
 type cidrRule struct {
 	Kind   uint8
 	Prefix netip.Prefix // IPv4 prefixes are stored v4-mapped by the loader
+	Value  uint8        // 1 unless Kind is cidrRoute
+}
+
+// Route is one route of the pod's main routing table: a destination and
+// whether it leaves by one of Istio's excludeInterfaces.
+type Route struct {
+	Dst      netip.Prefix
+	Excluded bool
+}
+
+// WithRoutes adds the pod's routes, needed when interfaces are excluded:
+// outbound connections routed via an excluded interface are not captured.
+func (p Pod) WithRoutes(routes []Route) Pod {
+	for _, r := range routes {
+		v := uint8(0)
+		if r.Excluded {
+			v = 1
+		}
+		p.CIDRs = append(p.CIDRs, cidrRule{Kind: cidrRoute, Prefix: netip.PrefixFrom(r.Dst.Addr().Unmap(), r.Dst.Bits()).Masked(), Value: v})
+	}
+	return p
 }
 
 // portRule matches the ports whose top Bits bits equal Port's.
@@ -110,7 +132,7 @@ func PlanPod(ips []netip.Prefix, s capture.Settings) (Pod, error) {
 			continue
 		}
 		p.IPs = append(p.IPs, ip.Addr().Unmap())
-		p.CIDRs = append(p.CIDRs, cidrRule{Kind: cidrLocal, Prefix: netip.PrefixFrom(ip.Addr().Unmap(), ip.Addr().Unmap().BitLen())})
+		p.CIDRs = append(p.CIDRs, cidrRule{Kind: cidrLocal, Prefix: netip.PrefixFrom(ip.Addr().Unmap(), ip.Addr().Unmap().BitLen()), Value: 1})
 	}
 	addCIDRs := func(field string, kind uint8, list []netip.Prefix) {
 		for i, c := range list {
@@ -118,7 +140,7 @@ func PlanPod(ips []netip.Prefix, s capture.Settings) (Pod, error) {
 				errs = append(errs, fmt.Errorf("%s[%d]: invalid prefix", field, i))
 				continue
 			}
-			p.CIDRs = append(p.CIDRs, cidrRule{Kind: kind, Prefix: netip.PrefixFrom(c.Addr().Unmap(), c.Bits()).Masked()})
+			p.CIDRs = append(p.CIDRs, cidrRule{Kind: kind, Prefix: netip.PrefixFrom(c.Addr().Unmap(), c.Bits()).Masked(), Value: 1})
 		}
 	}
 	addCIDRs("excludeOutboundCIDRs", cidrExcludeOut, s.ExcludeOutboundCIDRs)

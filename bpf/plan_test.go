@@ -94,8 +94,8 @@ func TestPlanPodMapsIPv4(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := []cidrRule{
-		{cidrLocal, netip.MustParsePrefix("10.0.0.5/32")},
-		{cidrExcludeOut, netip.MustParsePrefix("10.1.0.0/16")},
+		{cidrLocal, netip.MustParsePrefix("10.0.0.5/32"), 1},
+		{cidrExcludeOut, netip.MustParsePrefix("10.1.0.0/16"), 1},
 	}
 	if len(p.CIDRs) != len(want) || p.CIDRs[0] != want[0] || p.CIDRs[1] != want[1] {
 		t.Fatalf("CIDRs = %v, want %v", p.CIDRs, want)

@@ -33,6 +33,7 @@ type Pods interface {
 type Datapath struct {
 	pods   Pods
 	cookie func(netnsPath string) (uint64, error)
+	routes func(netnsPath string, excluded []string) ([]bpf.Route, error)
 	log    *slog.Logger
 }
 
@@ -41,7 +42,7 @@ func New(pods Pods, log *slog.Logger) *Datapath {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Datapath{pods: pods, cookie: bpf.NetnsCookie, log: log}
+	return &Datapath{pods: pods, cookie: bpf.NetnsCookie, routes: bpf.PodRoutes, log: log}
 }
 
 // Name implements datapath.Datapath.
@@ -67,6 +68,13 @@ func (d *Datapath) Enroll(_ context.Context, e *store.Entry) error {
 	cookie, err := d.cookie(e.Netns)
 	if err != nil {
 		return err
+	}
+	if len(e.Capture.ExcludeInterfaces) > 0 {
+		routes, err := d.routes(e.Netns, e.Capture.ExcludeInterfaces)
+		if err != nil {
+			return err
+		}
+		p = p.WithRoutes(routes)
 	}
 	if e.NetnsCookie != 0 && e.NetnsCookie != cookie {
 		// The path now names another netns (the old one is gone): drop the
