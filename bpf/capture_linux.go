@@ -28,11 +28,13 @@ type Config struct {
 	Cgroup string
 	// PinDir is a directory on bpffs (DefaultPinDir if empty).
 	PinDir string
-	// DisableShortcut turns off the sockmap shortcut for same-node pairs
-	// (sockets already shortcut keep it until they close). The shortcut
-	// cuts latency for request/response traffic but was measured slower
-	// than plain loopback for streams of small (1 KiB) writes.
-	DisableShortcut bool
+	// EnableShortcut turns on the sockmap shortcut for same-node pairs
+	// (new connections; sockets already shortcut keep it until they close).
+	// Off by default: it cuts latency for request/response traffic and
+	// speeds up large writes, but streams of small (1 KiB) writes were
+	// measured ~15% slower than plain loopback TCP on the build machine, and
+	// the product must never make small writes slower than plain TCP.
+	EnableShortcut bool
 	Log             *slog.Logger
 }
 
@@ -89,7 +91,7 @@ func Load(cfg Config) (*Capture, error) {
 		c.objs.Close()
 		return nil, err
 	}
-	if err := c.SetShortcut(!cfg.DisableShortcut); err != nil {
+	if err := c.SetShortcut(cfg.EnableShortcut); err != nil {
 		c.objs.Close()
 		return nil, err
 	}

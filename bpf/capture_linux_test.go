@@ -201,7 +201,9 @@ func newEnv(t *testing.T) *env {
 
 func (e *env) load() {
 	e.t.Helper()
-	c, err := Load(Config{Cgroup: e.cgroup, PinDir: e.pinDir})
+	// The shortcut is on in these tests so every capture path is exercised
+	// with it (it is off by default).
+	c, err := Load(Config{Cgroup: e.cgroup, PinDir: e.pinDir, EnableShortcut: true})
 	if err != nil {
 		e.t.Fatal(err)
 	}

@@ -15,6 +15,7 @@ import (
 // Feature names, as Probe reports them and ProbeConfig.ForceMissing takes them.
 const (
 	FeatureCgroupV2 = "cgroup-v2"
+	FeatureLoad     = "load:programs"
 )
 
 type feature struct {
@@ -42,7 +43,30 @@ func kernelFeatures(cgroup string) []feature {
 		{"map:lru_hash", mapType(ebpf.LRUHash)},
 		{"map:percpu_hash", mapType(ebpf.PerCPUHash)},
 		{"map:sockhash", mapType(ebpf.SockHash)},
+		// Last, the real thing: the verifier accepts every program on this
+		// kernel (kfuncs, CO-RE relocations, helpers in context).
+		{FeatureLoad, loadAll},
 	}
+}
+
+// loadAll loads every program with fresh, unpinned maps, attaches nothing.
+func loadAll() error {
+	spec, err := loadCapture()
+	if err != nil {
+		return err
+	}
+	for _, m := range spec.Maps {
+		m.Pinning = ebpf.PinNone
+	}
+	var objs captureObjects
+	if err := spec.LoadAndAssign(&objs, nil); err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) || errors.Is(err, ebpf.ErrNotSupported) {
+			return fmt.Errorf("%w: %w", ErrNotSupported, err)
+		}
+		return err
+	}
+	return objs.Close()
 }
 
 // ProbeConfig tunes Probe.
