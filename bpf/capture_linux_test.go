@@ -52,6 +52,8 @@ const helperEnv = "SIDELANE_BPFTEST_HELPER"
 func TestMain(m *testing.M) {
 	if mode := os.Getenv(helperEnv); mode == "origdst" {
 		os.Exit(origDstHelper(os.Args[len(os.Args)-1]))
+	} else if mode == "self" {
+		os.Exit(selfConnectHelper())
 	} else if mode == "udp" {
 		os.Exit(udpHelper(os.Args[len(os.Args)-1]))
 	} else if mode != "" {
@@ -721,6 +723,55 @@ func TestShortcut(t *testing.T) {
 	}
 	if off.ShortcutBytes != on.ShortcutBytes {
 		t.Errorf("shortcut disabled, yet it carried %d more bytes", off.ShortcutBytes-on.ShortcutBytes)
+	}
+}
+
+// selfConnectHelper makes a TCP socket connected to itself (bound to and
+// connecting to 127.0.0.1:port: a simultaneous open), writes to it and
+// reads the bytes back.
+func selfConnectHelper() int {
+	fail := func(err error) int { fmt.Fprintln(os.Stderr, err); return 1 }
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM, 0)
+	if err != nil {
+		return fail(err)
+	}
+	defer unix.Close(fd)
+	sa := &unix.SockaddrInet4{Port: 47999, Addr: [4]byte{127, 0, 0, 1}}
+	if err := unix.Bind(fd, sa); err != nil {
+		return fail(err)
+	}
+	if err := unix.Connect(fd, sa); err != nil {
+		return fail(err)
+	}
+	tv := unix.Timeval{Sec: 3}
+	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
+	if _, err := unix.Write(fd, []byte("ping")); err != nil {
+		return fail(err)
+	}
+	buf := make([]byte, 4)
+	n, err := unix.Read(fd, buf)
+	if err != nil {
+		return fail(err)
+	}
+	fmt.Printf("%s\n", buf[:n])
+	return 0
+}
+
+// A socket connected to itself has the same tuple as its "peer": the
+// cookie guard must keep the shortcut from redirecting it into itself.
+func TestShortcutNeverRedirectsIntoItself(t *testing.T) {
+	e := newEnv(t)
+	e.enroll(defaultSettings())
+	out, err := e.app("self", "-", false).CombinedOutput()
+	if err != nil || strings.TrimSpace(string(out)) != "ping" {
+		t.Fatalf("self-connected socket: %v: %q, want ping back", err, out)
+	}
+	got, err := e.cap.Counters(e.cookie)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.ShortcutMessages != 0 {
+		t.Errorf("%d sends shortcut for a socket connected to itself, want 0", got.ShortcutMessages)
 	}
 }
 
