@@ -35,7 +35,7 @@ type Config struct {
 	// measured ~15% slower than plain loopback TCP on the build machine, and
 	// the product must never make small writes slower than plain TCP.
 	EnableShortcut bool
-	Log             *slog.Logger
+	Log            *slog.Logger
 }
 
 // Capture is the loaded and attached capture datapath. Closing it leaves
