@@ -633,6 +633,9 @@ func TestRestartKeepsCapture(t *testing.T) {
 	e := newEnv(t)
 	e.startSidecar()
 	e.enroll(defaultSettings())
+	if err := e.cap.AttachInbound(e.podPath, e.cookie, "eth0"); err != nil {
+		t.Fatal(err)
+	}
 
 	stream := e.app("stream", ap(remoteIP, 8080).String(), false)
 	var out strings.Builder
@@ -657,8 +660,17 @@ func TestRestartKeepsCapture(t *testing.T) {
 		}
 	}()
 	wg.Wait()
+	inDuring, errDuring := e.dialFromRemote(ap(podIP, 8080))
 	e.load()
 	after := e.dial(ap(remoteIP, 8080), false)
+	inAfter, errAfter := e.dialFromRemote(ap(podIP, 8080))
+	passthrough := netip.MustParseAddr("127.0.0.6")
+	if errDuring != nil || inDuring.peer.Addr().Unmap() != passthrough {
+		t.Errorf("inbound while the agent was down: %v, app saw %s, want the sidecar's %s", errDuring, inDuring.peer, passthrough)
+	}
+	if errAfter != nil || inAfter.peer.Addr().Unmap() != passthrough {
+		t.Errorf("inbound after restart: %v, app saw %s, want the sidecar's %s", errAfter, inAfter.peer, passthrough)
+	}
 	if err := stream.Wait(); err != nil {
 		t.Fatalf("stream: %v: %s", err, out.String())
 	}
