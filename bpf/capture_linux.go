@@ -335,9 +335,10 @@ func (c *Capture) deleteStale(netns uint64, cidrs []captureCidrKey, ports []capt
 	var ck captureCidrKey
 	var v uint8
 	var staleC []captureCidrKey
+	keepC := setOf(cidrs)
 	it := c.objs.Cidrs.Iterate()
 	for it.Next(&ck, &v) {
-		if ck.NetnsLo == lo && ck.NetnsHi == hi && !slices.Contains(cidrs, ck) {
+		if ck.NetnsLo == lo && ck.NetnsHi == hi && !keepC[ck] {
 			staleC = append(staleC, ck)
 		}
 	}
@@ -347,9 +348,10 @@ func (c *Capture) deleteStale(netns uint64, cidrs []captureCidrKey, ports []capt
 	}
 	var pk capturePortKey
 	var staleP []capturePortKey
+	keepP := setOf(ports)
 	it = c.objs.Ports.Iterate()
 	for it.Next(&pk, &v) {
-		if pk.NetnsLo == lo && pk.NetnsHi == hi && !slices.Contains(ports, pk) {
+		if pk.NetnsLo == lo && pk.NetnsHi == hi && !keepP[pk] {
 			staleP = append(staleP, pk)
 		}
 	}
@@ -374,6 +376,14 @@ func (c *Capture) deleteStale(netns uint64, cidrs []captureCidrKey, ports []capt
 		return fmt.Errorf("remove stale rules: %w", err)
 	}
 	return nil
+}
+
+func setOf[K comparable](keys []K) map[K]bool {
+	m := make(map[K]bool, len(keys))
+	for _, k := range keys {
+		m[k] = true
+	}
+	return m
 }
 
 func ignoreNotExist(err error) error {
