@@ -16,3 +16,12 @@ func CgroupV2Mount() (string, error) { return "", fmt.Errorf("cgroup v2: %w", Er
 func PodRoutes(path string, excluded []string) ([]Route, error) {
 	return nil, fmt.Errorf("routes of netns %s: %w", path, ErrNotSupported)
 }
+
+// Capture is the loaded datapath; on this system it never exists.
+type Capture struct{}
+
+// Close does nothing here.
+func (*Capture) Close() error { return nil }
+
+// Uninstall does nothing here.
+func (*Capture) Uninstall() error { return nil }

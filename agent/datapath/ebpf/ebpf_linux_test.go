@@ -4,10 +4,12 @@ package ebpf
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/sidelane/sidelane/agent/datapath"
@@ -127,5 +129,38 @@ func TestLifecycle(t *testing.T) {
 	}
 	if got, _ := c.Enrolled(); len(got) != 0 {
 		t.Fatalf("Enrolled = %v, want none", got)
+	}
+}
+
+func TestOpenFallsBackWhenAFeatureIsMissing(t *testing.T) {
+	testenv.Privileged(t)
+	mnt, err := bpf.CgroupV2Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cg := filepath.Join(mnt, testenv.UniqueName("sidelane-test-"))
+	if err := os.Mkdir(cg, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Remove(cg) })
+	pins := filepath.Join("/sys/fs/bpf", testenv.UniqueName("sidelane-test-"))
+
+	_, _, err = Open(Options{Cgroup: cg, PinDir: pins, ForceMissing: []string{"prog:sock_ops"}})
+	if !errors.Is(err, bpf.ErrNotSupported) || !strings.Contains(err.Error(), "prog:sock_ops") {
+		t.Fatalf("Open with sock_ops forced off: %v, want ErrNotSupported naming it", err)
+	}
+	if _, err := os.Stat(pins); err == nil {
+		t.Error("a failed probe pinned something")
+	}
+
+	d, c, err := Open(Options{Cgroup: cg, PinDir: pins})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Name() != "ebpf" {
+		t.Errorf("Name = %q", d.Name())
+	}
+	if err := c.Uninstall(); err != nil {
+		t.Fatal(err)
 	}
 }
