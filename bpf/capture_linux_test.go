@@ -52,6 +52,13 @@ const helperEnv = "SIDELANE_BPFTEST_HELPER"
 func TestMain(m *testing.M) {
 	if mode := os.Getenv(helperEnv); mode == "origdst" {
 		os.Exit(origDstHelper(os.Args[len(os.Args)-1]))
+	} else if mode == "serve" {
+		l, err := net.Listen("tcp", os.Args[len(os.Args)-1])
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		serveListener(l)
 	} else if mode == "self" {
 		os.Exit(selfConnectHelper())
 	} else if mode == "udp" {
@@ -244,27 +251,31 @@ func (e *env) serve(nsName string, ip netip.Addr, port int) {
 		e.t.Fatal(err)
 	}
 	e.t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				h := sha256.New()
-				c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
-				n, _ := io.Copy(h, c)
-				if n > 0 {
-					// A streaming client: read the rest without deadline.
-					c.SetReadDeadline(time.Time{})
-					m, _ := io.Copy(h, c)
-					n += m
-				}
-				fmt.Fprintf(c, "peer=%s local=%s bytes=%d sha=%s\n", c.RemoteAddr(), c.LocalAddr(), n, hex.EncodeToString(h.Sum(nil)))
-			}()
+	go serveListener(l)
+}
+
+// serveListener answers every connection on l with "peer=<addr>
+// local=<addr>" and, when the client sent data, its byte count and sha256.
+func serveListener(l net.Listener) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
 		}
-	}()
+		go func() {
+			defer c.Close()
+			h := sha256.New()
+			c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+			n, _ := io.Copy(h, c)
+			if n > 0 {
+				// A streaming client: read the rest without deadline.
+				c.SetReadDeadline(time.Time{})
+				m, _ := io.Copy(h, c)
+				n += m
+			}
+			fmt.Fprintf(c, "peer=%s local=%s bytes=%d sha=%s\n", c.RemoteAddr(), c.LocalAddr(), n, hex.EncodeToString(h.Sum(nil)))
+		}()
+	}
 }
 
 // startSidecar runs haproxy as uid/gid 1337 in the pod netns and cgroup.
@@ -735,6 +746,64 @@ func TestShortcut(t *testing.T) {
 	}
 	if off.ShortcutBytes != on.ShortcutBytes {
 		t.Errorf("shortcut disabled, yet it carried %d more bytes", off.ShortcutBytes-on.ShortcutBytes)
+	}
+}
+
+// Two enrolled pods on the node: the sidecar's upstream connection and the
+// other pod's server socket (pod IP to pod IP) are shortcut as a pair.
+func TestShortcutBetweenPods(t *testing.T) {
+	e := newEnv(t)
+	e.startSidecar()
+	e.enroll(defaultSettings())
+	other, err := NetnsCookie("/var/run/netns/" + e.remNS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := PlanPod([]netip.Prefix{netip.PrefixFrom(remoteIP, 24), netip.PrefixFrom(remoteIP2, 24), netip.PrefixFrom(remoteIP6, 64)}, defaultSettings())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.cap.Put(other, p); err != nil {
+		t.Fatal(err)
+	}
+	// The other pod's server, born in the cgroup like a real pod's.
+	dst := ap(remoteIP, 7070)
+	srv := exec.Command("ip", "netns", "exec", e.remNS, os.Args[0], "-test.run=^$", dst.String())
+	srv.Env = append(os.Environ(), helperEnv+"=serve")
+	srv.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: e.cgfd}
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { srv.Process.Kill(); srv.Wait() }()
+	for i := 0; i < 100; i++ {
+		if out, _ := exec.Command("ip", "netns", "exec", e.remNS, "ss", "-Hltn", "sport = :7070").Output(); len(out) > 0 {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
+	out, err := e.app("stream", dst.String(), false).CombinedOutput()
+	if err != nil {
+		t.Fatalf("stream: %v: %s", err, out)
+	}
+	want := sha256.New()
+	for i := 0; i < streamChunks; i++ {
+		want.Write(chunk(i))
+	}
+	r := parseReply(t, string(out))
+	if r.peer.Addr() != sidecarSrc || r.bytes != streamChunks*16<<10 || r.sha != hex.EncodeToString(want.Sum(nil)) {
+		t.Fatalf("stream: server saw %s, %d bytes; want the sidecar, %d bytes intact", r.peer, r.bytes, streamChunks*16<<10)
+	}
+	// The server's reply went socket to socket into the sidecar.
+	got, err := e.cap.Counters(other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.ShortcutMessages == 0 {
+		t.Errorf("other pod's counters %+v: want its reply shortcut", got)
+	}
+	if err := e.cap.Delete(other); err != nil {
+		t.Fatal(err)
 	}
 }
 
