@@ -609,35 +609,28 @@ static __always_inline void record(void *ctx, const __u8 dst[16], __u16 dport, _
 /* connect_common decides for one TCP connect. It returns the verdict and, for
  * redirects, the new port; the caller rewrites the address. */
 static __always_inline enum verdict connect_common(struct bpf_sock_addr *ctx, const __u8 src[16], const __u8 dst[16],
-						   __u16 dport, __u16 family, __u16 *new_port, __u64 *rec_netns)
+						   __u16 dport, __u16 family, __u16 *new_port)
 {
 	__u64 netns = bpf_get_netns_cookie(ctx);
 	struct pod_config *pod = bpf_map_lookup_elem(&pods, &netns);
-	enum verdict v = PASS;
-
-	if (pod) {
-		v = decide_outbound(netns, pod, owner_ids(ctx), src, dst, dport);
-		count(netns, v);
-		switch (v) {
-		case REDIRECT_OUT:
-			*new_port = pod->outbound_port;
-			break;
-		case REDIRECT_IN_SELF:
-			*new_port = pod->inbound_port;
-			break;
-		case REDIRECT_DNS:
-			*new_port = pod->dns_port;
-			break;
-		default:
-			break;
-		}
-		if (v >= REDIRECT_OUT) {
-			*rec_netns = netns;
-			record(ctx, dst, dport, family, netns);
-			return v;
-		}
+	if (!pod)
+		return PASS;
+	enum verdict v = decide_outbound(netns, pod, owner_ids(ctx), src, dst, dport);
+	count(netns, v);
+	switch (v) {
+	case REDIRECT_OUT:
+		*new_port = pod->outbound_port;
+		break;
+	case REDIRECT_IN_SELF:
+		*new_port = pod->inbound_port;
+		break;
+	case REDIRECT_DNS:
+		*new_port = pod->dns_port;
+		break;
+	default:
+		return v;
 	}
-
+	record(ctx, dst, dport, family, netns);
 	return v;
 }
 
@@ -778,8 +771,7 @@ int sidelane_connect4(struct bpf_sock_addr *ctx)
 		s[3] = READ(sk->src_ip4);
 	__u16 dport = bpf_ntohs((__u16)ctx->user_port);
 	__u16 new_port = 0;
-	__u64 rec = 0;
-	enum verdict v = connect_common(ctx, src, dst, dport, AF_INET, &new_port, &rec);
+	enum verdict v = connect_common(ctx, src, dst, dport, AF_INET, &new_port);
 	if (v < REDIRECT_OUT)
 		return 1;
 	ctx->user_ip4 = bpf_htonl(0x7f000001);
@@ -811,9 +803,8 @@ int sidelane_connect6(struct bpf_sock_addr *ctx)
 	}
 	__u16 dport = bpf_ntohs((__u16)ctx->user_port);
 	__u16 new_port = 0;
-	__u64 rec = 0;
 	int mapped = is_v4mapped(dst);
-	enum verdict v = connect_common(ctx, src, dst, dport, mapped ? AF_INET : AF_INET6, &new_port, &rec);
+	enum verdict v = connect_common(ctx, src, dst, dport, mapped ? AF_INET : AF_INET6, &new_port);
 	if (v < REDIRECT_OUT)
 		return 1;
 	ctx->user_ip6[0] = 0;
