@@ -79,7 +79,10 @@ func runHelper(mode, addr string) int {
 		return 1
 	}
 	defer c.Close()
-	if mode == "stream" {
+	if mode != "stream" {
+		c.Write([]byte("D"))
+	} else {
+		c.Write([]byte("S"))
 		for i := 0; i < streamChunks; i++ {
 			if _, err := c.Write(chunk(i)); err != nil {
 				fmt.Fprintln(os.Stderr, err)
@@ -255,7 +258,9 @@ func (e *env) serve(nsName string, ip netip.Addr, port int) {
 }
 
 // serveListener answers every connection on l with "peer=<addr>
-// local=<addr>" and, when the client sent data, its byte count and sha256.
+// local=<addr>" and the byte count and sha256 of what the client sent.
+// Clients start with one byte: 'S' streams data until it half-closes,
+// anything else sends nothing more.
 func serveListener(l net.Listener) {
 	for {
 		c, err := l.Accept()
@@ -265,13 +270,12 @@ func serveListener(l net.Listener) {
 		go func() {
 			defer c.Close()
 			h := sha256.New()
-			c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
-			n, _ := io.Copy(h, c)
-			if n > 0 {
-				// A streaming client: read the rest without deadline.
+			var n int64
+			mode := make([]byte, 1)
+			c.SetReadDeadline(time.Now().Add(30 * time.Second))
+			if _, err := io.ReadFull(c, mode); err == nil && mode[0] == 'S' {
 				c.SetReadDeadline(time.Time{})
-				m, _ := io.Copy(h, c)
-				n += m
+				n, _ = io.Copy(h, c)
 			}
 			fmt.Fprintf(c, "peer=%s local=%s bytes=%d sha=%s\n", c.RemoteAddr(), c.LocalAddr(), n, hex.EncodeToString(h.Sum(nil)))
 		}()
@@ -553,6 +557,7 @@ func origDstHelper(addr string) int {
 		return 1
 	}
 	defer c.Close()
+	c.Read(make([]byte, 1)) // the client's mode byte, so closing sends no RST
 	raw, _ := c.(*net.TCPConn).SyscallConn()
 	show := func(a netip.AddrPort, err error) string {
 		if err != nil {
@@ -880,6 +885,7 @@ func (e *env) dialFromRemote(dst netip.AddrPort) (reply, error) {
 		}
 		defer c.Close()
 		c.SetDeadline(time.Now().Add(5 * time.Second))
+		c.Write([]byte("D"))
 		out, err = io.ReadAll(c)
 		return err
 	})
