@@ -522,7 +522,7 @@ type captureBackend interface {
 }
 
 func captureBackends() []captureBackend {
-	return []captureBackend{&istioReference{}, &sidelaneIPTables{}}
+	return []captureBackend{&istioReference{}, &sidelaneIPTables{}, &sidelaneEBPF{}}
 }
 
 func TestCapture(t *testing.T) {
