@@ -198,4 +198,3 @@ func newTestNS(t *testing.T) ns.NetNS {
 	})
 	return n
 }
-
