@@ -38,7 +38,7 @@ tools: ## build the reference CNI plugins, cnitool and the noop test plugin into
 	hack/install-tools.sh cni
 
 unit: build ## unit tests (privileged ones run as root)
-	$(GO) test -count=1 $$($(GO) list ./... | grep -v /conformance)
+	$(GO) test -count=1 $$($(GO) list ./... | grep -v -e /conformance -e /charts/)
 
 conformance: build tools ## CNI and capture conformance in real network namespaces; ends with "N passed, N failed"
 	$(GO) test -count=1 -v -timeout 20m ./conformance/ 2>&1 | tee $(BIN)/conformance.log | grep -E '^(=== RUN|--- (FAIL|SKIP)|.*[0-9]+ passed, [0-9]+ failed|FAIL|ok|PASS)' ; test $${PIPESTATUS[0]} -eq 0
@@ -47,12 +47,14 @@ fuzz: ## short runs of every fuzz target
 	$(GO) test -run='^$$' -fuzz='^FuzzParseConfig$$' -fuzztime=$(FUZZTIME) ./plugin/
 	$(GO) test -run='^$$' -fuzz='^FuzzParseArgs$$' -fuzztime=$(FUZZTIME) ./plugin/
 	$(GO) test -run='^$$' -fuzz='^FuzzDecodeRequest$$' -fuzztime=$(FUZZTIME) ./agent/cnirpc/
+	$(GO) test -run='^$$' -fuzz='^FuzzPlanInstall$$' -fuzztime=$(FUZZTIME) ./cni/
 
-test: lint unit conformance fuzz ## everything CI runs
+test: lint unit conformance fuzz chart ## everything CI runs
 	@echo "make test: all passed"
 
-chart: ## placeholder: helm lint, golden templates and server-side dry-run (issue: install-cni and Helm chart)
-	@echo "chart: not built yet (install-cni and Helm chart issue)"
+chart: ## helm lint, golden templates, schema and server-side strict dry-run of charts/sidelane
+	hack/install-tools.sh helm
+	$(GO) test -count=1 -v ./charts/sidelane/test/ 2>&1 | grep -E '^(=== RUN|--- (FAIL|SKIP)|\s+.*_test.go|FAIL|ok|PASS)'; test $${PIPESTATUS[0]} -eq 0
 
 e2e: ## placeholder: end-to-end tests on the local kube-apiserver harness (agent issue)
 	@echo "e2e: not built yet (agent issue)"
