@@ -172,6 +172,9 @@ func (l *List) Chain(e Entry) (*List, error) {
 		return nil, err
 	}
 	out, _ := l.Unchain()
+	if len(out.Plugins) == 0 {
+		return nil, fmt.Errorf("network %q: no plugin besides sidelane-cni; it needs a primary plugin before it", l.Name)
+	}
 	out.Plugins = append(out.Plugins, raw)
 	return out, nil
 }

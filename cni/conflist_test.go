@@ -65,6 +65,7 @@ func TestChain(t *testing.T) {
 		{name: "too old to chain", list: `{"cniVersion":"0.2.0","name":"n","plugins":[{"type":"bridge"}]}`, wantErr: "chaining needs 0.3.0"},
 		{name: "no cniVersion", list: `{"name":"n","plugins":[{"type":"bridge"}]}`, wantErr: "cniVersion is missing"},
 		{name: "newer than the plugin", list: `{"cniVersion":"1.2.0","name":"n","plugins":[{"type":"bridge"}]}`, wantErr: "up to 1.1.0"},
+		{name: "sidelane alone", list: `{"cniVersion":"1.0.0","name":"n","plugins":[` + stale + `]}`, wantErr: "needs a primary plugin"},
 		{name: "istio-cni", list: `{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge"},{"type":"istio-cni"}]}`, wantErr: "double capture"},
 	}
 	for _, tc := range tests {
