@@ -37,7 +37,7 @@ lint: ## gofmt and go vet
 tools: ## build the reference CNI plugins, cnitool and the noop test plugin into $(CACHE)/bin
 	hack/install-tools.sh cni
 
-unit: build ## unit tests (privileged ones run as root)
+unit: build tools ## unit tests (privileged ones run as root)
 	$(GO) test -count=1 $$($(GO) list ./... | grep -v -e /conformance -e /charts/)
 
 conformance: build tools ## CNI and capture conformance in real network namespaces; ends with "N passed, N failed"
