@@ -38,7 +38,7 @@ tools: ## build the reference CNI plugins, cnitool, the noop test plugin and Ist
 	hack/install-tools.sh cni istio
 
 unit: build tools ## unit tests (privileged ones run as root; some compare with pilot-agent)
-	$(GO) test -count=1 $$($(GO) list ./... | grep -v /conformance)
+	$(GO) test -count=1 $$($(GO) list ./... | grep -v -e /conformance -e /charts/)
 
 conformance: build tools ## CNI and capture conformance in real network namespaces; ends with "N passed, N failed"
 	$(GO) test -count=1 -json -timeout 30m ./conformance/ | tee $(BIN)/conformance.json | $(GO) run ./hack/testsummary
@@ -46,11 +46,12 @@ conformance: build tools ## CNI and capture conformance in real network namespac
 fuzz: ## a short, count-based run of every fuzz target in the module (FUZZTIME=100000x)
 	FUZZTIME=$(FUZZTIME) hack/fuzz.sh
 
-test: lint unit conformance fuzz ## everything CI runs
+test: lint unit conformance fuzz chart ## everything CI runs
 	@echo "make test: all passed"
 
-chart: ## placeholder: helm lint, golden templates and server-side dry-run (issue: install-cni and Helm chart)
-	@echo "chart: not built yet (install-cni and Helm chart issue)"
+chart: ## helm lint, golden templates, schema and server-side strict dry-run of charts/sidelane
+	hack/install-tools.sh helm
+	$(GO) test -count=1 -v ./charts/sidelane/test/ 2>&1 | grep -E '^(=== RUN|--- (FAIL|SKIP)|\s+.*_test.go|FAIL|ok|PASS)'; test $${PIPESTATUS[0]} -eq 0
 
 e2e: ## placeholder: end-to-end tests on the local kube-apiserver harness (agent issue)
 	@echo "e2e: not built yet (agent issue)"

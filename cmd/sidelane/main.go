@@ -24,6 +24,7 @@ type subcommand struct {
 func subcommands() []subcommand {
 	return []subcommand{
 		{"agent", "run the node agent", runAgent},
+		{"install-cni", "install sidelane-cni into the node's CNI config and keep it there", runInstallCNI},
 		{"version", "print the version", func(context.Context, []string) error {
 			fmt.Println("sidelane", buildinfo.Version)
 			return nil
