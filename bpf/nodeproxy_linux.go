@@ -31,7 +31,8 @@ type NodeProxy struct {
 	Port uint16
 }
 
-func (n NodeProxy) check() error {
+// Validate reports every invalid field of n.
+func (n NodeProxy) Validate() error {
 	var errs []error
 	if n.Netns == 0 {
 		errs = append(errs, errors.New("netns: must not be 0"))
@@ -74,7 +75,7 @@ func nativeOf(b []byte) uint32 { return binary.NativeEndian.Uint32(b) }
 // connections). An invalid n is an error naming the field and changes
 // nothing. ClearNodeProxy removes it: per-node pods' connects then fail.
 func (c *Capture) SetNodeProxy(n NodeProxy) error {
-	if err := n.check(); err != nil {
+	if err := n.Validate(); err != nil {
 		return fmt.Errorf("node proxy: %w", err)
 	}
 	var zero uint32

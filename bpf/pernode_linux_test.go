@@ -650,9 +650,9 @@ func TestNodeProxyCheck(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			n := good
 			tt.mut(&n)
-			err := n.check()
+			err := n.Validate()
 			if (err == nil) != (tt.wantErr == "") || (err != nil && !strings.Contains(err.Error(), tt.wantErr)) {
-				t.Errorf("check() = %v, want error containing %q", err, tt.wantErr)
+				t.Errorf("Validate() = %v, want error containing %q", err, tt.wantErr)
 			}
 		})
 	}
