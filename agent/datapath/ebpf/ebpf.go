@@ -243,3 +243,21 @@ type NodeProxyOptions struct {
 	// /proc/self/ns/net: the agent runs with hostNetwork, like the proxy).
 	HostNetns string
 }
+
+// ReportNodeProxy reads the per-node mode counters and logs a warning when
+// connects were refused since prev (the node proxy is down, or not
+// configured). The agent calls it from its metrics loop with the previous
+// result and exports the returned counters.
+func (d *Datapath) ReportNodeProxy(prev bpf.NodeCounters) (bpf.NodeCounters, error) {
+	cur, err := d.pods.NodeCounters()
+	if err != nil {
+		return prev, err
+	}
+	if n := cur.Refused - prev.Refused; cur.Refused > prev.Refused {
+		d.log.Warn("per-node pods' connections refused: node proxy down or unreachable (failing closed)", "refused", n)
+	}
+	if n := cur.Unconfigured - prev.Unconfigured; cur.Unconfigured > prev.Unconfigured {
+		d.log.Warn("per-node pods' connections refused: no node proxy configured", "refused", n)
+	}
+	return cur, nil
+}
