@@ -45,6 +45,15 @@ var (
 
 const nodeInboundPort = 15006
 
+// nodeGW6 is the bridge's IPv6 address; pods get fd10::<last byte of IPv4>.
+var nodeGW6 = netip.MustParseAddr("fd10::1")
+
+func v6Of(a netip.Addr) netip.Addr {
+	b := nodeGW6.As16()
+	b[15] = a.As4()[3]
+	return netip.AddrFrom16(b)
+}
+
 type nodeEnv struct {
 	t        *testing.T
 	cgroup   string
@@ -118,6 +127,7 @@ func newNodeEnv(t *testing.T) *nodeEnv {
 		{"ip", "-n", h, "link", "set", "lo", "up"},
 		{"ip", "-n", h, "link", "add", "br0", "type", "bridge"},
 		{"ip", "-n", h, "addr", "add", nodeGW.String() + "/24", "dev", "br0"},
+		{"ip", "-n", h, "addr", "add", nodeGW6.String() + "/64", "dev", "br0", "nodad"},
 		{"ip", "-n", h, "link", "set", "br0", "up"},
 		{"ip", "netns", "exec", h, "sysctl", "-qw", "net.ipv4.ip_forward=1"},
 		{"ip", "-n", h, "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", e.remote},
@@ -137,6 +147,8 @@ func newNodeEnv(t *testing.T) *nodeEnv {
 			[]string{"ip", "-n", pn, "addr", "add", e.ips[p].String() + "/24", "dev", "eth0"},
 			[]string{"ip", "-n", pn, "link", "set", "eth0", "up"},
 			[]string{"ip", "-n", pn, "route", "add", "default", "via", nodeGW.String()},
+			[]string{"ip", "-n", pn, "addr", "add", v6Of(e.ips[p]).String() + "/64", "dev", "eth0", "nodad"},
+			[]string{"ip", "-n", pn, "-6", "route", "add", "default", "via", nodeGW6.String()},
 		)
 	}
 	for _, c := range cmds {
@@ -201,7 +213,8 @@ func (e *nodeEnv) listenIn(nsName string, port int) net.Listener {
 
 func (e *nodeEnv) enrollNode(p string) {
 	e.t.Helper()
-	pod, err := PlanNodePod([]netip.Prefix{netip.PrefixFrom(e.ips[p], 24)}, NodePodSettings{InboundPort: nodeInboundPort})
+	pod, err := PlanNodePod([]netip.Prefix{netip.PrefixFrom(e.ips[p], 24), netip.PrefixFrom(v6Of(e.ips[p]), 64)},
+		NodePodSettings{InboundPort: nodeInboundPort})
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -655,5 +668,47 @@ func TestNodeProxyCheck(t *testing.T) {
 				t.Errorf("Validate() = %v, want error containing %q", err, tt.wantErr)
 			}
 		})
+	}
+}
+
+// IPv6: the node proxy (a helper printing what SO_ORIGINAL_DST answers; haproxy
+// reads it for IPv4 only) listens on the bridge's IPv6 address in the host
+// netns. Without an IPv6 node proxy address, a per-node pod's IPv6 connect
+// is refused.
+func TestPerNodeModeIPv6(t *testing.T) {
+	e := newNodeEnv(t)
+	e.enrollNode("A")
+	dst := netip.AddrPortFrom(v6Of(plainP), 8080)
+	if _, err := e.dial("A", dst); err == nil || !strings.Contains(err.Error(), "operation not permitted") {
+		t.Fatalf("IPv6 connect with an IPv4-only node proxy: %v, want operation not permitted", err)
+	}
+	np := e.nodeProxy()
+	np.IPv6 = nodeGW6
+	if err := e.cap.SetNodeProxy(np); err != nil {
+		t.Fatal(err)
+	}
+	l := exec.Command("ip", "netns", "exec", e.host, os.Args[0], "-test.run=^$", netip.AddrPortFrom(nodeGW6, 15001).String())
+	l.Env = append(os.Environ(), helperEnv+"=origdst")
+	l.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: e.cgfd}
+	var out syncBuffer
+	l.Stdout, l.Stderr = &out, &out
+	if err := l.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { l.Process.Kill(); l.Wait() }()
+	if !waitListenIn(e.host, 15001, true) {
+		t.Fatalf("helper did not listen: %s", out.String())
+	}
+	if _, err := e.dial("A", dst); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Wait(); err != nil {
+		t.Fatalf("node proxy helper: %v: %s", err, out.String())
+	}
+	if got, want := strings.TrimSpace(out.String()), "v4=error v6="+dst.String(); got != want {
+		t.Errorf("SO_ORIGINAL_DST in the host netns: %q, want %q", got, want)
+	}
+	if n := drained(t, e.cap.objs.OrigByTuple); n != 0 {
+		t.Errorf("orig_by_tuple: %d entries left", n)
 	}
 }
