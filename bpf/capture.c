@@ -58,6 +58,7 @@ char __license[] SEC("license") = "Dual BSD/GPL";
 #define POD_DNS 0x4          /* DNS capture to dns_port */
 #define POD_LOOPBACK_IN 0x8  /* an included CIDR is loopback: capture the app's lo traffic too */
 #define POD_NO_IPV6 0x10     /* leave IPv6 alone (dual-stack pod without ISTIO_DUAL_STACK) */
+#define POD_NODE 0x20        /* per-node mode: no sidecar, the node proxy in the host netns */
 
 #define MAX_IDS 4
 
@@ -115,8 +116,30 @@ struct orig_dst {
 	__u8 addr[16];
 	__u16 port;
 	__u16 family;
-	__u32 pad;
+	__u32 flags; /* ORIG_* */
 	__u64 netns;
+};
+
+/* orig_dst.flags */
+#define ORIG_NODE 0x1 /* redirected to the node proxy (per-node mode) */
+
+/* Per-node mode: where the node proxy listens and which netns it lives in.
+ * Written by the agent (node_proxy_cfg[0]); all zero means "no node proxy
+ * configured", and per-node pods' connects then fail (EPERM) rather than
+ * go out uncaptured. Addresses in network order. */
+struct node_proxy {
+	__u64 netns;   /* cookie of the netns the proxy's sockets are in (the host's) */
+	__u32 ip4;     /* outbound listener address (IPv4), reachable from pods */
+	__u32 ip6[4];  /* same for IPv6; all zero: IPv6 connects of per-node pods fail */
+	__u16 port;    /* outbound listener port (host order) */
+	__u16 pad;
+};
+
+/* Per-node mode counters (per CPU; the agent sums them). */
+struct node_stats {
+	__u64 redirected;   /* connects steered to the node proxy */
+	__u64 refused;      /* of those, never established: proxy down (fail closed) */
+	__u64 unconfigured; /* connects denied because no node proxy is configured */
 };
 
 /* A connection as the connecting socket sees it. Ports in host order. */
@@ -207,6 +230,22 @@ struct {
 	__type(value, struct counters);
 } pod_counters SEC(".maps");
 
+struct {
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct node_proxy);
+} node_proxy_cfg SEC(".maps");
+
+struct {
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct node_stats);
+} node_counters SEC(".maps");
+
 /* Global switches written by the agent (settings[0]). */
 struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -246,7 +285,34 @@ enum verdict {
 	REDIRECT_OUT,
 	REDIRECT_IN_SELF, /* the proxy calling its own pod IP: Istio's ISTIO_IN_REDIRECT */
 	REDIRECT_DNS,
+	REDIRECT_NODE, /* per-node mode: to the node proxy in the host netns */
+	DENY,          /* refuse the connect (per-node pod, no node proxy configured) */
 };
+
+static __always_inline struct node_proxy *get_node_proxy(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&node_proxy_cfg, &zero);
+}
+
+#define NODE_REDIRECTED 0
+#define NODE_REFUSED 1
+#define NODE_UNCONFIGURED 2
+
+static __always_inline void node_count(int field)
+{
+	__u32 zero = 0;
+	struct node_stats *s = bpf_map_lookup_elem(&node_counters, &zero);
+	if (!s)
+		return;
+	if (field == NODE_REDIRECTED)
+		s->redirected++;
+	else if (field == NODE_REFUSED)
+		s->refused++;
+	else
+		s->unconfigured++;
+}
+
 
 static __always_inline void count(__u64 netns, int field)
 {
@@ -339,6 +405,18 @@ static __always_inline int is_passthrough_src(const __u8 a[16])
 	if (is_v4mapped(a))
 		return w[3] == bpf_htonl(0x7f000006);
 	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == bpf_htonl(6);
+}
+
+/* is_node_proxy: a is the node proxy's address (v4-mapped for IPv4). */
+static __always_inline int is_node_proxy(const struct node_proxy *np, const __u8 a[16])
+{
+	const __u32 *w = (const __u32 *)a;
+	if (!np)
+		return 0;
+	if (is_v4mapped(a))
+		return np->ip4 && w[3] == np->ip4;
+	return (np->ip6[0] | np->ip6[1] | np->ip6[2] | np->ip6[3]) && w[0] == np->ip6[0] && w[1] == np->ip6[1] &&
+	       w[2] == np->ip6[2] && w[3] == np->ip6[3];
 }
 
 /* The socket's owner, as iptables' owner match sees it: the fsuid/fsgid of
@@ -548,6 +626,25 @@ int sidelane_inbound(struct __sk_buff *skb)
 	__u16 dport = bpf_ntohs(tcp->dest);
 	if (!pod || !inbound_captured(netns, pod, dport))
 		return TC_ACT_OK;
+	/* Per-node pods: connections from the node proxy's address are the
+	 * proxy's own upstream legs (already through the proxy: never twice)
+	 * or come from the host netns (kubelet probes, host-network
+	 * processes), which are trusted like the proxy itself. Everything else
+	 * (other nodes, other pods on this node, sidecars) goes to the node
+	 * proxy's inbound listener in this pod's netns. */
+	if (pod->flags & POD_NODE) {
+		struct node_proxy *np = get_node_proxy();
+		__u8 src[16] = {};
+		__u32 *sw = (__u32 *)src;
+		if (tlen == sizeof(t.ipv4)) {
+			sw[2] = bpf_htonl(0xffff);
+			sw[3] = t.ipv4.saddr;
+		} else {
+			__builtin_memcpy(src, t.ipv6.saddr, 16);
+		}
+		if (is_node_proxy(np, src))
+			return TC_ACT_OK;
+	}
 	if ((pod->flags & POD_NO_IPV6) && tlen != sizeof(t.ipv4))
 		return TC_ACT_OK;
 
@@ -598,12 +695,36 @@ int sidelane_inbound(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
-static __always_inline void record(void *ctx, const __u8 dst[16], __u16 dport, __u16 family, __u64 netns)
+static __always_inline void record_flags(void *ctx, const __u8 dst[16], __u16 dport, __u16 family, __u64 netns,
+					 __u32 flags)
 {
-	struct orig_dst o = {.port = dport, .family = family, .netns = netns};
+	struct orig_dst o = {.port = dport, .family = family, .flags = flags, .netns = netns};
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	__builtin_memcpy(o.addr, dst, 16);
 	bpf_map_update_elem(&orig_by_cookie, &cookie, &o, BPF_ANY);
+}
+
+static __always_inline void record(void *ctx, const __u8 dst[16], __u16 dport, __u16 family, __u64 netns)
+{
+	record_flags(ctx, dst, dport, family, netns, 0);
+}
+
+/* Per-node mode, outbound. The pod has no proxy of its own, so there are no
+ * owner rules: everything leaving the pod goes to the node proxy except
+ * traffic that stays inside the pod (loopback, its own IPs), connects to
+ * the node proxy itself, and the pod's exclusions. The node proxy's own
+ * upstream connections are never captured because they are made in the
+ * host netns, which is never enrolled: the proxy is identified by where it
+ * runs, not by a uid, so no uid is reserved on the node and a host process
+ * that happens to run as 1337 gains nothing. */
+static __always_inline enum verdict decide_node(__u64 netns, const struct node_proxy *np, const __u8 dst[16],
+						__u16 dport)
+{
+	if (is_loopback(dst) || cidr_match(netns, CIDR_LOCAL, dst) || is_node_proxy(np, dst))
+		return PASS;
+	if (port_match(netns, PORT_EXCLUDE_OUT, dport) || cidr_match(netns, CIDR_EXCLUDE_OUT, dst))
+		return PASS_EXCLUDED;
+	return REDIRECT_OUT;
 }
 
 /* connect_common decides for one TCP connect. It returns the verdict and, for
@@ -615,6 +736,26 @@ static __always_inline enum verdict connect_common(struct bpf_sock_addr *ctx, co
 	struct pod_config *pod = bpf_map_lookup_elem(&pods, &netns);
 	if (!pod)
 		return PASS;
+	if (pod->flags & POD_NODE) {
+		struct node_proxy *np = get_node_proxy();
+		enum verdict v = decide_node(netns, np, dst, dport);
+		count(netns, v);
+		if (v != REDIRECT_OUT)
+			return v;
+		/* Fail closed: without a configured node proxy (for this
+		 * family) the connect is refused, never sent uncaptured. */
+		if (!np || !np->netns || !np->port ||
+		    (family == AF_INET ? !np->ip4 : !(np->ip6[0] | np->ip6[1] | np->ip6[2] | np->ip6[3]))) {
+			node_count(NODE_UNCONFIGURED);
+			return DENY;
+		}
+		*new_port = np->port;
+		/* Keyed by the host netns: that is where the proxy's accepted
+		 * socket asks for SO_ORIGINAL_DST. */
+		record_flags(ctx, dst, dport, family, np->netns, ORIG_NODE);
+		node_count(NODE_REDIRECTED);
+		return REDIRECT_NODE;
+	}
 	enum verdict v = decide_outbound(netns, pod, owner_ids(ctx), src, dst, dport);
 	count(netns, v);
 	switch (v) {
@@ -772,8 +913,18 @@ int sidelane_connect4(struct bpf_sock_addr *ctx)
 	__u16 dport = bpf_ntohs((__u16)ctx->user_port);
 	__u16 new_port = 0;
 	enum verdict v = connect_common(ctx, src, dst, dport, AF_INET, &new_port);
+	if (v == DENY)
+		return 0;
 	if (v < REDIRECT_OUT)
 		return 1;
+	if (v == REDIRECT_NODE) {
+		struct node_proxy *np = get_node_proxy();
+		if (!np)
+			return 0;
+		ctx->user_ip4 = np->ip4;
+		ctx->user_port = bpf_htons(new_port);
+		return 1;
+	}
 	ctx->user_ip4 = bpf_htonl(0x7f000001);
 	ctx->user_port = bpf_htons(new_port);
 	return 1;
@@ -805,8 +956,28 @@ int sidelane_connect6(struct bpf_sock_addr *ctx)
 	__u16 new_port = 0;
 	int mapped = is_v4mapped(dst);
 	enum verdict v = connect_common(ctx, src, dst, dport, mapped ? AF_INET : AF_INET6, &new_port);
+	if (v == DENY)
+		return 0;
 	if (v < REDIRECT_OUT)
 		return 1;
+	if (v == REDIRECT_NODE) {
+		struct node_proxy *np = get_node_proxy();
+		if (!np)
+			return 0;
+		if (mapped) {
+			ctx->user_ip6[0] = 0;
+			ctx->user_ip6[1] = 0;
+			ctx->user_ip6[2] = bpf_htonl(0xffff);
+			ctx->user_ip6[3] = np->ip4;
+		} else {
+			ctx->user_ip6[0] = np->ip6[0];
+			ctx->user_ip6[1] = np->ip6[1];
+			ctx->user_ip6[2] = np->ip6[2];
+			ctx->user_ip6[3] = np->ip6[3];
+		}
+		ctx->user_port = bpf_htons(new_port);
+		return 1;
+	}
 	ctx->user_ip6[0] = 0;
 	ctx->user_ip6[1] = 0;
 	ctx->user_ip6[2] = mapped ? bpf_htonl(0xffff) : 0;
@@ -937,6 +1108,12 @@ int sidelane_sockops(struct bpf_sock_ops *skops)
 		sockops_tuple(skops, &k);
 		struct orig_dst *o = bpf_map_lookup_elem(&orig_by_cookie, &cookie);
 		if (o) {
+			/* A connect to the node proxy that closes without ever
+			 * being established: the proxy is down (RST) or
+			 * unreachable. The pod got an error, not a direct
+			 * connection; count it for the agent's metric. */
+			if ((o->flags & ORIG_NODE) && skops->args[0] == BPF_TCP_SYN_SENT)
+				node_count(NODE_REFUSED);
 			struct tuple_key tk = k;
 			tk.netns = o->netns;
 			bpf_map_delete_elem(&orig_by_tuple, &tk);

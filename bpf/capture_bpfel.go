@@ -34,12 +34,28 @@ type captureCounters struct {
 	ShortcutBytes   uint64
 }
 
+type captureNodeProxy struct {
+	_     structs.HostLayout
+	Netns uint64
+	Ip4   uint32
+	Ip6   [4]uint32
+	Port  uint16
+	Pad   uint16
+}
+
+type captureNodeStats struct {
+	_            structs.HostLayout
+	Redirected   uint64
+	Refused      uint64
+	Unconfigured uint64
+}
+
 type captureOrigDst struct {
 	_      structs.HostLayout
 	Addr   [16]uint8
 	Port   uint16
 	Family uint16
-	Pad    uint32
+	Flags  uint32
 	Netns  uint64
 }
 
@@ -80,6 +96,8 @@ type captureTupleKey struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	captureMapCidrs                 = "cidrs"
+	captureMapNodeCounters          = "node_counters"
+	captureMapNodeProxyCfg          = "node_proxy_cfg"
 	captureMapOrigByCookie          = "orig_by_cookie"
 	captureMapOrigByTuple           = "orig_by_tuple"
 	captureMapPairCookies           = "pair_cookies"
@@ -166,6 +184,8 @@ type captureProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type captureMapSpecs struct {
 	Cidrs        *ebpf.MapSpec `ebpf:"cidrs"`
+	NodeCounters *ebpf.MapSpec `ebpf:"node_counters"`
+	NodeProxyCfg *ebpf.MapSpec `ebpf:"node_proxy_cfg"`
 	OrigByCookie *ebpf.MapSpec `ebpf:"orig_by_cookie"`
 	OrigByTuple  *ebpf.MapSpec `ebpf:"orig_by_tuple"`
 	PairCookies  *ebpf.MapSpec `ebpf:"pair_cookies"`
@@ -204,6 +224,8 @@ func (o *captureObjects) Close() error {
 // It can be passed to loadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type captureMaps struct {
 	Cidrs        *ebpf.Map `ebpf:"cidrs"`
+	NodeCounters *ebpf.Map `ebpf:"node_counters"`
+	NodeProxyCfg *ebpf.Map `ebpf:"node_proxy_cfg"`
 	OrigByCookie *ebpf.Map `ebpf:"orig_by_cookie"`
 	OrigByTuple  *ebpf.Map `ebpf:"orig_by_tuple"`
 	PairCookies  *ebpf.Map `ebpf:"pair_cookies"`
@@ -218,6 +240,8 @@ type captureMaps struct {
 func (m *captureMaps) Close() error {
 	return _CaptureClose(
 		m.Cidrs,
+		m.NodeCounters,
+		m.NodeProxyCfg,
 		m.OrigByCookie,
 		m.OrigByTuple,
 		m.PairCookies,

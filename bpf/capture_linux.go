@@ -191,7 +191,7 @@ func (c *Capture) Uninstall() error {
 	}))
 	for _, m := range []*ebpf.Map{c.objs.Pods, c.objs.Cidrs, c.objs.Ports, c.objs.PodIps,
 		c.objs.OrigByCookie, c.objs.OrigByTuple, c.objs.PodCounters, c.objs.Settings,
-		c.objs.SockPairs, c.objs.PairCookies} {
+		c.objs.SockPairs, c.objs.PairCookies, c.objs.NodeProxyCfg, c.objs.NodeCounters} {
 		if m != nil {
 			errs = append(errs, m.Unpin())
 		}
@@ -399,6 +399,19 @@ func ignoreNotExist(err error) error {
 func (c *Capture) Delete(netns uint64) error {
 	var errs []error
 	errs = append(errs, ignoreNotExist(c.objs.Pods.Delete(&netns)))
+	// A per-node pod's connections to the node proxy are keyed by the
+	// proxy's netns, not the pod's: find them by the pod's addresses,
+	// read before deleteStale removes them.
+	var ik [16]byte
+	var owner uint64
+	podIPs := map[[16]byte]bool{}
+	ipIt := c.objs.PodIps.Iterate()
+	for ipIt.Next(&ik, &owner) {
+		if owner == netns {
+			podIPs[ik] = true
+		}
+	}
+	errs = append(errs, ipIt.Err())
 	errs = append(errs, c.detachInbound(netns))
 	errs = append(errs, c.deleteStale(netns, nil, nil, nil))
 	errs = append(errs, ignoreNotExist(c.objs.PodCounters.Delete(&netns)))
@@ -407,7 +420,7 @@ func (c *Capture) Delete(netns uint64) error {
 	var staleT []captureTupleKey
 	it := c.objs.OrigByTuple.Iterate()
 	for it.Next(&tk, &od) {
-		if tk.Netns == netns {
+		if tk.Netns == netns || (od.Flags&origNode != 0 && podIPs[tk.Src]) {
 			staleT = append(staleT, tk)
 		}
 	}

@@ -17,3 +17,10 @@ type Counters struct {
 	ShortcutMessages   uint64 // sends moved socket-to-socket by the shortcut
 	ShortcutBytes      uint64 // bytes in those sends
 }
+
+// NodeCounters are the per-node mode totals of the node (all per-node pods).
+type NodeCounters struct {
+	Redirected   uint64 // connects steered to the node proxy
+	Refused      uint64 // of those, never established: the node proxy was down or unreachable
+	Unconfigured uint64 // connects refused because no node proxy address was set
+}

@@ -211,3 +211,51 @@ func portPrefixes(first, last uint16) []portPrefix {
 	}
 	return out
 }
+
+// flagNode marks a per-node pod (capture.c's POD_NODE).
+const flagNode uint16 = 0x20
+
+// NodePodSettings is what a pod in per-node mode (no sidecar; the node
+// proxy captures for it) needs beyond its addresses.
+type NodePodSettings struct {
+	// InboundPort is where the node proxy's inbound listener for this pod
+	// listens inside the pod's netns (Envoy: a listener whose address has
+	// network_namespace_filepath set to the pod's netns). Required.
+	InboundPort uint16
+	// Exclusions, as Istio's annotations for sidecars.
+	ExcludeOutboundCIDRs []netip.Prefix
+	ExcludeOutboundPorts []capture.PortRange
+	ExcludeInboundPorts  []capture.PortRange
+}
+
+// PlanNodePod checks s and turns it into a per-node Pod: every outbound
+// TCP connection leaving the pod goes to the node proxy (whose address is
+// node-wide, see Capture.SetNodeProxy), every inbound one to InboundPort,
+// except the exclusions. Any invalid field is an error naming it.
+func PlanNodePod(ips []netip.Prefix, s NodePodSettings) (Pod, error) {
+	if s.InboundPort == 0 {
+		return Pod{}, errors.New("inboundPort: must not be 0")
+	}
+	// The sidecar planner does the validation and encoding; the fields a
+	// per-node pod does not use stay zero (no proxy uids: the proxy is not
+	// in the pod).
+	p, err := PlanPod(ips, capture.Settings{
+		OutboundPort:         s.InboundPort, // unused in per-node mode, must be non-zero
+		InboundPort:          s.InboundPort,
+		OutboundAllCIDRs:     true,
+		InboundAllPorts:      true,
+		DualStack:            true,
+		ExcludeOutboundCIDRs: s.ExcludeOutboundCIDRs,
+		ExcludeOutboundPorts: s.ExcludeOutboundPorts,
+		ExcludeInboundPorts:  s.ExcludeInboundPorts,
+	})
+	if err != nil {
+		return Pod{}, err
+	}
+	p.Flags |= flagNode
+	return p, nil
+}
+
+// origNode is capture.c's ORIG_NODE: an orig_dst recorded for a per-node
+// pod's connection to the node proxy.
+const origNode uint32 = 0x1

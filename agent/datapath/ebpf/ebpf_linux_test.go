@@ -164,3 +164,86 @@ func TestOpenFallsBackWhenAFeatureIsMissing(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// Per-node mode through the backend: Open with a node proxy, a pod moved
+// sidecar -> node -> none -> node on the same entry, Verify following each
+// mode, nothing left after Unenroll. (The traffic itself is tested in
+// package bpf, TestPerNodeMode.)
+func TestNodeModeLifecycle(t *testing.T) {
+	testenv.Privileged(t)
+	mnt, err := bpf.CgroupV2Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cg := filepath.Join(mnt, testenv.UniqueName("sidelane-test-"))
+	if err := os.Mkdir(cg, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Remove(cg) })
+	hostNS, podNS := testenv.UniqueName("slhost"), testenv.UniqueName("sldp")
+	for _, n := range []string{hostNS, podNS} {
+		if out, err := exec.Command("ip", "netns", "add", n).CombinedOutput(); err != nil {
+			t.Fatalf("ip netns add: %v: %s", err, out)
+		}
+		t.Cleanup(func() { exec.Command("ip", "netns", "del", n).Run() })
+	}
+	if out, err := exec.Command("ip", "-n", podNS, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1").CombinedOutput(); err != nil {
+		t.Fatalf("add eth0: %v: %s", err, out)
+	}
+	pins := filepath.Join("/sys/fs/bpf", testenv.UniqueName("sidelane-test-"))
+	if _, _, err := Open(Options{Cgroup: cg, PinDir: pins, NodeProxy: &NodeProxyOptions{HostNetns: "/var/run/netns/" + hostNS}}); err == nil ||
+		!strings.Contains(err.Error(), "at least one address") {
+		t.Fatalf("Open with a node proxy without address: %v, want an error naming it", err)
+	}
+	if _, err := os.Stat(pins); err == nil {
+		t.Fatal("Open with bad node proxy settings pinned something")
+	}
+	d, c, err := Open(Options{Cgroup: cg, PinDir: pins, NodeProxy: &NodeProxyOptions{
+		IPv4: netip.MustParseAddr("10.9.0.1"), InboundPort: 15106, HostNetns: "/var/run/netns/" + hostNS}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := c.Uninstall(); err != nil {
+			t.Error(err)
+		}
+	})
+	ctx := context.Background()
+	s := capture.Settings{OutboundPort: 15001, InboundPort: 15006, OutboundAllCIDRs: true, InboundAllPorts: true,
+		ProxyUIDs: []uint32{1337}}
+	e := store.Entry{Key: store.Key{IfName: "eth0"}, Netns: "/var/run/netns/" + podNS, Mode: modeSidecar, Capture: &s,
+		IPs: []netip.Prefix{netip.MustParsePrefix("10.9.0.2/24")}}
+	for _, mode := range []string{modeSidecar, modeNode, "none", modeNode} {
+		e.Mode = mode
+		if err := d.Enroll(ctx, &e); err != nil {
+			t.Fatalf("Enroll %s: %v", mode, err)
+		}
+		if err := d.Verify(ctx, e); err != nil {
+			t.Fatalf("Verify %s: %v", mode, err)
+		}
+		got, _ := c.Enrolled()
+		if enrolled := len(got) == 1; enrolled != (mode != "none") {
+			t.Fatalf("mode %s: enrolled %v", mode, got)
+		}
+		if mode != "none" {
+			// The other mode's state is not what is in the maps.
+			other := e
+			other.Mode = map[string]string{modeSidecar: modeNode, modeNode: modeSidecar}[mode]
+			if err := d.Verify(ctx, other); err == nil {
+				t.Errorf("mode %s: Verify passed for mode %s", mode, other.Mode)
+			}
+			if err := c.VerifyInbound(e.NetnsCookie, "eth0"); err != nil {
+				t.Errorf("mode %s: %v", mode, err)
+			}
+		}
+	}
+	if _, err := d.NodeCounters(); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Unenroll(ctx, e); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := c.Enrolled(); len(got) != 0 {
+		t.Fatalf("Enrolled after Unenroll = %v", got)
+	}
+}

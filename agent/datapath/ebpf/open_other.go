@@ -15,6 +15,7 @@ type Options struct {
 	PinDir         string
 	EnableShortcut bool
 	ForceMissing   []string
+	NodeProxy      *NodeProxyOptions
 	Log            *slog.Logger
 }
 
