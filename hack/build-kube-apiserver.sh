@@ -14,6 +14,16 @@ if [[ -x "${OUT}/kube-apiserver" && -x "${OUT}/kubectl" ]]; then
   exit 0
 fi
 
+# Test binaries running in parallel may all find the binary missing: one
+# builds, the others wait for it and then find it cached.
+mkdir -p "${CACHE}"
+exec 9>"${CACHE}/.k8s-build-${K8S_VERSION}.lock"
+flock 9
+if [[ -x "${OUT}/kube-apiserver" && -x "${OUT}/kubectl" ]]; then
+  echo "kube-apiserver ${K8S_VERSION}: built by a concurrent run, cached in ${OUT}"
+  exit 0
+fi
+
 echo "kube-apiserver ${K8S_VERSION}: building from the module proxy (first time takes ~14 min on 2 cores)"
 start=$(date +%s)
 work="${CACHE}/k8s-build-${K8S_VERSION}"
