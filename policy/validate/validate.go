@@ -24,10 +24,10 @@ import (
 // Limits shared with the CRD schema (maxItems / maxLength), which keep the
 // CEL cost estimate bounded and a single policy's Envoy config reasonable.
 const (
-	MaxPorts       = 64
-	MaxRules       = 64
-	MaxPeers       = 64
-	MaxHTTP        = 64
+	MaxPorts       = 16
+	MaxRules       = 16
+	MaxPeers       = 16
+	MaxHTTP        = 16
 	MaxHeaders     = 16
 	MaxListItems   = 256
 	MaxRegexLength = 1024
@@ -153,7 +153,7 @@ func Principal(s string) error {
 		return fmt.Errorf("\"*\" is allowed only at the end")
 	}
 	td, _, _ := strings.Cut(body, "/")
-	if td == "" && !strings.HasSuffix(rest, "*") {
+	if td == "" && rest != "*" { // "spiffe://*" alone means any SPIFFE ID
 		return fmt.Errorf("trust domain is empty")
 	}
 	for _, r := range body {

@@ -54,6 +54,7 @@ func TestPrincipal(t *testing.T) {
 		"cluster.local/ns/a/sa/b":          false,
 		"spiffe://td/ns/*/sa/b":            false,
 		"spiffe://td/ns/a b":               false,
+		"spiffe:///ns/*":                   false,
 	} {
 		if err := Principal(s); (err == nil) != ok {
 			t.Errorf("Principal(%q) = %v, want ok=%v", s, err, ok)
