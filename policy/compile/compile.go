@@ -509,3 +509,21 @@ func sortedKeys(m map[string]bool) []string {
 	sort.Strings(out)
 	return out
 }
+
+// ForPod returns the group holding pod namespace/name: the policies that
+// apply to it and its protected ports (what `sidelane explain` shows).
+// False means no valid policy selects the pod.
+func (r *Result) ForPod(namespace, name string) (*Group, bool) {
+	for i := range r.Groups {
+		g := &r.Groups[i]
+		if g.Namespace != namespace {
+			continue
+		}
+		for _, p := range g.Pods {
+			if p.Name == name {
+				return g, true
+			}
+		}
+	}
+	return nil, false
+}

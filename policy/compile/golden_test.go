@@ -143,3 +143,28 @@ func TestOptionsRejected(t *testing.T) {
 		}
 	}
 }
+
+func TestForPod(t *testing.T) {
+	in, err := os.ReadFile("testdata/combination.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tc testCase
+	if err := yaml.UnmarshalStrict(in, &tc); err != nil {
+		t.Fatal(err)
+	}
+	res, err := Compile(tc.Policies, tc.Inventory, tc.Options)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, ok := res.ForPod("shop", "api-0")
+	if !ok || strings.Join(g.Policies, ",") != "health-everywhere,reads,writes-from-web" || len(g.Ports) != 2 {
+		t.Errorf("api-0: %v %+v", ok, g)
+	}
+	if _, ok := res.ForPod("ops", "api-0"); ok {
+		t.Error("found a pod in the wrong namespace")
+	}
+	if _, ok := res.ForPod("batch", "job-0"); ok {
+		t.Error("job-0 is selected by no policy")
+	}
+}
