@@ -11,6 +11,7 @@ import (
 	"os"
 	"testing"
 
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/protobuf/encoding/protojson"
 
@@ -95,5 +96,40 @@ func TestSetVersions(t *testing.T) {
 	}
 	if build(15006) == v1 {
 		t.Error("going back to old content reused the old version: proxies holding it would not be updated")
+	}
+}
+
+// TestPublishLocal: only destinations on this node reach its snapshot, and
+// publishing the same state again keeps the version.
+func TestPublishLocal(t *testing.T) {
+	ctx := context.Background()
+	s, err := NewServer(ctx, slog.New(slog.NewTextHandler(io.Discard, nil)), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ps := policies(t, 8080, policyV1)
+	inv := inventory()
+	inv.Pods = append(inv.Pods, compile.Pod{Namespace: "shop", Name: "api-remote", Labels: map[string]string{"app": "api"}, IPs: []netip.Addr{netip.MustParseAddr("10.1.0.5")}})
+	local := func(a netip.Addr) bool { return a.IsLoopback() }
+	v1, res, err := s.Publish(ctx, "n", ps, inv, local, Config{InboundPort: 15006})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g, ok := res.ForPod("shop", "api-remote"); !ok || len(g.Pods) != 2 {
+		t.Fatalf("remote pod not compiled: %v", g)
+	}
+	if len(Destinations(res)) != 2 {
+		t.Fatalf("want 2 destinations before filtering, got %d", len(Destinations(res)))
+	}
+	snap, err := s.cache.GetSnapshot("n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := snap.GetResources(resource.ListenerType)[InboundListener].(*listenerv3.Listener)
+	if len(l.FilterChains) != 1 || l.FilterChains[0].Name != "127.0.0.1:8080" {
+		t.Errorf("chains %v, want only the local pod's", l.FilterChains)
+	}
+	if v2, _, _ := s.Publish(ctx, "n", ps, inv, local, Config{InboundPort: 15006}); v2 != v1 {
+		t.Errorf("same state, new version %s after %s", v2, v1)
 	}
 }

@@ -34,6 +34,10 @@ const (
 
 // Server holds one snapshot per node ID and tells when a node ACKed one.
 type Server struct {
+	// TrustDomain is the mesh's SPIFFE trust domain used by Publish to
+	// resolve principals (default cluster.local).
+	TrustDomain string
+
 	log     *slog.Logger
 	cache   cachev3.SnapshotCache
 	xds     serverv3.Server
