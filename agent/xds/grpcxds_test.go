@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -207,14 +208,13 @@ func startEnv(ctx context.Context, t *testing.T) *testEnv {
 	}
 	port := appLis.Addr().(*net.TCPAddr).Port
 	serving := make(chan struct{})
-	var once bool
+	var once sync.Once
 	app, err := grpcxds.NewGRPCServer(
 		grpc.Creds(insecure.NewCredentials()),
 		grpcxds.BootstrapContentsForTesting(bootstrap(serverNode)),
 		grpcxds.ServingModeCallback(func(_ net.Addr, a grpcxds.ServingModeChangeArgs) {
-			if a.Mode == connectivity.ServingModeServing && !once {
-				once = true
-				close(serving)
+			if a.Mode == connectivity.ServingModeServing {
+				once.Do(func() { close(serving) })
 			}
 		}),
 		grpc.UnknownServiceHandler(func(_ any, st grpc.ServerStream) error {

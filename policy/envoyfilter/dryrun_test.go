@@ -18,6 +18,7 @@ import (
 
 	"github.com/sidelane/sidelane/internal/kubeharness"
 	"github.com/sidelane/sidelane/internal/testenv"
+	"github.com/sidelane/sidelane/policy/validate"
 )
 
 // istioCRDs finds Istio's CRDs in the istio.io/api module this repo pins.
@@ -137,6 +138,12 @@ func TestDryRunAgainstIstioCRDs(t *testing.T) {
 			_, err := dyn.Resource(l7PolicyGVR).Namespace("shop").Create(ctx, &u, strict)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("got %v, want an error containing %q", err, tc.want)
+			}
+			// The agent-side validator refuses the same object.
+			u.SetNamespace("shop")
+			doc, _ := yaml.Marshal(u.Object)
+			if _, err := validate.Decode(doc); err == nil {
+				t.Errorf("the CRD refuses it but validate.Decode accepts it:\n%s", doc)
 			}
 		})
 	}
