@@ -172,6 +172,30 @@ func TestE2E(t *testing.T) {
 		return ""
 	})
 
+	// A new api pod changes the status but not the EnvoyFilter: the writer
+	// must not rewrite an unchanged object (a defaulting mismatch would make
+	// it write on every pass).
+	ef, err := filters.Get(ctx, efName, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rv := ef.GetResourceVersion()
+	if _, err := kube.CoreV1().Pods("shop").Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "api-2", Namespace: "shop", Labels: map[string]string{"app": "api"}},
+		Spec:       corev1.PodSpec{ServiceAccountName: "api", Containers: []corev1.Container{{Name: "app", Image: "app"}}},
+	}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually("status counts 3 pods", func() string {
+		if st := status("api"); st.SelectedPods != 3 {
+			return fmt.Sprintf("status %+v", st)
+		}
+		return ""
+	})
+	if ef, err := filters.Get(ctx, efName, metav1.GetOptions{}); err != nil || ef.GetResourceVersion() != rv {
+		t.Errorf("unchanged EnvoyFilter was rewritten (resourceVersion %s -> %s, %v)", rv, ef.GetResourceVersion(), err)
+	}
+
 	// Update: a second port becomes a second patch.
 	apply("api", "    - port: 8080\n      rules: [{http: [{method: GET}]}]\n    - port: 9090\n")
 	eventually("EnvoyFilter updated", func() string {
