@@ -16,10 +16,6 @@ import (
 	"github.com/cilium/ebpf/link"
 )
 
-// DefaultPinDir is where maps and links are pinned unless Config says
-// otherwise. Everything sidelane pins lives under it.
-const DefaultPinDir = "/sys/fs/bpf/sidelane"
-
 // Config says where to attach and pin.
 type Config struct {
 	// Cgroup is the cgroup v2 directory the programs attach to; every pod's

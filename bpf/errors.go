@@ -24,3 +24,7 @@ type NodeCounters struct {
 	Refused      uint64 // of those, never established: the node proxy was down or unreachable
 	Unconfigured uint64 // connects refused because no node proxy address was set
 }
+
+// DefaultPinDir is where maps and links are pinned unless Config says
+// otherwise. Everything sidelane pins lives under it.
+const DefaultPinDir = "/sys/fs/bpf/sidelane"
