@@ -1,6 +1,7 @@
 // Command sidelane is the node agent and the operator's tool:
 //
 //	sidelane agent        run the node agent
+//	sidelane explain      explain a pod's mode (asks the local agent)
 //	sidelane version      print the version
 //
 // Each subcommand's flags are listed by "sidelane <subcommand> -h".
@@ -24,6 +25,7 @@ type subcommand struct {
 func subcommands() []subcommand {
 	return []subcommand{
 		{"agent", "run the node agent", runAgent},
+		{"explain", "explain a pod's datapath mode: sidelane explain <namespace>/<pod>", runExplain},
 		{"version", "print the version", func(context.Context, []string) error {
 			fmt.Println("sidelane", buildinfo.Version)
 			return nil
