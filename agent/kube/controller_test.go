@@ -108,6 +108,11 @@ func createPod(t *testing.T, cs kubernetes.Interface, pod *corev1.Pod, ns, name,
 	pod = pod.DeepCopy()
 	pod.Namespace, pod.Name, pod.Spec.NodeName = ns, name, node
 	pod.ResourceVersion = ""
+	// The ServiceAccount admission plugin is off in the harness; the
+	// injected token volume needs the name it would have filled in.
+	if pod.Spec.ServiceAccountName == "" {
+		pod.Spec.ServiceAccountName = "default"
+	}
 	out, err := cs.CoreV1().Pods(ns).Create(context.Background(), pod, metav1.CreateOptions{})
 	if err != nil {
 		t.Fatalf("create pod %s/%s: %v", ns, name, err)
@@ -252,7 +257,8 @@ func TestControllerLifecycle(t *testing.T) {
 	}
 
 	// While the agent is down: a pod is deleted and the namespace flips.
-	if err := cs.CoreV1().Pods("shop").Delete(ctx, "web-sidecar", metav1.DeleteOptions{}); err != nil {
+	zero := int64(0) // no kubelet here to finish a graceful delete
+	if err := cs.CoreV1().Pods("shop").Delete(ctx, "web-sidecar", metav1.DeleteOptions{GracePeriodSeconds: &zero}); err != nil {
 		t.Fatal(err)
 	}
 	setLabels(t, cs, "pod", "shop", "web-plain", `{"metadata":{"labels":{"istio.io/dataplane-mode":null}}}`)

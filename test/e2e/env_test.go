@@ -236,6 +236,11 @@ func (e *env) pod(p *corev1.Pod, node *kubelet.Node) *corev1.Pod {
 	p = p.DeepCopy()
 	p.Spec.NodeName = node.Name
 	p.ResourceVersion = ""
+	// The ServiceAccount admission plugin is off in the harness; the
+	// injected token volume needs the name it would have filled in.
+	if p.Spec.ServiceAccountName == "" {
+		p.Spec.ServiceAccountName = "default"
+	}
 	out, err := e.cs.CoreV1().Pods(p.Namespace).Create(context.Background(), p, metav1.CreateOptions{})
 	if err != nil {
 		e.t.Fatalf("create pod %s/%s: %v", p.Namespace, p.Name, err)
