@@ -108,6 +108,7 @@ type sandbox struct {
 	procs                []*exec.Cmd
 	cancel               context.CancelFunc
 	done                 chan struct{}
+	closing              bool // teardown under way; the entry stays until it is done
 }
 
 func randHex(n int) string {
@@ -478,11 +479,17 @@ func (n *Node) startContainers(sb *sandbox, pod *corev1.Pod) error {
 func (n *Node) teardown(uid string) {
 	n.mu.Lock()
 	sb, ok := n.pods[uid]
-	delete(n.pods, uid)
-	n.mu.Unlock()
-	if !ok {
+	if !ok || sb.closing {
+		n.mu.Unlock()
 		return
 	}
+	sb.closing = true
+	n.mu.Unlock()
+	defer func() {
+		n.mu.Lock()
+		delete(n.pods, uid)
+		n.mu.Unlock()
+	}()
 	sb.cancel()
 	<-sb.done
 	for _, p := range sb.procs {
@@ -515,7 +522,7 @@ func killCgroup(dir string) {
 	}
 }
 
-// Netns returns the network namespace name of a running pod's sandbox.
+// PodNetns returns the network namespace name of a running pod's sandbox.
 func (n *Node) PodNetns(uid string) (string, bool) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
@@ -524,6 +531,19 @@ func (n *Node) PodNetns(uid string) (string, bool) {
 		return "", false
 	}
 	return sb.netns, true
+}
+
+// PodNetnses lists the network namespace names of the node's sandboxes.
+func (n *Node) PodNetnses() []string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	var out []string
+	for _, sb := range n.pods {
+		if sb.netns != "" {
+			out = append(out, sb.netns)
+		}
+	}
+	return out
 }
 
 // Sandboxes counts the node's live sandboxes.

@@ -245,7 +245,14 @@ func TestEndToEnd(t *testing.T) {
 	})
 
 	t.Run("delete pods leaves nothing behind", func(t *testing.T) {
-		before := netnsList(t)
+		// Other tests on this machine create namespaces too: check ours by name.
+		var ours []string
+		for _, n := range e.nodes {
+			ours = append(ours, n.PodNetnses()...)
+		}
+		if len(ours) != 5 {
+			t.Fatalf("%d pod netns before deletion, want 5 (server, web, dns, client, late)", len(ours))
+		}
 		for _, ns := range []string{scNS, ambNS, plainNS, "kube-system"} {
 			pods, err := e.cs.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{})
 			if err != nil {
@@ -264,13 +271,13 @@ func TestEndToEnd(t *testing.T) {
 			e.eventually("agent state empty on "+n.Name, func() bool { return len(stateEntries(t, n)) == 0 })
 		}
 		after := netnsList(t)
-		if len(after) >= len(before) {
-			t.Errorf("network namespaces not removed: before %d, after %d", len(before), len(after))
-		}
-		for _, name := range after {
-			if strings.HasPrefix(name, "slp") && !slices.Contains(before, name) {
-				t.Errorf("new pod netns %s left behind", name)
+		for _, name := range ours {
+			if slices.Contains(after, name) {
+				t.Errorf("pod netns %s left behind", name)
 			}
+		}
+		if left, _ := filepath.Glob(filepath.Join(e.cgroup, "pod*")); len(left) != 0 {
+			t.Errorf("pod cgroups left behind: %v", left)
 		}
 		if m := agentA.metricsText(t); !strings.Contains(m, `sidelane_pods{mode="sidecar"} 0`) {
 			t.Errorf("pods gauge not back to 0:\n%s", grep(m, "sidelane_pods"))

@@ -76,6 +76,7 @@ type env struct {
 	nodes   []*kubelet.Node
 	agents  map[string]*agentProc
 	bin     string
+	cgroup  string
 }
 
 func newEnv(t *testing.T, c *kubeharness.Cluster) *env {
@@ -88,13 +89,14 @@ func newEnv(t *testing.T, c *kubeharness.Cluster) *env {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
+	cg := testCgroup(t)
 	nodes, err := kubelet.StartNodes(context.Background(), kubelet.Options{
-		Client: cs, CNIBinDirs: []string{bin, testenv.ToolBin(t)}, CgroupParent: testCgroup(t), Dir: dir,
+		Client: cs, CNIBinDirs: []string{bin, testenv.ToolBin(t)}, CgroupParent: cg, Dir: dir,
 	}, testenv.UniqueName("node-a-"), testenv.UniqueName("node-b-"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &env{t: t, cluster: c, cs: cs, nodes: nodes, agents: map[string]*agentProc{}, bin: bin}
+	e := &env{t: t, cluster: c, cs: cs, nodes: nodes, agents: map[string]*agentProc{}, bin: bin, cgroup: cg}
 	t.Cleanup(func() {
 		for _, n := range nodes {
 			n.Stop()
