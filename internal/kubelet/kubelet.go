@@ -533,6 +533,17 @@ func (n *Node) PodNetns(uid string) (string, bool) {
 	return sb.netns, true
 }
 
+// PodCgroup returns the cgroup directory of a running pod's processes.
+func (n *Node) PodCgroup(uid string) (string, bool) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	sb, ok := n.pods[uid]
+	if !ok || sb.cgroup == "" {
+		return "", false
+	}
+	return sb.cgroup, true
+}
+
 // PodNetnses lists the network namespace names of the node's sandboxes.
 func (n *Node) PodNetnses() []string {
 	n.mu.Lock()

@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -148,6 +149,29 @@ func TestEndToEnd(t *testing.T) {
 					t.Errorf("%s: explain text lacks %q:\n%s", c.pod.Name, want, text)
 				}
 			}
+		}
+	})
+
+	t.Run("pod processes run in their cgroup and netns", func(t *testing.T) {
+		cg, ok := nodeB.PodCgroup(string(server.UID))
+		if !ok || !strings.HasPrefix(cg, e.cgroup+"/") {
+			t.Fatalf("server cgroup %q not under the test's cgroup %s", cg, e.cgroup)
+		}
+		procs, err := os.ReadFile(filepath.Join(cg, "cgroup.procs"))
+		if err != nil || len(strings.Fields(string(procs))) == 0 {
+			t.Fatalf("no processes in %s: %v", cg, err)
+		}
+		pid := strings.Fields(string(procs))[0]
+		podNS, err := os.Readlink("/proc/" + pid + "/ns/net")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var st syscall.Stat_t
+		if err := syscall.Stat("/var/run/netns/"+netnsOf(t, nodeB, server), &st); err != nil {
+			t.Fatal(err)
+		}
+		if want := "net:[" + strconv.FormatUint(st.Ino, 10) + "]"; podNS != want {
+			t.Errorf("server process %s in %s, want the pod netns %s", pid, podNS, want)
 		}
 	})
 
