@@ -131,6 +131,7 @@ func TestEndToEnd(t *testing.T) {
 		}
 		for _, c := range cases {
 			ex, text := e.explain(c.node, c.pod.Namespace, c.pod.Name)
+			t.Logf("sidelane explain %s/%s:\n%s", c.pod.Namespace, c.pod.Name, text)
 			if len(ex.Attachments) != 1 {
 				t.Fatalf("%s: %d attachments, want 1: %+v", c.pod.Name, len(ex.Attachments), ex)
 			}
