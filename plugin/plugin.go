@@ -5,6 +5,7 @@ package plugin
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -40,13 +41,44 @@ type Plugin struct {
 // Main runs the plugin as a CNI binary.
 func Main(buildVersion string) {
 	p := &Plugin{Stderr: os.Stderr, BuildVersion: buildVersion}
-	skel.PluginMainFuncs(skel.CNIFuncs{
+	// skel reads the config from stdin; keep a copy so an error can carry
+	// the config's cniVersion, as the spec's error object asks and skel's
+	// own printing omits.
+	stdin, err := io.ReadAll(os.Stdin)
+	if err != nil {
+		stdin = nil
+	}
+	r, w, err := os.Pipe()
+	if err == nil {
+		go func() { _, _ = w.Write(stdin); w.Close() }()
+		os.Stdin = r
+	}
+	cerr := skel.PluginMainFuncsWithError(skel.CNIFuncs{
 		Add:    guard(p.cmdAdd),
 		Del:    guard(p.cmdDel),
 		Check:  guard(p.cmdCheck),
 		GC:     guard(p.cmdGC),
 		Status: guard(p.cmdStatus),
 	}, version.PluginSupports(supportedVersions...), "sidelane-cni "+buildVersion+": chained CNI plugin for Istio traffic capture")
+	if cerr != nil {
+		printError(os.Stdout, stdin, cerr)
+		os.Exit(1)
+	}
+}
+
+// printError writes the spec's error object: cniVersion, code, msg, details.
+func printError(w io.Writer, stdin []byte, e *types.Error) {
+	var conf struct {
+		CNIVersion string `json:"cniVersion"`
+	}
+	_ = json.Unmarshal(stdin, &conf)
+	out := struct {
+		CNIVersion string `json:"cniVersion,omitempty"`
+		*types.Error
+	}{conf.CNIVersion, e}
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "    ")
+	_ = enc.Encode(out)
 }
 
 // guard turns a panic into a CNI error, so the runtime gets JSON and a

@@ -31,6 +31,7 @@ import (
 	"github.com/sidelane/sidelane/agent/metrics"
 	"github.com/sidelane/sidelane/agent/store"
 	"github.com/sidelane/sidelane/istio/capture"
+	capturekube "github.com/sidelane/sidelane/istio/capture/kube"
 	"github.com/sidelane/sidelane/istio/classify"
 )
 
@@ -61,7 +62,19 @@ type Target interface {
 // CaptureFunc computes a sidecar pod's capture settings from its spec
 // (traffic.sidecar.istio.io/* annotations and friends). An error is a
 // misconfigured pod: it fails ADD with a message naming the annotation.
-type CaptureFunc func(pod *corev1.Pod) (*capture.Settings, error)
+// Warnings are logged.
+type CaptureFunc func(pod *corev1.Pod) (*capture.Settings, []string, error)
+
+// IstioCapture reads the capture settings the way istio-cni does
+// (istio/capture): strict, so a value Istio rejects fails the pod's ADD
+// (as it fails Istio CNI's) instead of capturing something else.
+func IstioCapture(pod *corev1.Pod) (*capture.Settings, []string, error) {
+	s, warnings, err := capture.Parse(capturekube.Pod(pod))
+	if err != nil {
+		return nil, warnings, err
+	}
+	return &s, warnings, nil
+}
 
 // Config is what the controller needs.
 type Config struct {
@@ -72,9 +85,8 @@ type Config struct {
 	Metrics  *metrics.Metrics
 	// Wait bounds Classify's wait for an unseen pod (default DefaultWait).
 	Wait time.Duration
-	// Capture fills Decision.Capture for sidecar pods.
-	// TODO(merge): wire istio/capture's annotation parser here; nil leaves
-	// Capture nil (the datapath then applies Istio's defaults).
+	// Capture fills Decision.Capture for sidecar pods (IstioCapture in the
+	// agent); nil leaves Capture nil.
 	Capture CaptureFunc
 	// ManageTaint removes/re-adds TaintKey on the node (default on in cmd).
 	ManageTaint bool
@@ -321,7 +333,10 @@ func (c *Controller) decide(pod *corev1.Pod) (agent.Decision, error) {
 	c.cfg.Metrics.Decision(string(d.Mode), string(d.Rule))
 	out := agent.Decision{Mode: string(d.Mode), Reason: d.Reason}
 	if d.Mode == classify.ModeSidecar && c.cfg.Capture != nil {
-		s, err := c.cfg.Capture(pod)
+		s, warnings, err := c.cfg.Capture(pod)
+		for _, w := range warnings {
+			c.log.Warn("capture setting", "pod", pod.Namespace+"/"+pod.Name, "warning", w)
+		}
 		if err != nil {
 			return agent.Decision{}, fmt.Errorf("capture settings of pod %s/%s: %w", pod.Namespace, pod.Name, err)
 		}

@@ -22,6 +22,7 @@ import (
 	"github.com/sidelane/sidelane/agent/cnirpc"
 	"github.com/sidelane/sidelane/agent/kube"
 	"github.com/sidelane/sidelane/agent/metrics"
+	"github.com/sidelane/sidelane/agent/store"
 	"github.com/sidelane/sidelane/internal/kubeharness"
 	"github.com/sidelane/sidelane/istio/classify"
 )
@@ -45,7 +46,7 @@ func startAgent(t *testing.T, cs kubernetes.Interface, node, stateDir string) *r
 	if testing.Verbose() {
 		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
-	ctrl, err := kube.New(kube.Config{Client: cs, NodeName: node, Classify: classify.DefaultConfig(), Log: log, ManageTaint: true})
+	ctrl, err := kube.New(kube.Config{Client: cs, NodeName: node, Classify: classify.DefaultConfig(), Log: log, ManageTaint: true, Capture: kube.IstioCapture})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -138,6 +139,15 @@ func modeOf(ra *runningAgent, cid string) string {
 	return ""
 }
 
+func entryOf(ra *runningAgent, cid string) store.Entry {
+	for _, e := range ra.agent.Store().List() {
+		if e.ContainerID == cid {
+			return e
+		}
+	}
+	return store.Entry{}
+}
+
 func hasTaint(t *testing.T, cs kubernetes.Interface, node string) bool {
 	n, err := cs.CoreV1().Nodes().Get(context.Background(), node, metav1.GetOptions{})
 	if err != nil {
@@ -197,6 +207,18 @@ func TestControllerLifecycle(t *testing.T) {
 		if rep.Mode != c.mode {
 			t.Errorf("ADD %s: mode %q, want %q", c.pod.Name, rep.Mode, c.mode)
 		}
+	}
+
+	if e := entryOf(ra, "c-sidecar"); e.Capture == nil || e.Capture.OutboundPort != 15001 || !e.Capture.InboundAllPorts {
+		t.Errorf("sidecar pod capture settings %+v, want Istio's defaults", e.Capture)
+	}
+
+	// A capture annotation Istio rejects fails ADD, naming it.
+	bad := loadFixture(t, "sidecar-classic")
+	bad.Annotations["traffic.sidecar.istio.io/excludeOutboundPorts"] = "http"
+	bad = createPod(t, cs, bad, "shop", "web-bad", node)
+	if rep, err := add(ra, bad, "c-bad"); err != nil || rep.OK || !strings.Contains(rep.Error, "excludeOutboundPorts") {
+		t.Errorf("ADD with a bad capture annotation: %v %+v", err, rep)
 	}
 
 	// A pod not on this node is never seen: ADD fails with a retry.

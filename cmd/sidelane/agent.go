@@ -79,7 +79,7 @@ func runAgent(ctx context.Context, args []string) error {
 		}
 		ctrl, err = kube.New(kube.Config{
 			Client: cs, NodeName: *nodeName, Classify: ccfg, Log: log, Metrics: m,
-			Wait: *podWait, ManageTaint: *taint,
+			Wait: *podWait, ManageTaint: *taint, Capture: kube.IstioCapture,
 		})
 		if err != nil {
 			return err

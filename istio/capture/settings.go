@@ -63,4 +63,47 @@ type Settings struct {
 	// DNSCapture sends UDP and TCP port 53 to DNSPort (ISTIO_META_DNS_CAPTURE).
 	DNSCapture bool   `json:"dnsCapture"`
 	DNSPort    uint16 `json:"dnsPort"`
+
+	// DualStack is ISTIO_DUAL_STACK: capture IPv6 as well in a pod that has
+	// both families. Without it Istio captures IPv6 only in IPv6-only pods
+	// (its sidecar then listens on IPv4 only); see CaptureIPv6.
+	DualStack bool `json:"dualStack,omitempty"`
+}
+
+// CapturesAnything reports whether s redirects any traffic at all
+// (interceptionMode NONE gives Settings that do not).
+func (s Settings) CapturesAnything() bool {
+	return s.OutboundAllCIDRs || len(s.IncludeOutboundCIDRs) > 0 || len(s.IncludeOutboundPorts) > 0 ||
+		s.InboundAllPorts || len(s.IncludeInboundPorts) > 0 || s.DNSCapture
+}
+
+// CaptureIPv6 reports whether IPv6 is captured in a pod with these
+// addresses, as istio-iptables decides it: in an IPv6-only pod, or in a
+// dual-stack pod with DualStack. IPv4 is always captured.
+func (s Settings) CaptureIPv6(podIPs []netip.Addr) bool {
+	var v4, v6 bool
+	for _, ip := range podIPs {
+		ip = ip.Unmap()
+		if ip.IsLoopback() || ip.IsLinkLocalUnicast() || ip.IsLinkLocalMulticast() {
+			continue
+		}
+		if ip.Is4() {
+			v4 = true
+		} else {
+			v6 = true
+		}
+	}
+	return v6 && (!v4 || s.DualStack)
+}
+
+// IncludesLoopback reports whether an included outbound CIDR is a loopback
+// one. istio-iptables then also captures the app's own connections to its
+// pod address over lo, which it otherwise lets through.
+func (s Settings) IncludesLoopback() bool {
+	for _, p := range s.IncludeOutboundCIDRs {
+		if p.Addr().IsLoopback() {
+			return true
+		}
+	}
+	return false
 }

@@ -1,0 +1,16 @@
+//go:build !linux
+
+package iptables
+
+import (
+	"context"
+	"errors"
+
+	"github.com/sidelane/sidelane/agent/store"
+)
+
+var errNotLinux = errors.New("the iptables backend needs Linux")
+
+func (*Backend) Enroll(context.Context, *store.Entry) error  { return errNotLinux }
+func (*Backend) Unenroll(context.Context, store.Entry) error { return errNotLinux }
+func (*Backend) Verify(context.Context, store.Entry) error   { return errNotLinux }

@@ -1,0 +1,233 @@
+// Package loadgen is the benchmark's traffic: a server and clients for
+// request/response latency, stream throughput and connection churn over
+// plain TCP. Each connection starts with a one-byte mode and a 4-byte size,
+// so one server serves every scenario.
+package loadgen
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"slices"
+	"sync"
+	"time"
+)
+
+// Connection modes.
+const (
+	modeRR     = 'R' // echo size-byte messages until EOF
+	modeSink   = 'S' // read until EOF, then reply with the byte count
+	modeOnce   = 'C' // one size-byte request, one reply, close
+	headerSize = 5
+)
+
+// Serve accepts connections on ln until ctx ends.
+func Serve(ctx context.Context, ln net.Listener) error {
+	context.AfterFunc(ctx, func() { ln.Close() })
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			return fmt.Errorf("accept: %w", err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer c.Close()
+			_ = serveConn(c)
+		}()
+	}
+}
+
+func serveConn(c net.Conn) error {
+	var hdr [headerSize]byte
+	if _, err := io.ReadFull(c, hdr[:]); err != nil {
+		return err
+	}
+	size := int(binary.BigEndian.Uint32(hdr[1:]))
+	if size > 16<<20 {
+		return fmt.Errorf("size %d too large", size)
+	}
+	switch hdr[0] {
+	case modeRR, modeOnce:
+		buf := make([]byte, size)
+		for {
+			if _, err := io.ReadFull(c, buf); err != nil {
+				return nil
+			}
+			if _, err := c.Write(buf); err != nil {
+				return err
+			}
+			if hdr[0] == modeOnce {
+				return nil
+			}
+		}
+	case modeSink:
+		n, err := io.Copy(io.Discard, c)
+		if err != nil {
+			return err
+		}
+		var out [8]byte
+		binary.BigEndian.PutUint64(out[:], uint64(n))
+		_, err = c.Write(out[:])
+		return err
+	}
+	return fmt.Errorf("unknown mode %q", hdr[0])
+}
+
+func header(mode byte, size int) []byte {
+	h := make([]byte, headerSize)
+	h[0] = mode
+	binary.BigEndian.PutUint32(h[1:], uint32(size))
+	return h
+}
+
+// RR measures round trips of size-byte messages on one persistent
+// connection: warmup round trips first (not recorded), then count.
+func RR(ctx context.Context, addr string, size, warmup, count int) ([]time.Duration, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", addr, err)
+	}
+	defer c.Close()
+	if _, err := c.Write(header(modeRR, size)); err != nil {
+		return nil, err
+	}
+	buf := make([]byte, size)
+	out := make([]time.Duration, 0, count)
+	for i := range warmup + count {
+		start := time.Now()
+		if _, err := c.Write(buf); err != nil {
+			return nil, fmt.Errorf("round trip %d: %w", i, err)
+		}
+		if _, err := io.ReadFull(c, buf); err != nil {
+			return nil, fmt.Errorf("round trip %d: %w", i, err)
+		}
+		if i >= warmup {
+			out = append(out, time.Since(start))
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+	}
+	return out, nil
+}
+
+// Stream writes writeSize-byte chunks for d and returns the bytes per
+// second the server confirmed receiving.
+func Stream(ctx context.Context, addr string, writeSize int, d time.Duration) (float64, error) {
+	var dialer net.Dialer
+	c, err := dialer.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return 0, fmt.Errorf("dial %s: %w", addr, err)
+	}
+	defer c.Close()
+	if _, err := c.Write(header(modeSink, 0)); err != nil {
+		return 0, err
+	}
+	buf := make([]byte, writeSize)
+	start := time.Now()
+	for time.Since(start) < d {
+		if _, err := c.Write(buf); err != nil {
+			return 0, err
+		}
+	}
+	if tc, ok := c.(*net.TCPConn); ok {
+		_ = tc.CloseWrite()
+	}
+	var n [8]byte
+	if _, err := io.ReadFull(c, n[:]); err != nil {
+		return 0, fmt.Errorf("read byte count: %w", err)
+	}
+	return float64(binary.BigEndian.Uint64(n[:])) / time.Since(start).Seconds(), nil
+}
+
+// CRRResult is connection churn: a new connection per request.
+type CRRResult struct {
+	Conns     int             `json:"conns"`
+	Errors    int             `json:"errors"`
+	PerSecond float64         `json:"connsPerSecond"`
+	Latencies []time.Duration `json:"-"`
+}
+
+// CRR runs parallel clients for d, each opening a connection, doing one
+// size-byte request/response and closing.
+func CRR(ctx context.Context, addr string, size, parallel int, d time.Duration) (CRRResult, error) {
+	var mu sync.Mutex
+	var res CRRResult
+	var wg sync.WaitGroup
+	deadline := time.Now().Add(d)
+	start := time.Now()
+	for range parallel {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, size)
+			var lat []time.Duration
+			errs := 0
+			for time.Now().Before(deadline) && ctx.Err() == nil {
+				t0 := time.Now()
+				if err := once(ctx, addr, buf); err != nil {
+					errs++
+					continue
+				}
+				lat = append(lat, time.Since(t0))
+			}
+			mu.Lock()
+			res.Latencies = append(res.Latencies, lat...)
+			res.Errors += errs
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	res.Conns = len(res.Latencies)
+	res.PerSecond = float64(res.Conns) / time.Since(start).Seconds()
+	if res.Conns == 0 {
+		return res, fmt.Errorf("no connection to %s succeeded (%d errors)", addr, res.Errors)
+	}
+	return res, nil
+}
+
+func once(ctx context.Context, addr string, buf []byte) error {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if _, err := c.Write(append(header(modeOnce, len(buf)), buf...)); err != nil {
+		return err
+	}
+	_, err = io.ReadFull(c, buf)
+	return err
+}
+
+// Percentiles summarises latencies.
+type Percentiles struct {
+	Count int     `json:"count"`
+	P50us float64 `json:"p50us"`
+	P90us float64 `json:"p90us"`
+	P99us float64 `json:"p99us"`
+}
+
+// Summarize computes p50/p90/p99 in microseconds.
+func Summarize(d []time.Duration) Percentiles {
+	if len(d) == 0 {
+		return Percentiles{}
+	}
+	s := slices.Clone(d)
+	slices.Sort(s)
+	at := func(q float64) float64 {
+		i := int(q * float64(len(s)-1))
+		return float64(s[i].Nanoseconds()) / 1e3
+	}
+	return Percentiles{Count: len(s), P50us: at(0.50), P90us: at(0.90), P99us: at(0.99)}
+}

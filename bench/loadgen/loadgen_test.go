@@ -1,0 +1,47 @@
+package loadgen
+
+import (
+	"context"
+	"net"
+	"testing"
+	"time"
+)
+
+func TestLoadgenOverLoopback(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() { done <- Serve(ctx, ln) }()
+	defer func() { cancel(); <-done }()
+	addr := ln.Addr().String()
+
+	lat, err := RR(ctx, addr, 1024, 10, 100)
+	if err != nil || len(lat) != 100 {
+		t.Fatalf("rr: %d samples, %v", len(lat), err)
+	}
+	if p := Summarize(lat); p.Count != 100 || p.P50us <= 0 || p.P99us < p.P50us {
+		t.Fatalf("summary: %+v", p)
+	}
+	bps, err := Stream(ctx, addr, 64<<10, 100*time.Millisecond)
+	if err != nil || bps <= 0 {
+		t.Fatalf("stream: %v %v", bps, err)
+	}
+	crr, err := CRR(ctx, addr, 1024, 2, 100*time.Millisecond)
+	if err != nil || crr.Conns == 0 || crr.Errors != 0 {
+		t.Fatalf("crr: %+v %v", crr, err)
+	}
+}
+
+func TestSummarize(t *testing.T) {
+	var d []time.Duration
+	for i := 1; i <= 100; i++ {
+		d = append(d, time.Duration(i)*time.Microsecond)
+	}
+	p := Summarize(d)
+	if p.P50us != 50 || p.P90us != 90 || p.P99us != 99 {
+		t.Fatalf("%+v", p)
+	}
+}

@@ -1,0 +1,177 @@
+package run
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/cni/pkg/invoke"
+	"github.com/containernetworking/cni/pkg/version"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/containernetworking/plugins/pkg/testutils"
+	"github.com/vishvananda/netlink"
+
+	"github.com/sidelane/sidelane/bench/loadgen"
+	"github.com/sidelane/sidelane/bench/report"
+	"github.com/sidelane/sidelane/internal/agentproc"
+)
+
+// timingExec runs plugins like libcni's default executor and records how
+// long each plugin binary took per command, so sidelane's share of the
+// chain's latency is measured inside the real chain.
+type timingExec struct {
+	invoke.Exec
+	mu  sync.Mutex
+	per map[string][]time.Duration // "ADD sidelane-cni" -> durations
+}
+
+func newTimingExec() *timingExec {
+	return &timingExec{
+		Exec: &invoke.DefaultExec{RawExec: &invoke.RawExec{Stderr: os.Stderr}, PluginDecoder: version.PluginDecoder{}},
+		per:  map[string][]time.Duration{},
+	}
+}
+
+func (t *timingExec) ExecPlugin(ctx context.Context, path string, stdin []byte, env []string) ([]byte, error) {
+	cmd := ""
+	for _, kv := range env {
+		if v, ok := strings.CutPrefix(kv, "CNI_COMMAND="); ok {
+			cmd = v
+		}
+	}
+	start := time.Now()
+	out, err := t.Exec.ExecPlugin(ctx, path, stdin, env)
+	d := time.Since(start)
+	t.mu.Lock()
+	t.per[cmd+" "+filepath.Base(path)] = append(t.per[cmd+" "+filepath.Base(path)], d)
+	t.mu.Unlock()
+	return out, err
+}
+
+// chain is a bridge + host-local + sidelane-cni network for benchmark pods,
+// with its own agent process.
+type chain struct {
+	name, bridge string
+	list         *libcni.NetworkConfigList
+	cni          *libcni.CNIConfig
+	exec         *timingExec
+	agent        *agentproc.Proc
+}
+
+func (r *Runner) newChain(ctx context.Context, subnet netip.Prefix) (*chain, error) {
+	dir, err := os.MkdirTemp("", "sidelane-bench-cni-")
+	if err != nil {
+		return nil, err
+	}
+	r.cleanup(func() { os.RemoveAll(dir) })
+	c := &chain{name: uniqueName("slbench-"), bridge: uniqueName("slbb"), exec: newTimingExec()}
+	c.agent = agentproc.New(filepath.Join(r.cfg.SidelaneBin, "sidelane"), filepath.Join(dir, "agent"))
+	if err := c.agent.Start(ctx); err != nil {
+		return nil, err
+	}
+	r.cleanup(c.agent.Stop)
+	r.cleanup(func() {
+		if l, err := netlink.LinkByName(c.bridge); err == nil {
+			_ = netlink.LinkDel(l)
+		}
+	})
+	raw, err := json.Marshal(map[string]any{
+		"cniVersion": "1.0.0", "name": c.name,
+		"plugins": []map[string]any{
+			{"type": "bridge", "bridge": c.bridge, "isGateway": true, "ipam": map[string]any{
+				"type": "host-local", "ranges": [][]map[string]string{{{"subnet": subnet.String()}}}, "dataDir": filepath.Join(dir, "ipam")}},
+			{"type": "sidelane-cni", "agentSocket": c.agent.Socket},
+		},
+	})
+	if err != nil {
+		return nil, err
+	}
+	if c.list, err = libcni.ConfListFromBytes(raw); err != nil {
+		return nil, err
+	}
+	c.cni = libcni.NewCNIConfigWithCacheDir([]string{r.cfg.SidelaneBin, r.cfg.ToolBin}, filepath.Join(dir, "cache"), c.exec)
+	return c, nil
+}
+
+func (c *chain) rt(id string, n ns.NetNS) *libcni.RuntimeConf {
+	return &libcni.RuntimeConf{ContainerID: id, NetNS: n.Path(), IfName: "eth0",
+		Args: [][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAMESPACE", "bench"}, {"K8S_POD_NAME", id}}}
+}
+
+// cniBurst adds n pods with parallelism p, then deletes them, recording
+// whole-chain and sidelane-only latencies.
+func (r *Runner) cniBurst(ctx context.Context, n, p int) error {
+	c, err := r.newChain(ctx, netip.MustParsePrefix("10.213.0.0/16"))
+	if err != nil {
+		return err
+	}
+	nss := make([]ns.NetNS, n)
+	for i := range nss {
+		if nss[i], err = testutils.NewNS(); err != nil {
+			return fmt.Errorf("create netns: %w", err)
+		}
+		netns := nss[i]
+		r.cleanup(func() { netns.Close(); _ = testutils.UnmountNS(netns) })
+	}
+	measure := func(op string, f func(i int) error) ([]time.Duration, error) {
+		lat := make([]time.Duration, n)
+		sem := make(chan struct{}, p)
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		var firstErr error
+		for i := range n {
+			wg.Add(1)
+			sem <- struct{}{}
+			go func() {
+				defer wg.Done()
+				defer func() { <-sem }()
+				start := time.Now()
+				err := f(i)
+				lat[i] = time.Since(start)
+				if err != nil {
+					mu.Lock()
+					if firstErr == nil {
+						firstErr = fmt.Errorf("%s pod %d: %w", op, i, err)
+					}
+					mu.Unlock()
+				}
+			}()
+		}
+		wg.Wait()
+		return lat, firstErr
+	}
+	add, err := measure("ADD", func(i int) error {
+		_, err := c.cni.AddNetworkList(ctx, c.list, c.rt(fmt.Sprintf("burst%03d", i), nss[i]))
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	del, err := measure("DEL", func(i int) error {
+		return c.cni.DelNetworkList(ctx, c.list, c.rt(fmt.Sprintf("burst%03d", i), nss[i]))
+	})
+	if err != nil {
+		return err
+	}
+	s := fmt.Sprintf("cni_burst_%d", n)
+	ms := func(us float64) float64 { return us / 1000 }
+	pa, pd := loadgen.Summarize(add), loadgen.Summarize(del)
+	r.res.Add(s, "chain", "addP50ms", ms(pa.P50us), "ms")
+	r.res.Add(s, "chain", "addP99ms", ms(pa.P99us), "ms")
+	r.res.Add(s, "chain", "delP50ms", ms(pd.P50us), "ms")
+	r.res.Add(s, "chain", "delP99ms", ms(pd.P99us), "ms")
+	sa, sd := loadgen.Summarize(c.exec.per["ADD sidelane-cni"]), loadgen.Summarize(c.exec.per["DEL sidelane-cni"])
+	r.res.Add(s, report.Sidelane, "addP50ms", ms(sa.P50us), "ms")
+	r.res.Add(s, report.Sidelane, "addP99ms", ms(sa.P99us), "ms")
+	r.res.Add(s, report.Sidelane, "delP50ms", ms(sd.P50us), "ms")
+	r.res.Add(s, report.Sidelane, "delP99ms", ms(sd.P99us), "ms")
+	r.log.Info("cni burst", "pods", n, "parallel", p, "chainAddP99ms", ms(pa.P99us), "sidelaneAddP99ms", ms(sa.P99us))
+	return nil
+}

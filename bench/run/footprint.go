@@ -1,0 +1,97 @@
+package run
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/containernetworking/plugins/pkg/testutils"
+
+	"github.com/sidelane/sidelane/bench/report"
+)
+
+// footprint grows the node to each pod count and records the agent's RSS
+// and the CPU time it spent serving the ADDs.
+func (r *Runner) footprint(ctx context.Context, counts []int) error {
+	c, err := r.newChain(ctx, netip.MustParsePrefix("10.214.0.0/16"))
+	if err != nil {
+		return err
+	}
+	var nss []ns.NetNS
+	for _, want := range counts {
+		cpu0, err := cpuSeconds(c.agent.PID())
+		if err != nil {
+			return err
+		}
+		for len(nss) < want {
+			n, err := testutils.NewNS()
+			if err != nil {
+				return fmt.Errorf("create netns: %w", err)
+			}
+			r.cleanup(func() { n.Close(); _ = testutils.UnmountNS(n) })
+			nss = append(nss, n)
+			rt := c.rt(fmt.Sprintf("fp%03d", len(nss)), n)
+			if _, err := c.cni.AddNetworkList(ctx, c.list, rt); err != nil {
+				return fmt.Errorf("add pod %d: %w", len(nss), err)
+			}
+			r.cleanup(func() { _ = c.cni.DelNetworkList(context.Background(), c.list, rt) })
+		}
+		time.Sleep(500 * time.Millisecond) // let the agent settle
+		cpu1, err := cpuSeconds(c.agent.PID())
+		if err != nil {
+			return err
+		}
+		rss, err := rssMB(c.agent.PID())
+		if err != nil {
+			return err
+		}
+		s := fmt.Sprintf("footprint_%d", want)
+		r.res.Add(s, report.Sidelane, "rssMB", rss, "MiB")
+		r.res.Add(s, report.Sidelane, "cpuSeconds", cpu1-cpu0, "s")
+		r.log.Info("agent footprint", "pods", want, "rssMB", rss, "cpuSeconds", cpu1-cpu0)
+	}
+	return nil
+}
+
+func rssMB(pid int) (float64, error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, fmt.Errorf("agent status: %w", err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "VmRSS:"); ok {
+			kb, err := strconv.ParseFloat(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 64)
+			if err != nil {
+				return 0, fmt.Errorf("parse VmRSS %q: %w", v, err)
+			}
+			return kb / 1024, nil
+		}
+	}
+	return 0, fmt.Errorf("no VmRSS for pid %d", pid)
+}
+
+// cpuSeconds is utime+stime of pid (clock ticks are 100 Hz on Linux).
+func cpuSeconds(pid int) (float64, error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, fmt.Errorf("agent stat: %w", err)
+	}
+	// Fields after the parenthesised command name; utime and stime are
+	// fields 14 and 15 of the whole line.
+	s := string(data)
+	rest := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+	if len(rest) < 13 {
+		return 0, fmt.Errorf("short /proc/%d/stat", pid)
+	}
+	ut, _ := strconv.ParseFloat(rest[11], 64)
+	st, _ := strconv.ParseFloat(rest[12], 64)
+	return (ut + st) / 100, nil
+}

@@ -1,0 +1,143 @@
+// Package run is the benchmark runner behind `make bench`: it builds the
+// contenders on one simulated node, runs every scenario alternating them,
+// and hands the figures to package report.
+package run
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"time"
+
+	"github.com/sidelane/sidelane/bench/report"
+)
+
+// Config says what to run and where things are.
+type Config struct {
+	Quick       bool
+	OutDir      string
+	SidelaneBin string // dir with sidelane and sidelane-cni
+	ToolBin     string // dir with the reference CNI plugins, pilot-agent
+}
+
+// Runner runs one benchmark session.
+type Runner struct {
+	cfg      Config
+	log      *slog.Logger
+	res      *report.Results
+	cleanups []func()
+}
+
+// New makes a runner.
+func New(cfg Config, log *slog.Logger) *Runner {
+	return &Runner{cfg: cfg, log: log, res: &report.Results{Quick: cfg.Quick}}
+}
+
+func (r *Runner) cleanup(f func()) { r.cleanups = append(r.cleanups, f) }
+
+func (r *Runner) runCleanups() {
+	for i := len(r.cleanups) - 1; i >= 0; i-- {
+		r.cleanups[i]()
+	}
+	r.cleanups = nil
+}
+
+// Run measures everything and writes results.json and results.md.
+func (r *Runner) Run(ctx context.Context) error {
+	r.res.Machine = machine()
+	start := time.Now()
+	type scenario struct {
+		name string
+		run  func(context.Context) error
+	}
+	footprintCounts := []int{10, 100, 200}
+	scenarios := []scenario{
+		{"cni_burst_100", func(ctx context.Context) error { return r.cniBurst(ctx, 100, 10) }},
+		{"footprint", func(ctx context.Context) error { return r.footprint(ctx, footprintCounts) }},
+	}
+	for _, s := range scenarios {
+		r.log.Info("scenario", "name", s.name)
+		err := s.run(ctx)
+		r.runCleanups()
+		if err != nil {
+			r.res.Skip(s.name, "", "failed: "+err.Error())
+			r.log.Error("scenario failed", "name", s.name, "error", err)
+		}
+	}
+	for _, p := range pendingScenarios() {
+		r.res.Skip(p.Scenario, p.Contender, p.Reason)
+	}
+	r.res.Machine["duration"] = time.Since(start).Round(time.Second).String()
+	r.res.ComputeRatios()
+	return r.write()
+}
+
+// pendingScenarios are the scenarios whose contenders have not landed yet.
+func pendingScenarios() []report.Pending {
+	const capture = "eBPF and iptables capture contenders not wired into the benchmark yet"
+	return []report.Pending{
+		{Scenario: "rr_1k", Reason: capture},
+		{Scenario: "stream_1k", Reason: capture},
+		{Scenario: "stream_64k", Reason: capture},
+		{Scenario: "crr_8", Reason: capture},
+		{Scenario: "exclusions_10", Reason: capture},
+		{Scenario: "exclusions_10000", Reason: capture},
+		{Scenario: "policy_update", Reason: "L7 policy xDS server not landed yet"},
+	}
+}
+
+func (r *Runner) write() error {
+	if err := os.MkdirAll(r.cfg.OutDir, 0o755); err != nil {
+		return fmt.Errorf("create %s: %w", r.cfg.OutDir, err)
+	}
+	for name, write := range map[string]func(*os.File) error{
+		"results.json": func(f *os.File) error { return r.res.WriteJSON(f) },
+		"results.md":   func(f *os.File) error { return r.res.WriteMarkdown(f) },
+	} {
+		f, err := os.Create(filepath.Join(r.cfg.OutDir, name))
+		if err != nil {
+			return err
+		}
+		if err := write(f); err != nil {
+			f.Close()
+			return fmt.Errorf("write %s: %w", name, err)
+		}
+		if err := f.Close(); err != nil {
+			return err
+		}
+	}
+	r.log.Info("results written", "dir", r.cfg.OutDir)
+	return nil
+}
+
+func machine() map[string]string {
+	m := map[string]string{
+		"date": time.Now().UTC().Format(time.RFC3339),
+		"go":   runtime.Version(),
+		"cpus": fmt.Sprint(runtime.NumCPU()),
+	}
+	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
+		m["kernel"] = strings.TrimSpace(string(b))
+	}
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, "model name"); ok {
+				m["cpu"] = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(v), ":"))
+				break
+			}
+		}
+	}
+	return m
+}
+
+func uniqueName(prefix string) string {
+	b := make([]byte, 4)
+	_, _ = rand.Read(b)
+	return prefix + hex.EncodeToString(b)
+}

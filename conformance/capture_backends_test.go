@@ -1,0 +1,107 @@
+//go:build linux
+
+package conformance
+
+import (
+	"context"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sidelane/sidelane/agent/datapath/iptables"
+	"github.com/sidelane/sidelane/agent/store"
+	"github.com/sidelane/sidelane/internal/istioref"
+	"github.com/sidelane/sidelane/internal/testenv"
+	"github.com/sidelane/sidelane/istio/capture"
+)
+
+// istioReference is Istio itself: the real `pilot-agent istio-iptables`,
+// run inside the pod's namespace with the flags istio-cni derives from the
+// pod (cni/pkg/plugin: NewRedirect and its defaults). It reads the raw
+// annotations, not sidelane's parser, so it also checks the parser.
+type istioReference struct{ bin string }
+
+func (*istioReference) name() string { return "istio-iptables" }
+
+func (r *istioReference) setup(t *testing.T) { r.bin = testenv.RequireTool(t, "pilot-agent") }
+
+func (r *istioReference) install(t *testing.T, pod *capPod) {
+	t.Helper()
+	if pod.spec.Annotations[capture.AnnotationInterceptionMode] == capture.ModeNone {
+		return // Istio installs no capture at all
+	}
+	spec := pod.spec
+	if _, _, err := capture.Parse(spec); err != nil {
+		// istio-cni would refuse to start this pod; sidelane's documented
+		// answer is Istio's default capture, so that is the reference.
+		spec = capture.Pod{ProxyEnv: spec.ProxyEnv, ProxyUID: spec.ProxyUID, ProxyGID: spec.ProxyGID}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	flags := istioref.Flags(spec)
+	out, err := pod.ns.Command(ctx, r.bin, append([]string{"istio-iptables"}, flags...)...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("istio-iptables %s: %v\n%s", strings.Join(flags, " "), err, tail(string(out), 20))
+	}
+	// The namespace (and its rules) go away with the pod.
+}
+
+// istioFlags are istio-cni's istio-iptables flags for pod.
+func istioFlags(pod *capPod) []string { return istioref.Flags(pod.spec) }
+
+// sidelaneIPTables is sidelane's iptables fallback backend, driven the way
+// the agent drives it: parse the pod's knobs, Enroll the entry, Verify it.
+type sidelaneIPTables struct{ backend *iptables.Backend }
+
+func (*sidelaneIPTables) name() string { return "sidelane-iptables" }
+
+func (s *sidelaneIPTables) setup(t *testing.T) {
+	s.backend = iptables.New(slog.New(slog.NewTextHandler(testWriter{t}, nil)))
+}
+
+func (s *sidelaneIPTables) install(t *testing.T, pod *capPod) {
+	t.Helper()
+	settings, warnings, err := capture.ParseOrDefaults(pod.spec)
+	if err != nil {
+		t.Logf("capture knobs rejected, Istio's defaults apply: %v", err)
+	}
+	for _, w := range warnings {
+		t.Logf("capture warning: %s", w)
+	}
+	e := store.Entry{
+		Key:     store.Key{Network: "capture", ContainerID: pod.ns.Name, IfName: "eth0"},
+		Netns:   pod.ns.Path,
+		IPs:     podIPs(pod),
+		Mode:    "sidecar",
+		Capture: &settings,
+	}
+	ctx := context.Background()
+	if err := s.backend.Enroll(ctx, &e); err != nil {
+		t.Fatalf("enroll: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := s.backend.Unenroll(ctx, e); err != nil {
+			t.Errorf("unenroll: %v", err)
+		}
+	})
+	if err := s.backend.Verify(ctx, e); err != nil {
+		t.Fatalf("verify right after enroll: %v", err)
+	}
+}
+
+func podIPs(pod *capPod) []netip.Prefix {
+	var ips []netip.Prefix
+	if pod.ns.IP4.IsValid() {
+		ips = append(ips, netip.PrefixFrom(pod.ns.IP4, 24))
+	}
+	return append(ips, netip.PrefixFrom(pod.ns.IP6, 64))
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
+}

@@ -1,0 +1,85 @@
+//go:build linux
+
+package conformance
+
+import (
+	"context"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+
+	dpebpf "github.com/sidelane/sidelane/agent/datapath/ebpf"
+	"github.com/sidelane/sidelane/agent/store"
+	"github.com/sidelane/sidelane/bpf"
+	"github.com/sidelane/sidelane/internal/testenv"
+	"github.com/sidelane/sidelane/istio/capture"
+)
+
+type sidelaneEBPF struct{ dp *dpebpf.Datapath }
+
+func (*sidelaneEBPF) name() string { return "sidelane-ebpf" }
+
+func (s *sidelaneEBPF) setup(t *testing.T) {
+	mnt, err := bpf.CgroupV2Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cg := filepath.Join(mnt, testenv.UniqueName("sidelane-conf-"))
+	if err := os.Mkdir(cg, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// The eBPF hooks act on sockets of processes inside the attach point:
+	// move this test process (and so haproxy and every in-process dial)
+	// into a cgroup of its own, and back at cleanup.
+	self, _ := os.ReadFile("/proc/self/cgroup")
+	orig := mnt
+	for _, line := range strings.Split(string(self), "\n") {
+		if rest, ok := strings.CutPrefix(line, "0::"); ok {
+			orig = filepath.Join(mnt, rest)
+		}
+	}
+	pid := []byte(strconv.Itoa(os.Getpid()))
+	if err := os.WriteFile(filepath.Join(cg, "cgroup.procs"), pid, 0); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := os.WriteFile(filepath.Join(orig, "cgroup.procs"), pid, 0); err != nil {
+			t.Errorf("move back to %s: %v", orig, err)
+		}
+		if err := os.Remove(cg); err != nil {
+			t.Errorf("remove cgroup: %v", err)
+		}
+	})
+	c, err := bpf.Load(bpf.Config{Cgroup: cg, PinDir: filepath.Join("/sys/fs/bpf", testenv.UniqueName("sidelane-conf-"))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Uninstall() })
+	s.dp = dpebpf.New(c, slog.New(slog.NewTextHandler(testWriter{t}, nil)))
+}
+
+func (s *sidelaneEBPF) install(t *testing.T, pod *capPod) {
+	t.Helper()
+	settings, _, err := capture.ParseOrDefaults(pod.spec)
+	if err != nil {
+		t.Logf("capture knobs rejected, Istio's defaults apply: %v", err)
+	}
+	e := store.Entry{
+		Key:     store.Key{Network: "capture", ContainerID: pod.ns.Name, IfName: "eth0"},
+		Netns:   pod.ns.Path,
+		IPs:     podIPs(pod),
+		Mode:    "sidecar",
+		Capture: &settings,
+	}
+	ctx := context.Background()
+	if err := s.dp.Enroll(ctx, &e); err != nil {
+		t.Fatalf("enroll: %v", err)
+	}
+	t.Cleanup(func() { s.dp.Unenroll(ctx, e) })
+	if err := s.dp.Verify(ctx, e); err != nil {
+		t.Fatalf("verify: %v", err)
+	}
+}

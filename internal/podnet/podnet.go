@@ -1,0 +1,358 @@
+//go:build linux
+
+// Package podnet builds small networks of "pods" for capture tests: real
+// network namespaces (made with `ip netns add`, so `ip netns exec` works in
+// them) joined by a bridge that lives in its own namespace, so a test never
+// touches the machine's own network. Only tests import it.
+package podnet
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+
+	"github.com/sidelane/sidelane/internal/testenv"
+)
+
+// Net is one bridged network: a router namespace holding the bridge, and
+// namespaces attached to it with addresses from Subnet4 and Subnet6.
+type Net struct {
+	t       testing.TB
+	router  string
+	bridge  string
+	Subnet4 netip.Prefix
+	Subnet6 netip.Prefix
+	next    int
+}
+
+// NS is one network namespace on a Net.
+type NS struct {
+	Name string
+	Path string
+	// IP4 and IP6 are the addresses of its eth0 (IP4 is invalid in an
+	// IPv6-only namespace).
+	IP4, IP6 netip.Addr
+}
+
+// Run runs cmd and fails the test with its output when it fails.
+func Run(t testing.TB, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// New makes a network. Addresses come from 10.<r>.<r>.0/24 and
+// fd00:<r>:<r>::/64 for a random r; they exist only inside the test's
+// namespaces.
+func New(t testing.TB) *Net {
+	t.Helper()
+	r := int(time.Now().UnixNano()%200) + 20
+	n := &Net{
+		t:       t,
+		router:  testenv.UniqueName("pnr"),
+		bridge:  "br0",
+		Subnet4: netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", r, r)),
+		Subnet6: netip.MustParsePrefix(fmt.Sprintf("fd00:%x:%x::/64", r, r)),
+		next:    2,
+	}
+	Run(t, "ip", "netns", "add", n.router)
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", n.router).Run() })
+	Run(t, "ip", "-n", n.router, "link", "add", n.bridge, "type", "bridge")
+	Run(t, "ip", "-n", n.router, "link", "set", n.bridge, "up")
+	Run(t, "ip", "netns", "exec", n.router, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=0")
+	return n
+}
+
+// Add makes a namespace on the network with the next addresses, one per
+// family.
+func (n *Net) Add(prefix string) *NS { return n.add(prefix, true) }
+
+// AddIPv6Only makes a namespace with only an IPv6 address on eth0.
+func (n *Net) AddIPv6Only(prefix string) *NS { return n.add(prefix, false) }
+
+func (n *Net) add(prefix string, ipv4 bool) *NS {
+	t := n.t
+	t.Helper()
+	name := testenv.UniqueName(prefix)
+	Run(t, "ip", "netns", "add", name)
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", name).Run() })
+	i := n.next
+	n.next++
+	s := &NS{
+		Name: name,
+		Path: filepath.Join("/run/netns", name),
+		IP4:  nth(n.Subnet4, i),
+		IP6:  nth(n.Subnet6, i),
+	}
+	host := fmt.Sprintf("v%d", i)
+	Run(t, "ip", "-n", n.router, "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", name)
+	Run(t, "ip", "-n", n.router, "link", "set", host, "master", n.bridge, "up")
+	Run(t, "ip", "-n", name, "link", "set", "lo", "up")
+	Run(t, "ip", "-n", name, "link", "set", "eth0", "up")
+	if ipv4 {
+		Run(t, "ip", "-n", name, "addr", "add", fmt.Sprintf("%s/%d", s.IP4, n.Subnet4.Bits()), "dev", "eth0")
+	} else {
+		s.IP4 = netip.Addr{}
+	}
+	Run(t, "ip", "-n", name, "addr", "add", fmt.Sprintf("%s/%d", s.IP6, n.Subnet6.Bits()), "dev", "eth0", "nodad")
+	return s
+}
+
+// AddAddr gives ns an extra address on eth0 (e.g. a destination inside or
+// outside an excluded range).
+func (s *NS) AddAddr(t testing.TB, a netip.Addr, bits int) {
+	t.Helper()
+	args := []string{"-n", s.Name, "addr", "add", fmt.Sprintf("%s/%d", a, bits), "dev", "eth0"}
+	if a.Is6() {
+		args = append(args, "nodad")
+	}
+	Run(t, "ip", args...)
+}
+
+// Nth is the i-th address of p.
+func nth(p netip.Prefix, i int) netip.Addr {
+	a := p.Addr()
+	for range i {
+		a = a.Next()
+	}
+	return a
+}
+
+// Addr is the n-th address of the network's subnet of a's family.
+func (n *Net) Addr(ipv6 bool, i int) netip.Addr {
+	if ipv6 {
+		return nth(n.Subnet6, i)
+	}
+	return nth(n.Subnet4, i)
+}
+
+// Do runs fn on a locked OS thread inside s.
+func (s *NS) Do(fn func() error) error {
+	return ns.WithNetNSPath(s.Path, func(ns.NetNS) error { return fn() })
+}
+
+// Listen opens a TCP listener inside s; the socket stays in s.
+func (s *NS) Listen(t testing.TB, network, addr string) net.Listener {
+	t.Helper()
+	var l net.Listener
+	err := s.Do(func() error {
+		var err error
+		l, err = net.Listen(network, addr)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("listen %s %s in %s: %v", network, addr, s.Name, err)
+	}
+	t.Cleanup(func() { l.Close() })
+	return l
+}
+
+// Command returns cmd set to run inside s (`ip netns exec`).
+func (s *NS) Command(ctx context.Context, name string, args ...string) *exec.Cmd {
+	return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", s.Name, name}, args...)...)
+}
+
+// DialAs connects from inside s to addr with a socket owned by uid/gid,
+// the way a process running as uid/gid would: the socket is made on a
+// thread whose filesystem uid/gid (what iptables' owner match and cgroup
+// programs see) are switched for the socket() call only. A refused or
+// unreachable connection is returned as the error.
+func (s *NS) DialAs(uid, gid uint32, addr netip.AddrPort, timeout time.Duration) (net.Conn, error) {
+	return s.DialAsProto(uid, gid, syscall.SOCK_STREAM, addr, timeout)
+}
+
+// DialAsProto is DialAs for a socket type: SOCK_STREAM (TCP) or
+// SOCK_DGRAM (a connected UDP socket).
+func (s *NS) DialAsProto(uid, gid uint32, sotype int, addr netip.AddrPort, timeout time.Duration) (net.Conn, error) {
+	var conn net.Conn
+	err := s.Do(func() error {
+		var family int
+		var sa syscall.Sockaddr
+		if addr.Addr().Is4() {
+			family = syscall.AF_INET
+			sa = &syscall.SockaddrInet4{Port: int(addr.Port()), Addr: addr.Addr().As4()}
+		} else {
+			family = syscall.AF_INET6
+			sa = &syscall.SockaddrInet6{Port: int(addr.Port()), Addr: addr.Addr().As16()}
+		}
+		fd, err := socketAs(uid, gid, family, sotype)
+		if err != nil {
+			return err
+		}
+		tv := syscall.NsecToTimeval(timeout.Nanoseconds())
+		if err := syscall.SetsockoptTimeval(fd, syscall.SOL_SOCKET, syscall.SO_SNDTIMEO, &tv); err != nil {
+			syscall.Close(fd)
+			return fmt.Errorf("set connect timeout: %w", err)
+		}
+		if err := syscall.Connect(fd, sa); err != nil {
+			syscall.Close(fd)
+			return fmt.Errorf("connect %s: %w", addr, err)
+		}
+		f := os.NewFile(uintptr(fd), "dial")
+		defer f.Close()
+		conn, err = net.FileConn(f)
+		return err
+	})
+	return conn, err
+}
+
+// socketAs makes a TCP socket owned by uid/gid. setfsuid/setfsgid act on
+// the calling thread only (raw syscalls, not Go's all-threads wrappers),
+// and the caller holds a locked thread; both are restored before return.
+func socketAs(uid, gid uint32, family, sotype int) (int, error) {
+	if _, _, e := syscall.RawSyscall(syscall.SYS_SETFSGID, uintptr(gid), 0, 0); e != 0 {
+		return -1, fmt.Errorf("setfsgid: %w", e)
+	}
+	defer syscall.RawSyscall(syscall.SYS_SETFSGID, 0, 0, 0)
+	if _, _, e := syscall.RawSyscall(syscall.SYS_SETFSUID, uintptr(uid), 0, 0); e != 0 {
+		return -1, fmt.Errorf("setfsuid: %w", e)
+	}
+	defer syscall.RawSyscall(syscall.SYS_SETFSUID, 0, 0, 0)
+	fd, err := syscall.Socket(family, sotype|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("socket: %w", err)
+	}
+	return fd, nil
+}
+
+// ListenPacket opens a UDP socket inside s; it stays in s.
+func (s *NS) ListenPacket(t testing.TB, network, addr string) net.PacketConn {
+	t.Helper()
+	var c net.PacketConn
+	err := s.Do(func() error {
+		var err error
+		c, err = net.ListenPacket(network, addr)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("listen %s %s in %s: %v", network, addr, s.Name, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// ListenUDPAs opens a UDP socket on addr inside s owned by uid/gid, the
+// way a process running as them would own it: owner matches (e.g. Istio's
+// DNS conntrack zones for the proxy's answers) see uid/gid on what it
+// sends.
+func (s *NS) ListenUDPAs(t testing.TB, uid, gid uint32, addr netip.AddrPort) net.PacketConn {
+	t.Helper()
+	var c net.PacketConn
+	err := s.Do(func() error {
+		var sa syscall.Sockaddr
+		family := syscall.AF_INET
+		if addr.Addr().Is4() {
+			sa = &syscall.SockaddrInet4{Port: int(addr.Port()), Addr: addr.Addr().As4()}
+		} else {
+			family = syscall.AF_INET6
+			sa = &syscall.SockaddrInet6{Port: int(addr.Port()), Addr: addr.Addr().As16()}
+		}
+		fd, err := socketAs(uid, gid, family, syscall.SOCK_DGRAM)
+		if err != nil {
+			return err
+		}
+		if err := syscall.Bind(fd, sa); err != nil {
+			syscall.Close(fd)
+			return fmt.Errorf("bind udp %s: %w", addr, err)
+		}
+		f := os.NewFile(uintptr(fd), "udp")
+		defer f.Close()
+		c, err = net.FilePacketConn(f)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("listen udp %s in %s: %v", addr, s.Name, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// ReadLine reads one line from c with a deadline.
+func ReadLine(c net.Conn, timeout time.Duration) (string, error) {
+	_ = c.SetReadDeadline(time.Now().Add(timeout))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	return strings.TrimSpace(line), err
+}
+
+// HAProxyConfig is the sidecar stand-in's config: a transparent TCP proxy
+// playing Envoy's outbound (15001) and inbound (15006) listeners. `server
+// orig 0.0.0.0` makes haproxy connect to the connection's original
+// destination, which it reads with getsockopt(SO_ORIGINAL_DST) (IPv4 only:
+// haproxy does not ask for the IPv6 one). It announces itself to the
+// destination with a PROXY protocol v1 line carrying the original
+// destination, and, like Envoy's inbound passthrough, connects to the app
+// from 127.0.0.6.
+const HAProxyConfig = `global
+  uid %[1]d
+  gid %[2]d
+  maxconn 200
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+frontend outbound
+  bind 0.0.0.0:%[3]d
+  default_backend orig_out
+frontend inbound
+  bind 0.0.0.0:%[4]d
+  default_backend orig_in
+backend orig_out
+  server orig 0.0.0.0 send-proxy
+backend orig_in
+  server orig 0.0.0.0 send-proxy source 127.0.0.6
+`
+
+// StartHAProxy runs Debian's haproxy inside s as the pod's sidecar,
+// dropping to uid/gid after binding, and waits until both ports listen.
+func (s *NS) StartHAProxy(t testing.TB, uid, gid uint32, outPort, inPort uint16) {
+	t.Helper()
+	bin := testenv.RequireTool(t, "haproxy")
+	cfg := filepath.Join(t.TempDir(), "haproxy.cfg")
+	if err := os.WriteFile(cfg, []byte(fmt.Sprintf(HAProxyConfig, uid, gid, outPort, inPort)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cmd := s.Command(ctx, bin, "-db", "-f", cfg)
+	var out strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		cancel()
+		t.Fatalf("start haproxy: %v", err)
+	}
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+	})
+	// Wait for both listeners by looking, not by connecting: a connection
+	// that is not redirected would make haproxy proxy to itself.
+	for range 400 {
+		select {
+		case <-done:
+			t.Fatalf("haproxy exited: %s", out.String())
+		default:
+		}
+		ss, _ := exec.Command("ip", "netns", "exec", s.Name, "ss", "-Hltn").Output()
+		if strings.Contains(string(ss), fmt.Sprintf("0.0.0.0:%d ", outPort)) && strings.Contains(string(ss), fmt.Sprintf("0.0.0.0:%d ", inPort)) {
+			return
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+	t.Fatalf("haproxy not listening on %d and %d: %s", outPort, inPort, out.String())
+}
