@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"slices"
 	"strings"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/sidelane/sidelane/agent"
 	"github.com/sidelane/sidelane/agent/cnirpc"
+	"github.com/sidelane/sidelane/istio/capture"
 )
 
 // runExplain asks the local agent why a pod is in its mode.
@@ -77,8 +79,13 @@ func printExplanation(w io.Writer, ex *cnirpc.Explanation) error {
 		fmt.Fprintf(tw, "  mode:\t%s\n", a.Mode)
 		fmt.Fprintf(tw, "  why:\t%s\n", a.Reason)
 		if a.Capture != nil {
-			c, _ := json.Marshal(a.Capture)
-			fmt.Fprintf(tw, "  capture:\t%s\n", c)
+			for i, line := range captureLines(a.Capture) {
+				label := ""
+				if i == 0 {
+					label = "  capture:"
+				}
+				fmt.Fprintf(tw, "%s\t%s\n", label, line)
+			}
 		} else if a.Mode == agent.ModeSidecar {
 			fmt.Fprintf(tw, "  capture:\tIstio defaults (no traffic.sidecar.istio.io annotations parsed)\n")
 		} else {
@@ -114,4 +121,69 @@ func shortID(id string) string {
 		return id[:12]
 	}
 	return id
+}
+
+// captureLines summarizes capture settings for people; -o json has them all.
+func captureLines(c *capture.Settings) []string {
+	var out []string
+	dst := "no outbound"
+	switch {
+	case c.OutboundAllCIDRs:
+		dst = "all destinations"
+	case len(c.IncludeOutboundCIDRs) > 0:
+		dst = "destinations in " + joinPrefixes(c.IncludeOutboundCIDRs)
+	}
+	line := fmt.Sprintf("outbound: %s -> :%d", dst, c.OutboundPort)
+	if len(c.ExcludeOutboundCIDRs) > 0 {
+		line += ", except " + joinPrefixes(c.ExcludeOutboundCIDRs)
+	}
+	if len(c.ExcludeOutboundPorts) > 0 {
+		line += ", except ports " + joinRanges(c.ExcludeOutboundPorts)
+	}
+	if len(c.IncludeOutboundPorts) > 0 {
+		line += ", plus ports " + joinRanges(c.IncludeOutboundPorts)
+	}
+	out = append(out, line)
+	switch {
+	case c.InboundAllPorts:
+		line = fmt.Sprintf("inbound: all ports -> :%d", c.InboundPort)
+	case len(c.IncludeInboundPorts) > 0:
+		line = fmt.Sprintf("inbound: ports %s -> :%d", joinRanges(c.IncludeInboundPorts), c.InboundPort)
+	default:
+		line = "inbound: none"
+	}
+	if len(c.ExcludeInboundPorts) > 0 && (c.InboundAllPorts || len(c.IncludeInboundPorts) > 0) {
+		line += ", except ports " + joinRanges(c.ExcludeInboundPorts)
+	}
+	out = append(out, line)
+	out = append(out, fmt.Sprintf("proxy uids %v gids %v are never captured", c.ProxyUIDs, c.ProxyGIDs))
+	if c.DNSCapture {
+		out = append(out, fmt.Sprintf("DNS (port 53) -> :%d", c.DNSPort))
+	} else {
+		out = append(out, "DNS: not captured")
+	}
+	if len(c.ExcludeInterfaces) > 0 {
+		out = append(out, "interfaces never captured: "+strings.Join(c.ExcludeInterfaces, ","))
+	}
+	return out
+}
+
+func joinPrefixes(ps []netip.Prefix) string {
+	s := make([]string, len(ps))
+	for i, p := range ps {
+		s[i] = p.String()
+	}
+	return strings.Join(s, ",")
+}
+
+func joinRanges(rs []capture.PortRange) string {
+	s := make([]string, len(rs))
+	for i, r := range rs {
+		if r.First == r.Last {
+			s[i] = fmt.Sprint(r.First)
+		} else {
+			s[i] = fmt.Sprintf("%d-%d", r.First, r.Last)
+		}
+	}
+	return strings.Join(s, ",")
 }

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/sidelane/sidelane/agent/cnirpc"
+	"github.com/sidelane/sidelane/istio/capture"
 )
 
 func TestPrintExplanation(t *testing.T) {
@@ -19,13 +20,19 @@ func TestPrintExplanation(t *testing.T) {
 		}},
 		Current: &cnirpc.ExplainedDecision{Mode: "node", Reason: "namespace labeled ambient"},
 	}
+	ex.Attachments = append(ex.Attachments, ex.Attachments[0])
+	ex.Attachments[1].Counters = nil
+	ex.Attachments[1].Capture = &capture.Settings{OutboundPort: 15001, InboundPort: 15006, OutboundAllCIDRs: true,
+		ExcludeOutboundPorts: []capture.PortRange{{First: 5432, Last: 5432}}, InboundAllPorts: true,
+		ExcludeInboundPorts: []capture.PortRange{{First: 15020, Last: 15021}}, ProxyUIDs: []uint32{1337}, ProxyGIDs: []uint32{1337}}
 	var b strings.Builder
 	if err := printExplanation(&b, ex); err != nil {
 		t.Fatal(err)
 	}
 	out := b.String()
 	for _, want := range []string{"shop/web", "k8s/0123456789ab/eth0", "10.1.0.5/24", "mode:", "sidecar", "Istio injected a sidecar",
-		"Istio defaults", "counter redirected:", "7", "classifier now:", "node: namespace labeled ambient", "live move is pending"} {
+		"Istio defaults", "outbound: all destinations -> :15001, except ports 5432",
+		"inbound: all ports -> :15006, except ports 15020-15021", "DNS: not captured", "counter redirected:", "7", "classifier now:", "node: namespace labeled ambient", "live move is pending"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q:\n%s", want, out)
 		}

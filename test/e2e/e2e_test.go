@@ -123,11 +123,12 @@ func TestEndToEnd(t *testing.T) {
 			node      *kubelet.Node
 			pod       *corev1.Pod
 			mode, why string
+			capture   string
 		}{
-			{nodeA, sidecar, "sidecar", "Istio injected a sidecar"},
-			{nodeB, server, "node", "labeled istio.io/dataplane-mode=ambient"},
-			{nodeA, excluded, "none", "namespace kube-system is excluded"},
-			{nodeA, plain, "none", "not in the mesh"},
+			{nodeA, sidecar, "sidecar", "Istio injected a sidecar", "outbound: all destinations -> :15001"},
+			{nodeB, server, "node", "labeled istio.io/dataplane-mode=ambient", ""},
+			{nodeA, excluded, "none", "namespace kube-system is excluded", ""},
+			{nodeA, plain, "none", "not in the mesh", ""},
 		}
 		for _, c := range cases {
 			ex, text := e.explain(c.node, c.pod.Namespace, c.pod.Name)
@@ -145,7 +146,12 @@ func TestEndToEnd(t *testing.T) {
 			}() {
 				t.Errorf("%s: explain IPs %v do not match the pod's IP", c.pod.Name, a.IPs)
 			}
-			for _, want := range []string{"mode:", c.mode, "why:", c.why, "capture:", "classifier now:"} {
+			if c.capture == "" {
+				if !slices.ContainsFunc(strings.Split(text, "\n"), func(l string) bool { return slices.Equal(strings.Fields(l), []string{"capture:", "none"}) }) {
+					t.Errorf("%s: explain text lacks \"capture: none\":\n%s", c.pod.Name, text)
+				}
+			}
+			for _, want := range []string{"mode:", c.mode, "why:", c.why, "capture:", c.capture, "classifier now:"} {
 				if !strings.Contains(text, want) {
 					t.Errorf("%s: explain text lacks %q:\n%s", c.pod.Name, want, text)
 				}
