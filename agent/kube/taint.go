@@ -2,6 +2,7 @@ package kube
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"slices"
 	"time"
@@ -9,6 +10,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/util/retry"
 )
 
@@ -51,12 +53,24 @@ func (c *Controller) setTaint(ctx context.Context, present bool) error {
 		if has == present {
 			return nil
 		}
+		taints := slices.Clone(node.Spec.Taints)
 		if present {
-			node.Spec.Taints = append(node.Spec.Taints, corev1.Taint{Key: TaintKey, Effect: TaintEffect})
+			taints = append(taints, corev1.Taint{Key: TaintKey, Effect: TaintEffect})
 		} else {
-			node.Spec.Taints = slices.DeleteFunc(node.Spec.Taints, isOurTaint)
+			taints = slices.DeleteFunc(taints, isOurTaint)
 		}
-		_, err = nodes.Update(ctx, node, metav1.UpdateOptions{})
+		// A merge patch replaces the whole taint list; carrying the
+		// resourceVersion makes it fail with a conflict (and retry) if the
+		// node changed since we read it, so no other taint is lost. Patch,
+		// not update: the agent's RBAC grants only get and patch on nodes.
+		patch, err := json.Marshal(map[string]any{
+			"metadata": map[string]any{"resourceVersion": node.ResourceVersion},
+			"spec":     map[string]any{"taints": taints},
+		})
+		if err != nil {
+			return err
+		}
+		_, err = nodes.Patch(ctx, c.cfg.NodeName, types.MergePatchType, patch, metav1.PatchOptions{})
 		changed = err == nil
 		return err
 	})
