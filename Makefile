@@ -14,7 +14,7 @@ export SIDELANE_CACHE := $(CACHE)
 export SIDELANE_BIN   := $(CURDIR)/$(BIN)
 export PATH           := $(CACHE)/bin:$(PATH)
 
-.PHONY: help build generate verify lint unit conformance fuzz test chart e2e bench demo tools clean
+.PHONY: help build generate verify lint unit conformance fuzz test chart e2e bench demo tools kube clean
 
 help: ## list targets
 	@awk -F':.*## ' '/^[a-z-]+:.*## /{printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -37,8 +37,11 @@ lint: ## gofmt and go vet
 tools: ## build the reference CNI plugins, cnitool, the noop test plugin and Istio's pilot-agent into $(CACHE)/bin
 	hack/install-tools.sh cni istio
 
-unit: build tools ## unit tests (privileged ones run as root; some compare with pilot-agent)
-	$(GO) test -count=1 $$($(GO) list ./... | grep -v -e /conformance -e /charts/)
+kube: ## build kube-apiserver and kubectl once into $(CACHE) (~14 min the first time)
+	hack/build-kube-apiserver.sh
+
+unit: build tools kube ## unit tests (privileged ones run as root; some compare with pilot-agent, some start etcd + kube-apiserver)
+	$(GO) test -count=1 $$($(GO) list ./... | grep -v -e /conformance -e /charts/ -e /test/e2e)
 
 conformance: build tools ## CNI and capture conformance in real network namespaces; ends with "N passed, N failed"
 	$(GO) test -count=1 -json -timeout 30m ./conformance/ | tee $(BIN)/conformance.json | $(GO) run ./hack/testsummary
@@ -46,15 +49,15 @@ conformance: build tools ## CNI and capture conformance in real network namespac
 fuzz: ## a short, count-based run of every fuzz target in the module (FUZZTIME=100000x)
 	FUZZTIME=$(FUZZTIME) hack/fuzz.sh
 
-test: lint unit conformance fuzz chart ## everything CI runs
+test: lint unit conformance e2e fuzz chart ## everything CI runs
 	@echo "make test: all passed"
 
 chart: ## helm lint, golden templates, schema and server-side strict dry-run of charts/sidelane
 	hack/install-tools.sh helm
 	$(GO) test -count=1 -v ./charts/sidelane/test/ 2>&1 | grep -E '^(=== RUN|--- (FAIL|SKIP)|\s+.*_test.go|FAIL|ok|PASS)'; test $${PIPESTATUS[0]} -eq 0
 
-e2e: ## placeholder: end-to-end tests on the local kube-apiserver harness (agent issue)
-	@echo "e2e: not built yet (agent issue)"
+e2e: build tools kube ## end-to-end: real kube-apiserver, two simulated nodes, real CNI chain, real agents (root)
+	$(GO) test -count=1 -v -timeout 15m ./test/e2e/ 2>&1 | tee $(BIN)/e2e.log | grep -E '^(=== RUN|\s*--- (PASS|FAIL|SKIP)|FAIL|ok|PASS)' ; test $${PIPESTATUS[0]} -eq 0
 
 bench: build tools ## side-by-side benchmarks into bench/out/ (QUICK=1: under 3 minutes); needs root
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/sidelane-bench ./cmd/sidelane-bench

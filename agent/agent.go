@@ -4,14 +4,18 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"path/filepath"
+	"reflect"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/sidelane/sidelane/agent/cnirpc"
 	"github.com/sidelane/sidelane/agent/datapath"
+	"github.com/sidelane/sidelane/agent/metrics"
 	"github.com/sidelane/sidelane/agent/store"
 )
 
@@ -31,6 +35,16 @@ type Config struct {
 	Classifier Classifier
 	// RequestTimeout bounds one plugin request (default 10s).
 	RequestTimeout time.Duration
+	// Metrics may be nil.
+	Metrics *metrics.Metrics
+	// Startup runs after the socket is up and the persisted attachments are
+	// re-verified, and before the agent reports ready: until it returns,
+	// ADD fails with a retry error (fail closed). The Kubernetes controller
+	// syncs its informers and reconciles the node's pods here. An error
+	// stops the agent.
+	Startup func(ctx context.Context) error
+	// OnReady runs once the agent is ready (e.g. to remove the node taint).
+	OnReady func(ctx context.Context)
 }
 
 // Agent is one running node agent.
@@ -40,6 +54,10 @@ type Agent struct {
 	server *cnirpc.Server
 	ready  atomic.Bool
 	reason atomic.Value // string
+	// mu serializes changes to an attachment's datapath state and store
+	// entry: CNI ADD/DEL/GC and live mode moves must not interleave, or a
+	// move could re-enroll an attachment DEL just removed.
+	mu *sync.Mutex
 }
 
 // New loads the persisted state and prepares the socket server.
@@ -63,7 +81,7 @@ func New(cfg Config) (*Agent, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open pod state: %w", err)
 	}
-	a := &Agent{cfg: cfg, store: st}
+	a := &Agent{cfg: cfg, store: st, mu: &sync.Mutex{}}
 	a.reason.Store("starting")
 	a.server = &cnirpc.Server{
 		Socket:  cfg.Socket,
@@ -76,6 +94,8 @@ func New(cfg Config) (*Agent, error) {
 			classifier: cfg.Classifier,
 			readiness:  a,
 			now:        time.Now,
+			mu:         a.mu,
+			metrics:    cfg.Metrics,
 		},
 	}
 	return a, nil
@@ -99,20 +119,103 @@ func (a *Agent) SetReady(ready bool, reason string) {
 }
 
 // Run listens on the socket and serves until ctx ends. The agent reports
-// ready once the socket is up and every persisted attachment has been
-// re-verified with the datapath.
+// ready once every persisted attachment has been re-verified with the
+// datapath and Config.Startup has returned; until then the socket answers
+// and ADD fails with a retry error.
 func (a *Agent) Run(ctx context.Context) error {
 	if err := a.server.Listen(); err != nil {
 		return err
 	}
 	defer a.server.Close()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	served := make(chan error, 1)
+	go func() { served <- a.server.Serve(ctx) }()
+
+	a.SetReady(false, "re-verifying persisted pods")
 	a.reconcile(ctx)
+	if a.cfg.Startup != nil {
+		a.SetReady(false, "waiting for the Kubernetes cache and pod reconcile")
+		if err := a.cfg.Startup(ctx); err != nil {
+			a.SetReady(false, "startup failed")
+			cancel()
+			<-served
+			return fmt.Errorf("agent startup: %w", err)
+		}
+	}
 	a.SetReady(true, "")
 	a.cfg.Log.Info("agent ready", "socket", a.cfg.Socket, "datapath", a.cfg.Datapath.Name(), "attachments", len(a.store.List()))
-	err := a.server.Serve(ctx)
+	if a.cfg.OnReady != nil {
+		a.cfg.OnReady(ctx)
+	}
+	err := <-served
 	a.SetReady(false, "shutting down")
 	return err
 }
+
+// Datapath is the backend in use.
+func (a *Agent) Datapath() datapath.Datapath { return a.cfg.Datapath }
+
+// SetMode moves a running attachment to dec's mode (or updates its capture
+// settings): Unenroll under the old settings, Enroll under the new ones,
+// persist. It reports whether anything changed. When the new Enroll fails
+// the old state is restored, so a failed move never leaves a pod half
+// captured.
+func (a *Agent) SetMode(ctx context.Context, k store.Key, dec Decision) (old store.Entry, changed bool, err error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	e, ok := a.store.Get(k)
+	if !ok {
+		return store.Entry{}, false, fmt.Errorf("attachment %s: %w", k, ErrUnknownAttachment)
+	}
+	if e.Mode == dec.Mode && reflect.DeepEqual(e.Capture, dec.Capture) {
+		if e.Reason != dec.Reason {
+			e.Reason = dec.Reason
+			if err := a.store.Put(e); err != nil {
+				return e, false, err
+			}
+		}
+		return e, false, nil
+	}
+	if err := a.cfg.Datapath.Unenroll(ctx, e); err != nil {
+		return e, false, fmt.Errorf("unenroll %s from %s mode: %w", k, e.Mode, err)
+	}
+	next := e
+	next.Mode, next.Reason, next.Capture = dec.Mode, dec.Reason, dec.Capture
+	if err := a.cfg.Datapath.Enroll(ctx, &next); err != nil {
+		_ = a.cfg.Datapath.Unenroll(ctx, next)
+		prev := e
+		if rerr := a.cfg.Datapath.Enroll(ctx, &prev); rerr != nil {
+			a.cfg.Log.Error("restore attachment after failed move", "attachment", k.String(), "mode", e.Mode, "error", rerr)
+		}
+		return e, false, fmt.Errorf("enroll %s in %s mode: %w", k, dec.Mode, err)
+	}
+	if err := a.store.Put(next); err != nil {
+		return e, true, fmt.Errorf("record attachment: %w", err)
+	}
+	return e, true, nil
+}
+
+// Forget unenrolls and removes an attachment whose pod no longer exists
+// (deleted while the agent was down, so its DEL was lost).
+func (a *Agent) Forget(ctx context.Context, k store.Key) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	e, ok := a.store.Get(k)
+	if !ok {
+		return nil
+	}
+	if err := a.cfg.Datapath.Unenroll(ctx, e); err != nil {
+		return fmt.Errorf("unenroll %s: %w", k, err)
+	}
+	if _, _, err := a.store.Delete(k); err != nil {
+		return fmt.Errorf("forget attachment: %w", err)
+	}
+	return nil
+}
+
+// ErrUnknownAttachment: the store has no such attachment (DEL won a race).
+var ErrUnknownAttachment = errors.New("no such attachment")
 
 // reconcile re-applies the datapath for every persisted attachment, so state
 // lost while the agent was down (or never applied) is restored.

@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/sidelane/sidelane/agent/cnirpc"
 	"github.com/sidelane/sidelane/agent/datapath"
+	"github.com/sidelane/sidelane/agent/metrics"
 	"github.com/sidelane/sidelane/agent/store"
 	"github.com/sidelane/sidelane/istio/capture"
 )
@@ -57,9 +59,13 @@ type cniHandler struct {
 	classifier Classifier
 	readiness  Readiness
 	now        func() time.Time
+	mu         *sync.Mutex // shared with Agent; see Agent.mu
+	metrics    *metrics.Metrics
 }
 
-func (h *cniHandler) Handle(ctx context.Context, req *cnirpc.Request) (*cnirpc.Reply, error) {
+func (h *cniHandler) Handle(ctx context.Context, req *cnirpc.Request) (rep *cnirpc.Reply, err error) {
+	start := h.now()
+	defer func() { h.metrics.CNIRequest(string(req.Op), h.now().Sub(start), err) }()
 	switch req.Op {
 	case cnirpc.OpAdd:
 		return h.add(ctx, req)
@@ -72,6 +78,8 @@ func (h *cniHandler) Handle(ctx context.Context, req *cnirpc.Request) (*cnirpc.R
 	case cnirpc.OpStatus:
 		ready, reason := h.readiness.Ready()
 		return &cnirpc.Reply{Ready: ready, Reason: reason}, nil
+	case cnirpc.OpExplain:
+		return h.explain(ctx, req)
 	}
 	return nil, fmt.Errorf("unknown op %q", req.Op)
 }
@@ -100,6 +108,8 @@ func (h *cniHandler) add(ctx context.Context, req *cnirpc.Request) (*cnirpc.Repl
 		Capture:      dec.Capture,
 		Added:        h.now().UTC(),
 	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
 	if err := h.datapath.Enroll(ctx, &e); err != nil {
 		// Nothing half-applied: undo whatever Enroll managed before failing.
 		if uerr := h.datapath.Unenroll(ctx, e); uerr != nil {
@@ -117,6 +127,8 @@ func (h *cniHandler) add(ctx context.Context, req *cnirpc.Request) (*cnirpc.Repl
 
 func (h *cniHandler) del(ctx context.Context, req *cnirpc.Request) (*cnirpc.Reply, error) {
 	k := keyOf(req)
+	h.mu.Lock()
+	defer h.mu.Unlock()
 	e, ok := h.store.Get(k)
 	if !ok {
 		// DEL for an attachment we never saw (or already removed) succeeds.
@@ -149,6 +161,8 @@ func (h *cniHandler) gc(ctx context.Context, req *cnirpc.Request) (*cnirpc.Reply
 	for _, a := range req.ValidAttachments {
 		valid[store.Key{Network: req.Network, ContainerID: a.ContainerID, IfName: a.IfName}] = true
 	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
 	var errs []error
 	removed := 0
 	for _, e := range h.store.List() {
@@ -170,4 +184,35 @@ func (h *cniHandler) gc(ctx context.Context, req *cnirpc.Request) (*cnirpc.Reply
 		return nil, fmt.Errorf("gc network %s: %w", req.Network, err)
 	}
 	return &cnirpc.Reply{Removed: removed}, nil
+}
+
+// explain reports the pod's attachments as stored, the classifier's
+// current verdict, and the datapath's counters.
+func (h *cniHandler) explain(ctx context.Context, req *cnirpc.Request) (*cnirpc.Reply, error) {
+	ex := &cnirpc.Explanation{Pod: req.Pod, Datapath: h.datapath.Name(), Attachments: []cnirpc.ExplainedAttachment{}}
+	counters, _ := h.datapath.(datapath.CounterReader)
+	for _, e := range h.store.List() {
+		if e.PodNamespace != req.Pod.Namespace || e.PodName != req.Pod.Name {
+			continue
+		}
+		a := cnirpc.ExplainedAttachment{
+			Network: e.Network, ContainerID: e.ContainerID, IfName: e.IfName, Netns: e.Netns,
+			IPs: e.IPs, Mode: e.Mode, Reason: e.Reason, Capture: e.Capture, Added: e.Added,
+		}
+		if counters != nil {
+			c, err := counters.Counters(ctx, e)
+			if err != nil {
+				h.log.Warn("read datapath counters", "attachment", e.Key.String(), "error", err)
+			}
+			a.Counters = c
+		}
+		ex.Attachments = append(ex.Attachments, a)
+	}
+	dec, err := h.classifier.Classify(ctx, req.Pod)
+	if err != nil {
+		ex.CurrentError = err.Error()
+	} else {
+		ex.Current = &cnirpc.ExplainedDecision{Mode: dec.Mode, Reason: dec.Reason, Capture: dec.Capture}
+	}
+	return &cnirpc.Reply{Explain: ex}, nil
 }

@@ -33,6 +33,10 @@ const (
 	OpCheck  Op = "check"
 	OpGC     Op = "gc"
 	OpStatus Op = "status"
+	// OpExplain is not a CNI verb: `sidelane explain` asks the agent why a
+	// pod is in its mode. It shares the socket (root only) on purpose, so
+	// pod details never leave the node.
+	OpExplain Op = "explain"
 )
 
 // PodRef identifies the Kubernetes pod behind a sandbox, as the runtime
@@ -84,6 +88,9 @@ type Reply struct {
 	Mode string `json:"mode,omitempty"`
 	// Removed counts attachments removed by OpGC.
 	Removed int `json:"removed,omitempty"`
+
+	// Explain answers OpExplain.
+	Explain *Explanation `json:"explain,omitempty"`
 }
 
 // ErrVersion is returned by Decode for a request of another protocol version.
@@ -136,6 +143,10 @@ func (r *Request) Validate() error {
 			}
 		}
 	case OpStatus:
+	case OpExplain:
+		if r.Pod.Namespace == "" || r.Pod.Name == "" {
+			return fmt.Errorf("op %s: pod.namespace and pod.name are required", r.Op)
+		}
 	case "":
 		return errors.New("op is required")
 	default:

@@ -31,3 +31,9 @@ func (Noop) Name() string                                { return "noop" }
 func (Noop) Enroll(context.Context, *store.Entry) error  { return nil }
 func (Noop) Unenroll(context.Context, store.Entry) error { return nil }
 func (Noop) Verify(context.Context, store.Entry) error   { return nil }
+
+// CounterReader is implemented by datapaths that keep per-pod counters
+// (e.g. eBPF map counters); `sidelane explain` shows them.
+type CounterReader interface {
+	Counters(ctx context.Context, e store.Entry) (map[string]uint64, error)
+}

@@ -2,29 +2,144 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
+	"fmt"
 	"log/slog"
 	"os"
+	"strings"
+
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/sidelane/sidelane/agent"
+	"github.com/sidelane/sidelane/agent/kube"
+	"github.com/sidelane/sidelane/agent/metrics"
+	"github.com/sidelane/sidelane/agent/ops"
+	"github.com/sidelane/sidelane/istio/classify"
 )
+
+// DefaultMetricsAddr is where /healthz, /readyz and /metrics listen. 15095
+// is outside the ports Istio uses (15000-15090 are taken by Envoy,
+// pilot-agent, istiod and ztunnel).
+const DefaultMetricsAddr = "127.0.0.1:15095"
 
 func runAgent(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("agent", flag.ContinueOnError)
 	socket := fs.String("socket", agent.DefaultSocket, "Unix socket the CNI plugin talks to")
 	stateDir := fs.String("state-dir", agent.DefaultStateDir, "directory for the agent's pod state")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+	metricsAddr := fs.String("metrics-addr", DefaultMetricsAddr, "address of /healthz, /readyz and /metrics (empty: off)")
+	kubeconfig := fs.String("kubeconfig", "", "kubeconfig file (default: in-cluster config when running in a pod)")
+	nodeName := fs.String("node-name", os.Getenv("NODE_NAME"), "this node's name (default $NODE_NAME)")
+	excluded := fs.String("excluded-namespaces", classify.DefaultExcludedNS, "comma-separated namespaces never captured")
+	agentNS := fs.String("agent-namespace", os.Getenv("POD_NAMESPACE"), "namespace of the agent's own pods (default $POD_NAMESPACE; empty: any)")
+	agentLabel := fs.String("agent-pod-label", classify.AgentLabelDefault+"="+classify.AgentLabelValue, "key=value label identifying the agent's own pods, never captured")
+	podWait := fs.Duration("pod-wait", kube.DefaultWait, "how long ADD waits for a pod the agent's cache has not seen yet")
+	taint := fs.Bool("manage-taint", true, "remove the "+kube.TaintKey+" node taint when ready and re-add it on shutdown")
+	standalone := fs.Bool("standalone", false, "run without Kubernetes: every pod gets mode none (default when there is no --kubeconfig and no in-cluster config)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
-		return err
+		return fmt.Errorf("--log-level: %w", err)
 	}
 	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
-	a, err := agent.New(agent.Config{Socket: *socket, StateDir: *stateDir, Log: log})
+
+	var st *agent.Agent
+	m := metrics.New(func() map[string]int { return countModes(st) })
+	cfg := agent.Config{Socket: *socket, StateDir: *stateDir, Log: log, Metrics: m}
+	var ctrl *kube.Controller
+	if !*standalone && *kubeconfig == "" && os.Getenv("KUBERNETES_SERVICE_HOST") == "" {
+		log.Warn("no --kubeconfig and not running in a pod: standalone, every pod gets mode none")
+		*standalone = true
+	}
+	if !*standalone {
+		ccfg := classify.DefaultConfig()
+		var err error
+		if ccfg.ExcludedNamespaces, err = classify.ParseNamespaces(*excluded); err != nil {
+			return fmt.Errorf("--excluded-namespaces: %w", err)
+		}
+		ccfg.AgentNamespace = *agentNS
+		if ccfg.AgentLabels, err = parseLabel(*agentLabel); err != nil {
+			return fmt.Errorf("--agent-pod-label: %w", err)
+		}
+		if *nodeName == "" {
+			return errors.New("--node-name (or $NODE_NAME) is required unless --standalone")
+		}
+		rc, err := restConfig(*kubeconfig)
+		if err != nil {
+			return err
+		}
+		cs, err := kubernetes.NewForConfig(rc)
+		if err != nil {
+			return fmt.Errorf("kubernetes client: %w", err)
+		}
+		ctrl, err = kube.New(kube.Config{
+			Client: cs, NodeName: *nodeName, Classify: ccfg, Log: log, Metrics: m,
+			Wait: *podWait, ManageTaint: *taint, Capture: kube.IstioCapture,
+		})
+		if err != nil {
+			return err
+		}
+		cfg.Classifier, cfg.Startup, cfg.OnReady = ctrl, ctrl.Start, ctrl.OnReady
+	}
+	a, err := agent.New(cfg)
 	if err != nil {
 		return err
 	}
+	st = a
+	if ctrl != nil {
+		ctrl.SetTarget(a)
+		defer ctrl.Shutdown()
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	if *metricsAddr != "" {
+		go func() {
+			if err := ops.Serve(ctx, log, *metricsAddr, ops.Handler(a, m)); err != nil {
+				log.Error("operator endpoints", "error", err)
+			}
+		}()
+	}
 	return a.Run(ctx)
+}
+
+func restConfig(kubeconfig string) (*rest.Config, error) {
+	if kubeconfig != "" {
+		c, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+		if err != nil {
+			return nil, fmt.Errorf("--kubeconfig %s: %w", kubeconfig, err)
+		}
+		return c, nil
+	}
+	c, err := rest.InClusterConfig()
+	if err != nil {
+		return nil, fmt.Errorf("no --kubeconfig and not in a pod (%w); use --standalone to run without Kubernetes", err)
+	}
+	return c, nil
+}
+
+func parseLabel(s string) (map[string]string, error) {
+	if s == "" {
+		return nil, nil
+	}
+	k, v, ok := strings.Cut(s, "=")
+	if !ok || k == "" {
+		return nil, fmt.Errorf("%q is not key=value", s)
+	}
+	return map[string]string{k: v}, nil
+}
+
+func countModes(a *agent.Agent) map[string]int {
+	out := map[string]int{agent.ModeNone: 0, agent.ModeSidecar: 0, agent.ModeNode: 0}
+	if a == nil {
+		return out
+	}
+	for _, e := range a.Store().List() {
+		out[e.Mode]++
+	}
+	return out
 }

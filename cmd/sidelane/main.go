@@ -1,6 +1,8 @@
 // Command sidelane is the node agent and the operator's tool:
 //
 //	sidelane agent        run the node agent
+//	sidelane explain      explain a pod's mode (asks the local agent)
+//	sidelane install-cni  install sidelane-cni into the node's CNI config
 //	sidelane version      print the version
 //
 // Each subcommand's flags are listed by "sidelane <subcommand> -h".
@@ -24,6 +26,7 @@ type subcommand struct {
 func subcommands() []subcommand {
 	return []subcommand{
 		{"agent", "run the node agent", runAgent},
+		{"explain", "explain a pod's datapath mode: sidelane explain <namespace>/<pod>", runExplain},
 		{"install-cni", "install sidelane-cni into the node's CNI config and keep it there", runInstallCNI},
 		{"version", "print the version", func(context.Context, []string) error {
 			fmt.Println("sidelane", buildinfo.Version)

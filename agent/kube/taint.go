@@ -1,0 +1,90 @@
+package kube
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"slices"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/util/retry"
+)
+
+// OnReady is the agent's ready hook: it removes the not-ready taint.
+func (c *Controller) OnReady(ctx context.Context) {
+	if !c.cfg.ManageTaint {
+		return
+	}
+	if err := c.setTaint(ctx, false); err != nil {
+		c.cfg.Metrics.Error("taint")
+		c.log.Error("remove node taint", "node", c.cfg.NodeName, "taint", TaintKey, "error", err)
+	}
+}
+
+// Shutdown re-adds the not-ready taint on a graceful stop, so no pod is
+// scheduled onto the node while its agent is away. It uses its own bounded
+// context: the agent's is already cancelled by then.
+func (c *Controller) Shutdown() {
+	if !c.cfg.ManageTaint {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := c.setTaint(ctx, true); err != nil {
+		c.log.Error("re-add node taint", "node", c.cfg.NodeName, "taint", TaintKey, "error", err)
+	}
+}
+
+// setTaint adds or removes TaintKey. A missing node is logged, not fatal:
+// the agent may run before the kubelet registers the node.
+func (c *Controller) setTaint(ctx context.Context, present bool) error {
+	nodes := c.cfg.Client.CoreV1().Nodes()
+	changed := false
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		node, err := nodes.Get(ctx, c.cfg.NodeName, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		has := slices.ContainsFunc(node.Spec.Taints, isOurTaint)
+		if has == present {
+			return nil
+		}
+		taints := slices.Clone(node.Spec.Taints)
+		if present {
+			taints = append(taints, corev1.Taint{Key: TaintKey, Effect: TaintEffect})
+		} else {
+			taints = slices.DeleteFunc(taints, isOurTaint)
+		}
+		// A merge patch replaces the whole taint list; carrying the
+		// resourceVersion makes it fail with a conflict (and retry) if the
+		// node changed since we read it, so no other taint is lost. Patch,
+		// not update: the agent's RBAC grants only get and patch on nodes.
+		patch, err := json.Marshal(map[string]any{
+			"metadata": map[string]any{"resourceVersion": node.ResourceVersion},
+			"spec":     map[string]any{"taints": taints},
+		})
+		if err != nil {
+			return err
+		}
+		_, err = nodes.Patch(ctx, c.cfg.NodeName, types.MergePatchType, patch, metav1.PatchOptions{})
+		changed = err == nil
+		return err
+	})
+	if apierrors.IsNotFound(err) {
+		c.log.Warn("node not found; taint left alone", "node", c.cfg.NodeName)
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("update node %s: %w", c.cfg.NodeName, err)
+	}
+	if changed {
+		c.log.Info("node taint updated", "node", c.cfg.NodeName, "taint", TaintKey, "present", present)
+	}
+	return nil
+}
+
+func isOurTaint(t corev1.Taint) bool { return t.Key == TaintKey && t.Effect == TaintEffect }

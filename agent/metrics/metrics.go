@@ -1,0 +1,115 @@
+// Package metrics holds the agent's Prometheus metrics. Everything is
+// registered on a registry passed in (never the global one), and every
+// method is safe on a nil *Metrics so tests and callers without metrics
+// need no special case.
+package metrics
+
+import (
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+const namespace = "sidelane"
+
+// Metrics is the agent's set of instruments.
+type Metrics struct {
+	Registry    *prometheus.Registry
+	decisions   *prometheus.CounterVec
+	transitions *prometheus.CounterVec
+	errors      *prometheus.CounterVec
+	cniLatency  *prometheus.HistogramVec
+}
+
+// PodCounter reports how many attachments are in each mode, read at scrape
+// time so the gauge can never drift from the agent's store.
+type PodCounter func() map[string]int
+
+// New registers the agent's metrics, plus Go and process collectors, on a
+// new registry. pods may be nil.
+func New(pods PodCounter) *Metrics {
+	reg := prometheus.NewRegistry()
+	m := &Metrics{
+		Registry: reg,
+		decisions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "capture_decisions_total",
+			Help: "Pod classifications by resulting mode and the rule that decided.",
+		}, []string{"mode", "rule"}),
+		transitions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "mode_transitions_total",
+			Help: "Live moves of running pods between datapath modes.",
+		}, []string{"from", "to"}),
+		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "errors_total",
+			Help: "Errors by operation (add, del, check, gc, reclassify, reconcile, taint, ...).",
+		}, []string{"op"}),
+		cniLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: namespace, Name: "cni_request_duration_seconds",
+			Help:    "Time the agent took to answer one CNI plugin request, by operation and result.",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
+		}, []string{"op", "result"}),
+	}
+	reg.MustRegister(m.decisions, m.transitions, m.errors, m.cniLatency,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if pods != nil {
+		reg.MustRegister(&podCollector{pods: pods, desc: prometheus.NewDesc(
+			namespace+"_pods", "Pod attachments the agent manages, by datapath mode.", []string{"mode"}, nil)})
+	}
+	return m
+}
+
+// Register adds another collector, e.g. the eBPF datapath's map counters.
+func (m *Metrics) Register(c prometheus.Collector) error {
+	if m == nil {
+		return nil
+	}
+	return m.Registry.Register(c)
+}
+
+// Decision counts one classification.
+func (m *Metrics) Decision(mode, rule string) {
+	if m != nil {
+		m.decisions.WithLabelValues(mode, rule).Inc()
+	}
+}
+
+// Transition counts one live mode change.
+func (m *Metrics) Transition(from, to string) {
+	if m != nil {
+		m.transitions.WithLabelValues(from, to).Inc()
+	}
+}
+
+// Error counts one failed operation.
+func (m *Metrics) Error(op string) {
+	if m != nil {
+		m.errors.WithLabelValues(op).Inc()
+	}
+}
+
+// CNIRequest records one plugin request's latency and outcome.
+func (m *Metrics) CNIRequest(op string, d time.Duration, err error) {
+	if m == nil {
+		return
+	}
+	result := "ok"
+	if err != nil {
+		result = "error"
+		m.errors.WithLabelValues(op).Inc()
+	}
+	m.cniLatency.WithLabelValues(op, result).Observe(d.Seconds())
+}
+
+type podCollector struct {
+	pods PodCounter
+	desc *prometheus.Desc
+}
+
+func (c *podCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+
+func (c *podCollector) Collect(ch chan<- prometheus.Metric) {
+	for mode, n := range c.pods() {
+		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(n), mode)
+	}
+}
