@@ -8,12 +8,14 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"time"
 
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/sidelane/sidelane/agent"
+	"github.com/sidelane/sidelane/agent/bpfmetrics"
 	"github.com/sidelane/sidelane/agent/kube"
 	"github.com/sidelane/sidelane/agent/metrics"
 	"github.com/sidelane/sidelane/agent/ops"
@@ -39,6 +41,8 @@ func runAgent(ctx context.Context, args []string) error {
 	podWait := fs.Duration("pod-wait", kube.DefaultWait, "how long ADD waits for a pod the agent's cache has not seen yet")
 	taint := fs.Bool("manage-taint", true, "remove the "+kube.TaintKey+" node taint when ready and re-add it on shutdown")
 	standalone := fs.Bool("standalone", false, "run without Kubernetes: every pod gets mode none (default when there is no --kubeconfig and no in-cluster config)")
+	var dpf datapathFlags
+	dpf.register(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -50,7 +54,15 @@ func runAgent(ctx context.Context, args []string) error {
 
 	var st *agent.Agent
 	m := metrics.New(func() map[string]int { return countModes(st) })
-	cfg := agent.Config{Socket: *socket, StateDir: *stateDir, Log: log, Metrics: m}
+	dp, err := dpf.open(log)
+	if err != nil {
+		return err
+	}
+	defer dp.close()
+	if err := m.Register(datapathInfo(dpf.kind, dp)); err != nil {
+		return err
+	}
+	cfg := agent.Config{Socket: *socket, StateDir: *stateDir, Log: log, Metrics: m, Datapath: dp.Datapath}
 	var ctrl *kube.Controller
 	if !*standalone && *kubeconfig == "" && os.Getenv("KUBERNETES_SERVICE_HOST") == "" {
 		log.Warn("no --kubeconfig and not running in a pod: standalone, every pod gets mode none")
@@ -87,6 +99,17 @@ func runAgent(ctx context.Context, args []string) error {
 		cfg.Classifier, cfg.Startup, cfg.OnReady = ctrl, ctrl.Start, ctrl.OnReady
 	}
 	a, err := agent.New(cfg)
+	if err == nil && dp.ebpf != nil {
+		// Drop pinned state of pods the agent no longer knows (deleted
+		// while it was down); the agent re-verifies the rest at start.
+		if rerr := dp.ebpf.Reconcile(ctx, a.Store().List()); rerr != nil {
+			log.Error("reconcile pinned eBPF state", "error", rerr)
+		}
+		if rerr := m.Register(bpfmetrics.New(dp.ebpf, a.Store().List)); rerr != nil {
+			return rerr
+		}
+		go bpfmetrics.WatchNodeProxy(ctx, log, dp.ebpf.ReportNodeProxy, 5*time.Second)
+	}
 	if err != nil {
 		return err
 	}

@@ -8,6 +8,8 @@ import (
 	"net/netip"
 	"strings"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/sidelane/sidelane/agent/datapath"
 	"github.com/sidelane/sidelane/agent/datapath/ebpf"
 	"github.com/sidelane/sidelane/agent/datapath/iptables"
@@ -108,4 +110,15 @@ func (f *datapathFlags) open(log *slog.Logger) (*openedDatapath, error) {
 		return &openedDatapath{Datapath: iptables.New(log), close: func() {}, fellBack: err.Error()}, nil
 	}
 	return nil, fmt.Errorf("open eBPF datapath: %w", err)
+}
+
+// datapathInfo is the sidelane_datapath_info gauge: which backend runs
+// and, when auto fell back to iptables, why.
+func datapathInfo(requested string, dp *openedDatapath) prometheus.Collector {
+	g := prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "sidelane_datapath_info",
+		Help: "The capture backend in use (value 1); fallback_reason is set when --datapath=auto fell back to iptables.",
+	}, []string{"requested", "backend", "fallback_reason"})
+	g.WithLabelValues(requested, dp.Name(), dp.fellBack).Set(1)
+	return g
 }

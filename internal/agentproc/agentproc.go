@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -36,7 +38,14 @@ func New(bin, dir string, args ...string) *Proc {
 // Start runs the agent and waits until it reports ready.
 func (p *Proc) Start(ctx context.Context) error {
 	p.mu.Lock()
-	args := append([]string{"agent", "--socket", p.Socket, "--state-dir", p.StateDir, "--log-level", "debug"}, p.Args...)
+	args := []string{"agent", "--socket", p.Socket, "--state-dir", p.StateDir, "--log-level", "debug"}
+	if !slices.ContainsFunc(p.Args, func(a string) bool { return strings.HasPrefix(strings.TrimLeft(a, "-"), "datapath") }) {
+		// Never the default "auto": it attaches to the machine's root
+		// cgroup. Callers that want capture pass --datapath and
+		// --cgroup-root for a cgroup subtree of their own.
+		args = append(args, "--datapath", "noop")
+	}
+	args = append(args, p.Args...)
 	cmd := exec.Command(p.Bin, args...)
 	cmd.Stdout = &lockedWriter{mu: &p.mu, w: &p.logs}
 	cmd.Stderr = cmd.Stdout

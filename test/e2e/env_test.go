@@ -28,6 +28,10 @@ import (
 // the datapath: SIDELANE_E2E_AGENT_ARGS="--datapath=ebpf".
 const AgentArgsEnv = "SIDELANE_E2E_AGENT_ARGS"
 
+// DatapathEnv=ebpf runs every agent with the eBPF datapath attached to the
+// test's own cgroup subtree (the default is the no-op datapath).
+const DatapathEnv = "SIDELANE_E2E_DATAPATH"
+
 // cgroupRoot finds the cgroup v2 mount (/sys/fs/cgroup/unified here,
 // /sys/fs/cgroup on most machines).
 func cgroupRoot(t *testing.T) string {
@@ -75,6 +79,7 @@ type env struct {
 	cs      kubernetes.Interface
 	nodes   []*kubelet.Node
 	agents  map[string]*agentProc
+	pinDirs map[string]string // node -> bpffs pin dir (eBPF datapath)
 	bin     string
 	cgroup  string
 }
@@ -96,7 +101,7 @@ func newEnv(t *testing.T, c *kubeharness.Cluster) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &env{t: t, cluster: c, cs: cs, nodes: nodes, agents: map[string]*agentProc{}, bin: bin, cgroup: cg}
+	e := &env{t: t, cluster: c, cs: cs, nodes: nodes, agents: map[string]*agentProc{}, pinDirs: map[string]string{}, bin: bin, cgroup: cg}
 	t.Cleanup(func() {
 		for _, n := range nodes {
 			n.Stop()
@@ -148,7 +153,26 @@ func (e *env) startAgent(n *kubelet.Node) *agentProc {
 	a := &agentProc{node: n, done: make(chan struct{}), metrics: freePort(e.t)}
 	args := []string{"agent", "--socket", n.AgentSocket, "--state-dir", n.StateDir, "--kubeconfig", e.cluster.Kubeconfig,
 		"--node-name", n.Name, "--metrics-addr", a.metrics, "--log-level", "debug"}
-	args = append(args, strings.Fields(os.Getenv(AgentArgsEnv))...)
+	extra := strings.Fields(os.Getenv(AgentArgsEnv))
+	switch {
+	case strings.Contains(os.Getenv(AgentArgsEnv), "--datapath"):
+	case os.Getenv(DatapathEnv) == "ebpf":
+		// The test's own cgroup subtree, never the machine's root, and
+		// pins of this node's own that outlive agent restarts (as on a
+		// real node) until the test ends.
+		pin, ok := e.pinDirs[n.Name]
+		if !ok {
+			pin = filepath.Join("/sys/fs/bpf", testenv.UniqueName("sidelane-e2e-"))
+			e.pinDirs[n.Name] = pin
+			e.t.Cleanup(func() { _ = os.RemoveAll(pin) })
+		}
+		extra = append(extra, "--datapath", "ebpf", "--cgroup-root", e.cgroup, "--bpf-pin-dir", pin)
+	default:
+		// Never the default "auto": it would attach to the machine's
+		// root cgroup.
+		extra = append(extra, "--datapath", "noop")
+	}
+	args = append(args, extra...)
 	a.cmd = exec.Command(filepath.Join(e.bin, "sidelane"), args...)
 	logf, err := os.OpenFile(filepath.Join(filepath.Dir(n.StateDir), "agent.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
 	if err != nil {

@@ -209,12 +209,34 @@ func (d *Datapath) Reconcile(_ context.Context, known []store.Entry) error {
 	return errors.Join(errs...)
 }
 
-// Counters returns the pod's capture counters (for the agent's metrics).
-func (d *Datapath) Counters(e store.Entry) (bpf.Counters, error) {
+// PodCounters returns the pod's capture counters (for the agent's metrics).
+func (d *Datapath) PodCounters(e store.Entry) (bpf.Counters, error) {
 	if e.NetnsCookie == 0 {
 		return bpf.Counters{}, errors.New("pod has no netns cookie: never enrolled")
 	}
 	return d.pods.Counters(e.NetnsCookie)
+}
+
+// Counters implements datapath.CounterReader for `sidelane explain`.
+func (d *Datapath) Counters(_ context.Context, e store.Entry) (map[string]uint64, error) {
+	c, err := d.PodCounters(e)
+	if err != nil {
+		return nil, err
+	}
+	return CounterMap(c), nil
+}
+
+// CounterMap names each counter as the metrics and explain show it.
+func CounterMap(c bpf.Counters) map[string]uint64 {
+	return map[string]uint64{
+		"redirected_outbound": c.RedirectedOutbound,
+		"redirected_inbound":  c.RedirectedInbound,
+		"redirected_dns":      c.RedirectedDNS,
+		"excluded":            c.Excluded,
+		"orig_dst_answered":   c.OrigDstAnswered,
+		"shortcut_messages":   c.ShortcutMessages,
+		"shortcut_bytes":      c.ShortcutBytes,
+	}
 }
 
 // NodeCounters returns the node's per-node mode counters: connects steered

@@ -85,7 +85,7 @@ func TestLifecycle(t *testing.T) {
 	if got, _ := c.Enrolled(); len(got) != 1 || got[0] != want {
 		t.Fatalf("Enrolled = %v, want [%d]", got, want)
 	}
-	if _, err := d.Counters(e); err != nil {
+	if _, err := d.Counters(context.Background(), e); err != nil {
 		t.Fatalf("Counters: %v", err)
 	}
 	// Reconcile keeps known pods and removes the others.
