@@ -1,0 +1,1097 @@
+//go:build ignore
+
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/* Copyright sidelane authors.
+ *
+ * Istio sidecar traffic capture without iptables.
+ *
+ * Every hook first asks "is this socket's network namespace enrolled?" by
+ * looking its netns cookie up in `pods`. The agent writes that entry at CNI
+ * ADD, before the pod's first process runs, so capture is deterministic and
+ * starts with the very first connection. A socket in a netns that is not
+ * enrolled is never touched.
+ *
+ * Programs:
+ *   cgroup/connect4, cgroup/connect6  outbound TCP -> 127.0.0.1:<outbound port>
+ *                                     (Istio's ISTIO_OUTPUT semantics), the proxy
+ *                                     calling its own pod IP -> <inbound port>,
+ *                                     TCP DNS -> <dns port>; records the original
+ *                                     dst by socket cookie.
+ *   sockops                           when a redirected connection is established,
+ *                                     re-keys the original dst by the connection's
+ *                                     4-tuple, which the proxy's accepted socket
+ *                                     sees mirrored.
+ *   cgroup/getsockopt                 answers SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST
+ *                                     for those accepted sockets only.
+ *   cgroup/sendmsg4/6, recvmsg4/6     DNS over UDP -> <dns port>, replies show
+ *                                     the original server as their source.
+ *   cgroup/getpeername4/6             a redirected socket's peer is the original dst.
+ *   cgroup/sock_release               forgets a released socket's original dst.
+ *   sk_msg (on sock_pairs)            same-node shortcut, socket to socket.
+ *   tc (tcx ingress on the pod's if)  inbound TCP to a captured port is assigned
+ *                                     to the <inbound port> listener (bpf_sk_assign).
+ */
+
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <linux/socket.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
+
+char __license[] SEC("license") = "Dual BSD/GPL";
+
+#define AF_INET 2
+#define AF_INET6 10
+#define SOL_IP 0
+#define SOL_IPV6 41
+#define SO_ORIGINAL_DST 80 /* also IP6T_SO_ORIGINAL_DST */
+
+/* pod_config.flags */
+#define POD_OUTBOUND_ALL 0x1 /* capture every outbound CIDR not excluded */
+#define POD_INBOUND_ALL 0x2  /* capture every inbound port not excluded */
+#define POD_DNS 0x4          /* DNS capture to dns_port */
+#define POD_LOOPBACK_IN 0x8  /* an included CIDR is loopback: capture the app's lo traffic too */
+#define POD_NO_IPV6 0x10     /* leave IPv6 alone (dual-stack pod without ISTIO_DUAL_STACK) */
+
+#define MAX_IDS 4
+
+#define READ(x) (*(volatile typeof(x) *)&(x))
+
+/* What the agent writes for one enrolled pod (netns). Ports in host order. */
+struct pod_config {
+	__u16 outbound_port;
+	__u16 inbound_port;
+	__u16 dns_port;
+	__u16 flags;
+	__u32 n_uids;
+	__u32 n_gids;
+	__u32 proxy_uids[MAX_IDS];
+	__u32 proxy_gids[MAX_IDS];
+};
+
+/* cidr_key.kind */
+#define CIDR_EXCLUDE_OUT 1
+#define CIDR_INCLUDE_OUT 2
+#define CIDR_LOCAL 3 /* the pod's own addresses: Istio's "-o lo" */
+#define CIDR_ROUTE 4 /* the pod's routes; value 1: via an excluded interface */
+
+/* LPM key: the pod's netns cookie is always matched in full (64 bits), then
+ * the kind (8 bits), then the address. IPv4 is stored v4-mapped (::ffff:a.b.c.d)
+ * so one trie serves both families. */
+struct cidr_key {
+	__u32 prefixlen;
+	__u32 netns_lo;
+	__u32 netns_hi;
+	__u8 kind;
+	__u8 addr[16];
+};
+
+/* port_key.kind */
+#define PORT_EXCLUDE_OUT 1
+#define PORT_INCLUDE_OUT 2
+#define PORT_EXCLUDE_IN 3
+#define PORT_INCLUDE_IN 4
+
+/* Port ranges are decomposed into prefixes by the agent, so any range costs
+ * one lookup. port is big-endian so prefixes are its high bits. */
+struct port_key {
+	__u32 prefixlen;
+	__u32 netns_lo;
+	__u32 netns_hi;
+	__u8 kind;
+	__u8 port[2];
+};
+
+/* The destination a connection had before we rewrote it. addr is
+ * v4-mapped for IPv4; port in host order. netns is the cookie of the netns
+ * whose proxy accepts the redirected connection. */
+struct orig_dst {
+	__u8 addr[16];
+	__u16 port;
+	__u16 family;
+	__u32 pad;
+	__u64 netns;
+};
+
+/* A connection as the connecting socket sees it. Ports in host order. */
+struct tuple_key {
+	__u64 netns;
+	__u8 src[16];
+	__u8 dst[16];
+	__u16 sport;
+	__u16 dport;
+	__u32 pad;
+};
+
+/* Per-pod counters (per CPU; the agent sums them). */
+struct counters {
+	__u64 redirected_out;
+	__u64 redirected_in;
+	__u64 redirected_dns;
+	__u64 excluded;
+	__u64 orig_dst_answered;
+	__u64 shortcut_msgs;
+	__u64 shortcut_bytes;
+};
+
+/* settings[0] bits. */
+#define SETTING_SHORTCUT 0x1
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct pod_config);
+} pods SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(max_entries, 1 << 20);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct cidr_key);
+	__type(value, __u8);
+} cidrs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(max_entries, 1 << 18);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct port_key);
+	__type(value, __u8);
+} ports SEC(".maps");
+
+/* Pod IP (v4-mapped for IPv4) -> netns cookie, for inbound capture in tc. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(max_entries, 65536);
+	__type(key, __u8[16]);
+	__type(value, __u64);
+} pod_ips SEC(".maps");
+
+/* Socket cookie of a redirected connecting socket -> original dst, from
+ * connect until the socket closes (getpeername answers from it). LRU: a
+ * connect that never completes must not leak an entry forever. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct orig_dst);
+} orig_by_cookie SEC(".maps");
+
+/* Established redirected connection -> original dst, for getsockopt on the
+ * proxy's accepted socket; removed when the connecting socket closes. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(max_entries, 262144);
+	__type(key, struct tuple_key);
+	__type(value, struct orig_dst);
+} orig_by_tuple SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct counters);
+} pod_counters SEC(".maps");
+
+/* Global switches written by the agent (settings[0]). */
+struct {
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} settings SEC(".maps");
+
+/* Same-node established sockets eligible for the shortcut, keyed by their
+ * own 4-tuple (netns set for loopback tuples, 0 for pod IPs, which are
+ * unique on the node). */
+struct {
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, struct tuple_key);
+	__type(value, __u64);
+} sock_pairs SEC(".maps");
+
+/* The same keys -> socket cookie. sk_msg cannot read its own socket's
+ * cookie, so it compares the cookie stored under its own tuple with the one
+ * under its peer's: equal means the "peer" is the sending socket itself
+ * (a self-connected socket, or tuples made symmetric by leftover NAT), and
+ * redirecting would loop its writes into itself. */
+struct {
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct tuple_key);
+	__type(value, __u64);
+} pair_cookies SEC(".maps");
+
+enum verdict {
+	PASS = 0,
+	PASS_EXCLUDED,
+	REDIRECT_OUT,
+	REDIRECT_IN_SELF, /* the proxy calling its own pod IP: Istio's ISTIO_IN_REDIRECT */
+	REDIRECT_DNS,
+};
+
+static __always_inline void count(__u64 netns, int field)
+{
+	struct counters *c = bpf_map_lookup_elem(&pod_counters, &netns);
+	if (!c)
+		return;
+	switch (field) {
+	case REDIRECT_OUT:
+		c->redirected_out++;
+		break;
+	case REDIRECT_IN_SELF:
+		c->redirected_in++;
+		break;
+	case REDIRECT_DNS:
+		c->redirected_dns++;
+		break;
+	case PASS_EXCLUDED:
+		c->excluded++;
+		break;
+	}
+}
+
+static __always_inline int cidr_match(__u64 netns, __u8 kind, const __u8 addr[16])
+{
+	struct cidr_key k = {
+		.prefixlen = 64 + 8 + 128,
+		.netns_lo = (__u32)netns,
+		.netns_hi = (__u32)(netns >> 32),
+		.kind = kind,
+	};
+	__builtin_memcpy(k.addr, addr, 16);
+	return bpf_map_lookup_elem(&cidrs, &k) != NULL;
+}
+
+/* Istio's "-o <excludeInterfaces> -j RETURN": the pod's routing table
+ * (written at enroll when interfaces are excluded) says which interface a
+ * destination leaves by; the longest matching route decides. */
+static __always_inline int route_excluded(__u64 netns, const __u8 addr[16])
+{
+	struct cidr_key k = {
+		.prefixlen = 64 + 8 + 128,
+		.netns_lo = (__u32)netns,
+		.netns_hi = (__u32)(netns >> 32),
+		.kind = CIDR_ROUTE,
+	};
+	__builtin_memcpy(k.addr, addr, 16);
+	__u8 *v = bpf_map_lookup_elem(&cidrs, &k);
+	return v && *v == 1;
+}
+
+static __always_inline int port_match(__u64 netns, __u8 kind, __u16 port)
+{
+	struct port_key k = {
+		.prefixlen = 64 + 8 + 16,
+		.netns_lo = (__u32)netns,
+		.netns_hi = (__u32)(netns >> 32),
+		.kind = kind,
+		.port = {port >> 8, port & 0xff},
+	};
+	return bpf_map_lookup_elem(&ports, &k) != NULL;
+}
+
+static __always_inline int is_v4mapped(const __u8 a[16])
+{
+	const __u32 *w = (const __u32 *)a;
+	return w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0xffff);
+}
+
+static __always_inline int is_loopback(const __u8 a[16])
+{
+	const __u32 *w = (const __u32 *)a;
+	if (is_v4mapped(a))
+		return a[12] == 127;
+	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == bpf_htonl(1);
+}
+
+/* 127.0.0.1 or ::1: Istio's "-d 127.0.0.1/32 -j RETURN". */
+static __always_inline int is_localhost(const __u8 a[16])
+{
+	const __u32 *w = (const __u32 *)a;
+	if (is_v4mapped(a))
+		return w[3] == bpf_htonl(0x7f000001);
+	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == bpf_htonl(1);
+}
+
+/* Envoy's inbound passthrough source: 127.0.0.6, or ::6 for IPv6. */
+static __always_inline int is_passthrough_src(const __u8 a[16])
+{
+	const __u32 *w = (const __u32 *)a;
+	if (is_v4mapped(a))
+		return w[3] == bpf_htonl(0x7f000006);
+	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == bpf_htonl(6);
+}
+
+/* The socket's owner, as iptables' owner match sees it: the fsuid/fsgid of
+ * the credentials the socket's file was opened with, which can differ from
+ * the calling task's ids (setfsuid, sockets passed between processes).
+ * Minimal CO-RE views of the kernel structs; libbpf-style ___ suffixes
+ * match the kernel's struct names, field offsets come from the kernel BTF. */
+typedef struct {
+	__u32 val;
+} kuid_t;
+typedef struct {
+	__u32 val;
+} kgid_t;
+struct cred___sl {
+	kuid_t fsuid;
+	kgid_t fsgid;
+} __attribute__((preserve_access_index));
+struct file___sl {
+	const struct cred___sl *f_cred;
+} __attribute__((preserve_access_index));
+struct socket___sl {
+	struct file___sl *file;
+} __attribute__((preserve_access_index));
+struct sock___sl {
+	struct socket___sl *sk_socket;
+} __attribute__((preserve_access_index));
+
+struct bpf_sock_addr_kern___sl {
+	struct sock___sl *sk;
+} __attribute__((preserve_access_index));
+struct bpf_sock___sl; /* opaque */
+
+/* The kernel's context behind a sock_addr program's ctx (Linux 6.2+). */
+extern void *bpf_cast_to_kern_ctx(void *) __ksym;
+
+/* owner_ids returns the socket owner's uid in the low and gid in the high
+ * half, like bpf_get_current_uid_gid (the fallback while the socket has no
+ * file). Pointer walks through BTF-typed kernel memory are checked loads. */
+static __always_inline __u64 owner_ids(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock_addr_kern___sl *k = bpf_cast_to_kern_ctx(ctx);
+	struct sock___sl *sk = k->sk;
+	if (sk) {
+		struct socket___sl *sock = sk->sk_socket;
+		if (sock) {
+			struct file___sl *file = sock->file;
+			if (file) {
+				const struct cred___sl *cred = file->f_cred;
+				if (cred)
+					return (__u64)cred->fsgid.val << 32 | cred->fsuid.val;
+			}
+		}
+	}
+	return bpf_get_current_uid_gid();
+}
+
+static __always_inline int id_in(__u32 id, const __u32 *ids, __u32 n)
+{
+#pragma unroll
+	for (int i = 0; i < MAX_IDS; i++)
+		if (i < n && ids[i] == id)
+			return 1;
+	return 0;
+}
+
+/* The order is istio-iptables' ISTIO_OUTPUT chain, rule by rule:
+ *   excluded ports                                   RETURN
+ *   -o lo -s 127.0.0.6                               RETURN
+ *   per proxy uid, then per proxy gid:
+ *     -o lo ! -d 127.0.0.1 ! --dport 15008 (,53 for uids with DNS)  IN_REDIRECT
+ *     -o lo ! owner (! --dport 53 with DNS; absent when a loopback
+ *       range is included)                           RETURN
+ *     owner                                          RETURN
+ *   DNS capture: --dport 53                          REDIRECT 15053
+ *   -d 127.0.0.1                                     RETURN
+ *   excluded CIDRs                                   RETURN
+ *   included ports                                   REDIRECT
+ *   included CIDRs (or all)                          REDIRECT
+ * "-o lo" means the destination is local: loopback or one of the pod's own
+ * addresses. As with iptables and several proxy uids, only the first uid's
+ * rules can match a connection to a local address. */
+static __always_inline enum verdict owner_rules(const struct pod_config *pod, const __u32 *ids, __u32 n, __u32 id,
+						int local, const __u8 dst[16], __u16 dport, int dns_aware, int *done)
+{
+	int dns = pod->flags & POD_DNS;
+	*done = 1;
+	for (int i = 0; i < MAX_IDS; i++) { /* bounded: the verifier accepts it */
+		if (i >= n)
+			break;
+		int owner = ids[i] == id;
+		if (local && owner && !is_localhost(dst) && dport != 15008 && !(dns && dns_aware && dport == 53))
+			return REDIRECT_IN_SELF;
+		if (local && !owner && !(pod->flags & POD_LOOPBACK_IN) && !(dns && dport == 53))
+			return PASS;
+		if (owner)
+			return PASS;
+	}
+	*done = 0;
+	return PASS;
+}
+
+static __always_inline enum verdict decide_outbound(__u64 netns, const struct pod_config *pod, __u64 ugid,
+						    const __u8 src[16], const __u8 dst[16], __u16 dport)
+{
+	int local = is_loopback(dst) || cidr_match(netns, CIDR_LOCAL, dst);
+	int done;
+	enum verdict v;
+
+	if ((pod->flags & POD_NO_IPV6) && !is_v4mapped(dst))
+		return PASS;
+	if (!local && route_excluded(netns, dst))
+		return PASS_EXCLUDED;
+	if (port_match(netns, PORT_EXCLUDE_OUT, dport))
+		return PASS_EXCLUDED;
+	if (local && is_passthrough_src(src))
+		return PASS;
+	v = owner_rules(pod, pod->proxy_uids, pod->n_uids, (__u32)ugid, local, dst, dport, 1, &done);
+	if (done)
+		return v;
+	v = owner_rules(pod, pod->proxy_gids, pod->n_gids, (__u32)(ugid >> 32), local, dst, dport, 0, &done);
+	if (done)
+		return v;
+	if ((pod->flags & POD_DNS) && dport == 53)
+		return REDIRECT_DNS;
+	if (is_localhost(dst))
+		return PASS;
+	if (cidr_match(netns, CIDR_EXCLUDE_OUT, dst))
+		return PASS_EXCLUDED;
+	if (port_match(netns, PORT_INCLUDE_OUT, dport))
+		return REDIRECT_OUT;
+	if ((pod->flags & POD_OUTBOUND_ALL) || cidr_match(netns, CIDR_INCLUDE_OUT, dst))
+		return REDIRECT_OUT;
+	return PASS_EXCLUDED;
+}
+
+/* Whether Istio's ISTIO_INBOUND captures dport. Ports 15008/15090/15021/15020
+ * arrive in PORT_EXCLUDE_IN from the Settings. */
+static __always_inline int inbound_captured(__u64 netns, const struct pod_config *pod, __u16 dport)
+{
+	if (dport == pod->inbound_port)
+		return 0;
+	if (port_match(netns, PORT_EXCLUDE_IN, dport))
+		return 0;
+	if (pod->flags & POD_INBOUND_ALL)
+		return 1;
+	return port_match(netns, PORT_INCLUDE_IN, dport);
+}
+
+/* Inbound: Istio's ISTIO_INBOUND. A connection to a captured port of the pod
+ * is handed to the listener on the inbound port with bpf_sk_assign, from tc
+ * ingress on the pod's interface. Unlike rewriting the destination at the
+ * client's connect(), this works for clients on other nodes (and for
+ * same-node clients in any netns or cgroup) and leaves both ends' view of
+ * the connection intact: the proxy's accepted socket has the original
+ * destination as its local address (what Envoy and haproxy fall back to
+ * when SO_ORIGINAL_DST has no answer), and the client still sees the port it
+ * dialed. The pod is found by destination address, so no per-netns helper
+ * is needed in tc. */
+SEC("tc")
+int sidelane_inbound(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end)
+		return TC_ACT_OK;
+	struct bpf_sock_tuple t = {};
+	__u32 tlen;
+	__u8 dst[16] = {};
+	__u32 *d = (__u32 *)dst;
+	struct tcphdr *tcp;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP || ip->ihl < 5)
+			return TC_ACT_OK;
+		tcp = (void *)ip + ip->ihl * 4;
+		if ((void *)(tcp + 1) > end)
+			return TC_ACT_OK;
+		t.ipv4.saddr = ip->saddr;
+		t.ipv4.daddr = ip->daddr;
+		t.ipv4.sport = tcp->source;
+		t.ipv4.dport = tcp->dest;
+		tlen = sizeof(t.ipv4);
+		d[2] = bpf_htonl(0xffff);
+		d[3] = ip->daddr;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > end || ip6->nexthdr != IPPROTO_TCP)
+			return TC_ACT_OK;
+		tcp = (void *)(ip6 + 1);
+		if ((void *)(tcp + 1) > end)
+			return TC_ACT_OK;
+		__builtin_memcpy(t.ipv6.saddr, &ip6->saddr, 16);
+		__builtin_memcpy(t.ipv6.daddr, &ip6->daddr, 16);
+		t.ipv6.sport = tcp->source;
+		t.ipv6.dport = tcp->dest;
+		tlen = sizeof(t.ipv6);
+		__builtin_memcpy(dst, &ip6->daddr, 16);
+	} else {
+		return TC_ACT_OK;
+	}
+
+	__u64 *netnsp = bpf_map_lookup_elem(&pod_ips, dst);
+	if (!netnsp)
+		return TC_ACT_OK;
+	__u64 netns = *netnsp;
+	struct pod_config *pod = bpf_map_lookup_elem(&pods, &netns);
+	__u16 dport = bpf_ntohs(tcp->dest);
+	if (!pod || !inbound_captured(netns, pod, dport))
+		return TC_ACT_OK;
+	if ((pod->flags & POD_NO_IPV6) && tlen != sizeof(t.ipv4))
+		return TC_ACT_OK;
+
+	/* A packet of an existing connection (or handshake) goes where the
+	 * stack would send it. */
+	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, tlen, BPF_F_CURRENT_NETNS, 0);
+	if (sk) {
+		int listener = sk->state == BPF_TCP_LISTEN;
+		bpf_sk_release(sk);
+		if (!listener)
+			return TC_ACT_OK;
+	}
+	if (tlen == sizeof(t.ipv4))
+		t.ipv4.dport = bpf_htons(pod->inbound_port);
+	else
+		t.ipv6.dport = bpf_htons(pod->inbound_port);
+	sk = bpf_skc_lookup_tcp(skb, &t, tlen, BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return TC_ACT_SHOT; /* fail closed: never deliver around the proxy */
+	if (sk->state != BPF_TCP_LISTEN) {
+		bpf_sk_release(sk);
+		return TC_ACT_SHOT;
+	}
+	long err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	if (err)
+		return TC_ACT_SHOT;
+	if (tcp->syn && !tcp->ack) {
+		/* What SO_ORIGINAL_DST answers on the accepted socket (its peer
+		 * and local address are exactly this tuple), as Istio's
+		 * REDIRECT does for inbound. */
+		struct tuple_key k = {.netns = netns, .sport = bpf_ntohs(tcp->source), .dport = dport};
+		struct orig_dst o = {.port = dport, .netns = netns};
+		__u32 *sw = (__u32 *)k.src;
+		if (tlen == sizeof(t.ipv4)) {
+			sw[2] = bpf_htonl(0xffff);
+			sw[3] = t.ipv4.saddr;
+			o.family = AF_INET;
+		} else {
+			__builtin_memcpy(k.src, t.ipv6.saddr, 16);
+			o.family = AF_INET6;
+		}
+		__builtin_memcpy(k.dst, dst, 16);
+		__builtin_memcpy(o.addr, dst, 16);
+		bpf_map_update_elem(&orig_by_tuple, &k, &o, BPF_ANY);
+		count(netns, REDIRECT_IN_SELF);
+	}
+	return TC_ACT_OK;
+}
+
+static __always_inline void record(void *ctx, const __u8 dst[16], __u16 dport, __u16 family, __u64 netns)
+{
+	struct orig_dst o = {.port = dport, .family = family, .netns = netns};
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memcpy(o.addr, dst, 16);
+	bpf_map_update_elem(&orig_by_cookie, &cookie, &o, BPF_ANY);
+}
+
+/* connect_common decides for one TCP connect. It returns the verdict and, for
+ * redirects, the new port; the caller rewrites the address. */
+static __always_inline enum verdict connect_common(struct bpf_sock_addr *ctx, const __u8 src[16], const __u8 dst[16],
+						   __u16 dport, __u16 family, __u16 *new_port, __u64 *rec_netns)
+{
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	struct pod_config *pod = bpf_map_lookup_elem(&pods, &netns);
+	enum verdict v = PASS;
+
+	if (pod) {
+		v = decide_outbound(netns, pod, owner_ids(ctx), src, dst, dport);
+		count(netns, v);
+		switch (v) {
+		case REDIRECT_OUT:
+			*new_port = pod->outbound_port;
+			break;
+		case REDIRECT_IN_SELF:
+			*new_port = pod->inbound_port;
+			break;
+		case REDIRECT_DNS:
+			*new_port = pod->dns_port;
+			break;
+		default:
+			break;
+		}
+		if (v >= REDIRECT_OUT) {
+			*rec_netns = netns;
+			record(ctx, dst, dport, family, netns);
+			return v;
+		}
+	}
+
+	return v;
+}
+
+/* DNS over UDP (Istio's "-p udp --dport 53" REDIRECT to the agent's DNS
+ * proxy, proxy uid/gid exempt). Connected sockets are rewritten at connect,
+ * unconnected ones at every sendmsg; recvmsg puts the original server back
+ * as the reply's source, as conntrack's reverse NAT does, so resolvers
+ * accept the answer. */
+static __always_inline int dns_udp(struct bpf_sock_addr *ctx, int v6)
+{
+	if (bpf_ntohs((__u16)ctx->user_port) != 53)
+		return 0;
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	struct pod_config *pod = bpf_map_lookup_elem(&pods, &netns);
+	if (!pod || !(pod->flags & POD_DNS))
+		return 0;
+	__u64 ugid = owner_ids(ctx);
+	if (id_in((__u32)ugid, pod->proxy_uids, pod->n_uids) || id_in((__u32)(ugid >> 32), pod->proxy_gids, pod->n_gids))
+		return 0;
+	if (port_match(netns, PORT_EXCLUDE_OUT, 53))
+		return 0;
+	__u8 dst[16] = {};
+	__u32 *d = (__u32 *)dst;
+	if (v6) {
+		d[0] = READ(ctx->user_ip6[0]);
+		d[1] = READ(ctx->user_ip6[1]);
+		d[2] = READ(ctx->user_ip6[2]);
+		d[3] = READ(ctx->user_ip6[3]);
+	} else {
+		d[2] = bpf_htonl(0xffff);
+		d[3] = ctx->user_ip4;
+	}
+	int mapped = is_v4mapped(dst);
+	if (!mapped && (pod->flags & POD_NO_IPV6))
+		return 0;
+	if (!is_loopback(dst) && !cidr_match(netns, CIDR_LOCAL, dst) && route_excluded(netns, dst))
+		return 0;
+	record(ctx, dst, 53, mapped ? AF_INET : AF_INET6, netns);
+	count(netns, REDIRECT_DNS);
+	if (v6) {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = mapped ? bpf_htonl(0xffff) : 0;
+		ctx->user_ip6[3] = mapped ? bpf_htonl(0x7f000001) : bpf_htonl(1);
+	} else {
+		ctx->user_ip4 = bpf_htonl(0x7f000001);
+	}
+	ctx->user_port = bpf_htons(pod->dns_port);
+	return 1;
+}
+
+SEC("cgroup/sendmsg4")
+int sidelane_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	dns_udp(ctx, 0);
+	return 1;
+}
+
+SEC("cgroup/sendmsg6")
+int sidelane_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	dns_udp(ctx, 1);
+	return 1;
+}
+
+static __always_inline int from_dns_proxy(struct bpf_sock_addr *ctx, struct orig_dst **out)
+{
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	struct pod_config *pod = bpf_map_lookup_elem(&pods, &netns);
+	if (!pod || !(pod->flags & POD_DNS) || bpf_ntohs((__u16)ctx->user_port) != pod->dns_port)
+		return 0;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	*out = bpf_map_lookup_elem(&orig_by_cookie, &cookie);
+	return *out != NULL;
+}
+
+SEC("cgroup/recvmsg4")
+int sidelane_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	struct orig_dst *o = NULL;
+	if (ctx->user_ip4 != bpf_htonl(0x7f000001) || !from_dns_proxy(ctx, &o) || !o || o->family != AF_INET)
+		return 1;
+	ctx->user_ip4 = ((__u32 *)o->addr)[3];
+	ctx->user_port = bpf_htons(o->port);
+	return 1;
+}
+
+SEC("cgroup/recvmsg6")
+int sidelane_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	struct orig_dst *o = NULL;
+	__u8 src[16] = {};
+	__u32 *w = (__u32 *)src;
+	w[0] = READ(ctx->user_ip6[0]);
+	w[1] = READ(ctx->user_ip6[1]);
+	w[2] = READ(ctx->user_ip6[2]);
+	w[3] = READ(ctx->user_ip6[3]);
+	if (!is_localhost(src) || !from_dns_proxy(ctx, &o) || !o)
+		return 1;
+	__u32 *a = (__u32 *)o->addr;
+	ctx->user_ip6[0] = a[0];
+	ctx->user_ip6[1] = a[1];
+	ctx->user_ip6[2] = a[2];
+	ctx->user_ip6[3] = a[3];
+	ctx->user_port = bpf_htons(o->port);
+	return 1;
+}
+
+/* Forget a UDP socket's original destination when it is released. TCP
+ * sockets are forgotten by sock_ops when they reach TCP_CLOSE, which for a
+ * closed socket comes after release. */
+SEC("cgroup/sock_release")
+int sidelane_sock_release(struct bpf_sock *sk)
+{
+	if (sk->protocol == IPPROTO_TCP)
+		return 1;
+	__u64 cookie = bpf_get_socket_cookie(sk);
+	bpf_map_delete_elem(&orig_by_cookie, &cookie);
+	return 1;
+}
+
+SEC("cgroup/connect4")
+int sidelane_connect4(struct bpf_sock_addr *ctx)
+{
+	if (ctx->protocol == IPPROTO_UDP) {
+		dns_udp(ctx, 0);
+		return 1;
+	}
+	if (ctx->protocol != IPPROTO_TCP)
+		return 1;
+	__u8 dst[16] = {}, src[16] = {};
+	__u32 *d = (__u32 *)dst, *s = (__u32 *)src;
+	d[2] = bpf_htonl(0xffff);
+	d[3] = ctx->user_ip4;
+	s[2] = bpf_htonl(0xffff);
+	struct bpf_sock *sk = ctx->sk;
+	if (sk)
+		s[3] = READ(sk->src_ip4);
+	__u16 dport = bpf_ntohs((__u16)ctx->user_port);
+	__u16 new_port = 0;
+	__u64 rec = 0;
+	enum verdict v = connect_common(ctx, src, dst, dport, AF_INET, &new_port, &rec);
+	if (v < REDIRECT_OUT)
+		return 1;
+	ctx->user_ip4 = bpf_htonl(0x7f000001);
+	ctx->user_port = bpf_htons(new_port);
+	return 1;
+}
+
+SEC("cgroup/connect6")
+int sidelane_connect6(struct bpf_sock_addr *ctx)
+{
+	if (ctx->protocol == IPPROTO_UDP) {
+		dns_udp(ctx, 1);
+		return 1;
+	}
+	if (ctx->protocol != IPPROTO_TCP)
+		return 1;
+	__u8 dst[16] = {}, src[16] = {};
+	__u32 *d = (__u32 *)dst, *s = (__u32 *)src;
+	d[0] = READ(ctx->user_ip6[0]);
+	d[1] = READ(ctx->user_ip6[1]);
+	d[2] = READ(ctx->user_ip6[2]);
+	d[3] = READ(ctx->user_ip6[3]);
+	struct bpf_sock *sk = ctx->sk;
+	if (sk) {
+		s[0] = READ(sk->src_ip6[0]);
+		s[1] = READ(sk->src_ip6[1]);
+		s[2] = READ(sk->src_ip6[2]);
+		s[3] = READ(sk->src_ip6[3]);
+	}
+	__u16 dport = bpf_ntohs((__u16)ctx->user_port);
+	__u16 new_port = 0;
+	__u64 rec = 0;
+	int mapped = is_v4mapped(dst);
+	enum verdict v = connect_common(ctx, src, dst, dport, mapped ? AF_INET : AF_INET6, &new_port, &rec);
+	if (v < REDIRECT_OUT)
+		return 1;
+	ctx->user_ip6[0] = 0;
+	ctx->user_ip6[1] = 0;
+	ctx->user_ip6[2] = mapped ? bpf_htonl(0xffff) : 0;
+	ctx->user_ip6[3] = mapped ? bpf_htonl(0x7f000001) : bpf_htonl(1);
+	ctx->user_port = bpf_htons(new_port);
+	return 1;
+}
+
+static __always_inline void load_addr(__u8 out[16], __u32 family, __u32 ip4, const __u32 *ip6)
+{
+	__u32 *w = (__u32 *)out;
+	if (family == AF_INET) {
+		w[0] = 0;
+		w[1] = 0;
+		w[2] = bpf_htonl(0xffff);
+		w[3] = ip4;
+	} else {
+		w[0] = ip6[0];
+		w[1] = ip6[1];
+		w[2] = ip6[2];
+		w[3] = ip6[3];
+	}
+}
+
+/* The socket's own tuple, as sock_ops sees it. */
+static __always_inline void sockops_tuple(struct bpf_sock_ops *skops, struct tuple_key *k)
+{
+	/* Read every field unconditionally with volatile loads: the verifier
+	 * rejects the pointer arithmetic clang emits when it merges branches
+	 * that read different ctx fields. */
+	__u32 family = READ(skops->family);
+	__u32 l4 = READ(skops->local_ip4), r4 = READ(skops->remote_ip4);
+	__u32 l6[4] = {READ(skops->local_ip6[0]), READ(skops->local_ip6[1]), READ(skops->local_ip6[2]),
+		       READ(skops->local_ip6[3])};
+	__u32 r6[4] = {READ(skops->remote_ip6[0]), READ(skops->remote_ip6[1]), READ(skops->remote_ip6[2]),
+		       READ(skops->remote_ip6[3])};
+	load_addr(k->src, family, l4, l6);
+	load_addr(k->dst, family, r4, r6);
+	k->sport = (__u16)READ(skops->local_port);
+	/* remote_port holds the big-endian port in its upper half on
+	 * little-endian machines; ntohl yields the port either way. */
+	k->dport = (__u16)bpf_ntohl(READ(skops->remote_port));
+}
+
+/* mirrored is the connecting side's tuple for an accepted socket's own. */
+static __always_inline struct tuple_key mirrored(const struct tuple_key *k, __u64 netns)
+{
+	struct tuple_key m = {.netns = netns, .sport = k->dport, .dport = k->sport};
+	__builtin_memcpy(m.src, k->dst, 16);
+	__builtin_memcpy(m.dst, k->src, 16);
+	return m;
+}
+
+/* pair_netns is the netns part of a shortcut key: loopback tuples repeat in
+ * every netns, pod IPs do not. */
+static __always_inline __u64 pair_netns(const struct tuple_key *k, __u64 netns)
+{
+	return is_loopback(k->src) ? netns : 0;
+}
+
+static __always_inline int shortcut_enabled(void)
+{
+	__u32 zero = 0;
+	__u32 *v = bpf_map_lookup_elem(&settings, &zero);
+	return v && (*v & SETTING_SHORTCUT);
+}
+
+/* A same-node pair: both ends loopback in an enrolled pod (app <-> its own
+ * sidecar), or both ends pod IPs on this node (sidecar <-> sidecar). */
+static __always_inline void maybe_shortcut(struct bpf_sock_ops *skops, struct tuple_key *k, __u64 netns)
+{
+	if (!shortcut_enabled() || !bpf_map_lookup_elem(&pods, &netns))
+		return;
+	if (!(is_loopback(k->src) && is_loopback(k->dst)) &&
+	    !(bpf_map_lookup_elem(&pod_ips, k->src) && bpf_map_lookup_elem(&pod_ips, k->dst)))
+		return;
+	k->netns = pair_netns(k, netns);
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	if (bpf_sock_hash_update(skops, &sock_pairs, k, BPF_ANY) == 0) {
+		bpf_map_update_elem(&pair_cookies, k, &cookie, BPF_ANY);
+		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+	}
+}
+
+SEC("sockops")
+int sidelane_sockops(struct bpf_sock_ops *skops)
+{
+	__u32 op = skops->op;
+	struct tuple_key k = {};
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	__u64 netns = bpf_get_netns_cookie(skops);
+
+	switch (op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		/* Redirected: watch state changes from the SYN on, so the
+		 * entries go even if the connection never establishes. */
+		if (bpf_map_lookup_elem(&orig_by_cookie, &cookie))
+			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
+		sockops_tuple(skops, &k);
+		struct orig_dst *o = bpf_map_lookup_elem(&orig_by_cookie, &cookie);
+		if (o) {
+			/* Redirected by connect: re-key the original dst by the
+			 * tuple the proxy's accepted socket will see mirrored. */
+			struct tuple_key tk = k;
+			tk.netns = o->netns;
+			struct orig_dst v = *o;
+			bpf_map_update_elem(&orig_by_tuple, &tk, &v, BPF_ANY);
+			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+		}
+		maybe_shortcut(skops, &k, netns);
+		break;
+	}
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: {
+		sockops_tuple(skops, &k);
+		/* An accepted socket with a recorded original destination (tc
+		 * inbound, or a connect redirect) forgets it when it closes. */
+		struct tuple_key m = mirrored(&k, netns);
+		if (bpf_map_lookup_elem(&orig_by_tuple, &m))
+			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+		maybe_shortcut(skops, &k, netns);
+		break;
+	}
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] != BPF_TCP_CLOSE)
+			break;
+		sockops_tuple(skops, &k);
+		struct orig_dst *o = bpf_map_lookup_elem(&orig_by_cookie, &cookie);
+		if (o) {
+			struct tuple_key tk = k;
+			tk.netns = o->netns;
+			bpf_map_delete_elem(&orig_by_tuple, &tk);
+			bpf_map_delete_elem(&orig_by_cookie, &cookie);
+		}
+		struct tuple_key m = mirrored(&k, netns);
+		bpf_map_delete_elem(&orig_by_tuple, &m);
+		k.netns = pair_netns(&k, netns);
+		bpf_map_delete_elem(&pair_cookies, &k);
+		break;
+	}
+	return 1;
+}
+
+SEC("sk_msg")
+int sidelane_msg(struct sk_msg_md *msg)
+{
+	struct tuple_key self = {}, peer = {};
+	__u64 netns = bpf_get_netns_cookie(msg);
+	__u32 family = READ(msg->family);
+	__u32 l4 = READ(msg->local_ip4), r4 = READ(msg->remote_ip4);
+	__u32 l6[4] = {READ(msg->local_ip6[0]), READ(msg->local_ip6[1]), READ(msg->local_ip6[2]),
+		       READ(msg->local_ip6[3])};
+	__u32 r6[4] = {READ(msg->remote_ip6[0]), READ(msg->remote_ip6[1]), READ(msg->remote_ip6[2]),
+		       READ(msg->remote_ip6[3])};
+	load_addr(self.src, family, l4, l6);
+	load_addr(self.dst, family, r4, r6);
+	self.sport = (__u16)READ(msg->local_port);
+	self.dport = (__u16)bpf_ntohl(READ(msg->remote_port));
+	self.netns = pair_netns(&self, netns);
+	__builtin_memcpy(peer.src, self.dst, 16);
+	__builtin_memcpy(peer.dst, self.src, 16);
+	peer.sport = self.dport;
+	peer.dport = self.sport;
+	peer.netns = self.netns;
+
+	__u64 *own = bpf_map_lookup_elem(&pair_cookies, &self);
+	__u64 *other = bpf_map_lookup_elem(&pair_cookies, &peer);
+	if (!own || !other || *own == *other)
+		return SK_PASS;
+	/* On failure (the peer just closed) the helper leaves no redirect and
+	 * SK_PASS sends the bytes the normal way: never drop. */
+	if (bpf_msg_redirect_hash(msg, &sock_pairs, &peer, BPF_F_INGRESS) == SK_PASS) {
+		struct counters *c = bpf_map_lookup_elem(&pod_counters, &netns);
+		if (c) {
+			c->shortcut_msgs++;
+			c->shortcut_bytes += msg->size;
+		}
+	}
+	return SK_PASS;
+}
+
+/* getpeername on a redirected socket answers the original destination, as
+ * conntrack's reverse NAT makes it for Istio's REDIRECT. */
+SEC("cgroup/getpeername4")
+int sidelane_getpeername4(struct bpf_sock_addr *ctx)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct orig_dst *o = bpf_map_lookup_elem(&orig_by_cookie, &cookie);
+	if (!o || o->family != AF_INET)
+		return 1;
+	ctx->user_ip4 = ((__u32 *)o->addr)[3];
+	ctx->user_port = bpf_htons(o->port);
+	return 1;
+}
+
+SEC("cgroup/getpeername6")
+int sidelane_getpeername6(struct bpf_sock_addr *ctx)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct orig_dst *o = bpf_map_lookup_elem(&orig_by_cookie, &cookie);
+	if (!o)
+		return 1;
+	__u32 *a = (__u32 *)o->addr;
+	ctx->user_ip6[0] = a[0];
+	ctx->user_ip6[1] = a[1];
+	ctx->user_ip6[2] = a[2];
+	ctx->user_ip6[3] = a[3];
+	ctx->user_port = bpf_htons(o->port);
+	return 1;
+}
+
+struct sockaddr_in_ {
+	__u16 family;
+	__u16 port;
+	__u32 addr;
+	__u8 zero[8];
+};
+
+struct sockaddr_in6_ {
+	__u16 family;
+	__u16 port;
+	__u32 flowinfo;
+	__u8 addr[16];
+	__u32 scope_id;
+};
+
+SEC("cgroup/getsockopt")
+int sidelane_getsockopt(struct bpf_sockopt *ctx)
+{
+	if (ctx->optname != SO_ORIGINAL_DST || (ctx->level != SOL_IP && ctx->level != SOL_IPV6))
+		return 1;
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk || sk->protocol != IPPROTO_TCP)
+		return 1;
+
+	/* The accepted socket sees the connection mirrored: its peer is the
+	 * connecting socket's source. */
+	struct tuple_key k = {.netns = bpf_get_netns_cookie(ctx)};
+	__u32 family = READ(sk->family);
+	__u32 s4 = READ(sk->src_ip4), d4 = READ(sk->dst_ip4);
+	__u32 s6[4] = {READ(sk->src_ip6[0]), READ(sk->src_ip6[1]), READ(sk->src_ip6[2]), READ(sk->src_ip6[3])};
+	__u32 d6[4] = {READ(sk->dst_ip6[0]), READ(sk->dst_ip6[1]), READ(sk->dst_ip6[2]), READ(sk->dst_ip6[3])};
+	load_addr(k.src, family, d4, d6);
+	load_addr(k.dst, family, s4, s6);
+	k.sport = bpf_ntohs(READ(sk->dst_port));
+	k.dport = (__u16)READ(sk->src_port);
+	struct orig_dst *o = bpf_map_lookup_elem(&orig_by_tuple, &k);
+	if (!o)
+		return 1;
+
+	void *optval = ctx->optval, *end = ctx->optval_end;
+	if (ctx->level == SOL_IP && o->family == AF_INET) {
+		struct sockaddr_in_ *sa = optval;
+		if ((void *)(sa + 1) > end || ctx->optlen < (int)sizeof(*sa))
+			return 1;
+		__builtin_memset(sa, 0, sizeof(*sa));
+		sa->family = AF_INET;
+		sa->port = bpf_htons(o->port);
+		sa->addr = ((__u32 *)o->addr)[3];
+		ctx->optlen = sizeof(*sa);
+	} else if (ctx->level == SOL_IPV6 && o->family == AF_INET6) {
+		struct sockaddr_in6_ *sa = optval;
+		if ((void *)(sa + 1) > end || ctx->optlen < (int)sizeof(*sa))
+			return 1;
+		__builtin_memset(sa, 0, sizeof(*sa));
+		sa->family = AF_INET6;
+		sa->port = bpf_htons(o->port);
+		__builtin_memcpy(sa->addr, o->addr, 16);
+		ctx->optlen = sizeof(*sa);
+	} else {
+		return 1;
+	}
+	ctx->retval = 0;
+	struct counters *c = bpf_map_lookup_elem(&pod_counters, &k.netns);
+	if (c)
+		c->orig_dst_answered++;
+	return 1;
+}

@@ -1,0 +1,116 @@
+//go:build linux
+
+package bpf
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/containernetworking/plugins/pkg/ns"
+)
+
+func (c *Capture) inboundPin(netns uint64, ifname string) string {
+	return filepath.Join(c.cfg.PinDir, "inbound_"+strconv.FormatUint(netns, 10)+"_"+ifname)
+}
+
+// AttachInbound attaches inbound capture (tc ingress, tcx) to interface
+// ifname inside the netns at netnsPath, whose cookie is netns. The link is
+// pinned, so it outlives the agent; it goes away with the netns or on
+// Delete. Attaching again updates the pinned link in place.
+func (c *Capture) AttachInbound(netnsPath string, netns uint64, ifname string) error {
+	pin := c.inboundPin(netns, ifname)
+	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+		defer l.Close()
+		if err := l.Update(c.objs.SidelaneInbound); err != nil {
+			return fmt.Errorf("update inbound link on %s: %w", ifname, err)
+		}
+		return nil
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("load pinned inbound link %s: %w", pin, err)
+	}
+	target, err := ns.GetNS(netnsPath)
+	if err != nil {
+		return fmt.Errorf("open netns %s: %w", netnsPath, err)
+	}
+	defer target.Close()
+	// The ifindex is resolved in the calling thread's netns, so attach from
+	// inside the pod's.
+	return target.Do(func(ns.NetNS) error {
+		iface, err := net.InterfaceByName(ifname)
+		if err != nil {
+			return fmt.Errorf("interface %s in %s: %w", ifname, netnsPath, err)
+		}
+		l, err := link.AttachTCX(link.TCXOptions{Interface: iface.Index, Program: c.objs.SidelaneInbound, Attach: ebpf.AttachTCXIngress})
+		if err != nil {
+			return fmt.Errorf("attach inbound to %s in %s: %w", ifname, netnsPath, err)
+		}
+		defer l.Close()
+		if err := l.Pin(pin); err != nil {
+			l.Detach()
+			return fmt.Errorf("pin inbound link: %w", err)
+		}
+		return nil
+	})
+}
+
+// inboundPins lists pinned inbound links, for one netns or (netns 0) all.
+func (c *Capture) inboundPins(netns uint64) ([]string, error) {
+	pattern := "inbound_*"
+	if netns != 0 {
+		pattern = "inbound_" + strconv.FormatUint(netns, 10) + "_*"
+	}
+	pins, err := filepath.Glob(filepath.Join(c.cfg.PinDir, pattern))
+	if err != nil {
+		return nil, fmt.Errorf("list inbound pins: %w", err)
+	}
+	return pins, nil
+}
+
+// detachInbound removes netns's inbound links (0: every pod's).
+func (c *Capture) detachInbound(netns uint64) error {
+	pins, err := c.inboundPins(netns)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, pin := range pins {
+		l, err := link.LoadPinnedLink(pin, nil)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("load %s: %w", pin, err))
+			continue
+		}
+		// A link whose netns is gone is already defunct; Detach may fail.
+		_ = l.Detach()
+		errs = append(errs, l.Unpin(), l.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// updateInbound moves every pinned inbound link to the freshly loaded
+// program (agent restart or upgrade).
+func (c *Capture) updateInbound() error {
+	pins, err := c.inboundPins(0)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, pin := range pins {
+		if !strings.HasPrefix(filepath.Base(pin), "inbound_") {
+			continue
+		}
+		l, err := link.LoadPinnedLink(pin, nil)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("load %s: %w", pin, err))
+			continue
+		}
+		errs = append(errs, l.Update(c.objs.SidelaneInbound), l.Close())
+	}
+	return errors.Join(errs...)
+}
