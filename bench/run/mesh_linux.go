@@ -42,13 +42,18 @@ type Contender struct {
 	Cgroup string
 	// install captures the pod's traffic with the given annotations.
 	install func(tb podnet.TB, pod *Pod, annotations map[string]string)
+	// remote is how the second node captures, when it differs: the eBPF
+	// contenders have an agent (a Load, a cgroup) per node, so a
+	// cross-node pair is never treated as same-node.
+	remote *Contender
 }
 
 // Pod is a benchmark pod: a netns on the mesh's bridge and, for contenders
 // with a sidecar, haproxy's stats socket.
 type Pod struct {
-	NS    *podnet.NS
-	Stats string
+	NS     *podnet.NS
+	Stats  string
+	Cgroup string
 }
 
 // Pair is a contender's client pod and server pod, with the server running.
@@ -57,10 +62,12 @@ type Pair struct {
 	Client, Server *Pod
 }
 
-// Mesh is the simulated node: every contender's pods on one bridge.
+// Mesh is the simulated node: every contender's pods on one bridge, and a
+// second node (bridge) joined to it for cross-node clients.
 type Mesh struct {
 	tb       podnet.TB
 	net      *podnet.Net
+	remote   *podnet.Net
 	benchBin string
 	log      *slog.Logger
 	// Contenders that could be set up, and why the others could not.
@@ -81,6 +88,11 @@ type MeshConfig struct {
 func NewMesh(tb podnet.TB, cfg MeshConfig) *Mesh {
 	tb.Helper()
 	m := &Mesh{tb: tb, net: podnet.New(tb), benchBin: cfg.BenchBin, log: cfg.Log, Pending: map[string]string{}}
+	m.remote = podnet.New(tb)
+	for m.remote.Subnet4 == m.net.Subnet4 {
+		m.remote = podnet.New(tb) // the first one is cleaned up with the others
+	}
+	m.net.Join(m.remote)
 	m.Contenders = append(m.Contenders, &Contender{Name: report.NoMesh})
 	if _, err := os.Stat(cfg.PilotAgent); err == nil {
 		m.Contenders = append(m.Contenders, &Contender{Name: report.IstioIptables, Sidecar: true, install: istioInstall(cfg.PilotAgent)})
@@ -94,14 +106,21 @@ func NewMesh(tb podnet.TB, cfg MeshConfig) *Mesh {
 		name     string
 		shortcut bool
 	}{{report.SidelaneEBPF, true}, {report.EBPFNoShortcut, false}} {
-		c, err := m.loadEBPF(tb, e.shortcut)
-		if err != nil {
-			m.Pending[e.name] = "eBPF datapath not loadable here: " + err.Error()
-			continue
+		var nodes [2]*Contender
+		for i := range nodes {
+			c, err := m.loadEBPF(tb, e.shortcut)
+			if err != nil {
+				m.Pending[e.name] = "eBPF datapath not loadable here: " + err.Error()
+				break
+			}
+			dp := ebpf.New(c.capture, cfg.Log)
+			nodes[i] = &Contender{Name: e.name, Sidecar: true, Cgroup: c.cgroup,
+				install: func(tb podnet.TB, p *Pod, ann map[string]string) { enroll(tb, dp, p, ann) }}
 		}
-		dp := ebpf.New(c.capture, cfg.Log)
-		m.Contenders = append(m.Contenders, &Contender{Name: e.name, Sidecar: true, Cgroup: c.cgroup,
-			install: func(tb podnet.TB, p *Pod, ann map[string]string) { enroll(tb, dp, p, ann) }})
+		if nodes[1] != nil {
+			nodes[0].remote = nodes[1]
+			m.Contenders = append(m.Contenders, nodes[0])
+		}
 	}
 	return m
 }
@@ -190,11 +209,26 @@ func enroll(tb podnet.TB, dp enroller, p *Pod, ann map[string]string) {
 	}
 }
 
-// NewPod adds a pod for c: its namespace, its sidecar, its capture.
+// NewPod adds a pod for c on the node: its namespace, its sidecar, its
+// capture.
 func (m *Mesh) NewPod(c *Contender, prefix string, annotations map[string]string) *Pod {
+	return m.newPod(m.net, c, prefix, annotations)
+}
+
+// NewRemoteClient is a client pod for pr's contender on the other node,
+// paired with pr's server.
+func (m *Mesh) NewRemoteClient(pr *Pair) *Pair {
+	c := pr.C
+	if c.remote != nil {
+		c = c.remote
+	}
+	return &Pair{C: pr.C, Client: m.newPod(m.remote, c, "br", nil), Server: pr.Server}
+}
+
+func (m *Mesh) newPod(net *podnet.Net, c *Contender, prefix string, annotations map[string]string) *Pod {
 	tb := m.tb
 	tb.Helper()
-	p := &Pod{NS: m.net.Add(prefix)}
+	p := &Pod{NS: net.Add(prefix), Cgroup: c.Cgroup}
 	// Connection churn would run out of ports in TIME_WAIT otherwise.
 	podnet.Run(tb, "ip", "netns", "exec", p.NS.Name, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=20000 65000")
 	if c.Sidecar {
@@ -215,7 +249,7 @@ func (m *Mesh) NewPair(c *Contender) *Pair {
 	cmd := pr.Server.NS.Command(ctx, m.benchBin, "serve", "-listen", fmt.Sprintf("0.0.0.0:%d", serverPort))
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
-	closeCg, err := podnet.InCgroup(cmd, c.Cgroup)
+	closeCg, err := podnet.InCgroup(cmd, pr.Server.Cgroup)
 	if err != nil {
 		cancel()
 		tb.Fatalf("server: %v", err)
@@ -251,13 +285,13 @@ func (pr *Pair) ServerAddr() string {
 }
 
 // Client runs a sidelane-bench traffic subcommand in pod (its netns and
-// its contender's cgroup) and reads its result.
+// cgroup) and reads its result.
 func (m *Mesh) Client(ctx context.Context, c *Contender, pod *Pod, args ...string) (ClientResult, error) {
 	var res ClientResult
 	cmd := pod.NS.Command(ctx, m.benchBin, args...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
-	closeCg, err := podnet.InCgroup(cmd, c.Cgroup)
+	closeCg, err := podnet.InCgroup(cmd, pod.Cgroup)
 	if err != nil {
 		return res, err
 	}

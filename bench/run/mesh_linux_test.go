@@ -42,6 +42,9 @@ func TestContendersCapture(t *testing.T) {
 			if err := m.CheckCaptured(ctx, pr); err != nil {
 				t.Fatal(err)
 			}
+			if err := m.CheckCaptured(ctx, m.NewRemoteClient(pr)); err != nil {
+				t.Fatalf("cross-node: %v", err)
+			}
 			// The traffic subcommands work through the path.
 			res, err := m.Client(ctx, c, pr.Client, "crr", "-addr", pr.ServerAddr(), "-size", "1024", "-parallel", "2", "-duration", "100ms")
 			if err != nil {

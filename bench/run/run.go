@@ -85,7 +85,6 @@ func (r *Runner) Run(ctx context.Context) error {
 // pendingScenarios are the scenarios whose contenders have not landed yet.
 func pendingScenarios() []report.Pending {
 	return []report.Pending{
-		{Scenario: "rr_1k_cross_node", Reason: "two-node topology (two bridges joined) not built yet"},
 		{Scenario: "policy_update", Reason: "L7 policy xDS server not landed yet"},
 		{Scenario: "*", Contender: report.PerNode, Reason: "per-node (sidecar-free) mode not landed yet"},
 	}

@@ -50,15 +50,25 @@ func (r *Runner) traffic(ctx context.Context) error {
 		}
 		pairs = append(pairs, pr)
 	}
+	// Cross-node clients: the same contenders' servers, called from pods
+	// on the second node.
+	var remotes []*Pair
+	for _, pr := range pairs {
+		rp := m.NewRemoteClient(pr)
+		if err := m.CheckCaptured(ctx, rp); err != nil {
+			return fmt.Errorf("cross-node %s: %w", pr.C.Name, err)
+		}
+		remotes = append(remotes, rp)
+	}
 	for name, why := range m.Pending {
-		for _, s := range []string{"rr_64", "rr_1k", "rr_64k", "stream_1k", "stream_64k", "crr_1", "crr_8"} {
+		for _, s := range []string{"rr_64", "rr_1k", "rr_64k", "rr_1k_cross_node", "stream_1k", "stream_64k", "crr_1", "crr_8"} {
 			r.res.Skip(s, name, why)
 		}
 	}
 	r.log.Info("contenders ready", "measured", len(pairs), "pending", len(m.Pending))
 
 	// each runs f for every pair, reps times, rotating the order.
-	each := func(f func(rep int, pr *Pair) error) error {
+	each := func(pairs []*Pair, f func(rep int, pr *Pair) error) error {
 		for rep := range sz.reps {
 			for i := range pairs {
 				pr := pairs[(i+rep)%len(pairs)]
@@ -71,11 +81,12 @@ func (r *Runner) traffic(ctx context.Context) error {
 	}
 
 	for _, s := range []struct {
-		name string
-		size int
-	}{{"rr_64", 64}, {"rr_1k", 1024}, {"rr_64k", 65536}} {
+		name  string
+		size  int
+		pairs []*Pair
+	}{{"rr_64", 64, pairs}, {"rr_1k", 1024, pairs}, {"rr_64k", 65536, pairs}, {"rr_1k_cross_node", 1024, remotes}} {
 		lat := map[string][]time.Duration{}
-		err := each(func(_ int, pr *Pair) error {
+		err := each(s.pairs, func(_ int, pr *Pair) error {
 			res, err := m.Client(ctx, pr.C, pr.Client, "rr", "-addr", pr.ServerAddr(), "-size", strconv.Itoa(s.size), "-count", strconv.Itoa(sz.rrCount))
 			lat[pr.C.Name] = append(lat[pr.C.Name], durations(res.LatNs)...)
 			return err
@@ -97,7 +108,7 @@ func (r *Runner) traffic(ctx context.Context) error {
 		size int
 	}{{"stream_1k", 1024}, {"stream_64k", 65536}} {
 		bps := map[string][]float64{}
-		err := each(func(_ int, pr *Pair) error {
+		err := each(pairs, func(_ int, pr *Pair) error {
 			res, err := m.Client(ctx, pr.C, pr.Client, "stream", "-addr", pr.ServerAddr(), "-size", strconv.Itoa(s.size), "-duration", sz.stream.String())
 			bps[pr.C.Name] = append(bps[pr.C.Name], res.BytesPerSec)
 			return err
@@ -120,7 +131,7 @@ func (r *Runner) traffic(ctx context.Context) error {
 			conntrack int
 		}
 		accs := map[string]*acc{}
-		err := each(func(_ int, pr *Pair) error {
+		err := each(pairs, func(_ int, pr *Pair) error {
 			a := accs[pr.C.Name]
 			if a == nil {
 				a = &acc{}

@@ -56,6 +56,8 @@ type Net struct {
 	Subnet4 netip.Prefix
 	Subnet6 netip.Prefix
 	next    int
+	// routed: pods get a default route via the gateway (see Join).
+	routed bool
 }
 
 // NS is one network namespace on a Net.
@@ -131,7 +133,40 @@ func (n *Net) add(prefix string, ipv4 bool) *NS {
 		s.IP4 = netip.Addr{}
 	}
 	Run(t, "ip", "-n", name, "addr", "add", fmt.Sprintf("%s/%d", s.IP6, n.Subnet6.Bits()), "dev", "eth0", "nodad")
+	if n.routed && ipv4 {
+		Run(t, "ip", "-n", name, "route", "add", "default", "via", n.Gateway4().String())
+	}
 	return s
+}
+
+// Gateway4 is the network's IPv4 gateway once joined: the subnet's first
+// address, on the bridge (pods start at the second).
+func (n *Net) Gateway4() netip.Addr { return nth(n.Subnet4, 1) }
+
+// Join links n and o like two nodes on one wire: each bridge gets its
+// Gateway4, a veth joins the two router namespaces, and each router routes
+// the other's IPv4 subnet over it, so pods added afterwards on either
+// network reach the other's. The subnets must differ.
+func (n *Net) Join(o *Net) {
+	t := n.t
+	t.Helper()
+	if n.Subnet4.Overlaps(o.Subnet4) {
+		t.Fatalf("join: subnets %s and %s overlap", n.Subnet4, o.Subnet4)
+	}
+	for _, x := range []*Net{n, o} {
+		Run(t, "ip", "-n", x.router, "addr", "add", fmt.Sprintf("%s/%d", x.Gateway4(), x.Subnet4.Bits()), "dev", x.bridge)
+		Run(t, "ip", "netns", "exec", x.router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+		x.routed = true
+	}
+	// The wire's addresses exist only inside the two router namespaces.
+	Run(t, "ip", "-n", n.router, "link", "add", "wire0", "type", "veth", "peer", "name", "wire0", "netns", o.router)
+	for i, x := range []struct {
+		self, peer *Net
+	}{{n, o}, {o, n}} {
+		Run(t, "ip", "-n", x.self.router, "addr", "add", fmt.Sprintf("192.168.255.%d/30", i+1), "dev", "wire0")
+		Run(t, "ip", "-n", x.self.router, "link", "set", "wire0", "up")
+		Run(t, "ip", "-n", x.self.router, "route", "add", x.peer.Subnet4.String(), "via", fmt.Sprintf("192.168.255.%d", 2-i))
+	}
 }
 
 // AddAddr gives ns an extra address on eth0 (e.g. a destination inside or
