@@ -26,8 +26,8 @@ type sizes struct {
 
 func (r *Runner) sizes() sizes {
 	if r.cfg.Quick {
-		return sizes{reps: 3, rrCount: 2000, stream: 400 * time.Millisecond, crr: 500 * time.Millisecond,
-			connects: 300, exclusions: []int{10, 1000, 10000}}
+		return sizes{reps: 3, rrCount: 1000, stream: 250 * time.Millisecond, crr: 300 * time.Millisecond,
+			connects: 200, exclusions: []int{10, 1000, 10000}}
 	}
 	return sizes{reps: 5, rrCount: 10000, stream: 2 * time.Second, crr: 2 * time.Second,
 		connects: 2000, exclusions: []int{10, 1000, 10000}}
