@@ -40,6 +40,17 @@ func New(cfg Config, log *slog.Logger) *Runner {
 	return &Runner{cfg: cfg, log: log, res: &report.Results{Quick: cfg.Quick}}
 }
 
+// transient records a measurement that failed once and was retried, in
+// the results' machine notes, so a flaky path is visible.
+func (r *Runner) transient(scenario, contender string, err error) {
+	r.log.Warn("measurement failed, retrying once", "scenario", scenario, "contender", contender, "error", err)
+	note := fmt.Sprintf("%s/%s: %v", scenario, contender, err)
+	if prev := r.res.Machine["retried"]; prev != "" {
+		note = prev + "; " + note
+	}
+	r.res.Machine["retried"] = note
+}
+
 func (r *Runner) cleanup(f func()) { r.cleanups = append(r.cleanups, f) }
 
 func (r *Runner) runCleanups() {
