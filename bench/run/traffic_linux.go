@@ -210,51 +210,61 @@ func (r *Runner) exclusions(ctx context.Context, m *Mesh, pairs []*Pair, sz size
 			}
 		}
 	}
+	// Every (size, contender) client pod first, then the measurements
+	// interleaved across sizes too: the ratio between sizes must not be
+	// the machine's drift between one size's turn and the next.
+	type run struct {
+		scenario string
+		pr       *Pair
+		client   *Pod
+	}
+	var runs []run
+	failed := map[string]bool{}
 	for _, n := range sz.exclusions {
 		scenario := fmt.Sprintf("exclusions_%d", n)
 		ann := map[string]string{capture.AnnotationExcludeOutboundIPRanges: ExcludedCIDRs(n)}
-		clients := map[string]*Pod{}
-		var err error
 		for _, pr := range targets {
 			t0 := time.Now()
-			clients[pr.C.Name] = m.NewPod(pr.C, "bx", ann)
+			c := m.NewPod(pr.C, "bx", ann)
 			r.log.Info("exclusion pod ready", "contender", pr.C.Name, "cidrs", n, "setup", time.Since(t0).Round(time.Millisecond))
-			if err = m.CheckCaptured(ctx, &Pair{C: pr.C, Client: clients[pr.C.Name], Server: pr.Server}); err != nil {
-				break
+			if err := m.CheckCaptured(ctx, &Pair{C: pr.C, Client: c, Server: pr.Server}); err != nil {
+				r.res.Skip(scenario, pr.C.Name, "capture check failed, not measured: "+err.Error())
+				continue
 			}
+			runs = append(runs, run{scenario, pr, c})
 		}
-		lat := map[string][]time.Duration{}
-	reps:
-		for rep := range sz.reps {
+	}
+	lat := map[run][]time.Duration{}
+	for rep := range sz.reps {
+		for i := range runs {
+			x := runs[(i+rep)%len(runs)]
+			if failed[x.scenario] {
+				continue
+			}
+			args := []string{"connect", "-addr", x.pr.ServerAddr(), "-count", strconv.Itoa(sz.connects)}
+			res, err := m.Client(ctx, x.pr.C, x.client, args...)
 			if err != nil {
-				break
+				r.transient(x.scenario, x.pr.C.Name, err)
+				res, err = m.Client(ctx, x.pr.C, x.client, args...)
 			}
-			for i := range targets {
-				pr := targets[(i+rep)%len(targets)]
-				var res ClientResult
-				args := []string{"connect", "-addr", pr.ServerAddr(), "-count", strconv.Itoa(sz.connects)}
-				if res, err = m.Client(ctx, pr.C, clients[pr.C.Name], args...); err != nil {
-					r.transient(scenario, pr.C.Name, err)
-					res, err = m.Client(ctx, pr.C, clients[pr.C.Name], args...)
-				}
-				if err != nil {
-					break reps
-				}
-				lat[pr.C.Name] = append(lat[pr.C.Name], durations(res.LatNs)...)
+			if err != nil {
+				failed[x.scenario] = true
+				r.res.Skip(x.scenario, "", "failed: "+err.Error())
+				r.log.Error("scenario failed", "name", x.scenario, "error", err)
+				continue
 			}
+			lat[x] = append(lat[x], durations(res.LatNs)...)
 		}
-		if err != nil {
-			r.res.Skip(scenario, "", "failed: "+err.Error())
-			r.log.Error("scenario failed", "name", scenario, "error", err)
+	}
+	for _, x := range runs {
+		if failed[x.scenario] {
 			continue
 		}
-		for _, pr := range targets {
-			p := loadgen.Summarize(lat[pr.C.Name])
-			r.res.Add(scenario, pr.C.Name, "connectP50us", p.P50us, "us")
-			r.res.Add(scenario, pr.C.Name, "connectP99us", p.P99us, "us")
-		}
-		r.log.Info("scenario done", "name", scenario)
+		p := loadgen.Summarize(lat[x])
+		r.res.Add(x.scenario, x.pr.C.Name, "connectP50us", p.P50us, "us")
+		r.res.Add(x.scenario, x.pr.C.Name, "connectP99us", p.P99us, "us")
 	}
+	r.log.Info("scenario done", "name", "exclusions")
 }
 
 // conntrackTotal is the conntrack entries in both pods of pr.
