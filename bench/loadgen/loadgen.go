@@ -231,3 +231,34 @@ func Summarize(d []time.Duration) Percentiles {
 	}
 	return Percentiles{Count: len(s), P50us: at(0.50), P90us: at(0.90), P99us: at(0.99)}
 }
+
+// Connect measures count TCP handshakes to addr (until connect returns).
+// After each, untimed, it completes a 1-byte request/response before
+// closing, so a proxy on the path has taken the connection through (read
+// its original destination, connected upstream) before it goes away: a
+// connection closed first would measure the proxy's handling of an
+// abandoned connection instead (seen with haproxy under eBPF capture,
+// where SO_ORIGINAL_DST is gone once the client closed: haproxy kept such
+// connections until its maxconn was full).
+func Connect(ctx context.Context, addr string, count int) ([]time.Duration, error) {
+	out := make([]time.Duration, 0, count)
+	var d net.Dialer
+	buf := []byte{1}
+	for range count {
+		t0 := time.Now()
+		c, err := d.DialContext(ctx, "tcp", addr)
+		if err != nil {
+			return nil, fmt.Errorf("dial %s: %w", addr, err)
+		}
+		out = append(out, time.Since(t0))
+		_, err = c.Write(append(header(modeOnce, 1), buf...))
+		if err == nil {
+			_, err = io.ReadFull(c, buf)
+		}
+		c.Close()
+		if err != nil {
+			return nil, fmt.Errorf("request after connect %s: %w", addr, err)
+		}
+	}
+	return out, nil
+}

@@ -33,6 +33,19 @@ func TestLoadgenOverLoopback(t *testing.T) {
 	if err != nil || crr.Conns == 0 || crr.Errors != 0 {
 		t.Fatalf("crr: %+v %v", crr, err)
 	}
+	conns, err := Connect(ctx, addr, 20)
+	if err != nil || len(conns) != 20 {
+		t.Fatalf("connect: %d samples, %v", len(conns), err)
+	}
+	ln2, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := ln2.Addr().String()
+	ln2.Close()
+	if _, err := Connect(ctx, closed, 1); err == nil {
+		t.Fatal("connect to a closed port succeeded")
+	}
 }
 
 func TestSummarize(t *testing.T) {

@@ -3,18 +3,40 @@ package run
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
+	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
 
 	"github.com/sidelane/sidelane/bench/report"
 )
+
+// parallel runs f(0..n-1) with at most p at a time and returns the first
+// error.
+func parallel(n, p int, f func(i int) error) error {
+	sem := make(chan struct{}, p)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			errs[i] = f(i)
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
 
 // footprint grows the node to each pod count and records the agent's RSS
 // and the CPU time it spent serving the ADDs.
@@ -23,24 +45,46 @@ func (r *Runner) footprint(ctx context.Context, counts []int) error {
 	if err != nil {
 		return err
 	}
-	var nss []ns.NetNS
+	type pod struct {
+		netns ns.NetNS
+		rt    *libcni.RuntimeConf
+	}
+	var pods []pod
+	added := 0
+	// The node is thrown away afterwards, and DEL is not what this
+	// measures: removing the namespaces (and with them the veths) is the
+	// teardown; the chain's cleanup removes the bridge and the agent's and
+	// IPAM's state. DELs one by one would dominate a quick run.
+	r.cleanup(func() {
+		_ = parallel(len(pods), 10, func(i int) error {
+			pods[i].netns.Close()
+			return testutils.UnmountNS(pods[i].netns)
+		})
+	})
 	for _, want := range counts {
 		cpu0, err := cpuSeconds(c.agent.PID())
 		if err != nil {
 			return err
 		}
-		for len(nss) < want {
+		for len(pods) < want {
 			n, err := testutils.NewNS()
 			if err != nil {
 				return fmt.Errorf("create netns: %w", err)
 			}
-			r.cleanup(func() { n.Close(); _ = testutils.UnmountNS(n) })
-			nss = append(nss, n)
-			rt := c.rt(fmt.Sprintf("fp%03d", len(nss)), n)
-			if _, err := c.cni.AddNetworkList(ctx, c.list, rt); err != nil {
-				return fmt.Errorf("add pod %d: %w", len(nss), err)
+			pods = append(pods, pod{netns: n, rt: c.rt(fmt.Sprintf("fp%03d", len(pods)+1), n)})
+		}
+		// Pods arrive 10 at a time, as a busy node's kubelet starts them.
+		from := added
+		err = parallel(want-from, 10, func(j int) error {
+			i := from + j
+			if _, err := c.cni.AddNetworkList(ctx, c.list, pods[i].rt); err != nil {
+				return fmt.Errorf("add pod %d: %w", i+1, err)
 			}
-			r.cleanup(func() { _ = c.cni.DelNetworkList(context.Background(), c.list, rt) })
+			return nil
+		})
+		added = want
+		if err != nil {
+			return err
 		}
 		time.Sleep(500 * time.Millisecond) // let the agent settle
 		cpu1, err := cpuSeconds(c.agent.PID())

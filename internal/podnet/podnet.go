@@ -3,37 +3,61 @@
 // Package podnet builds small networks of "pods" for capture tests: real
 // network namespaces (made with `ip netns add`, so `ip netns exec` works in
 // them) joined by a bridge that lives in its own namespace, so a test never
-// touches the machine's own network. Only tests import it.
+// touches the machine's own network. The capture tests and the benchmark
+// runner use it; it takes a TB, not a *testing.T, so non-test code can.
 package podnet
 
 import (
 	"bufio"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
-	"testing"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
-
-	"github.com/sidelane/sidelane/internal/testenv"
 )
+
+// TB is what podnet needs from its caller: *testing.T satisfies it, and so
+// does the benchmark runner's stand-in (whose Fatalf ends the scenario).
+type TB interface {
+	Helper()
+	Fatalf(format string, args ...any)
+	Logf(format string, args ...any)
+	Cleanup(func())
+	TempDir() string
+}
+
+// UniqueName returns prefix plus 8 random hex digits (as testenv's, which
+// only tests may import).
+func UniqueName(prefix string) string {
+	b := make([]byte, 4)
+	if _, err := rand.Read(b); err != nil {
+		panic(err)
+	}
+	return prefix + hex.EncodeToString(b)
+}
 
 // Net is one bridged network: a router namespace holding the bridge, and
 // namespaces attached to it with addresses from Subnet4 and Subnet6.
 type Net struct {
-	t       testing.TB
+	t       TB
 	router  string
 	bridge  string
 	Subnet4 netip.Prefix
 	Subnet6 netip.Prefix
 	next    int
+	// routed: pods get a default route via the gateway (see Join).
+	routed bool
 }
 
 // NS is one network namespace on a Net.
@@ -46,7 +70,7 @@ type NS struct {
 }
 
 // Run runs cmd and fails the test with its output when it fails.
-func Run(t testing.TB, name string, args ...string) string {
+func Run(t TB, name string, args ...string) string {
 	t.Helper()
 	out, err := exec.Command(name, args...).CombinedOutput()
 	if err != nil {
@@ -58,12 +82,12 @@ func Run(t testing.TB, name string, args ...string) string {
 // New makes a network. Addresses come from 10.<r>.<r>.0/24 and
 // fd00:<r>:<r>::/64 for a random r; they exist only inside the test's
 // namespaces.
-func New(t testing.TB) *Net {
+func New(t TB) *Net {
 	t.Helper()
 	r := int(time.Now().UnixNano()%200) + 20
 	n := &Net{
 		t:       t,
-		router:  testenv.UniqueName("pnr"),
+		router:  UniqueName("pnr"),
 		bridge:  "br0",
 		Subnet4: netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", r, r)),
 		Subnet6: netip.MustParsePrefix(fmt.Sprintf("fd00:%x:%x::/64", r, r)),
@@ -87,7 +111,7 @@ func (n *Net) AddIPv6Only(prefix string) *NS { return n.add(prefix, false) }
 func (n *Net) add(prefix string, ipv4 bool) *NS {
 	t := n.t
 	t.Helper()
-	name := testenv.UniqueName(prefix)
+	name := UniqueName(prefix)
 	Run(t, "ip", "netns", "add", name)
 	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", name).Run() })
 	i := n.next
@@ -109,12 +133,45 @@ func (n *Net) add(prefix string, ipv4 bool) *NS {
 		s.IP4 = netip.Addr{}
 	}
 	Run(t, "ip", "-n", name, "addr", "add", fmt.Sprintf("%s/%d", s.IP6, n.Subnet6.Bits()), "dev", "eth0", "nodad")
+	if n.routed && ipv4 {
+		Run(t, "ip", "-n", name, "route", "add", "default", "via", n.Gateway4().String())
+	}
 	return s
+}
+
+// Gateway4 is the network's IPv4 gateway once joined: the subnet's first
+// address, on the bridge (pods start at the second).
+func (n *Net) Gateway4() netip.Addr { return nth(n.Subnet4, 1) }
+
+// Join links n and o like two nodes on one wire: each bridge gets its
+// Gateway4, a veth joins the two router namespaces, and each router routes
+// the other's IPv4 subnet over it, so pods added afterwards on either
+// network reach the other's. The subnets must differ.
+func (n *Net) Join(o *Net) {
+	t := n.t
+	t.Helper()
+	if n.Subnet4.Overlaps(o.Subnet4) {
+		t.Fatalf("join: subnets %s and %s overlap", n.Subnet4, o.Subnet4)
+	}
+	for _, x := range []*Net{n, o} {
+		Run(t, "ip", "-n", x.router, "addr", "add", fmt.Sprintf("%s/%d", x.Gateway4(), x.Subnet4.Bits()), "dev", x.bridge)
+		Run(t, "ip", "netns", "exec", x.router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+		x.routed = true
+	}
+	// The wire's addresses exist only inside the two router namespaces.
+	Run(t, "ip", "-n", n.router, "link", "add", "wire0", "type", "veth", "peer", "name", "wire0", "netns", o.router)
+	for i, x := range []struct {
+		self, peer *Net
+	}{{n, o}, {o, n}} {
+		Run(t, "ip", "-n", x.self.router, "addr", "add", fmt.Sprintf("192.168.255.%d/30", i+1), "dev", "wire0")
+		Run(t, "ip", "-n", x.self.router, "link", "set", "wire0", "up")
+		Run(t, "ip", "-n", x.self.router, "route", "add", x.peer.Subnet4.String(), "via", fmt.Sprintf("192.168.255.%d", 2-i))
+	}
 }
 
 // AddAddr gives ns an extra address on eth0 (e.g. a destination inside or
 // outside an excluded range).
-func (s *NS) AddAddr(t testing.TB, a netip.Addr, bits int) {
+func (s *NS) AddAddr(t TB, a netip.Addr, bits int) {
 	t.Helper()
 	args := []string{"-n", s.Name, "addr", "add", fmt.Sprintf("%s/%d", a, bits), "dev", "eth0"}
 	if a.Is6() {
@@ -146,7 +203,7 @@ func (s *NS) Do(fn func() error) error {
 }
 
 // Listen opens a TCP listener inside s; the socket stays in s.
-func (s *NS) Listen(t testing.TB, network, addr string) net.Listener {
+func (s *NS) Listen(t TB, network, addr string) net.Listener {
 	t.Helper()
 	var l net.Listener
 	err := s.Do(func() error {
@@ -230,7 +287,7 @@ func socketAs(uid, gid uint32, family, sotype int) (int, error) {
 }
 
 // ListenPacket opens a UDP socket inside s; it stays in s.
-func (s *NS) ListenPacket(t testing.TB, network, addr string) net.PacketConn {
+func (s *NS) ListenPacket(t TB, network, addr string) net.PacketConn {
 	t.Helper()
 	var c net.PacketConn
 	err := s.Do(func() error {
@@ -249,7 +306,7 @@ func (s *NS) ListenPacket(t testing.TB, network, addr string) net.PacketConn {
 // way a process running as them would own it: owner matches (e.g. Istio's
 // DNS conntrack zones for the proxy's answers) see uid/gid on what it
 // sends.
-func (s *NS) ListenUDPAs(t testing.TB, uid, gid uint32, addr netip.AddrPort) net.PacketConn {
+func (s *NS) ListenUDPAs(t TB, uid, gid uint32, addr netip.AddrPort) net.PacketConn {
 	t.Helper()
 	var c net.PacketConn
 	err := s.Do(func() error {
@@ -288,49 +345,89 @@ func ReadLine(c net.Conn, timeout time.Duration) (string, error) {
 	return strings.TrimSpace(line), err
 }
 
+// Sidecar is how the haproxy sidecar stand-in runs.
+type Sidecar struct {
+	UID, GID        uint32
+	OutPort, InPort uint16
+	// SendProxy makes haproxy announce the original destination to the
+	// upstream with a PROXY protocol v1 line (the capture tests read it;
+	// the benchmark leaves it off, as Envoy does by default).
+	SendProxy bool
+	// Cgroup is a cgroup v2 directory to start haproxy in (eBPF capture
+	// acts on processes below its cgroup); empty: the caller's cgroup.
+	Cgroup string
+	// StatsSocket, if set, is where haproxy serves its stats (see
+	// FrontendSessions).
+	StatsSocket string
+}
+
 // HAProxyConfig is the sidecar stand-in's config: a transparent TCP proxy
 // playing Envoy's outbound (15001) and inbound (15006) listeners. `server
 // orig 0.0.0.0` makes haproxy connect to the connection's original
 // destination, which it reads with getsockopt(SO_ORIGINAL_DST) (IPv4 only:
-// haproxy does not ask for the IPv6 one). It announces itself to the
-// destination with a PROXY protocol v1 line carrying the original
-// destination, and, like Envoy's inbound passthrough, connects to the app
-// from 127.0.0.6.
-const HAProxyConfig = `global
-  uid %[1]d
-  gid %[2]d
-  maxconn 200
-defaults
+// haproxy does not ask for the IPv6 one). Like Envoy's inbound
+// passthrough, it connects to the app from 127.0.0.6.
+func HAProxyConfig(sc Sidecar) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "global\n  uid %d\n  gid %d\n  maxconn 2000\n", sc.UID, sc.GID)
+	if sc.StatsSocket != "" {
+		fmt.Fprintf(&b, "  stats socket %s mode 600 level user\n", sc.StatsSocket)
+	}
+	proxy := ""
+	if sc.SendProxy {
+		proxy = " send-proxy"
+	}
+	fmt.Fprintf(&b, `defaults
   mode tcp
   timeout connect 5s
   timeout client 30s
   timeout server 30s
 frontend outbound
-  bind 0.0.0.0:%[3]d
+  bind 0.0.0.0:%[1]d
   default_backend orig_out
 frontend inbound
-  bind 0.0.0.0:%[4]d
+  bind 0.0.0.0:%[2]d
   default_backend orig_in
 backend orig_out
-  server orig 0.0.0.0 send-proxy
+  server orig 0.0.0.0%[3]s
 backend orig_in
-  server orig 0.0.0.0 send-proxy source 127.0.0.6
-`
+  server orig 0.0.0.0%[3]s source 127.0.0.6
+`, sc.OutPort, sc.InPort, proxy)
+	return b.String()
+}
 
-// StartHAProxy runs Debian's haproxy inside s as the pod's sidecar,
-// dropping to uid/gid after binding, and waits until both ports listen.
-func (s *NS) StartHAProxy(t testing.TB, uid, gid uint32, outPort, inPort uint16) {
+// StartHAProxy runs the capture tests' sidecar: haproxy inside s as
+// uid/gid, announcing original destinations with PROXY lines.
+func (s *NS) StartHAProxy(t TB, uid, gid uint32, outPort, inPort uint16) {
 	t.Helper()
-	bin := testenv.RequireTool(t, "haproxy")
-	cfg := filepath.Join(t.TempDir(), "haproxy.cfg")
-	if err := os.WriteFile(cfg, []byte(fmt.Sprintf(HAProxyConfig, uid, gid, outPort, inPort)), 0o644); err != nil {
-		t.Fatal(err)
+	s.StartSidecar(t, Sidecar{UID: uid, GID: gid, OutPort: outPort, InPort: inPort, SendProxy: true})
+}
+
+// StartSidecar runs Debian's haproxy inside s as the pod's sidecar,
+// dropping to sc.UID/GID after binding, and waits until both ports listen.
+func (s *NS) StartSidecar(t TB, sc Sidecar) {
+	t.Helper()
+	bin, err := exec.LookPath("haproxy")
+	if err != nil {
+		t.Fatalf("haproxy not installed (run make tools): %v", err)
 	}
+	cfg := filepath.Join(t.TempDir(), "haproxy.cfg")
+	if err := os.WriteFile(cfg, []byte(HAProxyConfig(sc)), 0o644); err != nil {
+		t.Fatalf("write haproxy config: %v", err)
+	}
+	outPort, inPort := sc.OutPort, sc.InPort
 	ctx, cancel := context.WithCancel(context.Background())
 	cmd := s.Command(ctx, bin, "-db", "-f", cfg)
 	var out strings.Builder
 	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
+	closeCg, err := InCgroup(cmd, sc.Cgroup)
+	if err != nil {
+		cancel()
+		t.Fatalf("haproxy: %v", err)
+	}
+	err = cmd.Start()
+	closeCg()
+	if err != nil {
 		cancel()
 		t.Fatalf("start haproxy: %v", err)
 	}
@@ -355,4 +452,75 @@ func (s *NS) StartHAProxy(t testing.TB, uid, gid uint32, outPort, inPort uint16)
 		time.Sleep(25 * time.Millisecond)
 	}
 	t.Fatalf("haproxy not listening on %d and %d: %s", outPort, inPort, out.String())
+}
+
+// InCgroup makes cmd start inside the cgroup v2 directory dir (clone3's
+// CLONE_INTO_CGROUP), so it is captured from its first instruction; an
+// empty dir changes nothing. Call the returned func after cmd.Start.
+func InCgroup(cmd *exec.Cmd, dir string) (func(), error) {
+	if dir == "" {
+		return func() {}, nil
+	}
+	fd, err := syscall.Open(dir, syscall.O_DIRECTORY|syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open cgroup %s: %w", dir, err)
+	}
+	if cmd.SysProcAttr == nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	cmd.SysProcAttr.UseCgroupFD = true
+	cmd.SysProcAttr.CgroupFD = fd
+	return func() { syscall.Close(fd) }, nil
+}
+
+// FrontendSessions reads, from a haproxy stats socket, how many sessions
+// each frontend has accepted so far (the stats' "stot" column).
+func FrontendSessions(socket string) (map[string]int, error) {
+	c, err := net.DialTimeout("unix", socket, 2*time.Second)
+	if err != nil {
+		return nil, fmt.Errorf("haproxy stats: %w", err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := io.WriteString(c, "show stat\n"); err != nil {
+		return nil, fmt.Errorf("haproxy stats: %w", err)
+	}
+	raw, err := io.ReadAll(c)
+	if err != nil {
+		return nil, fmt.Errorf("haproxy stats: %w", err)
+	}
+	return ParseFrontendSessions(string(raw))
+}
+
+// ParseFrontendSessions reads haproxy's `show stat` CSV: the header names
+// the columns ("# pxname,svname,...,stot,..."), FRONTEND rows carry each
+// frontend's total sessions.
+func ParseFrontendSessions(csv string) (map[string]int, error) {
+	lines := strings.Split(strings.TrimSpace(csv), "\n")
+	if len(lines) == 0 || !strings.HasPrefix(lines[0], "# ") {
+		return nil, fmt.Errorf("haproxy stats: no header line")
+	}
+	cols := strings.Split(strings.TrimPrefix(lines[0], "# "), ",")
+	stot := -1
+	for i, c := range cols {
+		if c == "stot" {
+			stot = i
+		}
+	}
+	if stot < 2 {
+		return nil, fmt.Errorf("haproxy stats: no stot column")
+	}
+	out := map[string]int{}
+	for _, l := range lines[1:] {
+		f := strings.Split(l, ",")
+		if len(f) <= stot || f[1] != "FRONTEND" {
+			continue
+		}
+		n, err := strconv.Atoi(f[stot])
+		if err != nil {
+			return nil, fmt.Errorf("haproxy stats: frontend %s stot %q: %w", f[0], f[stot], err)
+		}
+		out[f[0]] = n
+	}
+	return out, nil
 }

@@ -1,0 +1,100 @@
+package run
+
+import (
+	"context"
+	"log/slog"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/sidelane/sidelane/bench/report"
+	"github.com/sidelane/sidelane/internal/podnet"
+	"github.com/sidelane/sidelane/internal/testenv"
+)
+
+// Every contender the benchmark measures really sends the client's traffic
+// through both sidecars (haproxy's outbound and inbound listeners count
+// it), and the check that guards the benchmark fails for sidecars whose
+// pod has no capture: a benchmark cannot silently measure an uncaptured
+// path and call it a mesh.
+func TestContendersCapture(t *testing.T) {
+	testenv.Privileged(t)
+	bin := filepath.Join(t.TempDir(), "sidelane-bench")
+	build := exec.Command("go", "build", "-o", bin, "./cmd/sidelane-bench")
+	build.Dir = testenv.RepoRoot(t)
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build sidelane-bench: %v\n%s", err, out)
+	}
+	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	m := NewMesh(t, MeshConfig{BenchBin: bin, PilotAgent: testenv.RequireTool(t, "pilot-agent"), Log: log})
+	if len(m.Pending) > 0 {
+		t.Fatalf("contenders not set up: %v", m.Pending)
+	}
+	want := []string{report.NoMesh, report.IstioIptables, report.SidelaneIptables, report.SidelaneEBPF, report.EBPFNoShortcut}
+	var got []string
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	for _, c := range m.Contenders {
+		got = append(got, c.Name)
+		t.Run(c.Name, func(t *testing.T) {
+			pr := m.NewPair(c)
+			if err := m.CheckCaptured(ctx, pr); err != nil {
+				t.Fatal(err)
+			}
+			if err := m.CheckCaptured(ctx, m.NewRemoteClient(pr)); err != nil {
+				t.Fatalf("cross-node: %v", err)
+			}
+			// The traffic subcommands work through the path.
+			res, err := m.Client(ctx, c, pr.Client, "crr", "-addr", pr.ServerAddr(), "-size", "1024", "-parallel", "2", "-duration", "100ms")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(res.LatNs) == 0 || res.Errors != 0 {
+				t.Fatalf("crr: %d connections, %d errors", len(res.LatNs), res.Errors)
+			}
+		})
+	}
+	if len(got) != len(want) {
+		t.Fatalf("contenders = %v, want %v", got, want)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("contenders = %v, want %v", got, want)
+		}
+	}
+
+	t.Run("uncaptured sidecars are caught", func(t *testing.T) {
+		bare := &Contender{Name: "sidecars-without-capture", Sidecar: true, install: func(podnet.TB, *Pod, map[string]string) {}}
+		pr := m.NewPair(bare)
+		if err := m.CheckCaptured(ctx, pr); err == nil {
+			t.Fatal("CheckCaptured passed for pods whose sidecars capture nothing")
+		}
+	})
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(string(p))
+	return len(p), nil
+}
+
+func TestParseFrontendSessions(t *testing.T) {
+	csv := "# pxname,svname,qcur,qmax,scur,smax,slim,stot,bin\n" +
+		"outbound,FRONTEND,,,0,1,2000,7,100\n" +
+		"inbound,FRONTEND,,,0,1,2000,3,100\n" +
+		"orig_out,orig,0,0,0,1,,7,100\n"
+	got, err := podnet.ParseFrontendSessions(csv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got["outbound"] != 7 || got["inbound"] != 3 || len(got) != 2 {
+		t.Fatalf("got %v", got)
+	}
+	for _, bad := range []string{"", "pxname,stot\n", "# pxname,svname,stot\nx,FRONTEND,abc\n"} {
+		if _, err := podnet.ParseFrontendSessions(bad); err == nil {
+			t.Errorf("no error for %q", bad)
+		}
+	}
+}
