@@ -73,6 +73,7 @@ func (r *Runner) Run(ctx context.Context) error {
 		{"traffic", r.traffic},
 		{"cni_burst_100", func(ctx context.Context) error { return r.cniBurst(ctx, 100, 10) }},
 		{"footprint", func(ctx context.Context) error { return r.footprint(ctx, footprintCounts) }},
+		{"policy_update", r.policyUpdate},
 	}
 	for _, s := range scenarios {
 		r.log.Info("scenario", "name", s.name)
@@ -96,7 +97,6 @@ func (r *Runner) Run(ctx context.Context) error {
 // pendingScenarios are the scenarios whose contenders have not landed yet.
 func pendingScenarios() []report.Pending {
 	return []report.Pending{
-		{Scenario: "policy_update", Reason: "L7 policy xDS server not landed yet"},
 		{Scenario: "*", Contender: report.PerNode, Reason: "per-node (sidecar-free) mode not landed yet"},
 	}
 }
