@@ -43,6 +43,8 @@ func runAgent(ctx context.Context, args []string) error {
 	standalone := fs.Bool("standalone", false, "run without Kubernetes: every pod gets mode none (default when there is no --kubeconfig and no in-cluster config)")
 	var dpf datapathFlags
 	dpf.register(fs)
+	policyWriter := fs.Bool("policy-writer", true, "take part in the leader election (Lease sidelane-l7-writer in --agent-namespace) for the one writer of L7 policy EnvoyFilters and policy status")
+	trustDomain := fs.String("trust-domain", "cluster.local", "the mesh's SPIFFE trust domain, for L7 policy principals")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -97,6 +99,11 @@ func runAgent(ctx context.Context, args []string) error {
 			return err
 		}
 		cfg.Classifier, cfg.Startup, cfg.OnReady = ctrl, ctrl.Start, ctrl.OnReady
+		if *policyWriter {
+			if err := startPolicyWriter(ctx, log, rc, cs, *agentNS, *nodeName, *trustDomain, m.Registry); err != nil {
+				return err
+			}
+		}
 	}
 	a, err := agent.New(cfg)
 	if err == nil && dp.ebpf != nil {
