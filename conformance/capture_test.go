@@ -522,7 +522,7 @@ type captureBackend interface {
 }
 
 func captureBackends() []captureBackend {
-	return []captureBackend{&istioReference{}, &sidelaneIPTables{}, &sidelaneEBPF{}}
+	return []captureBackend{&istioReference{}, &sidelaneIPTables{}, &sidelaneEBPF{}, &sidelaneFallback{}}
 }
 
 func TestCapture(t *testing.T) {

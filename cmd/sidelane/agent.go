@@ -60,7 +60,7 @@ func runAgent(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	defer dp.close()
+	defer dp.Close()
 	if err := m.Register(datapathInfo(dpf.kind, dp)); err != nil {
 		return err
 	}
@@ -106,16 +106,16 @@ func runAgent(ctx context.Context, args []string) error {
 		}
 	}
 	a, err := agent.New(cfg)
-	if err == nil && dp.ebpf != nil {
+	if err == nil && dp.EBPF != nil {
 		// Drop pinned state of pods the agent no longer knows (deleted
 		// while it was down); the agent re-verifies the rest at start.
-		if rerr := dp.ebpf.Reconcile(ctx, a.Store().List()); rerr != nil {
+		if rerr := dp.EBPF.Reconcile(ctx, a.Store().List()); rerr != nil {
 			log.Error("reconcile pinned eBPF state", "error", rerr)
 		}
-		if rerr := m.Register(bpfmetrics.New(dp.ebpf, a.Store().List)); rerr != nil {
+		if rerr := m.Register(bpfmetrics.New(dp.EBPF, a.Store().List)); rerr != nil {
 			return rerr
 		}
-		go bpfmetrics.WatchNodeProxy(ctx, log, dp.ebpf.ReportNodeProxy, 5*time.Second)
+		go bpfmetrics.WatchNodeProxy(ctx, log, dp.EBPF.ReportNodeProxy, 5*time.Second)
 	}
 	if err != nil {
 		return err

@@ -10,18 +10,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/sidelane/sidelane/agent/datapath"
+	"github.com/sidelane/sidelane/agent/datapath/choose"
 	"github.com/sidelane/sidelane/agent/datapath/ebpf"
-	"github.com/sidelane/sidelane/agent/datapath/iptables"
 	"github.com/sidelane/sidelane/bpf"
-)
-
-// Datapath kinds for --datapath.
-const (
-	dpAuto     = "auto"     // eBPF if the kernel has every feature, else iptables
-	dpEBPF     = "ebpf"     // eBPF or fail
-	dpIPTables = "iptables" // Istio's rule set in each pod's netns
-	dpNoop     = "noop"     // capture nothing (protocol testing)
 )
 
 type datapathFlags struct {
@@ -36,7 +27,7 @@ type datapathFlags struct {
 }
 
 func (f *datapathFlags) register(fs *flag.FlagSet) {
-	fs.StringVar(&f.kind, "datapath", dpAuto, "capture backend: auto (eBPF, falling back to iptables when the kernel lacks a feature), ebpf, iptables or noop")
+	fs.StringVar(&f.kind, "datapath", choose.Auto, "capture backend: auto (eBPF, falling back to iptables when the kernel lacks a feature), ebpf, iptables or noop")
 	fs.StringVar(&f.cgroupRoot, "cgroup-root", "", "cgroup v2 directory the eBPF programs attach to; every pod must be below it (default: the cgroup2 mount from /proc/mounts)")
 	fs.StringVar(&f.pinDir, "bpf-pin-dir", bpf.DefaultPinDir, "bpffs directory for sidelane's pinned maps and links")
 	fs.BoolVar(&f.shortcut, "enable-shortcut", false, "redirect bytes socket-to-socket (sockmap) for same-node pairs; off by default until benchmarks show it never slows small writes")
@@ -44,14 +35,6 @@ func (f *datapathFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.nodeProxyAddr, "node-proxy-address", "", "per-node mode: comma-separated IPv4/IPv6 addresses of the node proxy's listeners in the host netns (e.g. the CNI bridge gateway); empty: per-node pods fail closed")
 	fs.UintVar(&f.nodeProxyOut, "node-proxy-outbound-port", 15001, "per-node mode: the node proxy's outbound listener port")
 	fs.UintVar(&f.nodeProxyIn, "node-proxy-inbound-port", 15006, "per-node mode: the port of the listener the node proxy opens in each per-node pod's netns")
-}
-
-// openedDatapath is the backend in use plus what the agent needs of it.
-type openedDatapath struct {
-	datapath.Datapath
-	ebpf     *ebpf.Datapath // nil unless eBPF
-	close    func()
-	fellBack string // why auto fell back to iptables, or ""
 }
 
 func (f *datapathFlags) nodeProxy() (*ebpf.NodeProxyOptions, error) {
@@ -79,18 +62,8 @@ func (f *datapathFlags) nodeProxy() (*ebpf.NodeProxyOptions, error) {
 	return o, nil
 }
 
-// open picks and opens the backend. With "auto", a kernel without a
-// needed eBPF feature gets the iptables backend, and the reason is logged.
-func (f *datapathFlags) open(log *slog.Logger) (*openedDatapath, error) {
-	switch f.kind {
-	case dpNoop:
-		return &openedDatapath{Datapath: datapath.Noop{}, close: func() {}}, nil
-	case dpIPTables:
-		return &openedDatapath{Datapath: iptables.New(log), close: func() {}}, nil
-	case dpAuto, dpEBPF:
-	default:
-		return nil, fmt.Errorf("--datapath %q: want auto, ebpf, iptables or noop", f.kind)
-	}
+// open picks and opens the backend (package choose).
+func (f *datapathFlags) open(log *slog.Logger) (*choose.Opened, error) {
 	np, err := f.nodeProxy()
 	if err != nil {
 		return nil, err
@@ -99,26 +72,18 @@ func (f *datapathFlags) open(log *slog.Logger) (*openedDatapath, error) {
 	if f.forceMissing != "" {
 		missing = strings.Split(f.forceMissing, ",")
 	}
-	d, c, err := ebpf.Open(ebpf.Options{Cgroup: f.cgroupRoot, PinDir: f.pinDir, EnableShortcut: f.shortcut,
-		ForceMissing: missing, NodeProxy: np, Log: log})
-	if err == nil {
-		log.Info("datapath: eBPF", "cgroup", f.cgroupRoot, "pinDir", f.pinDir, "shortcut", f.shortcut)
-		return &openedDatapath{Datapath: d, ebpf: d, close: func() { c.Close() }}, nil
-	}
-	if f.kind == dpAuto && errors.Is(err, bpf.ErrNotSupported) {
-		log.Warn("datapath: eBPF not supported on this node, using Istio's iptables rules in each pod instead", "reason", err.Error())
-		return &openedDatapath{Datapath: iptables.New(log), close: func() {}, fellBack: err.Error()}, nil
-	}
-	return nil, fmt.Errorf("open eBPF datapath: %w", err)
+	return choose.Open(choose.Options{Kind: f.kind, Log: log, EBPF: ebpf.Options{
+		Cgroup: f.cgroupRoot, PinDir: f.pinDir, EnableShortcut: f.shortcut, ForceMissing: missing, NodeProxy: np, Log: log,
+	}})
 }
 
 // datapathInfo is the sidelane_datapath_info gauge: which backend runs
 // and, when auto fell back to iptables, why.
-func datapathInfo(requested string, dp *openedDatapath) prometheus.Collector {
+func datapathInfo(requested string, dp *choose.Opened) prometheus.Collector {
 	g := prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "sidelane_datapath_info",
 		Help: "The capture backend in use (value 1); fallback_reason is set when --datapath=auto fell back to iptables.",
 	}, []string{"requested", "backend", "fallback_reason"})
-	g.WithLabelValues(requested, dp.Name(), dp.fellBack).Set(1)
+	g.WithLabelValues(requested, dp.Name(), dp.FellBack).Set(1)
 	return g
 }
