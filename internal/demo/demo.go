@@ -39,10 +39,7 @@ type Options struct {
 	Repo string
 	// Bin holds sidelane and sidelane-cni; Tools the reference CNI plugins.
 	Bin, Tools string
-	// Short skips nothing but the slow optional parts (none yet besides
-	// the benchmark, which the demo never runs itself).
-	Short bool
-	Log   *slog.Logger
+	Log        *slog.Logger
 }
 
 // Footprint is what a run created; the cleanup test checks it is all gone.
@@ -137,6 +134,9 @@ func Run(ctx context.Context, opts Options) (Footprint, error) {
 		err = ctx.Err()
 	}
 	r.say("")
+	if errors.Is(err, context.Canceled) {
+		r.say("== interrupted")
+	}
 	r.say("== cleanup: stopping agents and nodes, removing netns, bridges, cgroups, pins, temp dirs")
 	r.cleanup()
 	if err != nil {
@@ -169,6 +169,10 @@ func (r *run) story(ctx context.Context) error {
 		r.say("")
 		r.say("== %s", s.title)
 		if err := s.fn(ctx); err != nil {
+			if ctx.Err() != nil {
+				r.say("  interrupted")
+				return ctx.Err()
+			}
 			r.check(false, "%v", err)
 		}
 	}

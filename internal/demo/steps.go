@@ -74,6 +74,7 @@ func (r *run) createRunning(ctx context.Context, p *corev1.Pod, n *kubelet.Node)
 	ref := &podRef{node: n, pod: got}
 	ref.netns, _ = n.PodNetns(string(got.UID))
 	ref.cgroup, _ = n.PodCgroup(string(got.UID))
+	r.fp.Netns = append(r.fp.Netns, ref.netns)
 	return ref, nil
 }
 
