@@ -314,6 +314,9 @@ func (r *run) startAgent(ctx context.Context, n *kubelet.Node, pin string) error
 		_, err := os.Stat(n.AgentSocket)
 		return err == nil
 	})
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
 	r.check(err == nil, "sidelane agent on %s: --datapath ebpf --cgroup-root %s --bpf-pin-dir %s", n.Name, r.fp.Cgroup, pin)
 	if err != nil {
 		b, _ := os.ReadFile(logPath)
