@@ -316,8 +316,12 @@ func (r *run) stepPolicy(ctx context.Context) error {
 		return err
 	}
 	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	const maxLines = 30
-	r.say("  generated EnvoyFilter (first %d of %d lines):", min(maxLines, len(lines)), len(lines))
+	const maxLines = 60
+	if len(lines) > maxLines {
+		r.say("  generated EnvoyFilter (first %d of %d lines):", maxLines, len(lines))
+	} else {
+		r.say("  generated EnvoyFilter:")
+	}
 	for _, l := range lines[:min(maxLines, len(lines))] {
 		r.say("    %s", l)
 	}
