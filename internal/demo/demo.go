@@ -39,7 +39,10 @@ type Options struct {
 	Repo string
 	// Bin holds sidelane and sidelane-cni; Tools the reference CNI plugins.
 	Bin, Tools string
-	Log        *slog.Logger
+	// Bench runs `sidelane-bench run -quick` (under 3 min) for step 4
+	// instead of reading bench/out/results.md.
+	Bench bool
+	Log   *slog.Logger
 }
 
 // Footprint is what a run created; the cleanup test checks it is all gone.
