@@ -64,8 +64,10 @@ bench: build tools ## side-by-side benchmarks into bench/out/ (QUICK=1: under 3 
 	$(BIN)/sidelane-bench run $(if $(QUICK),-quick) -out bench/out -bin $(BIN) -tools $(CACHE)/bin
 	@cat bench/out/results.md
 
-demo: ## placeholder: the whole product on one machine (demo issue)
-	@echo "demo: not built yet; it will bring up a local kube-apiserver, two simulated nodes and the agent, then walk through capture, live toggle, L7 policy and explain"
+demo: build tools kube ## the whole product on one machine: local kube-apiserver, two simulated nodes, agents (eBPF), the story step by step (root; BENCH=1 adds a quick benchmark run)
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/sidelane-demo ./cmd/sidelane-demo
+	$(if $(BENCH),CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/sidelane-bench ./cmd/sidelane-bench)
+	$(BIN)/sidelane-demo -bin $(BIN) -tools $(CACHE)/bin $(if $(BENCH),-bench)
 
 clean: ## remove build outputs
 	rm -rf $(BIN)
