@@ -11,7 +11,6 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -245,37 +244,10 @@ func (m *Mesh) NewPair(c *Contender) *Pair {
 	tb := m.tb
 	tb.Helper()
 	pr := &Pair{C: c, Client: m.NewPod(c, "bc", nil), Server: m.NewPod(c, "bs", nil)}
-	ctx, cancel := context.WithCancel(context.Background())
-	cmd := pr.Server.NS.Command(ctx, m.benchBin, "serve", "-listen", fmt.Sprintf("0.0.0.0:%d", serverPort))
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	closeCg, err := podnet.InCgroup(cmd, pr.Server.Cgroup)
-	if err != nil {
-		cancel()
-		tb.Fatalf("server: %v", err)
-	}
-	err = cmd.Start()
-	closeCg()
-	if err != nil {
-		cancel()
-		tb.Fatalf("start server: %v", err)
-	}
-	done := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(done) }()
-	tb.Cleanup(func() { cancel(); <-done })
-	for range 200 {
-		ss, _ := exec.Command("ip", "netns", "exec", pr.Server.NS.Name, "ss", "-Hltn").Output()
-		if strings.Contains(string(ss), fmt.Sprintf(":%d ", serverPort)) {
-			return pr
-		}
-		select {
-		case <-done:
-			tb.Fatalf("server exited: %s", out.String())
-		case <-time.After(25 * time.Millisecond):
-		}
-	}
-	tb.Fatalf("server not listening: %s", out.String())
-	return nil
+	// Go listens on 0.0.0.0 with a dual-stack socket, which ss shows as *:port.
+	pr.Server.NS.StartListening(tb, pr.Server.Cgroup, []string{fmt.Sprintf(":%d", serverPort)},
+		m.benchBin, "serve", "-listen", fmt.Sprintf("0.0.0.0:%d", serverPort))
+	return pr
 }
 
 // ServerAddr is where clients connect: the server pod's IP, as an app

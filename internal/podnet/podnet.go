@@ -21,6 +21,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -415,21 +416,32 @@ func (s *NS) StartSidecar(t TB, sc Sidecar) {
 	if err := os.WriteFile(cfg, []byte(HAProxyConfig(sc)), 0o644); err != nil {
 		t.Fatalf("write haproxy config: %v", err)
 	}
-	outPort, inPort := sc.OutPort, sc.InPort
+	// Wait for both listeners by looking, not by connecting: a connection
+	// that is not redirected would make haproxy proxy to itself.
+	s.StartListening(t, sc.Cgroup, []string{fmt.Sprintf("0.0.0.0:%d", sc.OutPort), fmt.Sprintf("0.0.0.0:%d", sc.InPort)}, bin, "-db", "-f", cfg)
+}
+
+// StartListening runs name in s's netns, born in cgroup when it is set (so
+// capture applies from its first instruction), stops it at cleanup, and
+// returns once `ss` in the netns shows every address in listen (e.g.
+// "0.0.0.0:8080", or ":8080" for any address). It looks instead of connecting: a test connection could
+// itself be captured.
+func (s *NS) StartListening(t TB, cgroup string, listen []string, name string, args ...string) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	cmd := s.Command(ctx, bin, "-db", "-f", cfg)
-	var out strings.Builder
+	cmd := s.Command(ctx, name, args...)
+	var out lockedBuffer
 	cmd.Stdout, cmd.Stderr = &out, &out
-	closeCg, err := InCgroup(cmd, sc.Cgroup)
+	closeCg, err := InCgroup(cmd, cgroup)
 	if err != nil {
 		cancel()
-		t.Fatalf("haproxy: %v", err)
+		t.Fatalf("%s: %v", filepath.Base(name), err)
 	}
 	err = cmd.Start()
 	closeCg()
 	if err != nil {
 		cancel()
-		t.Fatalf("start haproxy: %v", err)
+		t.Fatalf("start %s: %v", filepath.Base(name), err)
 	}
 	done := make(chan struct{})
 	go func() { _ = cmd.Wait(); close(done) }()
@@ -437,21 +449,46 @@ func (s *NS) StartSidecar(t TB, sc Sidecar) {
 		cancel()
 		<-done
 	})
-	// Wait for both listeners by looking, not by connecting: a connection
-	// that is not redirected would make haproxy proxy to itself.
 	for range 400 {
 		select {
 		case <-done:
-			t.Fatalf("haproxy exited: %s", out.String())
+			t.Fatalf("%s exited: %s", filepath.Base(name), out.String())
 		default:
 		}
 		ss, _ := exec.Command("ip", "netns", "exec", s.Name, "ss", "-Hltn").Output()
-		if strings.Contains(string(ss), fmt.Sprintf("0.0.0.0:%d ", outPort)) && strings.Contains(string(ss), fmt.Sprintf("0.0.0.0:%d ", inPort)) {
+		if allListening(string(ss), listen) {
 			return
 		}
 		time.Sleep(25 * time.Millisecond)
 	}
-	t.Fatalf("haproxy not listening on %d and %d: %s", outPort, inPort, out.String())
+	t.Fatalf("%s not listening on %v: %s", filepath.Base(name), listen, out.String())
+}
+
+func allListening(ss string, listen []string) bool {
+	for _, a := range listen {
+		if !strings.Contains(ss, a+" ") {
+			return false
+		}
+	}
+	return true
+}
+
+// lockedBuffer collects a child's output while tests read it.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 // InCgroup makes cmd start inside the cgroup v2 directory dir (clone3's
