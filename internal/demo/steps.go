@@ -36,36 +36,6 @@ type podRef struct {
 
 var errNoPod = errors.New("pod not running")
 
-// withSidecar makes the injected istio-proxy container run haproxy as the
-// Envoy stand-in (uid 1337, outbound 15001, inbound 15006) and the app an
-// echo server on 8080.
-func (r *run) withSidecar(p *corev1.Pod) error {
-	stats := filepath.Join(r.fp.WorkDir, p.Name+".stats")
-	cfg := filepath.Join(r.fp.WorkDir, p.Name+".haproxy.cfg")
-	conf := podnet.HAProxyConfig(podnet.Sidecar{UID: 1337, GID: 1337, OutPort: 15001, InPort: 15006, StatsSocket: stats})
-	if err := os.WriteFile(cfg, []byte(conf), 0o644); err != nil {
-		return err
-	}
-	for i := range p.Spec.Containers {
-		c := &p.Spec.Containers[i]
-		switch c.Name {
-		case "istio-proxy":
-			c.Command, c.Args = []string{"haproxy", "-db", "-f", cfg}, nil
-		case "app":
-			c.Command, c.Args = []string{"socat", "TCP-LISTEN:8080,fork,reuseaddr", "EXEC:cat"}, nil
-		}
-	}
-	return nil
-}
-
-func echoApp(p *corev1.Pod) {
-	for i := range p.Spec.Containers {
-		if p.Spec.Containers[i].Name == "app" {
-			p.Spec.Containers[i].Command = []string{"socat", "TCP-LISTEN:8080,fork,reuseaddr", "EXEC:cat"}
-		}
-	}
-}
-
 func (r *run) createRunning(ctx context.Context, p *corev1.Pod, n *kubelet.Node) (*podRef, error) {
 	p.Spec.NodeName = n.Name
 	if _, err := r.cs.CoreV1().Pods(p.Namespace).Create(ctx, p, metav1.CreateOptions{}); err != nil {
@@ -101,7 +71,9 @@ func send(ctx context.Context, from *podRef, addr, line string) (string, error) 
 	if err != nil {
 		return "", fmt.Errorf("echo from %s to %s: %w: %s", from.pod.Name, addr, err, out)
 	}
-	return strings.TrimSpace(string(out)), nil
+	// The echo app first says who it sees as the peer (kubelet.EchoCommand).
+	_, echoed, _ := strings.Cut(string(out), "\n")
+	return strings.TrimSpace(echoed), nil
 }
 
 func (r *run) waitListening(ctx context.Context, p *podRef, ports ...string) error {
@@ -135,14 +107,15 @@ func (r *run) stepSidecar(ctx context.Context) error {
 			p.Labels = map[string]string{}
 		}
 		p.Labels["role"] = name // the L7 policy of step 3 selects by it
-		if err := r.withSidecar(p); err != nil {
+		standIn, err := kubelet.WithStandIns(p, r.fp.WorkDir)
+		if err != nil {
 			return nil, err
 		}
 		ref, err := r.createRunning(ctx, p, n)
 		if err != nil {
 			return nil, err
 		}
-		ref.stats = filepath.Join(r.fp.WorkDir, name+".stats")
+		ref.stats = standIn.Stats
 		if err := r.waitListening(ctx, ref, "15001", "15006", "8080"); err != nil {
 			return nil, fmt.Errorf("%s: sidecar and app not listening: %w", name, err)
 		}
@@ -235,7 +208,9 @@ func (r *run) stepAmbient(ctx context.Context) error {
 	}
 	// An un-injected pod of the same namespace (injection opted out).
 	p.Annotations = map[string]string{"sidecar.istio.io/inject": "false"}
-	echoApp(p)
+	if _, err := kubelet.WithStandIns(p, r.fp.WorkDir); err != nil {
+		return err
+	}
 	plain, err := r.createRunning(ctx, p, r.nodes[0])
 	if err != nil {
 		return err

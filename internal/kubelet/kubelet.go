@@ -449,7 +449,7 @@ func (n *Node) startContainers(sb *sandbox, pod *corev1.Pod) error {
 			continue
 		}
 		cmd := exec.Command("ip", append([]string{"netns", "exec", sb.netns}, argv...)...)
-		logf, err := os.Create(filepath.Join(n.opts.Dir, n.Name, fmt.Sprintf("%s_%s_%s.log", pod.Namespace, pod.Name, c.Name)))
+		logf, err := os.Create(n.ContainerLog(pod.Namespace, pod.Name, c.Name))
 		if err != nil {
 			return err
 		}

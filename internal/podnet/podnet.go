@@ -360,6 +360,11 @@ type Sidecar struct {
 	// StatsSocket, if set, is where haproxy serves its stats (see
 	// FrontendSessions).
 	StatsSocket string
+	// LogConnections makes haproxy write one line per finished connection
+	// to stdout: "conn <frontend> <client ip> <original dst ip:port>" (see
+	// ParseConnLog), so tests can tell which proxy saw a connection and
+	// where it sent it.
+	LogConnections bool
 }
 
 // HAProxyConfig is the sidecar stand-in's config: a transparent TCP proxy
@@ -374,13 +379,18 @@ func HAProxyConfig(sc Sidecar) string {
 	if sc.StatsSocket != "" {
 		fmt.Fprintf(&b, "  stats socket %s mode 600 level user\n", sc.StatsSocket)
 	}
+	logs := ""
+	if sc.LogConnections {
+		b.WriteString("  log stdout format raw local0\n")
+		logs = "  log global\n  log-format \"conn %ft %ci %si:%sp\"\n"
+	}
 	proxy := ""
 	if sc.SendProxy {
 		proxy = " send-proxy"
 	}
 	fmt.Fprintf(&b, `defaults
   mode tcp
-  timeout connect 5s
+%[4]s  timeout connect 5s
   timeout client 30s
   timeout server 30s
 frontend outbound
@@ -393,7 +403,7 @@ backend orig_out
   server orig 0.0.0.0%[3]s
 backend orig_in
   server orig 0.0.0.0%[3]s source 127.0.0.6
-`, sc.OutPort, sc.InPort, proxy)
+`, sc.OutPort, sc.InPort, proxy, logs)
 	return b.String()
 }
 
@@ -560,4 +570,28 @@ func ParseFrontendSessions(csv string) (map[string]int, error) {
 		out[f[0]] = n
 	}
 	return out, nil
+}
+
+// Conn is one connection a haproxy stand-in logged (Sidecar.LogConnections).
+type Conn struct {
+	Frontend string         // "outbound", "inbound", ...
+	Client   netip.Addr     // the accepted connection's peer
+	OrigDst  netip.AddrPort // where haproxy sent it: SO_ORIGINAL_DST
+}
+
+// ParseConnLog reads the "conn <frontend> <client> <dst ip:port>" lines
+// from a haproxy stand-in's output and ignores everything else.
+func ParseConnLog(out string) []Conn {
+	var conns []Conn
+	for _, l := range strings.Split(out, "\n") {
+		f := strings.Fields(l)
+		if len(f) != 4 || f[0] != "conn" {
+			continue
+		}
+		c := Conn{Frontend: f[1]}
+		c.Client, _ = netip.ParseAddr(f[2])
+		c.OrigDst, _ = netip.ParseAddrPort(f[3])
+		conns = append(conns, c)
+	}
+	return conns
 }

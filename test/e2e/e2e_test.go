@@ -4,11 +4,9 @@
 package e2e
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,6 +15,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -54,37 +53,6 @@ func fixture(t *testing.T, name, ns, podName string) *corev1.Pod {
 	return &p
 }
 
-// echoServer makes the pod's app container a TCP echo server on 8080.
-func echoServer(p *corev1.Pod) *corev1.Pod {
-	for i := range p.Spec.Containers {
-		if p.Spec.Containers[i].Name == "app" {
-			p.Spec.Containers[i].Command = []string{"socat", "TCP-LISTEN:8080,fork,reuseaddr", "EXEC:cat"}
-		}
-	}
-	return p
-}
-
-// echo sends one line from the pod's netns to addr and returns the reply.
-func echo(t *testing.T, netns, addr, line string) string {
-	t.Helper()
-	cmd := exec.Command("ip", "netns", "exec", netns, "socat", "-T5", "-", "TCP:"+addr)
-	cmd.Stdin = strings.NewReader(line + "\n")
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("echo from %s to %s: %v\n%s", netns, addr, err, out)
-	}
-	return strings.TrimSpace(string(out))
-}
-
-func netnsOf(t *testing.T, n *kubelet.Node, p *corev1.Pod) string {
-	t.Helper()
-	ns, ok := n.PodNetns(string(p.UID))
-	if !ok {
-		t.Fatalf("pod %s/%s has no sandbox on %s", p.Namespace, p.Name, n.Name)
-	}
-	return ns
-}
-
 func stateEntries(t *testing.T, n *kubelet.Node) []store.Entry {
 	t.Helper()
 	s, err := store.Open(filepath.Join(n.StateDir, "state.json"))
@@ -106,87 +74,121 @@ func TestEndToEnd(t *testing.T) {
 			return err == nil && !slices.ContainsFunc(node.Spec.Taints, func(t corev1.Taint) bool { return t.Key == kubelet.NotReadyTaint.Key })
 		})
 	}
+	// What the datapaths hold before the first pod: the suite must leave
+	// exactly this behind.
+	start := map[string]bpfState{}
+	if e.capturing() {
+		for _, n := range e.nodes {
+			start[n.Name] = readBPFState(t, e.pinDirs[n.Name])
+			t.Logf("BPF state of %s at start: %s", n.Name, start[n.Name])
+		}
+	}
 
 	scNS, ambNS, plainNS := testenv.UniqueName("sc-"), testenv.UniqueName("amb-"), testenv.UniqueName("plain-")
 	e.namespace(scNS, map[string]string{"istio-injection": "enabled"})
 	e.namespace(ambNS, map[string]string{"istio.io/dataplane-mode": "ambient"})
 	e.namespace(plainNS, nil)
 
-	server := e.running(e.pod(echoServer(fixture(t, "plain", ambNS, "server")), nodeB))
-	sidecar := e.running(e.pod(echoServer(fixture(t, "sidecar-classic", scNS, "web")), nodeA))
-	excluded := e.running(e.pod(echoServer(fixture(t, "kube-system", "kube-system", testenv.UniqueName("dns-"))), nodeA))
-	plain := e.running(e.pod(echoServer(fixture(t, "plain", plainNS, "client")), nodeA))
-	serverAddr := server.Status.PodIP + ":8080"
+	// Sidecar pods run haproxy as their istio-proxy (the Envoy stand-in).
+	server := e.run(fixture(t, "sidecar-classic", scNS, "server"), nodeB)
+	web := e.run(fixture(t, "sidecar-classic", scNS, "web"), nodeA)
+	amb := e.run(fixture(t, "plain", ambNS, "amb"), nodeB)
+	excluded := e.run(fixture(t, "kube-system", "kube-system", testenv.UniqueName("dns-")), nodeA)
+	client := e.run(fixture(t, "plain", plainNS, "client"), nodeA)
 
 	t.Run("modes and explain", func(t *testing.T) {
 		cases := []struct {
-			node      *kubelet.Node
-			pod       *corev1.Pod
+			pod       *podRef
 			mode, why string
 			capture   string
 		}{
-			{nodeA, sidecar, "sidecar", "Istio injected a sidecar", "outbound: all destinations -> :15001"},
-			{nodeB, server, "node", "labeled istio.io/dataplane-mode=ambient", ""},
-			{nodeA, excluded, "none", "namespace kube-system is excluded", ""},
-			{nodeA, plain, "none", "not in the mesh", ""},
+			{web, "sidecar", "Istio injected a sidecar", "outbound: all destinations -> :15001"},
+			{amb, "node", "labeled istio.io/dataplane-mode=ambient", ""},
+			{excluded, "none", "namespace kube-system is excluded", ""},
+			{client, "none", "not in the mesh", ""},
 		}
 		for _, c := range cases {
-			ex, text := e.explain(c.node, c.pod.Namespace, c.pod.Name)
-			t.Logf("sidelane explain %s/%s:\n%s", c.pod.Namespace, c.pod.Name, text)
+			ns, name := c.pod.pod.Namespace, c.pod.pod.Name
+			ex, text := e.explain(c.pod.node, ns, name)
+			t.Logf("sidelane explain %s/%s:\n%s", ns, name, text)
 			if len(ex.Attachments) != 1 {
-				t.Fatalf("%s: %d attachments, want 1: %+v", c.pod.Name, len(ex.Attachments), ex)
+				t.Fatalf("%s: %d attachments, want 1: %+v", name, len(ex.Attachments), ex)
 			}
 			a := ex.Attachments[0]
 			if a.Mode != c.mode || !strings.Contains(a.Reason, c.why) {
-				t.Errorf("%s/%s: mode %q (%s), want %q with %q", c.pod.Namespace, c.pod.Name, a.Mode, a.Reason, c.mode, c.why)
+				t.Errorf("%s/%s: mode %q (%s), want %q with %q", ns, name, a.Mode, a.Reason, c.mode, c.why)
 			}
-			if len(a.IPs) == 0 || a.IPs[0].Addr().String() != func() string {
-				p, _ := e.cs.CoreV1().Pods(c.pod.Namespace).Get(ctx, c.pod.Name, metav1.GetOptions{})
-				return p.Status.PodIP
-			}() {
-				t.Errorf("%s: explain IPs %v do not match the pod's IP", c.pod.Name, a.IPs)
+			if len(a.IPs) == 0 || a.IPs[0].Addr().String() != c.pod.pod.Status.PodIP {
+				t.Errorf("%s: explain IPs %v do not match the pod's IP %s", name, a.IPs, c.pod.pod.Status.PodIP)
 			}
 			if c.capture == "" {
 				if !slices.ContainsFunc(strings.Split(text, "\n"), func(l string) bool { return slices.Equal(strings.Fields(l), []string{"capture:", "none"}) }) {
-					t.Errorf("%s: explain text lacks \"capture: none\":\n%s", c.pod.Name, text)
+					t.Errorf("%s: explain text lacks \"capture: none\":\n%s", name, text)
 				}
 			}
 			for _, want := range []string{"mode:", c.mode, "why:", c.why, "capture:", c.capture, "classifier now:"} {
 				if !strings.Contains(text, want) {
-					t.Errorf("%s: explain text lacks %q:\n%s", c.pod.Name, want, text)
+					t.Errorf("%s: explain text lacks %q:\n%s", name, want, text)
 				}
 			}
 		}
 	})
 
 	t.Run("pod processes run in their cgroup and netns", func(t *testing.T) {
-		cg, ok := nodeB.PodCgroup(string(server.UID))
-		if !ok || !strings.HasPrefix(cg, e.cgroup+"/") {
-			t.Fatalf("server cgroup %q not under the test's cgroup %s", cg, e.cgroup)
+		if !strings.HasPrefix(server.cgroup, e.cgroup+"/") {
+			t.Fatalf("server cgroup %q not under the test's cgroup %s", server.cgroup, e.cgroup)
 		}
-		procs, err := os.ReadFile(filepath.Join(cg, "cgroup.procs"))
-		if err != nil || len(strings.Fields(string(procs))) == 0 {
-			t.Fatalf("no processes in %s: %v", cg, err)
-		}
-		pid := strings.Fields(string(procs))[0]
-		podNS, err := os.Readlink("/proc/" + pid + "/ns/net")
-		if err != nil {
-			t.Fatal(err)
+		procs, err := os.ReadFile(filepath.Join(server.cgroup, "cgroup.procs"))
+		if err != nil || len(strings.Fields(string(procs))) < 2 {
+			t.Fatalf("want the app and the sidecar in %s: %q, %v", server.cgroup, procs, err)
 		}
 		var st syscall.Stat_t
-		if err := syscall.Stat("/var/run/netns/"+netnsOf(t, nodeB, server), &st); err != nil {
+		if err := syscall.Stat("/var/run/netns/"+server.netns, &st); err != nil {
 			t.Fatal(err)
 		}
-		if want := "net:[" + strconv.FormatUint(st.Ino, 10) + "]"; podNS != want {
-			t.Errorf("server process %s in %s, want the pod netns %s", pid, podNS, want)
+		for _, pid := range strings.Fields(string(procs)) {
+			podNS, err := os.Readlink("/proc/" + pid + "/ns/net")
+			if err != nil {
+				continue // exited meanwhile
+			}
+			if want := "net:[" + strconv.FormatUint(st.Ino, 10) + "]"; podNS != want {
+				t.Errorf("server process %s in %s, want the pod netns %s", pid, podNS, want)
+			}
 		}
 	})
 
-	t.Run("cross-node traffic", func(t *testing.T) {
-		for _, p := range []*corev1.Pod{sidecar, plain} {
-			if got := echo(t, netnsOf(t, nodeA, p), serverAddr, "hello from "+p.Name); got != "hello from "+p.Name {
-				t.Errorf("echo via %s: %q", p.Name, got)
+	t.Run("cross-node traffic through the sidecars", func(t *testing.T) {
+		webBefore, srvBefore := e.sessionsIf(t, web), e.sessionsIf(t, server)
+		ex0, _ := e.explain(nodeA, scNS, "web")
+		r := mustEcho(t, web, server.addr(), "hello from web")
+		p := mustEcho(t, client, server.addr(), "hello from a plain pod")
+		if !e.capturing() {
+			return
+		}
+		// The server's app sees its own sidecar's inbound passthrough
+		// source, for the sidecar pod and the plain pod alike: inbound
+		// capture does not depend on the source.
+		for _, got := range []reply{r, p} {
+			if got.peer != "127.0.0.6" {
+				t.Errorf("server app saw peer %s, want its sidecar (127.0.0.6)", got.peer)
 			}
+		}
+		webAfter, srvAfter := sessions(t, web), sessions(t, server)
+		if webAfter["outbound"]-webBefore["outbound"] != 1 {
+			t.Errorf("web's sidecar outbound sessions %d -> %d, want +1", webBefore["outbound"], webAfter["outbound"])
+		}
+		if srvAfter["inbound"]-srvBefore["inbound"] != 2 {
+			t.Errorf("server's sidecar inbound sessions %d -> %d, want +2", srvBefore["inbound"], srvAfter["inbound"])
+		}
+		// The end-of-suite comparison is not vacuous: enrolled pods are
+		// entries, their inbound capture links are pins.
+		mid := readBPFState(t, e.pinDirs[nodeA.Name])
+		if mid.entries["pods"] <= start[nodeA.Name].entries["pods"] || !slices.ContainsFunc(mid.pins, func(p string) bool { return strings.HasPrefix(p, "inbound_") }) {
+			t.Errorf("BPF state of %s with pods running: %s; want pod entries and inbound pins", nodeA.Name, mid)
+		}
+		ex1, text := e.explain(nodeA, scNS, "web")
+		if c0, c1 := ex0.Attachments[0].Counters, ex1.Attachments[0].Counters; c1["redirected_outbound"] <= c0["redirected_outbound"] {
+			t.Errorf("explain counters did not move: %v -> %v\n%s", c0, c1, text)
 		}
 	})
 
@@ -197,13 +199,23 @@ func TestEndToEnd(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
+		established := dial(t, client, server.addr())
+		established.roundTrip("before the move")
 		patch(`{"istio.io/dataplane-mode":"ambient"}`)
 		e.eventually("plain pod moved to node mode", func() bool { return e.mode(nodeA, plainNS, "client") == "node" })
-		if got := echo(t, netnsOf(t, nodeA, plain), serverAddr, "after move"); got != "after move" {
-			t.Errorf("echo after move: %q", got)
+		if e.capturing() {
+			// No node proxy runs in this test: a per-node pod's new
+			// connections fail closed, never leave the mesh uncaptured
+			// (TestPerNode runs the node proxies).
+			if _, err := send(t, client, server.addr(), "after move"); err == nil || !strings.Contains(err.Error(), "Operation not permitted") {
+				t.Errorf("new connection in node mode without a node proxy: %v, want it refused (EPERM)", err)
+			}
 		}
+		established.roundTrip("after the move")
 		patch(`{"istio.io/dataplane-mode":null}`)
 		e.eventually("plain pod back to none", func() bool { return e.mode(nodeA, plainNS, "client") == "none" })
+		mustEcho(t, client, server.addr(), "moved back")
+		established.roundTrip("moved back")
 		if m := agentA.metricsText(t); !strings.Contains(m, `sidelane_mode_transitions_total{from="none",to="node"} 1`) {
 			t.Errorf("metrics lack the transition:\n%s", grep(m, "sidelane_"))
 		}
@@ -217,31 +229,28 @@ func TestEndToEnd(t *testing.T) {
 	})
 
 	t.Run("agent crash and restart under traffic", func(t *testing.T) {
-		conn := exec.Command("ip", "netns", "exec", netnsOf(t, nodeA, sidecar), "socat", "-", "TCP:"+serverAddr)
-		in, _ := conn.StdinPipe()
-		outPipe, _ := conn.StdoutPipe()
-		if err := conn.Start(); err != nil {
-			t.Fatal(err)
-		}
-		defer func() { in.Close(); _ = conn.Wait() }()
-		out := bufio.NewReader(outPipe)
-		roundTrip := func(msg string) {
-			t.Helper()
-			if _, err := io.WriteString(in, msg+"\n"); err != nil {
-				t.Fatalf("write %q: %v", msg, err)
-			}
-			got, err := out.ReadString('\n')
-			if err != nil || strings.TrimSpace(got) != msg {
-				t.Fatalf("established connection: got %q, %v; want %q", got, err, msg)
-			}
-		}
-		roundTrip("before crash")
+		established := dial(t, web, server.addr())
+		established.roundTrip("before crash")
 		agentA.stop(syscall.SIGKILL)
-		roundTrip("agent down")
+		established.roundTrip("agent down")
+		// Capture lives in the kernel (pinned maps and links), not in the
+		// agent: new connections are still captured while it is down.
+		before := e.sessionsIf(t, web)
+		mustEcho(t, web, server.addr(), "new connection, agent down")
+		if e.capturing() {
+			if after := sessions(t, web); after["outbound"] != before["outbound"]+1 {
+				t.Errorf("connection made while the agent was down bypassed the sidecar: outbound %d -> %d", before["outbound"], after["outbound"])
+			}
+		}
 
 		// A pod created while the agent is down must not start uncaptured:
 		// CNI ADD fails closed and the kubelet retries.
-		late := e.pod(echoServer(fixture(t, "sidecar-classic", scNS, "late")), nodeA)
+		lateSpec := fixture(t, "sidecar-classic", scNS, "late")
+		lateStandIn, err := kubelet.WithStandIns(lateSpec, e.dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.pod(lateSpec, nodeA)
 		e.eventually("sandbox creation failing for the late pod", func() bool {
 			evs, err := e.cs.CoreV1().Events(scNS).List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=late"})
 			return err == nil && slices.ContainsFunc(evs.Items, func(ev corev1.Event) bool {
@@ -253,13 +262,17 @@ func TestEndToEnd(t *testing.T) {
 		}
 
 		agentA = e.startAgent(nodeA)
-		roundTrip("agent back")
-		late = e.running(late)
+		established.roundTrip("agent back")
+		late := e.ref(e.running(lateSpec), nodeA, lateStandIn)
 		if m := e.mode(nodeA, scNS, "late"); m != "sidecar" {
 			t.Errorf("late pod mode %q, want sidecar", m)
 		}
-		if got := echo(t, netnsOf(t, nodeA, late), serverAddr, "late pod"); got != "late pod" {
-			t.Errorf("echo from late pod: %q", got)
+		before = e.sessionsIf(t, late)
+		r := mustEcho(t, late, server.addr(), "late pod")
+		if e.capturing() {
+			if after := sessions(t, late); after["outbound"] != before["outbound"]+1 || r.peer != "127.0.0.6" {
+				t.Errorf("late pod's connection not through both sidecars: outbound %d -> %d, server saw %s", before["outbound"], after["outbound"], r.peer)
+			}
 		}
 	})
 
@@ -281,8 +294,8 @@ func TestEndToEnd(t *testing.T) {
 		for _, n := range e.nodes {
 			ours = append(ours, n.PodNetnses()...)
 		}
-		if len(ours) != 5 {
-			t.Fatalf("%d pod netns before deletion, want 5 (server, web, dns, client, late)", len(ours))
+		if len(ours) != 6 {
+			t.Fatalf("%d pod netns before deletion, want 6 (server, web, amb, dns, client, late)", len(ours))
 		}
 		for _, ns := range []string{scNS, ambNS, plainNS, "kube-system"} {
 			pods, err := e.cs.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{})
@@ -313,7 +326,34 @@ func TestEndToEnd(t *testing.T) {
 		if m := agentA.metricsText(t); !strings.Contains(m, `sidelane_pods{mode="sidecar"} 0`) {
 			t.Errorf("pods gauge not back to 0:\n%s", grep(m, "sidelane_pods"))
 		}
+		if !e.capturing() {
+			return
+		}
+		for _, n := range e.nodes {
+			var now bpfState
+			deadline := time.Now().Add(10 * time.Second)
+			for {
+				now = readBPFState(t, e.pinDirs[n.Name])
+				if sameBPFState(start[n.Name], now) || time.Now().After(deadline) {
+					break
+				}
+				time.Sleep(200 * time.Millisecond)
+			}
+			if !sameBPFState(start[n.Name], now) {
+				t.Errorf("BPF state of %s not back to its start:\nstart %s\nnow   %s", n.Name, start[n.Name], now)
+			} else {
+				t.Logf("BPF state of %s back to its start: %s", n.Name, now)
+			}
+		}
 	})
+}
+
+// sessionsIf is sessions when the datapath captures (nil otherwise).
+func (e *env) sessionsIf(t *testing.T, p *podRef) map[string]int {
+	if !e.capturing() {
+		return nil
+	}
+	return sessions(t, p)
 }
 
 func netnsList(t *testing.T) []string {

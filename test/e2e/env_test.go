@@ -28,8 +28,9 @@ import (
 // the datapath: SIDELANE_E2E_AGENT_ARGS="--datapath=ebpf".
 const AgentArgsEnv = "SIDELANE_E2E_AGENT_ARGS"
 
-// DatapathEnv=ebpf runs every agent with the eBPF datapath attached to the
-// test's own cgroup subtree (the default is the no-op datapath).
+// DatapathEnv=noop runs every agent with the no-op datapath (classification
+// and the API only, for debugging); by default agents run the eBPF datapath
+// attached to the test's own cgroup subtree.
 const DatapathEnv = "SIDELANE_E2E_DATAPATH"
 
 // cgroupRoot finds the cgroup v2 mount (/sys/fs/cgroup/unified here,
@@ -82,6 +83,15 @@ type env struct {
 	pinDirs map[string]string // node -> bpffs pin dir (eBPF datapath)
 	bin     string
 	cgroup  string
+	dir     string
+	// agentArgs adds flags for one node's agent (per-node mode tests).
+	agentArgs func(*kubelet.Node) []string
+}
+
+// capturing reports whether the agents run a capture datapath (eBPF), so
+// traffic really goes through the sidecars.
+func (e *env) capturing() bool {
+	return os.Getenv(DatapathEnv) != "noop" && !strings.Contains(os.Getenv(AgentArgsEnv), "--datapath")
 }
 
 func newEnv(t *testing.T, c *kubeharness.Cluster) *env {
@@ -101,7 +111,7 @@ func newEnv(t *testing.T, c *kubeharness.Cluster) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &env{t: t, cluster: c, cs: cs, nodes: nodes, agents: map[string]*agentProc{}, pinDirs: map[string]string{}, bin: bin, cgroup: cg}
+	e := &env{t: t, cluster: c, cs: cs, nodes: nodes, agents: map[string]*agentProc{}, pinDirs: map[string]string{}, bin: bin, cgroup: cg, dir: dir}
 	t.Cleanup(func() {
 		for _, n := range nodes {
 			n.Stop()
@@ -156,7 +166,9 @@ func (e *env) startAgent(n *kubelet.Node) *agentProc {
 	extra := strings.Fields(os.Getenv(AgentArgsEnv))
 	switch {
 	case strings.Contains(os.Getenv(AgentArgsEnv), "--datapath"):
-	case os.Getenv(DatapathEnv) == "ebpf":
+	case os.Getenv(DatapathEnv) == "noop":
+		extra = append(extra, "--datapath", "noop")
+	default:
 		// The test's own cgroup subtree, never the machine's root, and
 		// pins of this node's own that outlive agent restarts (as on a
 		// real node) until the test ends.
@@ -166,11 +178,12 @@ func (e *env) startAgent(n *kubelet.Node) *agentProc {
 			e.pinDirs[n.Name] = pin
 			e.t.Cleanup(func() { _ = os.RemoveAll(pin) })
 		}
+		// Never the default "auto" without --cgroup-root: it would attach
+		// to the machine's root cgroup.
 		extra = append(extra, "--datapath", "ebpf", "--cgroup-root", e.cgroup, "--bpf-pin-dir", pin)
-	default:
-		// Never the default "auto": it would attach to the machine's
-		// root cgroup.
-		extra = append(extra, "--datapath", "noop")
+	}
+	if e.agentArgs != nil {
+		extra = append(extra, e.agentArgs(n)...)
 	}
 	args = append(args, extra...)
 	a.cmd = exec.Command(filepath.Join(e.bin, "sidelane"), args...)
