@@ -24,6 +24,7 @@ type datapathFlags struct {
 	nodeProxyAddr string
 	nodeProxyOut  uint
 	nodeProxyIn   uint
+	nodeProxyNS   string
 }
 
 func (f *datapathFlags) register(fs *flag.FlagSet) {
@@ -35,6 +36,7 @@ func (f *datapathFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.nodeProxyAddr, "node-proxy-address", "", "per-node mode: comma-separated IPv4/IPv6 addresses of the node proxy's listeners in the host netns (e.g. the CNI bridge gateway); empty: per-node pods fail closed")
 	fs.UintVar(&f.nodeProxyOut, "node-proxy-outbound-port", 15001, "per-node mode: the node proxy's outbound listener port")
 	fs.UintVar(&f.nodeProxyIn, "node-proxy-inbound-port", 15006, "per-node mode: the port of the listener the node proxy opens in each per-node pod's netns")
+	fs.StringVar(&f.nodeProxyNS, "node-proxy-netns", "", "per-node mode: path of the network namespace the node proxy runs in; its own connections there are never captured (default: the agent's own, i.e. the host netns of a hostNetwork agent)")
 }
 
 func (f *datapathFlags) nodeProxy() (*ebpf.NodeProxyOptions, error) {
@@ -44,7 +46,7 @@ func (f *datapathFlags) nodeProxy() (*ebpf.NodeProxyOptions, error) {
 	if f.nodeProxyOut == 0 || f.nodeProxyOut > 65535 || f.nodeProxyIn == 0 || f.nodeProxyIn > 65535 {
 		return nil, errors.New("--node-proxy-outbound-port and --node-proxy-inbound-port must be 1-65535")
 	}
-	o := &ebpf.NodeProxyOptions{OutboundPort: uint16(f.nodeProxyOut), InboundPort: uint16(f.nodeProxyIn)}
+	o := &ebpf.NodeProxyOptions{OutboundPort: uint16(f.nodeProxyOut), InboundPort: uint16(f.nodeProxyIn), HostNetns: f.nodeProxyNS}
 	for _, s := range strings.Split(f.nodeProxyAddr, ",") {
 		a, err := netip.ParseAddr(strings.TrimSpace(s))
 		if err != nil {

@@ -1,0 +1,456 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/sidelane/sidelane/internal/kubelet"
+	"github.com/sidelane/sidelane/internal/podnet"
+	"github.com/sidelane/sidelane/internal/testenv"
+)
+
+// gateway is a node's bridge gateway: the node proxy's address.
+func gateway(n *kubelet.Node) netip.Addr { return n.Subnet.Addr().Next() }
+
+// nodeProxy is the per-node proxy of one simulated node: haproxy standing
+// in for Envoy in the node's own netns (its "host" netns) and in a cgroup
+// below the agents' attach point, so sidelane's getsockopt hook answers
+// its SO_ORIGINAL_DST (`server orig 0.0.0.0`). Outbound listener
+// gateway:15001; one inbound listener on 15006 inside each per-node pod's
+// netns, created here and handed over as fd@N (Envoy opens them itself from
+// network_namespace_filepath); upstream connections from the gateway.
+type nodeProxy struct {
+	e      *env
+	node   *kubelet.Node
+	cgroup string
+	out    *syncBuffer // every run's log, in order
+	cmd    *exec.Cmd
+	done   chan struct{}
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func (e *env) newNodeProxy(n *kubelet.Node) *nodeProxy {
+	e.t.Helper()
+	cg := filepath.Join(e.cgroup, "nodeproxy-"+n.Name)
+	if err := os.Mkdir(cg, 0o755); err != nil {
+		e.t.Fatal(err)
+	}
+	np := &nodeProxy{e: e, node: n, cgroup: cg, out: &syncBuffer{}}
+	e.t.Cleanup(np.stop)
+	return np
+}
+
+func listenInNetns(path string, port int) (*os.File, error) {
+	netns, err := ns.GetNS(path)
+	if err != nil {
+		return nil, err
+	}
+	defer netns.Close()
+	var f *os.File
+	err = netns.Do(func(ns.NetNS) error {
+		l, err := net.Listen("tcp4", fmt.Sprintf("0.0.0.0:%d", port))
+		if err != nil {
+			return err
+		}
+		defer l.Close()
+		f, err = l.(*net.TCPListener).File()
+		return err
+	})
+	return f, err
+}
+
+// start runs the proxy with inbound listeners in the given per-node pods.
+func (np *nodeProxy) start(perNode ...*podRef) {
+	t := np.e.t
+	t.Helper()
+	np.stop()
+	gw := gateway(np.node)
+	var cfg strings.Builder
+	fmt.Fprintf(&cfg, `global
+  maxconn 500
+  log stdout format raw local0
+defaults
+  mode tcp
+  log global
+  log-format "conn %%ft %%ci %%si:%%sp"
+  timeout connect 3s
+  timeout client 30s
+  timeout server 30s
+frontend outbound
+  bind %s:15001
+  default_backend orig
+backend orig
+  server orig 0.0.0.0 source %s
+`, gw, gw)
+	var files []*os.File
+	for i, p := range perNode {
+		f, err := listenInNetns("/var/run/netns/"+p.netns, 15006)
+		if err != nil {
+			t.Fatalf("inbound listener in %s: %v", p, err)
+		}
+		files = append(files, f)
+		fmt.Fprintf(&cfg, "frontend inbound_%s\n  bind fd@%d\n  default_backend orig\n", p.pod.Name, 3+i)
+	}
+	path := filepath.Join(np.e.dir, np.node.Name+"-node-proxy.cfg")
+	if err := os.WriteFile(path, []byte(cfg.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("ip", "netns", "exec", np.node.Netns, "haproxy", "-db", "-f", path)
+	cmd.ExtraFiles = files
+	cmd.Stdout, cmd.Stderr = np.out, np.out
+	closeCg, err := podnet.InCgroup(cmd, np.cgroup)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = cmd.Start()
+	closeCg()
+	// Only haproxy holds the inbound listeners now: when it dies they go.
+	for _, f := range files {
+		f.Close()
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	np.cmd, np.done = cmd, make(chan struct{})
+	done := np.done
+	go func() { _ = cmd.Wait(); close(done) }()
+	np.e.eventually("node proxy on "+np.node.Name+" listening", func() bool {
+		return listening(np.node.Netns, gw.String()+":15001")
+	})
+}
+
+func (np *nodeProxy) stop() {
+	if np.cmd == nil {
+		return
+	}
+	_ = np.cmd.Process.Kill()
+	<-np.done
+	np.cmd = nil
+	np.e.eventually("node proxy on "+np.node.Name+" gone", func() bool {
+		return !listening(np.node.Netns, gateway(np.node).String()+":15001")
+	})
+}
+
+func listening(netns, addr string) bool {
+	ss, _ := exec.Command("ip", "netns", "exec", netns, "ss", "-Hltn").Output()
+	return strings.Contains(string(ss), addr+" ")
+}
+
+// sighting is one connection a proxy logged, written as
+// "<proxy>/<frontend> <client> -> <original dst>".
+type proxyLogs struct {
+	nodes    []*nodeProxy
+	sidecars []*podRef
+}
+
+func (l proxyLogs) read(t *testing.T) []string {
+	var out []string
+	add := func(who, log string) {
+		for _, c := range podnet.ParseConnLog(log) {
+			fe := c.Frontend
+			if strings.HasPrefix(fe, "inbound_") {
+				fe = "inbound"
+			}
+			out = append(out, fmt.Sprintf("%s/%s %s -> %s", who, fe, c.Client, c.OrigDst))
+		}
+	}
+	for _, np := range l.nodes {
+		add("node-proxy:"+np.node.Name, np.out.String())
+	}
+	for _, p := range l.sidecars {
+		b, err := os.ReadFile(p.node.ContainerLog(p.pod.Namespace, p.pod.Name, "istio-proxy"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		add("sidecar:"+p.pod.Name, string(b))
+	}
+	return out
+}
+
+// since waits until at least n sightings follow mark (haproxy logs a
+// connection when it ends, just after the client saw its reply), then a
+// little longer so an unexpected extra one (a double capture) shows too.
+func (l proxyLogs) since(t *testing.T, mark []string, n int) []string {
+	t.Helper()
+	var now []string
+	for i := 0; i < 60; i++ {
+		now = l.read(t)
+		if len(now)-len(mark) >= n {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond)
+	now = l.read(t)
+	// Sightings are appended per proxy, so remove mark's as a multiset.
+	rest := slices.Clone(now)
+	for _, m := range mark {
+		if i := slices.Index(rest, m); i >= 0 {
+			rest = slices.Delete(rest, i, i+1)
+		}
+	}
+	slices.Sort(rest)
+	return rest
+}
+
+// cellWant is what one connection from src to dst must look like: the
+// proxies that see it, in order, and the peer the destination app sees.
+func cellWant(src, dst *podRef, mode map[*podRef]string) (sightings []string, peer string) {
+	orig := dst.addr()
+	last := src.pod.Status.PodIP // who the next hop sees as the client
+	switch mode[src] {
+	case "sidecar":
+		// The connect hook points the app's socket at 127.0.0.1:15001
+		// before the kernel picks a source, so the sidecar's downstream
+		// peer is loopback; its upstream leaves from the pod IP.
+		sightings = append(sightings, fmt.Sprintf("sidecar:%s/outbound 127.0.0.1 -> %s", src.pod.Name, orig))
+	case "node":
+		sightings = append(sightings, fmt.Sprintf("node-proxy:%s/outbound %s -> %s", src.node.Name, last, orig))
+		last = gateway(src.node).String()
+	}
+	switch mode[dst] {
+	case "sidecar":
+		sightings = append(sightings, fmt.Sprintf("sidecar:%s/inbound %s -> %s", dst.pod.Name, last, orig))
+		peer = "127.0.0.6"
+	case "node":
+		if mode[src] == "node" && src.node == dst.node {
+			// Already through this node's proxy: not captured twice.
+			peer = last
+			break
+		}
+		sightings = append(sightings, fmt.Sprintf("node-proxy:%s/inbound %s -> %s", dst.node.Name, last, orig))
+		peer = gateway(dst.node).String()
+	default:
+		peer = last
+	}
+	slices.Sort(sightings)
+	return sightings, peer
+}
+
+func TestPerNode(t *testing.T) {
+	e := newEnv(t, cluster)
+	if !e.capturing() {
+		t.Skip("per-node mode needs the eBPF datapath (" + DatapathEnv + "=noop set)")
+	}
+	testenv.RequireTool(t, "haproxy")
+	ctx := context.Background()
+	nodeA, nodeB := e.nodes[0], e.nodes[1]
+	e.agentArgs = func(n *kubelet.Node) []string {
+		return []string{"--node-proxy-address", gateway(n).String(), "--node-proxy-netns", "/var/run/netns/" + n.Netns}
+	}
+	agentA := e.startAgent(nodeA)
+	e.startAgent(nodeB)
+	start := map[string]bpfState{}
+	for _, n := range e.nodes {
+		start[n.Name] = readBPFState(t, e.pinDirs[n.Name])
+	}
+
+	plainNS, scNS, ambNS, moveNS := testenv.UniqueName("plain-"), testenv.UniqueName("sc-"), testenv.UniqueName("amb-"), testenv.UniqueName("move-")
+	e.namespace(plainNS, nil)
+	e.namespace(scNS, map[string]string{"istio-injection": "enabled"})
+	e.namespace(ambNS, map[string]string{"istio.io/dataplane-mode": "ambient"})
+	e.namespace(moveNS, nil)
+
+	mode := map[*podRef]string{}
+	// "<mode>-a" are the sources, "<mode>-a2" their same-node and
+	// "<mode>-b" their cross-node destinations.
+	pods := map[string]*podRef{}
+	for _, n := range []struct {
+		node *kubelet.Node
+		sfx  string
+	}{{nodeA, "a"}, {nodeA, "a2"}, {nodeB, "b"}} {
+		for _, m := range []struct{ mode, ns, fixture string }{
+			{"plain", plainNS, "plain"}, {"sidecar", scNS, "sidecar-classic"}, {"node", ambNS, "plain"},
+		} {
+			p := e.run(fixture(t, m.fixture, m.ns, m.mode+"-"+n.sfx), n.node)
+			pods[m.mode+"-"+n.sfx] = p
+			mode[p] = m.mode
+			if got := e.mode(n.node, m.ns, p.pod.Name); got != map[string]string{"plain": "none", "sidecar": "sidecar", "node": "node"}[m.mode] {
+				t.Fatalf("%s: mode %q", p, got)
+			}
+		}
+	}
+	mover := e.run(fixture(t, "plain", moveNS, "mover"), nodeA)
+	mode[mover] = "plain"
+
+	proxyA, proxyB := e.newNodeProxy(nodeA), e.newNodeProxy(nodeB)
+	proxyA.start(pods["node-a"], pods["node-a2"])
+	proxyB.start(pods["node-b"])
+	logs := proxyLogs{nodes: []*nodeProxy{proxyA, proxyB}, sidecars: []*podRef{pods["sidecar-a"], pods["sidecar-a2"], pods["sidecar-b"]}}
+
+	// check sends one connection from src to dst and compares what every
+	// proxy logged, and the peer the destination app saw, with cellWant.
+	check := func(t *testing.T, src, dst *podRef) {
+		t.Helper()
+		want, wantPeer := cellWant(src, dst, mode)
+		mark := logs.read(t)
+		r := mustEcho(t, src, dst.addr(), "from "+src.pod.Name)
+		got := logs.since(t, mark, len(want))
+		t.Logf("%s (%s) -> %s (%s): proxies %q, app saw peer %s", src, mode[src], dst, mode[dst], got, r.peer)
+		if !slices.Equal(got, want) {
+			t.Errorf("%s (%s) -> %s (%s): proxies saw\n  %s\nwant\n  %s", src, mode[src], dst, mode[dst],
+				strings.Join(got, "\n  "), strings.Join(want, "\n  "))
+		}
+		if r.peer != wantPeer {
+			t.Errorf("%s -> %s: destination app saw peer %s, want %s", src, dst, r.peer, wantPeer)
+		}
+	}
+
+	t.Run("matrix", func(t *testing.T) {
+		for _, sm := range []string{"plain", "sidecar", "node"} {
+			for _, dm := range []string{"plain", "sidecar", "node"} {
+				for _, where := range []string{"same-node", "cross-node"} {
+					src, dst := pods[sm+"-a"], pods[dm+"-a2"]
+					if where == "cross-node" {
+						dst = pods[dm+"-b"]
+					}
+					t.Run(fmt.Sprintf("%s to %s %s", sm, dm, where), func(t *testing.T) { check(t, src, dst) })
+				}
+			}
+		}
+	})
+
+	t.Run("plain pod on another node cannot bypass the destination node proxy", func(t *testing.T) {
+		// Any port of the per-node pod, not only the one a policy names.
+		check(t, pods["plain-b"], pods["node-a"])
+		proxyA.stop()
+		if _, err := send(t, pods["plain-b"], pods["node-a"].addr(), "proxy down"); err == nil {
+			t.Fatal("plain pod on node B reached the per-node pod on node A while A's node proxy was down")
+		}
+		proxyA.start(pods["node-a"], pods["node-a2"])
+		check(t, pods["plain-b"], pods["node-a"])
+	})
+
+	t.Run("host netns and the node proxy are never captured", func(t *testing.T) {
+		// A hostNetwork process (a kubelet probe) below the attach point:
+		// the node's netns is never enrolled, and it connects from the
+		// gateway, which inbound capture trusts like the proxy.
+		host := &podRef{node: nodeA, pod: pods["node-a"].pod.DeepCopy(), netns: nodeA.Netns, cgroup: proxyA.cgroup}
+		host.pod.Name, host.pod.Status.PodIP = "host", gateway(nodeA).String()
+		for _, dst := range []*podRef{pods["node-a"], pods["plain-a"]} {
+			mark := logs.read(t)
+			r := mustEcho(t, host, dst.addr(), "probe")
+			if got := logs.since(t, mark, 0); len(got) != 0 || r.peer != gateway(nodeA).String() {
+				t.Errorf("host -> %s: proxies saw %v, app saw %s; want no proxy and the gateway", dst, got, r.peer)
+			}
+		}
+	})
+
+	t.Run("node proxy down fails closed", func(t *testing.T) {
+		before := nodeProxyRefused(t, agentA)
+		proxyA.stop()
+		_, err := send(t, pods["node-a"], pods["plain-b"].addr(), "proxy down")
+		if err == nil || !strings.Contains(err.Error(), "Connection refused") {
+			t.Fatalf("per-node pod's connection with the node proxy down: %v, want refused", err)
+		}
+		e.eventually("refusal counted in sidelane_node_proxy_connects_total", func() bool { return nodeProxyRefused(t, agentA) > before })
+		e.eventually("refusal logged by the agent", func() bool {
+			return fileContains(filepath.Join(filepath.Dir(nodeA.StateDir), "agent.log"), "node proxy down or unreachable")
+		})
+		proxyA.start(pods["node-a"], pods["node-a2"])
+		// No agent action: the next connection works.
+		check(t, pods["node-a"], pods["plain-b"])
+	})
+
+	t.Run("live toggle none to node and back", func(t *testing.T) {
+		patch := func(labels string) {
+			t.Helper()
+			_, err := e.cs.CoreV1().Namespaces().Patch(ctx, moveNS, types.MergePatchType, []byte(`{"metadata":{"labels":`+labels+`}}`), metav1.PatchOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		established := dial(t, mover, pods["sidecar-b"].addr())
+		established.roundTrip("as a plain pod")
+		check(t, mover, pods["sidecar-b"])
+
+		patch(`{"istio.io/dataplane-mode":"ambient"}`)
+		moved := time.Now()
+		e.eventually("mover in node mode", func() bool { return e.mode(nodeA, moveNS, "mover") == "node" })
+		t.Logf("mode node reported %v after the label change", time.Since(moved).Round(time.Millisecond))
+		mode[mover] = "node"
+		// As a destination it needs its inbound listener in the node proxy
+		// (Envoy gets it over xDS; the stand-in is restarted with it).
+		proxyA.start(pods["node-a"], pods["node-a2"], mover)
+		established.roundTrip("in node mode")
+		check(t, mover, pods["sidecar-b"])
+		check(t, mover, pods["node-b"])
+		check(t, pods["plain-b"], mover)
+		check(t, pods["node-a"], mover)
+
+		patch(`{"istio.io/dataplane-mode":null}`)
+		e.eventually("mover back to none", func() bool { return e.mode(nodeA, moveNS, "mover") == "none" })
+		mode[mover] = "plain"
+		proxyA.start(pods["node-a"], pods["node-a2"])
+		established.roundTrip("back to none")
+		check(t, mover, pods["sidecar-b"])
+		check(t, pods["plain-b"], mover)
+	})
+
+	t.Run("nothing left behind", func(t *testing.T) {
+		proxyA.stop()
+		proxyB.stop()
+		for _, ns := range []string{plainNS, scNS, ambNS, moveNS} {
+			if err := e.cs.CoreV1().Pods(ns).DeleteCollection(ctx, metav1.DeleteOptions{}, metav1.ListOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for _, n := range e.nodes {
+			e.eventually("sandboxes gone on "+n.Name, func() bool { return n.Sandboxes() == 0 })
+			var now bpfState
+			deadline := time.Now().Add(10 * time.Second)
+			for {
+				now = readBPFState(t, e.pinDirs[n.Name])
+				if sameBPFState(start[n.Name], now) || time.Now().After(deadline) {
+					break
+				}
+				time.Sleep(200 * time.Millisecond)
+			}
+			if !sameBPFState(start[n.Name], now) {
+				t.Errorf("BPF state of %s not back to its start:\nstart %s\nnow   %s", n.Name, start[n.Name], now)
+			}
+		}
+	})
+}
+
+// nodeProxyRefused reads sidelane_node_proxy_connects_total{outcome="refused"}.
+func nodeProxyRefused(t *testing.T, a *agentProc) int {
+	for _, l := range strings.Split(a.metricsText(t), "\n") {
+		if strings.HasPrefix(l, `sidelane_node_proxy_connects_total{outcome="refused"} `) {
+			var n int
+			fmt.Sscan(strings.Fields(l)[1], &n)
+			return n
+		}
+	}
+	return 0
+}
