@@ -9,6 +9,7 @@ package xds
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -54,7 +55,33 @@ type Config struct {
 	// GRPCServers are proxyless gRPC servers on the node (their listen
 	// addresses); each gets a server listener with the same RBAC rules.
 	GRPCServers []netip.AddrPort
+	// InPod are the node's per-node pods. With any, the inbound listener
+	// is one per pod, opened inside the pod's netns on InboundPort (Envoy
+	// network_namespace_filepath), where the eBPF inbound capture hands
+	// connections to, instead of the one host listener.
+	InPod []InPodListener
+	// Outbound is the node proxy's outbound listener, where the eBPF
+	// connect hooks send per-node pods' connections (invalid: none).
+	Outbound netip.AddrPort
+	// UpstreamSource is the address upstream connections leave from: the
+	// node proxy's address, which inbound capture lets through, so a
+	// connection is never captured twice (invalid: the kernel's choice).
+	UpstreamSource netip.Addr
 }
+
+// InPodListener is one per-node pod's inbound listener.
+type InPodListener struct {
+	Pod   string       // namespace/name, for the listener's name
+	Netns string       // path of the pod's network namespace
+	IPs   []netip.Addr // the pod's addresses: its protected destinations
+}
+
+// OutboundListener is the node proxy's outbound listener name;
+// InPodListenerPrefix + "<namespace>/<name>" names a pod's inbound one.
+const (
+	OutboundListener    = "sidelane_outbound"
+	InPodListenerPrefix = "sidelane_inbound/"
+)
 
 // Destination is one protected pod address and port.
 type Destination struct {
@@ -89,18 +116,52 @@ func Destinations(res *compile.Result) []Destination {
 // snapshot is self-contained (no RDS/EDS ordering to get wrong).
 func Build(dests []Destination, cfg Config) (map[resource.Type][]types.Resource, error) {
 	out := map[resource.Type][]types.Resource{}
-	if cfg.InboundPort != 0 {
+	needCluster := false
+	switch {
+	case cfg.InboundPort != 0 && len(cfg.InPod) > 0:
+		for _, p := range cfg.InPod {
+			var mine []Destination
+			for _, d := range dests {
+				if slices.Contains(p.IPs, d.Addr.Addr()) {
+					mine = append(mine, d)
+				}
+			}
+			l, err := inboundListener(mine, cfg.InboundPort)
+			if err != nil {
+				return nil, err
+			}
+			l.Name = InPodListenerPrefix + p.Pod
+			l.Address.GetSocketAddress().NetworkNamespaceFilepath = p.Netns
+			out[resource.ListenerType] = append(out[resource.ListenerType], l)
+		}
+		needCluster = true
+	case cfg.InboundPort != 0:
 		l, err := inboundListener(dests, cfg.InboundPort)
 		if err != nil {
 			return nil, err
 		}
 		out[resource.ListenerType] = append(out[resource.ListenerType], l)
-		out[resource.ClusterType] = append(out[resource.ClusterType], &clusterv3.Cluster{
+		needCluster = true
+	}
+	if cfg.Outbound.IsValid() {
+		l, err := outboundListener(cfg.Outbound)
+		if err != nil {
+			return nil, err
+		}
+		out[resource.ListenerType] = append(out[resource.ListenerType], l)
+		needCluster = true
+	}
+	if needCluster {
+		c := &clusterv3.Cluster{
 			Name:                 OriginalDstCluster,
 			ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_ORIGINAL_DST},
 			LbPolicy:             clusterv3.Cluster_CLUSTER_PROVIDED,
 			ConnectTimeout:       durationpb.New(5 * time.Second),
-		})
+		}
+		if cfg.UpstreamSource.IsValid() {
+			c.UpstreamBindConfig = &corev3.BindConfig{SourceAddress: socketAddress(netip.AddrPortFrom(cfg.UpstreamSource, 0)).GetSocketAddress()}
+		}
+		out[resource.ClusterType] = append(out[resource.ClusterType], c)
 	}
 	byAddr := map[netip.AddrPort]*rbacfilterv3.RBAC{}
 	for _, d := range dests {
@@ -165,6 +226,19 @@ func inboundListener(dests []Destination, port uint32) (*listenerv3.Listener, er
 			Filters: []*listenerv3.Filter{hcm},
 		})
 	}
+	return l, nil
+}
+
+// outboundListener takes the per-node pods' redirected connections and
+// passes them to their original destination (SO_ORIGINAL_DST, answered by
+// sidelane's getsockopt hook); policy applies at the destination's proxy.
+func outboundListener(ap netip.AddrPort) (*listenerv3.Listener, error) {
+	l, err := inboundListener(nil, uint32(ap.Port()))
+	if err != nil {
+		return nil, err
+	}
+	l.Name = OutboundListener
+	l.Address = socketAddress(ap)
 	return l, nil
 }
 

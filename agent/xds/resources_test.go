@@ -24,11 +24,31 @@ var update = flag.Bool("update", false, "rewrite golden files")
 // original_dst, per-destination chains with RBAC, passthrough, cluster) and
 // the grpc-go server listener for the same policy.
 func TestBuildGolden(t *testing.T) {
+	testBuildGolden(t, "testdata/resources.golden.json", Config{InboundPort: 15006, GRPCServers: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:8080")}})
+}
+
+// TestBuildPerNodeGolden pins the node proxy's shape in per-node mode: the
+// outbound listener on the node proxy address, one inbound listener inside
+// each per-node pod's netns holding only that pod's protected chains, and
+// the original-destination cluster bound to the node proxy address.
+func TestBuildPerNodeGolden(t *testing.T) {
+	testBuildGolden(t, "testdata/pernode.golden.json", Config{
+		InboundPort: 15006,
+		InPod: []InPodListener{
+			{Pod: "shop/api-0", Netns: "/var/run/netns/cni-api-0", IPs: []netip.Addr{serverIP}},
+			{Pod: "shop/web-0", Netns: "/var/run/netns/cni-web-0", IPs: []netip.Addr{webIP}},
+		},
+		Outbound:       netip.MustParseAddrPort("10.244.1.1:15001"),
+		UpstreamSource: netip.MustParseAddr("10.244.1.1"),
+	})
+}
+
+func testBuildGolden(t *testing.T, golden string, cfg Config) {
 	res, err := compile.Compile(policies(t, 8080, policyV1), inventory(), compile.Options{Identity: compile.IdentitySourceIP, TrustDomain: "cluster.local"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	rs, err := Build(Destinations(res), Config{InboundPort: 15006, GRPCServers: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:8080")}})
+	rs, err := Build(Destinations(res), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -53,7 +73,6 @@ func TestBuildGolden(t *testing.T) {
 	if err := enc.Encode(docs); err != nil {
 		t.Fatal(err)
 	}
-	const golden = "testdata/resources.golden.json"
 	if *update {
 		if err := os.WriteFile(golden, out.Bytes(), 0o644); err != nil {
 			t.Fatal(err)

@@ -19,6 +19,7 @@ import (
 	"github.com/sidelane/sidelane/agent/kube"
 	"github.com/sidelane/sidelane/agent/metrics"
 	"github.com/sidelane/sidelane/agent/ops"
+	"github.com/sidelane/sidelane/agent/store"
 	"github.com/sidelane/sidelane/istio/classify"
 )
 
@@ -45,6 +46,8 @@ func runAgent(ctx context.Context, args []string) error {
 	dpf.register(fs)
 	policyWriter := fs.Bool("policy-writer", true, "take part in the leader election (Lease sidelane-l7-writer in --agent-namespace) for the one writer of L7 policy EnvoyFilters and policy status")
 	trustDomain := fs.String("trust-domain", "cluster.local", "the mesh's SPIFFE trust domain, for L7 policy principals")
+	xdsSocket := fs.String("xds-socket", "", "per-node mode: Unix socket to serve the node proxy's xDS on (listeners, L7 policy); needs --node-proxy-address (empty: off)")
+	xdsGID := fs.Int("xds-socket-gid", 1337, "group given read-write access to --xds-socket (the node proxy's; -1: root only)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -66,6 +69,7 @@ func runAgent(ctx context.Context, args []string) error {
 	}
 	cfg := agent.Config{Socket: *socket, StateDir: *stateDir, Log: log, Metrics: m, Datapath: dp.Datapath}
 	var ctrl *kube.Controller
+	startNodeProxyFeed := func(func() []store.Entry) {}
 	if !*standalone && *kubeconfig == "" && os.Getenv("KUBERNETES_SERVICE_HOST") == "" {
 		log.Warn("no --kubeconfig and not running in a pod: standalone, every pod gets mode none")
 		*standalone = true
@@ -104,6 +108,22 @@ func runAgent(ctx context.Context, args []string) error {
 				return err
 			}
 		}
+		if *xdsSocket != "" {
+			np, err := dpf.nodeProxy()
+			if err != nil {
+				return err
+			}
+			if np == nil {
+				return errors.New("--xds-socket needs --node-proxy-address")
+			}
+			startNodeProxyFeed = func(local func() []store.Entry) {
+				go func() {
+					if err := runNodeProxyFeed(ctx, log, rc, cs, np, *xdsSocket, *xdsGID, *nodeName, *trustDomain, m.Registry, local); err != nil {
+						log.Error("node proxy xDS", "error", err)
+					}
+				}()
+			}
+		}
 	}
 	a, err := agent.New(cfg)
 	if err == nil && dp.EBPF != nil {
@@ -121,6 +141,7 @@ func runAgent(ctx context.Context, args []string) error {
 		return err
 	}
 	st = a
+	startNodeProxyFeed(a.Store().List)
 	if ctrl != nil {
 		ctrl.SetTarget(a)
 		defer ctrl.Shutdown()

@@ -234,8 +234,8 @@ func (r *run) stepAmbient(ctx context.Context) error {
 	_, err = send(ctx, plain, r.server.pod.Status.PodIP+":8080", "after the switch")
 	r.check(err != nil && strings.Contains(err.Error(), "Operation not permitted"),
 		"reports -> backend now fails closed with EPERM: node mode without a node proxy never bypasses the mesh")
-	r.say("  skip: traffic through a node proxy: the agent expects the node proxy in its own host netns, but the simulated")
-	r.say("  nodes' host netns is a netns of their own; see README \"Per-node (sidecar-free) mode\" (bpf/pernode_linux_test.go runs haproxy as the node proxy)")
+	r.say("  skip: the demo runs no node proxy; `go test ./test/e2e -run TestPerNode` runs haproxy node proxies on both nodes")
+	r.say("  (per-node traffic matrix, proxy down, live toggles; README \"Per-node (sidecar-free) mode\")")
 	return nil
 }
 

@@ -149,29 +149,12 @@ func (c *Controller) Reconcile(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	policies := make([]v1alpha1.L7Policy, 0, len(objs))
-	for _, o := range objs {
-		var p v1alpha1.L7Policy
-		if err := runtime.DefaultUnstructuredConverter.FromUnstructured(o.(*unstructured.Unstructured).Object, &p); err != nil {
-			c.log.Warn("undecodable l7policy", attrError, err)
-			continue
-		}
-		policies = append(policies, p)
-	}
-	sort.Slice(policies, func(i, j int) bool {
-		return policies[i].Namespace+"/"+policies[i].Name < policies[j].Namespace+"/"+policies[j].Name
-	})
+	policies := DecodePolicies(c.log, objs)
 	podObjs, err := c.pods.List(labels.Everything())
 	if err != nil {
 		return err
 	}
-	var inv compile.Inventory
-	for _, p := range podObjs {
-		if p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed || p.DeletionTimestamp != nil {
-			continue
-		}
-		inv.Pods = append(inv.Pods, toPod(p))
-	}
+	inv := Inventory(podObjs)
 	res, err := compile.Compile(policies, inv, compile.Options{Identity: compile.IdentityPeerCertificate, TrustDomain: c.trustDomain})
 	if err != nil {
 		return err
@@ -284,6 +267,37 @@ func (c *Controller) writeStatus(ctx context.Context, p *v1alpha1.L7Policy, rep 
 		return fmt.Errorf("status of l7policy %s/%s: %w", p.Namespace, p.Name, err)
 	}
 	return nil
+}
+
+// DecodePolicies turns the L7Policy informer's objects into policies,
+// sorted by namespace/name; undecodable ones are logged and skipped.
+func DecodePolicies(log *slog.Logger, objs []runtime.Object) []v1alpha1.L7Policy {
+	policies := make([]v1alpha1.L7Policy, 0, len(objs))
+	for _, o := range objs {
+		var p v1alpha1.L7Policy
+		if err := runtime.DefaultUnstructuredConverter.FromUnstructured(o.(*unstructured.Unstructured).Object, &p); err != nil {
+			log.Warn("undecodable l7policy", attrError, err)
+			continue
+		}
+		policies = append(policies, p)
+	}
+	sort.Slice(policies, func(i, j int) bool {
+		return policies[i].Namespace+"/"+policies[i].Name < policies[j].Namespace+"/"+policies[j].Name
+	})
+	return policies
+}
+
+// Inventory is the compiler's view of the running pods (finished and
+// terminating ones are left out).
+func Inventory(pods []*corev1.Pod) compile.Inventory {
+	var inv compile.Inventory
+	for _, p := range pods {
+		if p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed || p.DeletionTimestamp != nil {
+			continue
+		}
+		inv.Pods = append(inv.Pods, toPod(p))
+	}
+	return inv
 }
 
 func toPod(p *corev1.Pod) compile.Pod {

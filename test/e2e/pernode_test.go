@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	"google.golang.org/protobuf/proto"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 
@@ -265,8 +267,18 @@ func TestPerNode(t *testing.T) {
 	testenv.RequireTool(t, "haproxy")
 	ctx := context.Background()
 	nodeA, nodeB := e.nodes[0], e.nodes[1]
+	// The L7Policy CRD, so the agents' xDS feed reads policies.
+	out, err := exec.Command(e.cluster.Kubectl, "--kubeconfig", e.cluster.Kubeconfig, "apply", "--server-side", "-f", "../../charts/sidelane/crds/sidelane.io_l7policies.yaml").CombinedOutput()
+	if err != nil {
+		t.Fatalf("install the L7Policy CRD: %v\n%s", err, out)
+	}
+	if out, err := exec.Command(e.cluster.Kubectl, "--kubeconfig", e.cluster.Kubeconfig, "wait", "--for=condition=Established", "--timeout=60s", "crd/l7policies.sidelane.io").CombinedOutput(); err != nil {
+		t.Fatalf("L7Policy CRD not established: %v\n%s", err, out)
+	}
+	xdsSocket := func(n *kubelet.Node) string { return filepath.Join(filepath.Dir(n.StateDir), "xds.sock") }
 	e.agentArgs = func(n *kubelet.Node) []string {
-		return []string{"--node-proxy-address", gateway(n).String(), "--node-proxy-netns", "/var/run/netns/" + n.Netns}
+		return []string{"--node-proxy-address", gateway(n).String(), "--node-proxy-netns", "/var/run/netns/" + n.Netns,
+			"--xds-socket", xdsSocket(n), "--xds-socket-gid", "-1"}
 	}
 	agentA := e.startAgent(nodeA)
 	e.startAgent(nodeB)
@@ -302,6 +314,57 @@ func TestPerNode(t *testing.T) {
 	}
 	mover := e.run(fixture(t, "plain", moveNS, "mover"), nodeA)
 	mode[mover] = "plain"
+
+	xdsA := watchListeners(t, xdsSocket(nodeA), nodeA.Name)
+	inPod := func(p *podRef) string { return "sidelane_inbound/" + p.pod.Namespace + "/" + p.pod.Name }
+
+	t.Run("agent serves the node proxy's xDS", func(t *testing.T) {
+		e.eventually("node A's listeners over xDS", func() bool {
+			return xdsA.get("sidelane_outbound") != nil && xdsA.get(inPod(pods["node-a"])) != nil && xdsA.get(inPod(pods["node-a2"])) != nil
+		})
+		if got := len(xdsA.names()); got != 3 {
+			t.Errorf("node A listeners %v, want the outbound one and one per per-node pod", xdsA.names())
+		}
+		out := xdsA.get("sidelane_outbound").GetAddress().GetSocketAddress()
+		if out.GetAddress() != gateway(nodeA).String() || out.GetPortValue() != 15001 {
+			t.Errorf("outbound listener on %s:%d, want %s:15001", out.GetAddress(), out.GetPortValue(), gateway(nodeA))
+		}
+		in := xdsA.get(inPod(pods["node-a"])).GetAddress().GetSocketAddress()
+		if in.GetNetworkNamespaceFilepath() != "/var/run/netns/"+pods["node-a"].netns || in.GetPortValue() != 15006 {
+			t.Errorf("inbound listener of node-a: netns %q port %d, want /var/run/netns/%s and 15006", in.GetNetworkNamespaceFilepath(), in.GetPortValue(), pods["node-a"].netns)
+		}
+		// An L7 policy for node-a2's port 8080 becomes an RBAC filter chain
+		// in node-a2's inbound listener only.
+		policy := fmt.Sprintf(`apiVersion: sidelane.io/v1alpha1
+kind: L7Policy
+metadata: {name: health-only, namespace: %s}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ports:
+    - port: 8080
+      rules: [{http: [{method: GET, path: /healthz}]}]
+`, ambNS)
+		cmd := exec.Command(e.cluster.Kubectl, "--kubeconfig", e.cluster.Kubeconfig, "apply", "-f", "-")
+		cmd.Stdin = strings.NewReader(policy)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("kubectl apply L7Policy: %v\n%s", err, out)
+		}
+		chain := pods["node-a2"].pod.Status.PodIP + ":8080"
+		e.eventually("RBAC chain for node-a2 over xDS", func() bool {
+			return slices.ContainsFunc(xdsA.get(inPod(pods["node-a2"])).GetFilterChains(), func(c *listenerv3.FilterChain) bool { return c.GetName() == chain })
+		})
+		b, err := proto.Marshal(xdsA.get(inPod(pods["node-a2"])))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(string(b), "envoy.extensions.filters.http.rbac.v3.RBAC") || !strings.Contains(string(b), "/healthz") {
+			t.Errorf("node-a2's chain lacks the RBAC filter for GET /healthz: %s", b)
+		}
+		if n := len(xdsA.get(inPod(pods["node-a"])).GetFilterChains()); n != 1 {
+			// node-a (same labels) is protected too: its own chain, never node-a2's.
+			t.Errorf("node-a's inbound listener has %d chains, want its own one", n)
+		}
+	})
 
 	proxyA, proxyB := e.newNodeProxy(nodeA), e.newNodeProxy(nodeB)
 	proxyA.start(pods["node-a"], pods["node-a2"])
@@ -399,6 +462,8 @@ func TestPerNode(t *testing.T) {
 		e.eventually("mover in node mode", func() bool { return e.mode(nodeA, moveNS, "mover") == "node" })
 		t.Logf("mode node reported %v after the label change", time.Since(moved).Round(time.Millisecond))
 		mode[mover] = "node"
+		e.eventually("mover's inbound listener over xDS", func() bool { return xdsA.get(inPod(mover)) != nil })
+		t.Logf("mover's inbound listener published %v after the label change", time.Since(moved).Round(time.Millisecond))
 		// As a destination it needs its inbound listener in the node proxy
 		// (Envoy gets it over xDS; the stand-in is restarted with it).
 		proxyA.start(pods["node-a"], pods["node-a2"], mover)
@@ -410,6 +475,7 @@ func TestPerNode(t *testing.T) {
 
 		patch(`{"istio.io/dataplane-mode":null}`)
 		e.eventually("mover back to none", func() bool { return e.mode(nodeA, moveNS, "mover") == "none" })
+		e.eventually("mover's inbound listener withdrawn over xDS", func() bool { return xdsA.get(inPod(mover)) == nil })
 		mode[mover] = "plain"
 		proxyA.start(pods["node-a"], pods["node-a2"])
 		established.roundTrip("back to none")
