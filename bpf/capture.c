@@ -213,7 +213,9 @@ struct {
 } orig_by_cookie SEC(".maps");
 
 /* Established redirected connection -> original dst, for getsockopt on the
- * proxy's accepted socket; removed when the connecting socket closes. */
+ * proxy's accepted socket; removed when that accepted socket closes (or the
+ * connect never establishes). LRU bounds what a proxy outside the attach
+ * cgroup (never watched) would leave. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -1114,9 +1116,15 @@ int sidelane_sockops(struct bpf_sock_ops *skops)
 			 * connection; count it for the agent's metric. */
 			if ((o->flags & ORIG_NODE) && skops->args[0] == BPF_TCP_SYN_SENT)
 				node_count(NODE_REFUSED);
-			struct tuple_key tk = k;
-			tk.netns = o->netns;
-			bpf_map_delete_elem(&orig_by_tuple, &tk);
+			/* Once established, the tuple record belongs to the
+			 * proxy's accepted socket, which may ask for it after
+			 * this side is gone (connect, write, close before the
+			 * proxy accepts): that socket's close removes it. */
+			if (skops->args[0] == BPF_TCP_SYN_SENT) {
+				struct tuple_key tk = k;
+				tk.netns = o->netns;
+				bpf_map_delete_elem(&orig_by_tuple, &tk);
+			}
 			bpf_map_delete_elem(&orig_by_cookie, &cookie);
 		}
 		struct tuple_key m = mirrored(&k, netns);

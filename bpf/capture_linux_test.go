@@ -51,7 +51,20 @@ const helperEnv = "SIDELANE_BPFTEST_HELPER"
 
 func TestMain(m *testing.M) {
 	if mode := os.Getenv(helperEnv); mode == "origdst" {
-		os.Exit(origDstHelper(os.Args[len(os.Args)-1]))
+		os.Exit(origDstHelper(os.Args[len(os.Args)-1], 0))
+	} else if mode == "lateaccept" {
+		os.Exit(origDstHelper(os.Args[len(os.Args)-1], time.Second))
+	} else if mode == "fire" {
+		// Connect, send one byte, close at once: a client that is gone
+		// before the proxy gets to its connection.
+		c, err := net.DialTimeout("tcp", os.Args[len(os.Args)-1], 5*time.Second)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		c.Write([]byte("D"))
+		c.Close()
+		os.Exit(0)
 	} else if mode == "serve" {
 		l, err := net.Listen("tcp", os.Args[len(os.Args)-1])
 		if err != nil {
@@ -543,14 +556,15 @@ func TestIPv6OriginalDst(t *testing.T) {
 	}
 }
 
-// origDstHelper accepts one connection and prints what SO_ORIGINAL_DST
-// and IP6T_SO_ORIGINAL_DST answer for it.
-func origDstHelper(addr string) int {
+// origDstHelper accepts one connection (after delay: a busy proxy) and
+// prints what SO_ORIGINAL_DST and IP6T_SO_ORIGINAL_DST answer for it.
+func origDstHelper(addr string, delay time.Duration) int {
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
+	time.Sleep(delay)
 	c, err := l.Accept()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -573,6 +587,38 @@ func origDstHelper(addr string) int {
 	fmt.Fprintln(c, "peer=[::1]:1 local=[::1]:1")
 	fmt.Printf("v4=%s v6=%s\n", v4, v6)
 	return 0
+}
+
+// TestOrigDstOutlivesClient: a client that connects, writes and closes
+// before the proxy accepts must still leave the proxy its original
+// destination. Without it a proxy falls back to its own listener's address
+// and connects to itself (seen as haproxy connections piling up in
+// CLOSE-WAIT under connect-and-close load).
+func TestOrigDstOutlivesClient(t *testing.T) {
+	e := newEnv(t)
+	e.enroll(defaultSettings())
+	l := exec.Command("ip", "netns", "exec", e.podNS, os.Args[0], "-test.run=^$", "0.0.0.0:15001")
+	l.Env = append(os.Environ(), helperEnv+"=lateaccept")
+	l.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: e.cgfd}
+	var out strings.Builder
+	l.Stdout, l.Stderr = &out, &out
+	if err := l.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { l.Process.Kill(); l.Wait() }()
+	e.waitListen(15001)
+	if b, err := e.app("fire", ap(remoteIP, 8080).String(), false).CombinedOutput(); err != nil {
+		t.Fatalf("client: %v: %s", err, b)
+	}
+	if err := l.Wait(); err != nil {
+		t.Fatalf("proxy: %v: %s", err, out.String())
+	}
+	if got, want := strings.TrimSpace(out.String()), fmt.Sprintf("v4=%s v6=error", ap(remoteIP, 8080)); got != want {
+		t.Errorf("getsockopt after the client closed: %q, want %q", got, want)
+	}
+	if n := drained(t, e.cap.objs.OrigByTuple); n != 0 {
+		t.Errorf("%d orig_by_tuple entries left after both sides closed", n)
+	}
 }
 
 func countEntries(t *testing.T, m *ebpf.Map) int {

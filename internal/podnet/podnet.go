@@ -440,7 +440,7 @@ func (s *NS) StartListening(t TB, cgroup string, listen []string, name string, a
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	cmd := s.Command(ctx, name, args...)
-	var out lockedBuffer
+	var out Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	closeCg, err := InCgroup(cmd, cgroup)
 	if err != nil {
@@ -483,19 +483,19 @@ func allListening(ss string, listen []string) bool {
 	return true
 }
 
-// lockedBuffer collects a child's output while tests read it.
-type lockedBuffer struct {
+// Buffer collects a child's output while tests read it.
+type Buffer struct {
 	mu sync.Mutex
 	b  strings.Builder
 }
 
-func (l *lockedBuffer) Write(p []byte) (int, error) {
+func (l *Buffer) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.Write(p)
 }
 
-func (l *lockedBuffer) String() string {
+func (l *Buffer) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.String()

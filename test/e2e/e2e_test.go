@@ -15,7 +15,6 @@ import (
 	"strings"
 	"syscall"
 	"testing"
-	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -329,22 +328,7 @@ func TestEndToEnd(t *testing.T) {
 		if !e.capturing() {
 			return
 		}
-		for _, n := range e.nodes {
-			var now bpfState
-			deadline := time.Now().Add(10 * time.Second)
-			for {
-				now = readBPFState(t, e.pinDirs[n.Name])
-				if sameBPFState(start[n.Name], now) || time.Now().After(deadline) {
-					break
-				}
-				time.Sleep(200 * time.Millisecond)
-			}
-			if !sameBPFState(start[n.Name], now) {
-				t.Errorf("BPF state of %s not back to its start:\nstart %s\nnow   %s", n.Name, start[n.Name], now)
-			} else {
-				t.Logf("BPF state of %s back to its start: %s", n.Name, now)
-			}
-		}
+		e.checkBPFBackTo(t, start)
 	})
 }
 

@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -39,26 +38,9 @@ type nodeProxy struct {
 	e      *env
 	node   *kubelet.Node
 	cgroup string
-	out    *syncBuffer // every run's log, in order
+	out    *podnet.Buffer // every run's log, in order
 	cmd    *exec.Cmd
 	done   chan struct{}
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 func (e *env) newNodeProxy(n *kubelet.Node) *nodeProxy {
@@ -67,7 +49,7 @@ func (e *env) newNodeProxy(n *kubelet.Node) *nodeProxy {
 	if err := os.Mkdir(cg, 0o755); err != nil {
 		e.t.Fatal(err)
 	}
-	np := &nodeProxy{e: e, node: n, cgroup: cg, out: &syncBuffer{}}
+	np := &nodeProxy{e: e, node: n, cgroup: cg, out: &podnet.Buffer{}}
 	e.t.Cleanup(np.stop)
 	return np
 }
@@ -493,19 +475,8 @@ spec:
 		}
 		for _, n := range e.nodes {
 			e.eventually("sandboxes gone on "+n.Name, func() bool { return n.Sandboxes() == 0 })
-			var now bpfState
-			deadline := time.Now().Add(10 * time.Second)
-			for {
-				now = readBPFState(t, e.pinDirs[n.Name])
-				if sameBPFState(start[n.Name], now) || time.Now().After(deadline) {
-					break
-				}
-				time.Sleep(200 * time.Millisecond)
-			}
-			if !sameBPFState(start[n.Name], now) {
-				t.Errorf("BPF state of %s not back to its start:\nstart %s\nnow   %s", n.Name, start[n.Name], now)
-			}
 		}
+		e.checkBPFBackTo(t, start)
 	})
 }
 

@@ -285,6 +285,28 @@ func sameBPFState(a, b bpfState) bool {
 	return true
 }
 
+// checkBPFBackTo waits (sockets close asynchronously) until every node's
+// BPF state equals start, and fails the test if it does not in 10s.
+func (e *env) checkBPFBackTo(t *testing.T, start map[string]bpfState) {
+	t.Helper()
+	for _, n := range e.nodes {
+		var now bpfState
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			now = readBPFState(t, e.pinDirs[n.Name])
+			if sameBPFState(start[n.Name], now) || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		if !sameBPFState(start[n.Name], now) {
+			t.Errorf("BPF state of %s not back to its start:\nstart %s\nnow   %s", n.Name, start[n.Name], now)
+		} else {
+			t.Logf("BPF state of %s back to its start: %s", n.Name, now)
+		}
+	}
+}
+
 func fileContains(path, substr string) bool {
 	b, err := os.ReadFile(path)
 	return err == nil && strings.Contains(string(b), substr)
