@@ -106,8 +106,8 @@ func (c *chain) rt(id string, n ns.NetNS) *libcni.RuntimeConf {
 }
 
 // cniBurst adds n pods with parallelism p, then deletes them, recording
-// whole-chain and sidelane-only latencies.
-func (r *Runner) cniBurst(ctx context.Context, n, p int) error {
+// whole-chain and sidelane-only latencies under scenario s.
+func (r *Runner) cniBurst(ctx context.Context, s string, n, p int) error {
 	c, err := r.newChain(ctx, netip.MustParsePrefix("10.213.0.0/16"))
 	if err != nil {
 		return err
@@ -160,7 +160,6 @@ func (r *Runner) cniBurst(ctx context.Context, n, p int) error {
 	if err != nil {
 		return err
 	}
-	s := fmt.Sprintf("cni_burst_%d", n)
 	ms := func(us float64) float64 { return us / 1000 }
 	pa, pd := loadgen.Summarize(add), loadgen.Summarize(del)
 	r.res.Add(s, "chain", "addP50ms", ms(pa.P50us), "ms")

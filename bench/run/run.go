@@ -71,7 +71,10 @@ func (r *Runner) Run(ctx context.Context) error {
 	footprintCounts := []int{10, 100, 200}
 	scenarios := []scenario{
 		{"traffic", r.traffic},
-		{"cni_burst_100", func(ctx context.Context) error { return r.cniBurst(ctx, 100, 10) }},
+		{"cni_burst_100", func(ctx context.Context) error { return r.cniBurst(ctx, "cni_burst_100", 100, 10) }},
+		// One pod at a time: the plugin's own cost without CPU contention
+		// (the burst's p99 on a 2-core machine is mostly processes queueing).
+		{"cni_sequential_20", func(ctx context.Context) error { return r.cniBurst(ctx, "cni_sequential_20", 20, 1) }},
 		{"footprint", func(ctx context.Context) error { return r.footprint(ctx, footprintCounts) }},
 		{"policy_update", r.policyUpdate},
 	}
