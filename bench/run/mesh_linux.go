@@ -45,6 +45,10 @@ type Contender struct {
 	// contenders have an agent (a Load, a cgroup) per node, so a
 	// cross-node pair is never treated as same-node.
 	remote *Contender
+	// nodeProxy is the per-node contender's node proxy (nil otherwise);
+	// noRemote, if set, says why cross-node pairs are not measured.
+	nodeProxy *benchNodeProxy
+	noRemote  string
 }
 
 // Pod is a benchmark pod: a netns on the mesh's bridge and, for contenders
@@ -100,7 +104,7 @@ func NewMesh(tb podnet.TB, cfg MeshConfig) *Mesh {
 	}
 	ipt := iptables.New(cfg.Log)
 	m.Contenders = append(m.Contenders, &Contender{Name: report.SidelaneIptables, Sidecar: true,
-		install: func(tb podnet.TB, p *Pod, ann map[string]string) { enroll(tb, ipt, p, ann) }})
+		install: func(tb podnet.TB, p *Pod, ann map[string]string) { enroll(tb, ipt, p, ann, "sidecar") }})
 	for _, e := range []struct {
 		name     string
 		shortcut bool
@@ -114,12 +118,17 @@ func NewMesh(tb podnet.TB, cfg MeshConfig) *Mesh {
 			}
 			dp := ebpf.New(c.capture, cfg.Log)
 			nodes[i] = &Contender{Name: e.name, Sidecar: true, Cgroup: c.cgroup,
-				install: func(tb podnet.TB, p *Pod, ann map[string]string) { enroll(tb, dp, p, ann) }}
+				install: func(tb podnet.TB, p *Pod, ann map[string]string) { enroll(tb, dp, p, ann, "sidecar") }}
 		}
 		if nodes[1] != nil {
 			nodes[0].remote = nodes[1]
 			m.Contenders = append(m.Contenders, nodes[0])
 		}
+	}
+	if c, err := m.addPerNode(tb); err != nil {
+		m.Pending[report.PerNode] = "per-node contender not set up: " + err.Error()
+	} else {
+		m.Contenders = append(m.Contenders, c)
 	}
 	return m
 }
@@ -183,9 +192,9 @@ type enroller interface {
 	Verify(ctx context.Context, e store.Entry) error
 }
 
-// enroll captures the pod the way the agent does: parse the knobs, Enroll,
-// Verify.
-func enroll(tb podnet.TB, dp enroller, p *Pod, ann map[string]string) {
+// enroll captures the pod the way the agent does in mode ("sidecar" or
+// "node"): parse the knobs, Enroll, Verify.
+func enroll(tb podnet.TB, dp enroller, p *Pod, ann map[string]string, mode string) {
 	tb.Helper()
 	settings, _, err := capture.ParseOrDefaults(capture.Pod{Annotations: ann})
 	if err != nil {
@@ -195,7 +204,7 @@ func enroll(tb podnet.TB, dp enroller, p *Pod, ann map[string]string) {
 		Key:     store.Key{Network: "bench", ContainerID: p.NS.Name, IfName: "eth0"},
 		Netns:   p.NS.Path,
 		IPs:     []netip.Prefix{netip.PrefixFrom(p.NS.IP4, 24), netip.PrefixFrom(p.NS.IP6, 64)},
-		Mode:    "sidecar",
+		Mode:    mode,
 		Capture: &settings,
 	}
 	ctx := context.Background()
@@ -234,6 +243,8 @@ func (m *Mesh) newPod(net *podnet.Net, c *Contender, prefix string, annotations 
 		p.Stats = filepath.Join(tb.TempDir(), "stats.sock")
 		p.NS.StartSidecar(tb, podnet.Sidecar{UID: proxyUID, GID: proxyUID, OutPort: capture.OutboundPort, InPort: capture.InboundPort,
 			Cgroup: c.Cgroup, StatsSocket: p.Stats})
+	}
+	if c.install != nil {
 		c.install(tb, p, annotations)
 	}
 	return p
@@ -283,6 +294,24 @@ func (m *Mesh) Client(ctx context.Context, c *Contender, pod *Pod, args ...strin
 // inbound one), so a benchmark can never measure an uncaptured path and
 // call it a mesh. It sends a few round trips and reads haproxy's counters.
 func (m *Mesh) CheckCaptured(ctx context.Context, pr *Pair) error {
+	if np := pr.C.nodeProxy; np != nil {
+		// Same node, per-node to per-node: through the node proxy once.
+		before, err := podnet.FrontendSessions(np.Stats)
+		if err != nil {
+			return err
+		}
+		if _, err := m.Client(ctx, pr.C, pr.Client, "rr", "-addr", pr.ServerAddr(), "-size", "64", "-count", "10"); err != nil {
+			return err
+		}
+		after, err := podnet.FrontendSessions(np.Stats)
+		if err != nil {
+			return err
+		}
+		if after["outbound"] <= before["outbound"] {
+			return fmt.Errorf("%s: the connection did not pass the node proxy (sessions %d -> %d)", pr.C.Name, before["outbound"], after["outbound"])
+		}
+		return nil
+	}
 	if !pr.C.Sidecar {
 		return nil
 	}

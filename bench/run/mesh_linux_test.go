@@ -31,7 +31,7 @@ func TestContendersCapture(t *testing.T) {
 	if len(m.Pending) > 0 {
 		t.Fatalf("contenders not set up: %v", m.Pending)
 	}
-	want := []string{report.NoMesh, report.IstioIptables, report.SidelaneIptables, report.SidelaneEBPF, report.EBPFNoShortcut}
+	want := []string{report.NoMesh, report.IstioIptables, report.SidelaneIptables, report.SidelaneEBPF, report.EBPFNoShortcut, report.PerNode}
 	var got []string
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -42,8 +42,10 @@ func TestContendersCapture(t *testing.T) {
 			if err := m.CheckCaptured(ctx, pr); err != nil {
 				t.Fatal(err)
 			}
-			if err := m.CheckCaptured(ctx, m.NewRemoteClient(pr)); err != nil {
-				t.Fatalf("cross-node: %v", err)
+			if c.noRemote == "" {
+				if err := m.CheckCaptured(ctx, m.NewRemoteClient(pr)); err != nil {
+					t.Fatalf("cross-node: %v", err)
+				}
 			}
 			// The traffic subcommands work through the path.
 			res, err := m.Client(ctx, c, pr.Client, "crr", "-addr", pr.ServerAddr(), "-size", "1024", "-parallel", "2", "-duration", "100ms")
@@ -69,6 +71,11 @@ func TestContendersCapture(t *testing.T) {
 		pr := m.NewPair(bare)
 		if err := m.CheckCaptured(ctx, pr); err == nil {
 			t.Fatal("CheckCaptured passed for pods whose sidecars capture nothing")
+		}
+		pernode := m.Contenders[len(m.Contenders)-1]
+		bareNode := &Contender{Name: "pernode-without-capture", nodeProxy: pernode.nodeProxy, Cgroup: pernode.Cgroup}
+		if err := m.CheckCaptured(ctx, m.NewPair(bareNode)); err == nil {
+			t.Fatal("CheckCaptured passed for per-node pods that are not enrolled")
 		}
 	})
 }

@@ -54,6 +54,10 @@ func (r *Runner) traffic(ctx context.Context) error {
 	// on the second node.
 	var remotes []*Pair
 	for _, pr := range pairs {
+		if pr.C.noRemote != "" {
+			r.res.Skip("rr_1k_cross_node", pr.C.Name, pr.C.noRemote)
+			continue
+		}
 		rp := m.NewRemoteClient(pr)
 		if err := m.CheckCaptured(ctx, rp); err != nil {
 			r.res.Skip("rr_1k_cross_node", pr.C.Name, "capture check failed, not measured: "+err.Error())
@@ -114,7 +118,7 @@ func (r *Runner) traffic(ctx context.Context) error {
 			failed(s.name, err)
 			continue
 		}
-		for _, pr := range pairs {
+		for _, pr := range s.pairs {
 			p := loadgen.Summarize(lat[pr.C.Name])
 			r.res.Add(s.name, pr.C.Name, "p50us", p.P50us, "us")
 			r.res.Add(s.name, pr.C.Name, "p90us", p.P90us, "us")

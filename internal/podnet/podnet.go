@@ -140,6 +140,10 @@ func (n *Net) add(prefix string, ipv4 bool) *NS {
 	return s
 }
 
+// Router is the name of the namespace holding the bridge: the "host"
+// netns of the simulated node.
+func (n *Net) Router() string { return n.router }
+
 // Gateway4 is the network's IPv4 gateway once joined: the subnet's first
 // address, on the bridge (pods start at the second).
 func (n *Net) Gateway4() netip.Addr { return nth(n.Subnet4, 1) }
