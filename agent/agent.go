@@ -33,6 +33,9 @@ type Config struct {
 	Datapath datapath.Datapath
 	// Classifier defaults to StaticClassifier{Mode: ModeNone}.
 	Classifier Classifier
+	// L7 reports the L7 policy selecting a pod, for explain (nil: the
+	// agent compiles no policies).
+	L7 func(namespace, name string) *cnirpc.ExplainedL7
 	// RequestTimeout bounds one plugin request (default 10s).
 	RequestTimeout time.Duration
 	// Metrics may be nil.
@@ -92,6 +95,7 @@ func New(cfg Config) (*Agent, error) {
 			store:      st,
 			datapath:   cfg.Datapath,
 			classifier: cfg.Classifier,
+			l7:         cfg.L7,
 			readiness:  a,
 			now:        time.Now,
 			mu:         a.mu,

@@ -60,6 +60,7 @@ type cniHandler struct {
 	readiness  Readiness
 	now        func() time.Time
 	mu         *sync.Mutex // shared with Agent; see Agent.mu
+	l7         func(namespace, name string) *cnirpc.ExplainedL7
 	metrics    *metrics.Metrics
 }
 
@@ -207,6 +208,9 @@ func (h *cniHandler) explain(ctx context.Context, req *cnirpc.Request) (*cnirpc.
 			a.Counters = c
 		}
 		ex.Attachments = append(ex.Attachments, a)
+	}
+	if h.l7 != nil {
+		ex.L7 = h.l7(req.Pod.Namespace, req.Pod.Name)
 	}
 	dec, err := h.classifier.Classify(ctx, req.Pod)
 	if err != nil {

@@ -19,6 +19,18 @@ type Explanation struct {
 	Current *ExplainedDecision `json:"current,omitempty"`
 	// CurrentError says why the classifier gave no decision.
 	CurrentError string `json:"currentError,omitempty"`
+	// L7 is the L7 policy that selects the pod, when the agent compiles
+	// policies (its node proxy feed runs); nil when it does not know.
+	L7 *ExplainedL7 `json:"l7,omitempty"`
+}
+
+// ExplainedL7 is the L7 policy in force for a pod.
+type ExplainedL7 struct {
+	// Policies are the selecting L7Policies' names (the pod's namespace);
+	// empty: none, the pod's ports are not protected.
+	Policies []string `json:"policies"`
+	// Ports are the protected ports.
+	Ports []int32 `json:"ports,omitempty"`
 }
 
 // ExplainedAttachment is one attachment's state.

@@ -28,6 +28,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 
+	"github.com/sidelane/sidelane/agent/cnirpc"
 	"github.com/sidelane/sidelane/agent/store"
 	"github.com/sidelane/sidelane/agent/xds"
 	"github.com/sidelane/sidelane/policy/api/v1alpha1"
@@ -63,6 +64,23 @@ type Config struct {
 	// Poll is how often the local pods' modes are compared (default
 	// 200ms): a namespace toggle reaches the proxy within it.
 	Poll time.Duration
+	// OnCompiled, if set, receives every compilation (explain reads it).
+	OnCompiled func(*compile.Result)
+}
+
+// L7For is what res says of one pod: the selecting policies and the
+// protected ports (none: not protected).
+func L7For(res *compile.Result, namespace, name string) *cnirpc.ExplainedL7 {
+	out := &cnirpc.ExplainedL7{Policies: []string{}}
+	g, ok := res.ForPod(namespace, name)
+	if !ok {
+		return out
+	}
+	out.Policies = append(out.Policies, g.Policies...)
+	for _, p := range g.Ports {
+		out.Ports = append(out.Ports, p.Port)
+	}
+	return out
 }
 
 // Run serves xDS and publishes until ctx ends.
@@ -167,9 +185,12 @@ func publish(ctx context.Context, srv *xds.Server, c Config, ps []v1alpha1.L7Pol
 			local[ip] = true
 		}
 	}
-	v, _, err := srv.Publish(ctx, c.Node, ps, inv, func(a netip.Addr) bool { return local[a] }, xds.Config{
+	v, res, err := srv.Publish(ctx, c.Node, ps, inv, func(a netip.Addr) bool { return local[a] }, xds.Config{
 		InboundPort: uint32(c.InboundPort), InPod: inPod, Outbound: c.Outbound, UpstreamSource: c.Outbound.Addr(),
 	})
+	if err == nil && c.OnCompiled != nil {
+		c.OnCompiled(res)
+	}
 	return v, err
 }
 

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"k8s.io/client-go/kubernetes"
@@ -16,11 +17,14 @@ import (
 
 	"github.com/sidelane/sidelane/agent"
 	"github.com/sidelane/sidelane/agent/bpfmetrics"
+	"github.com/sidelane/sidelane/agent/cnirpc"
 	"github.com/sidelane/sidelane/agent/kube"
 	"github.com/sidelane/sidelane/agent/metrics"
+	"github.com/sidelane/sidelane/agent/nodeproxy"
 	"github.com/sidelane/sidelane/agent/ops"
 	"github.com/sidelane/sidelane/agent/store"
 	"github.com/sidelane/sidelane/istio/classify"
+	"github.com/sidelane/sidelane/policy/compile"
 )
 
 // DefaultMetricsAddr is where /healthz, /readyz and /metrics listen. 15095
@@ -116,9 +120,17 @@ func runAgent(ctx context.Context, args []string) error {
 			if np == nil {
 				return errors.New("--xds-socket needs --node-proxy-address")
 			}
+			// explain reports the policy the feed compiled last.
+			var compiled atomic.Pointer[compile.Result]
+			cfg.L7 = func(namespace, name string) *cnirpc.ExplainedL7 {
+				if res := compiled.Load(); res != nil {
+					return nodeproxy.L7For(res, namespace, name)
+				}
+				return nil
+			}
 			startNodeProxyFeed = func(local func() []store.Entry) {
 				go func() {
-					if err := runNodeProxyFeed(ctx, log, rc, cs, np, *xdsSocket, *xdsGID, *nodeName, *trustDomain, m.Registry, local); err != nil {
+					if err := runNodeProxyFeed(ctx, log, rc, cs, np, *xdsSocket, *xdsGID, *nodeName, *trustDomain, m.Registry, local, compiled.Store); err != nil {
 						log.Error("node proxy xDS", "error", err)
 					}
 				}()

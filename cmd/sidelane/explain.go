@@ -104,6 +104,18 @@ func printExplanation(w io.Writer, ex *cnirpc.Explanation) error {
 		}
 	}
 	switch {
+	case ex.L7 == nil:
+		fmt.Fprintf(tw, "L7 policy:\tnot known to this agent (it compiles policies only with --xds-socket)\n")
+	case len(ex.L7.Policies) == 0:
+		fmt.Fprintf(tw, "L7 policy:\tnone selects this pod (its ports are not protected)\n")
+	default:
+		ports := make([]string, len(ex.L7.Ports))
+		for i, p := range ex.L7.Ports {
+			ports[i] = fmt.Sprint(p)
+		}
+		fmt.Fprintf(tw, "L7 policy:\t%s on ports %s\n", strings.Join(ex.L7.Policies, ", "), strings.Join(ports, ","))
+	}
+	switch {
 	case ex.Current != nil:
 		agree := ""
 		if slices.ContainsFunc(ex.Attachments, func(a cnirpc.ExplainedAttachment) bool { return a.Mode != ex.Current.Mode }) {

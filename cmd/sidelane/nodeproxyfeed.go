@@ -14,12 +14,13 @@ import (
 	"github.com/sidelane/sidelane/agent/datapath/ebpf"
 	"github.com/sidelane/sidelane/agent/nodeproxy"
 	"github.com/sidelane/sidelane/agent/store"
+	"github.com/sidelane/sidelane/policy/compile"
 )
 
 // runNodeProxyFeed serves the node proxy's xDS (package nodeproxy). Without
 // the L7Policy CRD it still serves the listeners, with no policy.
 func runNodeProxyFeed(ctx context.Context, log *slog.Logger, rc *rest.Config, cs kubernetes.Interface, np *ebpf.NodeProxyOptions,
-	socket string, gid int, node, trustDomain string, reg prometheus.Registerer, local func() []store.Entry) error {
+	socket string, gid int, node, trustDomain string, reg prometheus.Registerer, local func() []store.Entry, onCompiled func(*compile.Result)) error {
 	addr := np.IPv4
 	if !addr.IsValid() {
 		addr = np.IPv6
@@ -33,6 +34,6 @@ func runNodeProxyFeed(ctx context.Context, log *slog.Logger, rc *rest.Config, cs
 	return nodeproxy.Run(ctx, nodeproxy.Config{
 		Socket: socket, SocketGID: gid, Node: node, Kube: cs, Dyn: dyn, Local: local,
 		Outbound: netip.AddrPortFrom(addr, np.OutboundPort), InboundPort: np.InboundPort,
-		TrustDomain: trustDomain, Log: log, Registerer: reg,
+		TrustDomain: trustDomain, Log: log, Registerer: reg, OnCompiled: onCompiled,
 	})
 }

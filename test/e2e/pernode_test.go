@@ -342,6 +342,14 @@ spec:
 		if !strings.Contains(string(b), "envoy.extensions.filters.http.rbac.v3.RBAC") || !strings.Contains(string(b), "/healthz") {
 			t.Errorf("node-a2's chain lacks the RBAC filter for GET /healthz: %s", b)
 		}
+		// sidelane explain names the policy from the same compilation.
+		e.eventually("explain lists the policy", func() bool {
+			ex, _ := e.explain(nodeA, ambNS, "node-a2")
+			return ex.L7 != nil && slices.Equal(ex.L7.Policies, []string{"health-only"}) && slices.Equal(ex.L7.Ports, []int32{8080})
+		})
+		if ex, text := e.explain(nodeA, plainNS, "plain-a"); ex.L7 == nil || len(ex.L7.Policies) != 0 || !strings.Contains(text, "none selects this pod") {
+			t.Errorf("explain for an unselected pod: %+v\n%s", ex.L7, text)
+		}
 		if n := len(xdsA.get(inPod(pods["node-a"])).GetFilterChains()); n != 1 {
 			// node-a (same labels) is protected too: its own chain, never node-a2's.
 			t.Errorf("node-a's inbound listener has %d chains, want its own one", n)
