@@ -534,16 +534,7 @@ func TestIPv6OriginalDst(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			l := exec.Command("ip", "netns", "exec", e.podNS, os.Args[0], "-test.run=^$", "[::]:15001")
-			l.Env = append(os.Environ(), helperEnv+"=origdst")
-			l.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: e.cgfd}
-			var out strings.Builder
-			l.Stdout, l.Stderr = &out, &out
-			if err := l.Start(); err != nil {
-				t.Fatal(err)
-			}
-			defer func() { l.Process.Kill(); l.Wait() }()
-			e.waitListen(15001)
+			l, out := e.startOrigDstHelper(t, "origdst", "[::]:15001")
 			e.dial(tt.dst, false)
 			if err := l.Wait(); err != nil {
 				t.Fatalf("listener: %v: %s", err, out.String())
@@ -554,6 +545,29 @@ func TestIPv6OriginalDst(t *testing.T) {
 			}
 		})
 	}
+}
+
+// startOrigDstHelper runs origDstHelper (mode "origdst" or "lateaccept")
+// on addr in the pod's netns and the test cgroup, as a sidecar listener,
+// and waits until it listens; the caller Waits for it.
+func (e *env) startOrigDstHelper(t *testing.T, mode, addr string) (*exec.Cmd, *strings.Builder) {
+	t.Helper()
+	l := exec.Command("ip", "netns", "exec", e.podNS, os.Args[0], "-test.run=^$", addr)
+	l.Env = append(os.Environ(), helperEnv+"="+mode)
+	l.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: e.cgfd}
+	out := &strings.Builder{}
+	l.Stdout, l.Stderr = out, out
+	if err := l.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if l.ProcessState == nil {
+			l.Process.Kill()
+			l.Wait()
+		}
+	})
+	e.waitListen(int(netip.MustParseAddrPort(addr).Port()))
+	return l, out
 }
 
 // origDstHelper accepts one connection (after delay: a busy proxy) and
@@ -597,16 +611,7 @@ func origDstHelper(addr string, delay time.Duration) int {
 func TestOrigDstOutlivesClient(t *testing.T) {
 	e := newEnv(t)
 	e.enroll(defaultSettings())
-	l := exec.Command("ip", "netns", "exec", e.podNS, os.Args[0], "-test.run=^$", "0.0.0.0:15001")
-	l.Env = append(os.Environ(), helperEnv+"=lateaccept")
-	l.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: e.cgfd}
-	var out strings.Builder
-	l.Stdout, l.Stderr = &out, &out
-	if err := l.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { l.Process.Kill(); l.Wait() }()
-	e.waitListen(15001)
+	l, out := e.startOrigDstHelper(t, "lateaccept", "0.0.0.0:15001")
 	if b, err := e.app("fire", ap(remoteIP, 8080).String(), false).CombinedOutput(); err != nil {
 		t.Fatalf("client: %v: %s", err, b)
 	}
@@ -1001,16 +1006,7 @@ func TestInboundCapture(t *testing.T) {
 	}
 
 	// IPv6, and SO_ORIGINAL_DST on the inbound listener's accepted socket.
-	l := exec.Command("ip", "netns", "exec", e.podNS, os.Args[0], "-test.run=^$", "[::]:15006")
-	l.Env = append(os.Environ(), helperEnv+"=origdst")
-	l.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: e.cgfd}
-	var out strings.Builder
-	l.Stdout, l.Stderr = &out, &out
-	if err := l.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { l.Process.Kill(); l.Wait() }()
-	e.waitListen(15006)
+	l, out := e.startOrigDstHelper(t, "origdst", "[::]:15006")
 	if _, err := e.dialFromRemote(ap(podIP6, 8080)); err != nil {
 		t.Errorf("IPv6 inbound: %v", err)
 	}

@@ -83,26 +83,13 @@ func (np *benchNodeProxy) add(p *Pod) error {
 
 func (np *benchNodeProxy) restart() error {
 	np.stop()
-	var cfg strings.Builder
-	fmt.Fprintf(&cfg, `global
-  maxconn 5000
-  stats socket %s mode 600 level user
-defaults
-  mode tcp
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-frontend outbound
-  bind %s:%d
-  default_backend orig
-backend orig
-  server orig 0.0.0.0 source %s
-`, np.Stats, np.gw, capture.OutboundPort, np.gw)
+	var names []string
 	for i := range np.files {
-		fmt.Fprintf(&cfg, "frontend inbound%d\n  bind fd@%d\n  default_backend orig\n", i, 3+i)
+		names = append(names, fmt.Sprint(i))
 	}
+	cfg := podnet.NodeProxyConfig(podnet.NodeProxy{Addr: np.gw, OutPort: capture.OutboundPort, Inbound: names, StatsSocket: np.Stats})
 	path := filepath.Join(np.dir, "node-proxy.cfg")
-	if err := os.WriteFile(path, []byte(cfg.String()), 0o644); err != nil {
+	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
 		return err
 	}
 	cmd := exec.Command("ip", "netns", "exec", np.router, "haproxy", "-db", "-f", path)

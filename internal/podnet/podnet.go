@@ -411,6 +411,48 @@ backend orig_in
 	return b.String()
 }
 
+// NodeProxy is how the per-node proxy stand-in runs: haproxy in a node's
+// host netns, outbound listener Addr:OutPort, Inbound listeners passed as
+// fd@3, fd@4, ... (one per per-node pod, opened inside the pod's netns),
+// every upstream connection from Addr (so inbound capture lets it through)
+// to the original destination (SO_ORIGINAL_DST).
+type NodeProxy struct {
+	Addr           string
+	OutPort        uint16
+	Inbound        []string // frontend name suffix per inherited listener
+	StatsSocket    string
+	LogConnections bool // as Sidecar.LogConnections
+}
+
+// NodeProxyConfig is the node proxy stand-in's haproxy config.
+func NodeProxyConfig(np NodeProxy) string {
+	var b strings.Builder
+	b.WriteString("global\n  maxconn 5000\n")
+	if np.StatsSocket != "" {
+		fmt.Fprintf(&b, "  stats socket %s mode 600 level user\n", np.StatsSocket)
+	}
+	if np.LogConnections {
+		b.WriteString("  log stdout format raw local0\n")
+	}
+	b.WriteString("defaults\n  mode tcp\n")
+	if np.LogConnections {
+		b.WriteString("  log global\n  log-format \"conn %ft %ci %si:%sp\"\n")
+	}
+	fmt.Fprintf(&b, `  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+frontend outbound
+  bind %[1]s:%[2]d
+  default_backend orig
+backend orig
+  server orig 0.0.0.0 source %[1]s
+`, np.Addr, np.OutPort)
+	for i, name := range np.Inbound {
+		fmt.Fprintf(&b, "frontend inbound_%s\n  bind fd@%d\n  default_backend orig\n", name, 3+i)
+	}
+	return b.String()
+}
+
 // StartHAProxy runs the capture tests' sidecar: haproxy inside s as
 // uid/gid, announcing original destinations with PROXY lines.
 func (s *NS) StartHAProxy(t TB, uid, gid uint32, outPort, inPort uint16) {

@@ -79,34 +79,19 @@ func (np *nodeProxy) start(perNode ...*podRef) {
 	t.Helper()
 	np.stop()
 	gw := gateway(np.node)
-	var cfg strings.Builder
-	fmt.Fprintf(&cfg, `global
-  maxconn 500
-  log stdout format raw local0
-defaults
-  mode tcp
-  log global
-  log-format "conn %%ft %%ci %%si:%%sp"
-  timeout connect 3s
-  timeout client 30s
-  timeout server 30s
-frontend outbound
-  bind %s:15001
-  default_backend orig
-backend orig
-  server orig 0.0.0.0 source %s
-`, gw, gw)
 	var files []*os.File
-	for i, p := range perNode {
+	var names []string
+	for _, p := range perNode {
 		f, err := listenInNetns("/var/run/netns/"+p.netns, 15006)
 		if err != nil {
 			t.Fatalf("inbound listener in %s: %v", p, err)
 		}
 		files = append(files, f)
-		fmt.Fprintf(&cfg, "frontend inbound_%s\n  bind fd@%d\n  default_backend orig\n", p.pod.Name, 3+i)
+		names = append(names, p.pod.Name)
 	}
+	cfg := podnet.NodeProxyConfig(podnet.NodeProxy{Addr: gw.String(), OutPort: 15001, Inbound: names, LogConnections: true})
 	path := filepath.Join(np.e.dir, np.node.Name+"-node-proxy.cfg")
-	if err := os.WriteFile(path, []byte(cfg.String()), 0o644); err != nil {
+	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	cmd := exec.Command("ip", "netns", "exec", np.node.Netns, "haproxy", "-db", "-f", path)
