@@ -327,51 +327,35 @@ func (c *Capture) Put(netns uint64, p Pod) error {
 // deleteStale removes netns's rules that are not in the keep lists.
 func (c *Capture) deleteStale(netns uint64, cidrs []captureCidrKey, ports []capturePortKey, ips [][16]byte) error {
 	lo, hi := splitCookie(netns)
-	var errs []error
-	var ck captureCidrKey
-	var v uint8
-	var staleC []captureCidrKey
-	keepC := setOf(cidrs)
-	it := c.objs.Cidrs.Iterate()
-	for it.Next(&ck, &v) {
-		if ck.NetnsLo == lo && ck.NetnsHi == hi && !keepC[ck] {
-			staleC = append(staleC, ck)
-		}
-	}
-	errs = append(errs, it.Err())
-	for _, k := range staleC {
-		errs = append(errs, ignoreNotExist(c.objs.Cidrs.Delete(&k)))
-	}
-	var pk capturePortKey
-	var staleP []capturePortKey
-	keepP := setOf(ports)
-	it = c.objs.Ports.Iterate()
-	for it.Next(&pk, &v) {
-		if pk.NetnsLo == lo && pk.NetnsHi == hi && !keepP[pk] {
-			staleP = append(staleP, pk)
-		}
-	}
-	errs = append(errs, it.Err())
-	for _, k := range staleP {
-		errs = append(errs, ignoreNotExist(c.objs.Ports.Delete(&k)))
-	}
-	var ik [16]byte
-	var owner uint64
-	var staleI [][16]byte
-	it = c.objs.PodIps.Iterate()
-	for it.Next(&ik, &owner) {
-		if owner == netns && !slices.Contains(ips, ik) {
-			staleI = append(staleI, ik)
-		}
-	}
-	errs = append(errs, it.Err())
-	for _, k := range staleI {
-		errs = append(errs, ignoreNotExist(c.objs.PodIps.Delete(&k)))
-	}
-	if err := errors.Join(errs...); err != nil {
+	keepC, keepP := setOf(cidrs), setOf(ports)
+	err := errors.Join(
+		deleteWhere(c.objs.Cidrs, func(k captureCidrKey, _ uint8) bool { return k.NetnsLo == lo && k.NetnsHi == hi && !keepC[k] }),
+		deleteWhere(c.objs.Ports, func(k capturePortKey, _ uint8) bool { return k.NetnsLo == lo && k.NetnsHi == hi && !keepP[k] }),
+		deleteWhere(c.objs.PodIps, func(k [16]byte, owner uint64) bool { return owner == netns && !slices.Contains(ips, k) }),
+	)
+	if err != nil {
 		return fmt.Errorf("remove stale rules: %w", err)
 	}
 	return nil
+}
+
+// deleteWhere removes the entries of m that match, collecting the keys
+// first (deleting while iterating would restart the walk).
+func deleteWhere[K, V any](m *ebpf.Map, match func(K, V) bool) error {
+	var k K
+	var v V
+	var stale []K
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		if match(k, v) {
+			stale = append(stale, k)
+		}
+	}
+	errs := []error{it.Err()}
+	for _, s := range stale {
+		errs = append(errs, ignoreNotExist(m.Delete(&s)))
+	}
+	return errors.Join(errs...)
 }
 
 func setOf[K comparable](keys []K) map[K]bool {
@@ -411,31 +395,11 @@ func (c *Capture) Delete(netns uint64) error {
 	errs = append(errs, c.detachInbound(netns))
 	errs = append(errs, c.deleteStale(netns, nil, nil, nil))
 	errs = append(errs, ignoreNotExist(c.objs.PodCounters.Delete(&netns)))
-	var tk captureTupleKey
-	var od captureOrigDst
-	var staleT []captureTupleKey
-	it := c.objs.OrigByTuple.Iterate()
-	for it.Next(&tk, &od) {
-		if tk.Netns == netns || (od.Flags&origNode != 0 && podIPs[tk.Src]) {
-			staleT = append(staleT, tk)
-		}
-	}
-	errs = append(errs, it.Err())
-	for _, k := range staleT {
-		errs = append(errs, ignoreNotExist(c.objs.OrigByTuple.Delete(&k)))
-	}
-	var sc uint64
-	var staleS []uint64
-	it = c.objs.OrigByCookie.Iterate()
-	for it.Next(&sc, &od) {
-		if od.Netns == netns {
-			staleS = append(staleS, sc)
-		}
-	}
-	errs = append(errs, it.Err())
-	for _, k := range staleS {
-		errs = append(errs, ignoreNotExist(c.objs.OrigByCookie.Delete(&k)))
-	}
+	errs = append(errs,
+		deleteWhere(c.objs.OrigByTuple, func(k captureTupleKey, od captureOrigDst) bool {
+			return k.Netns == netns || (od.Flags&origNode != 0 && podIPs[k.Src])
+		}),
+		deleteWhere(c.objs.OrigByCookie, func(_ uint64, od captureOrigDst) bool { return od.Netns == netns }))
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("delete pod %d: %w", netns, err)
 	}

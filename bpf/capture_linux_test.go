@@ -923,7 +923,13 @@ func mustPlan(t *testing.T) Pod {
 // dialFromRemote connects from the remote netns with a socket outside the
 // test cgroup: a client on another node, seen only by tc on the pod's eth0.
 func (e *env) dialFromRemote(dst netip.AddrPort) (reply, error) {
-	netns, err := ns.GetNS("/var/run/netns/" + e.remNS)
+	return dialFromNetns(e.t, "/var/run/netns/"+e.remNS, dst)
+}
+
+// dialFromNetns sends the "dial" request from the netns at path with the
+// test process's own socket (outside the test cgroup) and reads the reply.
+func dialFromNetns(t *testing.T, path string, dst netip.AddrPort) (reply, error) {
+	netns, err := ns.GetNS(path)
 	if err != nil {
 		return reply{}, err
 	}
@@ -935,7 +941,7 @@ func (e *env) dialFromRemote(dst netip.AddrPort) (reply, error) {
 			return err
 		}
 		defer c.Close()
-		c.SetDeadline(time.Now().Add(5 * time.Second))
+		c.SetDeadline(time.Now().Add(10 * time.Second))
 		c.Write([]byte("D"))
 		out, err = io.ReadAll(c)
 		return err
@@ -943,7 +949,7 @@ func (e *env) dialFromRemote(dst netip.AddrPort) (reply, error) {
 	if err != nil {
 		return reply{}, err
 	}
-	return parseReply(e.t, string(out)), nil
+	return parseReply(t, string(out)), nil
 }
 
 func TestInboundCapture(t *testing.T) {

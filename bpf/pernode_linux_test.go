@@ -4,14 +4,12 @@ package bpf
 
 import (
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -19,6 +17,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"golang.org/x/sys/unix"
 
+	"github.com/sidelane/sidelane/internal/podnet"
 	"github.com/sidelane/sidelane/internal/testenv"
 )
 
@@ -66,25 +65,8 @@ type nodeEnv struct {
 	cookies  map[string]uint64
 	hostCk   uint64
 	proxy    *exec.Cmd
-	proxyLog *syncBuffer
+	proxyLog *podnet.Buffer
 	sidecar  *exec.Cmd
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 func newNodeEnv(t *testing.T) *nodeEnv {
@@ -285,7 +267,7 @@ backend inorig
 	cmd := exec.Command("ip", "netns", "exec", e.host, testenv.RequireTool(e.t, "haproxy"), "-db", "-f", path)
 	cmd.ExtraFiles = files
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: e.cgfd}
-	e.proxyLog = &syncBuffer{}
+	e.proxyLog = &podnet.Buffer{}
 	cmd.Stdout, cmd.Stderr = e.proxyLog, e.proxyLog
 	if err := cmd.Start(); err != nil {
 		e.t.Fatal(err)
@@ -342,7 +324,7 @@ backend inorig
 	}
 	cmd := exec.Command("ip", "netns", "exec", e.pods["S"], testenv.RequireTool(e.t, "haproxy"), "-db", "-f", path)
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: e.cgfd}
-	var logs syncBuffer
+	var logs podnet.Buffer
 	cmd.Stdout, cmd.Stderr = &logs, &logs
 	if err := cmd.Start(); err != nil {
 		e.t.Fatal(err)
@@ -386,27 +368,7 @@ func (e *nodeEnv) dial(p string, dst netip.AddrPort) (reply, error) {
 // dialFrom connects from netns nsName with the test process's own socket,
 // outside the test cgroup: another node, or the host itself (kubelet).
 func (e *nodeEnv) dialFrom(nsName string, dst netip.AddrPort) (reply, error) {
-	netns, err := ns.GetNS("/var/run/netns/" + nsName)
-	if err != nil {
-		return reply{}, err
-	}
-	defer netns.Close()
-	var out []byte
-	err = netns.Do(func(ns.NetNS) error {
-		c, err := net.DialTimeout("tcp", dst.String(), 3*time.Second)
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(10 * time.Second))
-		c.Write([]byte("D"))
-		out, err = io.ReadAll(c)
-		return err
-	})
-	if err != nil {
-		return reply{}, err
-	}
-	return parseReply(e.t, string(out)), nil
+	return dialFromNetns(e.t, "/var/run/netns/"+nsName, dst)
 }
 
 // proxyLines waits until the node proxy has logged n connections since
@@ -555,7 +517,7 @@ func TestPerNodeMode(t *testing.T) {
 	t.Run("mode toggles: new connections follow, established ones survive", func(t *testing.T) {
 		// A stream opened in per-node mode, through the node proxy...
 		stream := e.app("A", "stream", at(plainP))
-		var out syncBuffer
+		var out podnet.Buffer
 		stream.Stdout, stream.Stderr = &out, &out
 		mark := e.proxyMark()
 		if err := stream.Start(); err != nil {
@@ -690,7 +652,7 @@ func TestPerNodeModeIPv6(t *testing.T) {
 	l := exec.Command("ip", "netns", "exec", e.host, os.Args[0], "-test.run=^$", netip.AddrPortFrom(nodeGW6, 15001).String())
 	l.Env = append(os.Environ(), helperEnv+"=origdst")
 	l.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: e.cgfd}
-	var out syncBuffer
+	var out podnet.Buffer
 	l.Stdout, l.Stderr = &out, &out
 	if err := l.Start(); err != nil {
 		t.Fatal(err)

@@ -29,30 +29,41 @@ var tables = []string{"nat", "raw"}
 func (b *Backend) Enroll(_ context.Context, e *store.Entry) error {
 	v4, v6 := Desired(*e)
 	return ignoreGoneIfEmpty(v4, v6, inNetns(e.Netns, func() error {
-		for _, fam := range []struct {
-			proto goipt.Protocol
-			rules []Rule
-		}{{goipt.ProtocolIPv4, v4}, {goipt.ProtocolIPv6, v6}} {
-			ipt, err := goipt.New(goipt.IPFamily(fam.proto), goipt.Timeout(10))
-			if err != nil {
-				return fmt.Errorf("iptables for %s: %w", family(fam.proto), err)
-			}
-			if verify(ipt, fam.rules) == nil {
-				continue
+		return perFamily(v4, v6, func(ipt *goipt.IPTables, fam string, rules []Rule) error {
+			if verify(ipt, rules) == nil {
+				return nil
 			}
 			if err := remove(ipt); err != nil {
-				return fmt.Errorf("clear %s rules in %s: %w", family(fam.proto), e.Netns, err)
+				return fmt.Errorf("clear %s rules in %s: %w", fam, e.Netns, err)
 			}
-			if err := apply(ipt, fam.rules); err != nil {
+			if err := apply(ipt, rules); err != nil {
 				if rerr := remove(ipt); rerr != nil {
 					err = errors.Join(err, fmt.Errorf("roll back: %w", rerr))
 				}
-				return fmt.Errorf("install %s rules in %s: %w", family(fam.proto), e.Netns, err)
+				return fmt.Errorf("install %s rules in %s: %w", fam, e.Netns, err)
 			}
-			b.log.Debug("installed capture rules", logNetns, e.Netns, logFamily, family(fam.proto), logRules, len(fam.rules))
-		}
-		return nil
+			b.log.Debug("installed capture rules", logNetns, e.Netns, logFamily, fam, logRules, len(rules))
+			return nil
+		})
 	}))
+}
+
+// perFamily runs fn for IPv4 and then IPv6 with that family's iptables and
+// wanted rules, stopping at the first error.
+func perFamily(v4, v6 []Rule, fn func(ipt *goipt.IPTables, fam string, rules []Rule) error) error {
+	for _, f := range []struct {
+		proto goipt.Protocol
+		rules []Rule
+	}{{goipt.ProtocolIPv4, v4}, {goipt.ProtocolIPv6, v6}} {
+		ipt, err := goipt.New(goipt.IPFamily(f.proto), goipt.Timeout(10))
+		if err != nil {
+			return fmt.Errorf("iptables for %s: %w", family(f.proto), err)
+		}
+		if err := fn(ipt, family(f.proto), f.rules); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // ignoreGoneIfEmpty treats a vanished netns as fine when no rules are
@@ -93,19 +104,12 @@ func (b *Backend) Unenroll(_ context.Context, e store.Entry) error {
 func (b *Backend) Verify(_ context.Context, e store.Entry) error {
 	v4, v6 := Desired(e)
 	return ignoreGoneIfEmpty(v4, v6, inNetns(e.Netns, func() error {
-		for _, fam := range []struct {
-			proto goipt.Protocol
-			rules []Rule
-		}{{goipt.ProtocolIPv4, v4}, {goipt.ProtocolIPv6, v6}} {
-			ipt, err := goipt.New(goipt.IPFamily(fam.proto), goipt.Timeout(10))
-			if err != nil {
-				return fmt.Errorf("iptables for %s: %w", family(fam.proto), err)
+		return perFamily(v4, v6, func(ipt *goipt.IPTables, fam string, rules []Rule) error {
+			if err := verify(ipt, rules); err != nil {
+				return fmt.Errorf("%s rules in %s: %w", fam, e.Netns, err)
 			}
-			if err := verify(ipt, fam.rules); err != nil {
-				return fmt.Errorf("%s rules in %s: %w", family(fam.proto), e.Netns, err)
-			}
-		}
-		return nil
+			return nil
+		})
 	}))
 }
 
