@@ -152,11 +152,7 @@ func newEnv(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.cgroup = filepath.Join(mnt, testenv.UniqueName("sidelane-test-"))
-	if err := os.Mkdir(e.cgroup, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { removeCgroup(t, e.cgroup) })
+	e.cgroup = testenv.Cgroup(t, mnt, "sidelane-test-")
 	e.cgfd, err = unix.Open(e.cgroup, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -233,18 +229,6 @@ func (e *env) load() {
 		e.t.Fatal(err)
 	}
 	e.cap = c
-}
-
-// removeCgroup kills what is left in the cgroup and removes it.
-func removeCgroup(t *testing.T, cg string) {
-	os.WriteFile(filepath.Join(cg, "cgroup.kill"), []byte("1"), 0)
-	for i := 0; i < 50; i++ {
-		if err := os.Remove(cg); err == nil || os.IsNotExist(err) {
-			return
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	t.Errorf("cgroup %s left behind", cg)
 }
 
 // serve runs a server in the remote netns that answers every connection

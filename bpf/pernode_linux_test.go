@@ -78,11 +78,7 @@ func newNodeEnv(t *testing.T) *nodeEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.cgroup = filepath.Join(mnt, testenv.UniqueName("sidelane-test-"))
-	if err := os.Mkdir(e.cgroup, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { removeCgroup(t, e.cgroup) })
+	e.cgroup = testenv.Cgroup(t, mnt, "sidelane-test-")
 	e.cgfd, err = unix.Open(e.cgroup, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -200,12 +196,7 @@ func (e *nodeEnv) enrollNode(p string) {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	if err := e.cap.Put(e.cookies[p], pod); err != nil {
-		e.t.Fatal(err)
-	}
-	if err := e.cap.AttachInbound("/var/run/netns/"+e.pods[p], e.cookies[p], "eth0"); err != nil {
-		e.t.Fatal(err)
-	}
+	e.put(p, pod)
 }
 
 func (e *nodeEnv) enrollSidecar(p string) {
@@ -214,6 +205,12 @@ func (e *nodeEnv) enrollSidecar(p string) {
 	if err != nil {
 		e.t.Fatal(err)
 	}
+	e.put(p, pod)
+}
+
+// put enrolls pod p as planned and attaches its inbound capture.
+func (e *nodeEnv) put(p string, pod Pod) {
+	e.t.Helper()
 	if err := e.cap.Put(e.cookies[p], pod); err != nil {
 		e.t.Fatal(err)
 	}

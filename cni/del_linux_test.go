@@ -10,8 +10,6 @@ import (
 	"testing"
 
 	"github.com/containernetworking/cni/libcni"
-	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
 
 	"github.com/sidelane/sidelane/agent"
@@ -77,7 +75,7 @@ func TestDelAfterUninstall(t *testing.T) {
 	ctx := context.Background()
 	pods := map[string]*libcni.RuntimeConf{}
 	for _, id := range []string{"crio-pod", "containerd-pod", "agent-gone-pod"} {
-		n := newTestNS(t)
+		n := testenv.NewNS(t)
 		rt := &libcni.RuntimeConf{ContainerID: id + "-" + testenv.UniqueName(""), NetNS: n.Path(), IfName: "eth0",
 			Args: [][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAMESPACE", "default"}, {"K8S_POD_NAME", id}}}
 		if _, err := cniConf.AddNetworkList(ctx, installed.list, rt); err != nil {
@@ -184,17 +182,4 @@ func (r runtimeConf) plugins(typ string) bool {
 		}
 	}
 	return false
-}
-
-func newTestNS(t *testing.T) ns.NetNS {
-	t.Helper()
-	n, err := testutils.NewNS()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		n.Close()
-		_ = testutils.UnmountNS(n)
-	})
-	return n
 }

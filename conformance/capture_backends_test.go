@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sidelane/sidelane/agent/datapath"
 	"github.com/sidelane/sidelane/agent/datapath/iptables"
 	"github.com/sidelane/sidelane/agent/store"
 	"github.com/sidelane/sidelane/internal/istioref"
@@ -61,7 +62,11 @@ func (s *sidelaneIPTables) setup(t *testing.T) {
 	s.backend = iptables.New(slog.New(slog.NewTextHandler(testWriter{t}, nil)))
 }
 
-func (s *sidelaneIPTables) install(t *testing.T, pod *capPod) {
+func (s *sidelaneIPTables) install(t *testing.T, pod *capPod) { enroll(t, s.backend, pod) }
+
+// enroll does what the agent does for a sidecar pod: parse the pod's
+// knobs, Enroll the entry, Verify it; Unenroll at cleanup.
+func enroll(t *testing.T, dp datapath.Datapath, pod *capPod) {
 	t.Helper()
 	settings, warnings, err := capture.ParseOrDefaults(pod.spec)
 	if err != nil {
@@ -78,15 +83,15 @@ func (s *sidelaneIPTables) install(t *testing.T, pod *capPod) {
 		Capture: &settings,
 	}
 	ctx := context.Background()
-	if err := s.backend.Enroll(ctx, &e); err != nil {
+	if err := dp.Enroll(ctx, &e); err != nil {
 		t.Fatalf("enroll: %v", err)
 	}
 	t.Cleanup(func() {
-		if err := s.backend.Unenroll(ctx, e); err != nil {
+		if err := dp.Unenroll(ctx, e); err != nil {
 			t.Errorf("unenroll: %v", err)
 		}
 	})
-	if err := s.backend.Verify(ctx, e); err != nil {
+	if err := dp.Verify(ctx, e); err != nil {
 		t.Fatalf("verify right after enroll: %v", err)
 	}
 }

@@ -3,7 +3,6 @@
 package conformance
 
 import (
-	"context"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -12,10 +11,8 @@ import (
 	"testing"
 
 	dpebpf "github.com/sidelane/sidelane/agent/datapath/ebpf"
-	"github.com/sidelane/sidelane/agent/store"
 	"github.com/sidelane/sidelane/bpf"
 	"github.com/sidelane/sidelane/internal/testenv"
-	"github.com/sidelane/sidelane/istio/capture"
 )
 
 type sidelaneEBPF struct{ dp *dpebpf.Datapath }
@@ -61,25 +58,4 @@ func (s *sidelaneEBPF) setup(t *testing.T) {
 	s.dp = dpebpf.New(c, slog.New(slog.NewTextHandler(testWriter{t}, nil)))
 }
 
-func (s *sidelaneEBPF) install(t *testing.T, pod *capPod) {
-	t.Helper()
-	settings, _, err := capture.ParseOrDefaults(pod.spec)
-	if err != nil {
-		t.Logf("capture knobs rejected, Istio's defaults apply: %v", err)
-	}
-	e := store.Entry{
-		Key:     store.Key{Network: "capture", ContainerID: pod.ns.Name, IfName: "eth0"},
-		Netns:   pod.ns.Path,
-		IPs:     podIPs(pod),
-		Mode:    "sidecar",
-		Capture: &settings,
-	}
-	ctx := context.Background()
-	if err := s.dp.Enroll(ctx, &e); err != nil {
-		t.Fatalf("enroll: %v", err)
-	}
-	t.Cleanup(func() { s.dp.Unenroll(ctx, e) })
-	if err := s.dp.Verify(ctx, e); err != nil {
-		t.Fatalf("verify: %v", err)
-	}
-}
+func (s *sidelaneEBPF) install(t *testing.T, pod *capPod) { enroll(t, s.dp, pod) }

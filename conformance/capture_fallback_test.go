@@ -30,11 +30,7 @@ func (s *sidelaneFallback) setup(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A cgroup of the test's own: the probe must never look at the root.
-	cg := filepath.Join(mnt, testenv.UniqueName("sidelane-fallback-"))
-	if err := os.Mkdir(cg, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = os.Remove(cg) })
+	cg := testenv.Cgroup(t, mnt, "sidelane-fallback-")
 	pins := filepath.Join("/sys/fs/bpf", testenv.UniqueName("sidelane-fallback-"))
 	t.Cleanup(func() { _ = os.RemoveAll(pins) })
 

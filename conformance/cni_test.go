@@ -109,7 +109,7 @@ func (e *env) testErrorJSON(t *testing.T) {
 }
 
 func (e *env) testAddWithoutPrevResult(t *testing.T) {
-	n := newNS(t)
+	n := testenv.NewNS(t)
 	out := e.invoke(invocation{command: "ADD", containerID: "noprev", netns: n.Path(), stdin: e.stdin(nil)})
 	ce := out.cniError(t)
 	if ce.Code != types.ErrInvalidNetworkConfig || !strings.Contains(ce.Msg, "prevResult") {
@@ -121,7 +121,7 @@ func (e *env) testAddWithoutPrevResult(t *testing.T) {
 }
 
 func (e *env) testPassthrough(t *testing.T) {
-	n := newNS(t)
+	n := testenv.NewNS(t)
 	prev := prevResultJSON(e.version)
 	out := e.invoke(invocation{command: "ADD", containerID: "pass", netns: n.Path(), args: "K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p",
 		stdin: e.stdin(map[string]any{"prevResult": prev})})
@@ -146,7 +146,7 @@ func (e *env) testPassthrough(t *testing.T) {
 }
 
 func (e *env) testChainNoop(t *testing.T) {
-	n := newNS(t)
+	n := testenv.NewNS(t)
 	debugFile := filepath.Join(t.TempDir(), "noop.json")
 	if err := (&noopdebug.Debug{ReportResult: "PASSTHROUGH"}).WriteDebug(debugFile); err != nil {
 		t.Fatal(err)
@@ -193,7 +193,7 @@ func (e *env) testChainNoop(t *testing.T) {
 }
 
 func (e *env) testGoCNI(t *testing.T) {
-	n := newNS(t)
+	n := testenv.NewNS(t)
 	// As containerd does: the conf dir's first file is the default network
 	// (eth0), plus the loopback network.
 	confDir := t.TempDir()
@@ -237,7 +237,7 @@ func (e *env) testGoCNI(t *testing.T) {
 // addAttachment adds one pod through the full chain with libcni.
 func (e *env) addAttachment(t *testing.T, id string) (*libcni.NetworkConfigList, *libcni.RuntimeConf) {
 	t.Helper()
-	n := newNS(t)
+	n := testenv.NewNS(t)
 	list := e.confList(nil)
 	rt := runtimeConf(id, n, id)
 	if _, err := e.cni.AddNetworkList(context.Background(), list, rt); err != nil {
@@ -302,7 +302,7 @@ func (e *env) testDelAgentDown(t *testing.T) {
 }
 
 func (e *env) testCNIArgs(t *testing.T) {
-	n := newNS(t)
+	n := testenv.NewNS(t)
 	stdin := e.stdin(map[string]any{"prevResult": prevResultJSON(e.version)})
 	out := e.invoke(invocation{command: "ADD", containerID: "args1", netns: n.Path(), stdin: stdin,
 		args: "IgnoreUnknown=1;K8S_POD_NAMESPACE=team-a;K8S_POD_NAME=web-1;K8S_POD_UID=abc;SOMETHING_ELSE=x"})
@@ -328,7 +328,7 @@ func (e *env) testCNIArgs(t *testing.T) {
 }
 
 func (e *env) testUnknownFields(t *testing.T) {
-	n := newNS(t)
+	n := testenv.NewNS(t)
 	out := e.invoke(invocation{command: "ADD", containerID: "unknown", netns: n.Path(), stdin: e.stdin(map[string]any{
 		"prevResult": prevResultJSON(e.version), "fromTheFuture": map[string]any{"x": 1}, "runtimeConfig": map[string]any{"portMappings": []any{}},
 	})})
@@ -339,7 +339,7 @@ func (e *env) testUnknownFields(t *testing.T) {
 }
 
 func (e *env) testFailPolicy(t *testing.T) {
-	n := newNS(t)
+	n := testenv.NewNS(t)
 	down := filepath.Join(t.TempDir(), "nobody-listens.sock")
 	prev := prevResultJSON(e.version)
 	out := e.invoke(invocation{command: "ADD", containerID: "fp", netns: n.Path(), stdin: e.stdin(map[string]any{"prevResult": prev, "agentSocket": down})})
@@ -361,7 +361,7 @@ func (e *env) testParallel(t *testing.T) {
 	var wg sync.WaitGroup
 	errs := make(chan error, 20)
 	for i := range 20 {
-		n := newNS(t)
+		n := testenv.NewNS(t)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()

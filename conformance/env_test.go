@@ -15,7 +15,6 @@ import (
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
 
 	"github.com/sidelane/sidelane/agent/store"
@@ -109,20 +108,6 @@ func (e *env) confList(sidelane map[string]any, more ...map[string]any) *libcni.
 		e.t.Fatalf("conflist: %v", err)
 	}
 	return list
-}
-
-// newNS makes a network namespace removed at cleanup.
-func newNS(t *testing.T) ns.NetNS {
-	t.Helper()
-	n, err := testutils.NewNS()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		n.Close()
-		_ = testutils.UnmountNS(n)
-	})
-	return n
 }
 
 func runtimeConf(id string, n ns.NetNS, podName string) *libcni.RuntimeConf {

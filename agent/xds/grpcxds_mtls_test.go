@@ -9,7 +9,6 @@ import (
 	"crypto/x509/pkix"
 	"encoding/json"
 	"encoding/pem"
-	"log/slog"
 	"math/big"
 	"net"
 	"net/netip"
@@ -24,7 +23,6 @@ import (
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
-	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/connectivity"
@@ -69,18 +67,7 @@ func TestGRPCProxylessRBACPeerCertificate(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	providers := writeCerts(t)
-	srv, err := NewServer(ctx, slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn})), prometheus.NewRegistry())
-	if err != nil {
-		t.Fatal(err)
-	}
-	xdsLis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	g := grpc.NewServer()
-	srv.Register(g)
-	go g.Serve(xdsLis)
-	t.Cleanup(g.Stop)
+	srv, xdsLis := serveXDS(ctx, t)
 	bootstrap := func(node string) []byte {
 		b, err := json.Marshal(map[string]any{
 			"xds_servers":                            []any{map[string]any{"server_uri": xdsLis.Addr().String(), "channel_creds": []any{map[string]any{"type": "insecure"}}, "server_features": []string{"xds_v3"}}},

@@ -178,9 +178,10 @@ type testEnv struct {
 	resolver  resolver.Builder
 }
 
-func startEnv(ctx context.Context, t *testing.T) *testEnv {
-	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	srv, err := NewServer(ctx, log, prometheus.NewRegistry())
+// serveXDS runs a Server over gRPC on a loopback port until the test ends.
+func serveXDS(ctx context.Context, t *testing.T) (*Server, net.Listener) {
+	t.Helper()
+	srv, err := NewServer(ctx, slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn})), prometheus.NewRegistry())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -192,6 +193,11 @@ func startEnv(ctx context.Context, t *testing.T) *testEnv {
 	srv.Register(g)
 	go g.Serve(xdsLis)
 	t.Cleanup(g.Stop)
+	return srv, xdsLis
+}
+
+func startEnv(ctx context.Context, t *testing.T) *testEnv {
+	srv, xdsLis := serveXDS(ctx, t)
 
 	bootstrap := func(node string) []byte {
 		return []byte(fmt.Sprintf(`{

@@ -4,13 +4,8 @@ package run
 
 import (
 	"fmt"
-	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
-	"syscall"
-	"time"
 
 	"github.com/sidelane/sidelane/agent/datapath/ebpf"
 	"github.com/sidelane/sidelane/bench/report"
@@ -29,8 +24,7 @@ type benchNodeProxy struct {
 	gw                  string
 	Stats               string
 	files               []*os.File // inbound listeners, one per pod
-	cmd                 *exec.Cmd
-	done                chan struct{}
+	proc                *podnet.NodeProxyProc
 }
 
 // addPerNode loads a capture for the per-node contender on the mesh's
@@ -64,18 +58,9 @@ func (m *Mesh) addPerNode(tb podnet.TB) (*Contender, error) {
 }
 
 func (np *benchNodeProxy) add(p *Pod) error {
-	var f *os.File
-	err := p.NS.Do(func() error {
-		l, err := net.Listen("tcp4", fmt.Sprintf("0.0.0.0:%d", capture.InboundPort))
-		if err != nil {
-			return err
-		}
-		defer l.Close()
-		f, err = l.(*net.TCPListener).File()
-		return err
-	})
+	f, err := podnet.ListenIn(p.NS.Path, capture.InboundPort)
 	if err != nil {
-		return fmt.Errorf("inbound listener in %s: %w", p.NS.Name, err)
+		return err
 	}
 	np.files = append(np.files, f)
 	return np.restart()
@@ -87,47 +72,19 @@ func (np *benchNodeProxy) restart() error {
 	for i := range np.files {
 		names = append(names, fmt.Sprint(i))
 	}
-	cfg := podnet.NodeProxyConfig(podnet.NodeProxy{Addr: np.gw, OutPort: capture.OutboundPort, Inbound: names, StatsSocket: np.Stats})
-	path := filepath.Join(np.dir, "node-proxy.cfg")
-	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
-		return err
-	}
-	cmd := exec.Command("ip", "netns", "exec", np.router, "haproxy", "-db", "-f", path)
-	cmd.ExtraFiles = np.files
 	var out podnet.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	closeCg, err := podnet.InCgroup(cmd, np.cgroup)
+	proc, err := podnet.StartNodeProxy(np.router, np.cgroup, filepath.Join(np.dir, "node-proxy.cfg"),
+		podnet.NodeProxy{Addr: np.gw, OutPort: capture.OutboundPort, Inbound: names, StatsSocket: np.Stats}, np.files, &out)
 	if err != nil {
-		return err
+		return fmt.Errorf("%w: %s", err, out.String())
 	}
-	err = cmd.Start()
-	closeCg()
-	if err != nil {
-		return fmt.Errorf("start haproxy: %w", err)
-	}
-	np.cmd, np.done = cmd, make(chan struct{})
-	done := np.done
-	go func() { _ = cmd.Wait(); close(done) }()
-	for range 200 {
-		select {
-		case <-done:
-			return fmt.Errorf("haproxy exited: %s", out.String())
-		default:
-		}
-		ss, _ := exec.Command("ip", "netns", "exec", np.router, "ss", "-Hltn").Output()
-		if strings.Contains(string(ss), fmt.Sprintf("%s:%d ", np.gw, capture.OutboundPort)) {
-			return nil
-		}
-		time.Sleep(25 * time.Millisecond)
-	}
-	return fmt.Errorf("haproxy not listening: %s", out.String())
+	np.proc = proc
+	return nil
 }
 
 func (np *benchNodeProxy) stop() {
-	if np.cmd == nil {
-		return
+	if np.proc != nil {
+		np.proc.Stop()
+		np.proc = nil
 	}
-	_ = np.cmd.Process.Signal(syscall.SIGKILL)
-	<-np.done
-	np.cmd = nil
 }

@@ -15,7 +15,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -27,6 +26,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/sidelane/sidelane/agent/cnirpc"
+	"github.com/sidelane/sidelane/bpf"
 	"github.com/sidelane/sidelane/internal/kubeharness"
 	"github.com/sidelane/sidelane/internal/kubelet"
 	"github.com/sidelane/sidelane/internal/podnet"
@@ -182,20 +182,6 @@ func (r *run) story(ctx context.Context) error {
 	return nil
 }
 
-func cgroup2Mount() (string, error) {
-	data, err := os.ReadFile("/proc/mounts")
-	if err != nil {
-		return "", err
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Fields(line)
-		if len(f) >= 3 && f[2] == "cgroup2" {
-			return f[1], nil
-		}
-	}
-	return "", errors.New("no cgroup2 mount")
-}
-
 func (r *run) setup(ctx context.Context) error {
 	r.say("== 0. a local cluster: real kube-apiserver + etcd, two simulated nodes, the agent on each")
 	if os.Geteuid() != 0 {
@@ -225,7 +211,7 @@ func (r *run) setup(ctx context.Context) error {
 
 	// The demo's own cgroup subtree: the agents attach their programs here,
 	// never to the machine's root cgroup.
-	mnt, err := cgroup2Mount()
+	mnt, err := bpf.CgroupV2Mount()
 	if err != nil {
 		return err
 	}

@@ -11,6 +11,10 @@ import (
 	"path/filepath"
 	"runtime"
 	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/containernetworking/plugins/pkg/testutils"
 )
 
 // RequirePrivilegedEnv, when "1", turns every would-be privilege skip into a
@@ -108,4 +112,58 @@ func RequireTool(t testing.TB, name string) string {
 	}
 	t.Fatalf("%s not installed (run make tools)", name)
 	return ""
+}
+
+// Cgroup creates a cgroup v2 directory of the test's own below mount (the
+// cgroup2 mount: bpf.CgroupV2Mount; never attach to the mount itself) and,
+// at cleanup, kills whatever is left in it or its children and removes
+// them all, failing the test if one stays behind.
+func Cgroup(t testing.TB, mount, prefix string) string {
+	t.Helper()
+	dir := filepath.Join(mount, UniqueName(prefix))
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatalf("create test cgroup: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := removeCgroupTree(dir); err != nil {
+			t.Errorf("cgroup %s left behind: %v", dir, err)
+		}
+	})
+	return dir
+}
+
+// removeCgroupTree kills the processes of dir's tree and removes it,
+// children first (an emptied cgroup can take a moment to be removable).
+func removeCgroupTree(dir string) error {
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if e.IsDir() {
+			if err := removeCgroupTree(filepath.Join(dir, e.Name())); err != nil {
+				return err
+			}
+		}
+	}
+	_ = os.WriteFile(filepath.Join(dir, "cgroup.kill"), []byte("1"), 0)
+	var err error
+	for range 50 {
+		if err = os.Remove(dir); err == nil || os.IsNotExist(err) {
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return err
+}
+
+// NewNS makes a network namespace that is closed and unmounted at cleanup.
+func NewNS(t testing.TB) ns.NetNS {
+	t.Helper()
+	n, err := testutils.NewNS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		n.Close()
+		_ = testutils.UnmountNS(n)
+	})
+	return n
 }

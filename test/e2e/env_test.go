@@ -19,6 +19,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/sidelane/sidelane/agent/cnirpc"
+	"github.com/sidelane/sidelane/bpf"
 	"github.com/sidelane/sidelane/internal/kubeharness"
 	"github.com/sidelane/sidelane/internal/kubelet"
 	"github.com/sidelane/sidelane/internal/testenv"
@@ -33,44 +34,14 @@ const AgentArgsEnv = "SIDELANE_E2E_AGENT_ARGS"
 // attached to the test's own cgroup subtree.
 const DatapathEnv = "SIDELANE_E2E_DATAPATH"
 
-// cgroupRoot finds the cgroup v2 mount (/sys/fs/cgroup/unified here,
-// /sys/fs/cgroup on most machines).
-func cgroupRoot(t *testing.T) string {
-	t.Helper()
-	data, err := os.ReadFile("/proc/mounts")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Fields(line)
-		if len(f) >= 3 && f[2] == "cgroup2" {
-			return f[1]
-		}
-	}
-	t.Fatal("no cgroup2 mount")
-	return ""
-}
-
 // testCgroup creates the test's own cgroup subtree; pods get children.
 func testCgroup(t *testing.T) string {
 	t.Helper()
-	dir := filepath.Join(cgroupRoot(t), testenv.UniqueName("sidelane-e2e-"))
-	if err := os.Mkdir(dir, 0o755); err != nil {
+	mnt, err := bpf.CgroupV2Mount()
+	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		entries, _ := os.ReadDir(dir)
-		for _, e := range entries {
-			if e.IsDir() {
-				_ = os.WriteFile(filepath.Join(dir, e.Name(), "cgroup.kill"), []byte("1"), 0)
-				_ = os.Remove(filepath.Join(dir, e.Name()))
-			}
-		}
-		if err := os.Remove(dir); err != nil {
-			t.Errorf("remove test cgroup: %v", err)
-		}
-	})
-	return dir
+	return testenv.Cgroup(t, mnt, "sidelane-e2e-")
 }
 
 // env is one e2e world: the API server, two simulated nodes, an agent per node.

@@ -3,7 +3,6 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -13,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/containernetworking/plugins/pkg/ns"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	"google.golang.org/protobuf/proto"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -39,8 +37,7 @@ type nodeProxy struct {
 	node   *kubelet.Node
 	cgroup string
 	out    *podnet.Buffer // every run's log, in order
-	cmd    *exec.Cmd
-	done   chan struct{}
+	proc   *podnet.NodeProxyProc
 }
 
 func (e *env) newNodeProxy(n *kubelet.Node) *nodeProxy {
@@ -54,85 +51,38 @@ func (e *env) newNodeProxy(n *kubelet.Node) *nodeProxy {
 	return np
 }
 
-func listenInNetns(path string, port int) (*os.File, error) {
-	netns, err := ns.GetNS(path)
-	if err != nil {
-		return nil, err
-	}
-	defer netns.Close()
-	var f *os.File
-	err = netns.Do(func(ns.NetNS) error {
-		l, err := net.Listen("tcp4", fmt.Sprintf("0.0.0.0:%d", port))
-		if err != nil {
-			return err
-		}
-		defer l.Close()
-		f, err = l.(*net.TCPListener).File()
-		return err
-	})
-	return f, err
-}
-
 // start runs the proxy with inbound listeners in the given per-node pods.
 func (np *nodeProxy) start(perNode ...*podRef) {
 	t := np.e.t
 	t.Helper()
 	np.stop()
-	gw := gateway(np.node)
 	var files []*os.File
 	var names []string
 	for _, p := range perNode {
-		f, err := listenInNetns("/var/run/netns/"+p.netns, 15006)
+		f, err := podnet.ListenIn("/var/run/netns/"+p.netns, 15006)
 		if err != nil {
-			t.Fatalf("inbound listener in %s: %v", p, err)
+			t.Fatalf("inbound listener of %s: %v", p, err)
 		}
 		files = append(files, f)
 		names = append(names, p.pod.Name)
 	}
-	cfg := podnet.NodeProxyConfig(podnet.NodeProxy{Addr: gw.String(), OutPort: 15001, Inbound: names, LogConnections: true})
-	path := filepath.Join(np.e.dir, np.node.Name+"-node-proxy.cfg")
-	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command("ip", "netns", "exec", np.node.Netns, "haproxy", "-db", "-f", path)
-	cmd.ExtraFiles = files
-	cmd.Stdout, cmd.Stderr = np.out, np.out
-	closeCg, err := podnet.InCgroup(cmd, np.cgroup)
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = cmd.Start()
-	closeCg()
+	proc, err := podnet.StartNodeProxy(np.node.Netns, np.cgroup, filepath.Join(np.e.dir, np.node.Name+"-node-proxy.cfg"),
+		podnet.NodeProxy{Addr: gateway(np.node).String(), OutPort: 15001, Inbound: names, LogConnections: true}, files, np.out)
 	// Only haproxy holds the inbound listeners now: when it dies they go.
 	for _, f := range files {
 		f.Close()
 	}
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("node proxy on %s: %v\n%s", np.node.Name, err, np.out.String())
 	}
-	np.cmd, np.done = cmd, make(chan struct{})
-	done := np.done
-	go func() { _ = cmd.Wait(); close(done) }()
-	np.e.eventually("node proxy on "+np.node.Name+" listening", func() bool {
-		return listening(np.node.Netns, gw.String()+":15001")
-	})
+	np.proc = proc
 }
 
 func (np *nodeProxy) stop() {
-	if np.cmd == nil {
-		return
+	if np.proc != nil {
+		np.proc.Stop()
+		np.proc = nil
 	}
-	_ = np.cmd.Process.Kill()
-	<-np.done
-	np.cmd = nil
-	np.e.eventually("node proxy on "+np.node.Name+" gone", func() bool {
-		return !listening(np.node.Netns, gateway(np.node).String()+":15001")
-	})
-}
-
-func listening(netns, addr string) bool {
-	ss, _ := exec.Command("ip", "netns", "exec", netns, "ss", "-Hltn").Output()
-	return strings.Contains(string(ss), addr+" ")
 }
 
 // sighting is one connection a proxy logged, written as

@@ -30,11 +30,7 @@ func TestLifecycle(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cg := filepath.Join(mnt, testenv.UniqueName("sidelane-test-"))
-	if err := os.Mkdir(cg, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.Remove(cg) })
+	cg := testenv.Cgroup(t, mnt, "sidelane-test-")
 	c, err := bpf.Load(bpf.Config{Cgroup: cg, PinDir: filepath.Join("/sys/fs/bpf", testenv.UniqueName("sidelane-test-"))})
 	if err != nil {
 		t.Fatal(err)
@@ -138,11 +134,7 @@ func TestOpenFallsBackWhenAFeatureIsMissing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cg := filepath.Join(mnt, testenv.UniqueName("sidelane-test-"))
-	if err := os.Mkdir(cg, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.Remove(cg) })
+	cg := testenv.Cgroup(t, mnt, "sidelane-test-")
 	pins := filepath.Join("/sys/fs/bpf", testenv.UniqueName("sidelane-test-"))
 
 	_, _, err = Open(Options{Cgroup: cg, PinDir: pins, ForceMissing: []string{"prog:sock_ops"}})
@@ -175,11 +167,7 @@ func TestNodeModeLifecycle(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cg := filepath.Join(mnt, testenv.UniqueName("sidelane-test-"))
-	if err := os.Mkdir(cg, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.Remove(cg) })
+	cg := testenv.Cgroup(t, mnt, "sidelane-test-")
 	hostNS, podNS := testenv.UniqueName("slhost"), testenv.UniqueName("sldp")
 	for _, n := range []string{hostNS, podNS} {
 		if out, err := exec.Command("ip", "netns", "add", n).CombinedOutput(); err != nil {
