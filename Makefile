@@ -30,7 +30,8 @@ verify: generate ## regenerate and fail if anything committed differs
 	git diff --exit-code
 	@test -z "$$(git status --porcelain --untracked-files=all)" || { git status --porcelain; echo "verify: generate left untracked files"; exit 1; }
 
-lint: ## gofmt and go vet
+lint: ## gofmt, go vet, and no tracked file over 1 MiB but the generated BPF objects
+	hack/check-large-files.sh
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 
