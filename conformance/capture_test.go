@@ -249,6 +249,15 @@ var captureCases = []capCase{
 		self(false, appUID, 80, wantDirect),
 		self(false, proxyUID, 80, wantIn),
 	}},
+	{name: "ipv6-only-dns", ipv6Only: true, pod: capture.Pod{ProxyEnv: map[string]string{capture.EnvDNSCapture: "true"}}, probes: []capProbe{
+		out(true, appUID, "a", 53, wantDNS),
+		outUDP(true, appUID, 53, wantDNS),
+		// (No direct IPv6 UDP probe: the remote's unconnected socket may
+		// answer from its second IPv6 address, which the client drops.)
+		out(true, proxyUID, "a", 53, wantDirect),
+		out(true, appUID, "a", 80, wantOut),
+		self(true, proxyUID, 80, wantIn),
+	}},
 	{name: "dns-capture-from-proxy-config", pod: capture.Pod{Annotations: map[string]string{
 		capture.AnnotationProxyConfig: "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n",
 	}}, probes: []capProbe{
