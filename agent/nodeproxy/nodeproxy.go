@@ -33,7 +33,7 @@ import (
 	"github.com/sidelane/sidelane/agent/xds"
 	"github.com/sidelane/sidelane/policy/api/v1alpha1"
 	"github.com/sidelane/sidelane/policy/compile"
-	"github.com/sidelane/sidelane/policy/controller"
+	"github.com/sidelane/sidelane/policy/input"
 )
 
 // ModeNode is the store's mode of per-node pods.
@@ -126,7 +126,7 @@ func Run(ctx context.Context, c Config) error {
 	var policies cache.GenericLister
 	if c.Dyn != nil {
 		df := dynamicinformer.NewDynamicSharedInformerFactory(c.Dyn, 0)
-		inf := df.ForResource(controller.L7PolicyGVR)
+		inf := df.ForResource(input.L7PolicyGVR)
 		if _, err := inf.Informer().AddEventHandler(h); err != nil {
 			return err
 		}
@@ -163,13 +163,13 @@ func Run(ctx context.Context, c Config) error {
 			if err != nil {
 				return err
 			}
-			ps = controller.DecodePolicies(c.Log, objs)
+			ps = input.DecodePolicies(c.Log, objs)
 		}
 		all, err := pods.Lister().List(labels.Everything())
 		if err != nil {
 			return err
 		}
-		v, err := publish(ctx, srv, c, ps, controller.Inventory(all), inPod)
+		v, err := publish(ctx, srv, c, ps, input.Inventory(all), inPod)
 		if err != nil {
 			c.Log.Error("publish node proxy config", "error", err)
 			continue
