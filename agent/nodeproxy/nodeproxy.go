@@ -122,7 +122,11 @@ func Run(ctx context.Context, c Config) error {
 	if _, err := pods.Informer().AddEventHandler(h); err != nil {
 		return err
 	}
-	synced := []cache.InformerSynced{pods.Informer().HasSynced}
+	nss := kf.Core().V1().Namespaces() // labels, for namespaceSelectors
+	if _, err := nss.Informer().AddEventHandler(h); err != nil {
+		return err
+	}
+	synced := []cache.InformerSynced{pods.Informer().HasSynced, nss.Informer().HasSynced}
 	var policies cache.GenericLister
 	if c.Dyn != nil {
 		df := dynamicinformer.NewDynamicSharedInformerFactory(c.Dyn, 0)
@@ -169,7 +173,11 @@ func Run(ctx context.Context, c Config) error {
 		if err != nil {
 			return err
 		}
-		v, err := publish(ctx, srv, c, ps, input.Inventory(all), inPod)
+		namespaces, err := nss.Lister().List(labels.Everything())
+		if err != nil {
+			return err
+		}
+		v, err := publish(ctx, srv, c, ps, input.Inventory(all, namespaces), inPod)
 		if err != nil {
 			c.Log.Error("publish node proxy config", "error", err)
 			continue

@@ -76,6 +76,7 @@ type Controller struct {
 	metrics     *metrics
 
 	pods     corelisters.PodLister
+	nss      corelisters.NamespaceLister
 	policies cache.GenericLister
 	filters  cache.GenericLister
 	synced   []cache.InformerSynced
@@ -97,6 +98,7 @@ func New(log *slog.Logger, kube kubernetes.Interface, dyn dynamic.Interface, tru
 		o.LabelSelector = envoyfilter.LabelManagedBy + "=" + envoyfilter.ManagedByValue
 	})
 	podInf := kf.Core().V1().Pods()
+	nsInf := kf.Core().V1().Namespaces()
 	polInf := df.ForResource(input.L7PolicyGVR)
 	efInf := managed.ForResource(EnvoyFilterGVR)
 	h := cache.ResourceEventHandlerFuncs{
@@ -104,13 +106,13 @@ func New(log *slog.Logger, kube kubernetes.Interface, dyn dynamic.Interface, tru
 		UpdateFunc: func(any, any) { c.Trigger() },
 		DeleteFunc: func(any) { c.Trigger() },
 	}
-	for _, inf := range []cache.SharedIndexInformer{podInf.Informer(), polInf.Informer(), efInf.Informer()} {
+	for _, inf := range []cache.SharedIndexInformer{podInf.Informer(), nsInf.Informer(), polInf.Informer(), efInf.Informer()} {
 		if _, err := inf.AddEventHandler(h); err != nil {
 			return nil, fmt.Errorf("controller: event handler: %w", err)
 		}
 		c.synced = append(c.synced, inf.HasSynced)
 	}
-	c.pods, c.policies, c.filters = podInf.Lister(), polInf.Lister(), efInf.Lister()
+	c.pods, c.nss, c.policies, c.filters = podInf.Lister(), nsInf.Lister(), polInf.Lister(), efInf.Lister()
 	c.start = func(stop <-chan struct{}) { kf.Start(stop); df.Start(stop); managed.Start(stop) }
 	return c, nil
 }
@@ -194,7 +196,11 @@ func (c *Controller) Reconcile(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	inv := input.Inventory(podObjs)
+	nsObjs, err := c.nss.List(labels.Everything())
+	if err != nil {
+		return err
+	}
+	inv := input.Inventory(podObjs, nsObjs)
 	res, err := compile.Compile(policies, inv, compile.Options{Identity: compile.IdentityPeerCertificate, TrustDomain: c.trustDomain})
 	if err != nil {
 		return err

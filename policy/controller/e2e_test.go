@@ -1,10 +1,15 @@
 package controller
 
 import (
+	"context"
+	"encoding/json"
 	"fmt"
+	"log/slog"
 	"strings"
 	"testing"
 
+	"github.com/prometheus/client_golang/prometheus"
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -131,4 +136,43 @@ func TestE2E(t *testing.T) {
 	if h := e.leaseHolder(); h != "replica-a" && h != "replica-b" {
 		t.Errorf("lease holder %q", h)
 	}
+}
+
+// TestNamespaceSelector: a `from` namespaceSelector resolves against the
+// namespaces' labels, so the controller must watch namespaces (it did not:
+// the selector matched no namespace and the rule admitted nobody).
+func TestNamespaceSelector(t *testing.T) {
+	e := newEnv(t)
+	if _, err := e.kube.CoreV1().Namespaces().Create(e.ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "ops", Labels: map[string]string{"team": "ops"}}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.kube.CoreV1().Pods("ops").Create(e.ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "prom-0", Namespace: "ops"},
+		Spec:       corev1.PodSpec{ServiceAccountName: "prom", Containers: []corev1.Container{{Name: "app", Image: "app"}}},
+	}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	e.pod("api-0", "api")
+	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	c, err := New(log, e.kube, e.dyn, "cluster.local", prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, stop := context.WithCancel(e.ctx)
+	done := make(chan error, 1)
+	defer func() { stop(); <-done }()
+	c.Start(ctx)
+	go func() { done <- c.Run(ctx) }()
+	e.apply("api", "api", "    - port: 8080\n      rules: [{from: [{namespaceSelector: {matchLabels: {team: ops}}}]}]\n")
+	e.eventually("EnvoyFilter admits the selected namespace's service account", func() string {
+		ef, err := e.filters().Get(e.ctx, envoyfilter.Name([]string{"api"}), metav1.GetOptions{})
+		if err != nil {
+			return err.Error()
+		}
+		b, _ := json.Marshal(ef.Object["spec"])
+		if !strings.Contains(string(b), "spiffe://cluster.local/ns/ops/sa/prom") {
+			return "no principal for ops/prom in " + string(b)
+		}
+		return ""
+	})
 }

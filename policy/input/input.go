@@ -41,9 +41,14 @@ func DecodePolicies(log *slog.Logger, objs []runtime.Object) []v1alpha1.L7Policy
 }
 
 // Inventory is the compiler's view of the running pods (finished and
-// terminating ones are left out).
-func Inventory(pods []*corev1.Pod) compile.Inventory {
+// terminating ones are left out) and of the namespaces' labels, which
+// `from` namespaceSelectors match (without them a namespaceSelector selects
+// nothing).
+func Inventory(pods []*corev1.Pod, namespaces []*corev1.Namespace) compile.Inventory {
 	var inv compile.Inventory
+	for _, ns := range namespaces {
+		inv.Namespaces = append(inv.Namespaces, compile.Namespace{Name: ns.Name, Labels: ns.Labels})
+	}
 	for _, p := range pods {
 		if p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed || p.DeletionTimestamp != nil {
 			continue
