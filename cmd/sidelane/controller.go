@@ -32,7 +32,7 @@ func runController(ctx context.Context, args []string) error {
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	kubeconfig := fs.String("kubeconfig", "", "kubeconfig file (default: in-cluster config when running in a pod)")
 	metricsAddr := fs.String("metrics-addr", DefaultControllerMetricsAddr, "address of /healthz, /readyz and /metrics (empty: off)")
-	namespace := fs.String("namespace", envOr("POD_NAMESPACE", "sidelane-system"), "namespace of the leader election Lease "+controller.LeaseName+" (default $POD_NAMESPACE)")
+	namespace := fs.String("namespace", envOr("POD_NAMESPACE", "sidelane-system"), "namespace of the leader election Lease "+controller.LeaseName+" ($POD_NAMESPACE when set)")
 	identity := fs.String("identity", os.Getenv("POD_NAME"), "this replica's unique leader election identity (default $POD_NAME, else hostname plus a random suffix)")
 	trustDomain := fs.String("trust-domain", "cluster.local", "the mesh's SPIFFE trust domain, for L7 policy principals")
 	var e controller.Election
@@ -57,6 +57,9 @@ func runController(ctx context.Context, args []string) error {
 		}
 	}
 	e.Namespace = *namespace
+	if err := e.Complete(); err != nil {
+		return err
+	}
 	rc, err := restConfig(*kubeconfig)
 	if err != nil {
 		return err

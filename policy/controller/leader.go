@@ -29,7 +29,8 @@ type Election struct {
 	LeaseDuration, RenewDeadline, RetryPeriod time.Duration
 }
 
-func (e *Election) defaults() error {
+// Complete fills in default durations and checks the configuration.
+func (e *Election) Complete() error {
 	if e.Identity == "" {
 		return fmt.Errorf("leader election: identity is empty")
 	}
@@ -57,7 +58,7 @@ func (e *Election) defaults() error {
 // once. The Lease is released on shutdown so another replica takes over at
 // once instead of after LeaseDuration.
 func RunLeader(ctx context.Context, log *slog.Logger, kube kubernetes.Interface, e Election, run func(context.Context)) error {
-	if err := e.defaults(); err != nil {
+	if err := e.Complete(); err != nil {
 		return err
 	}
 	for ctx.Err() == nil {

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -84,6 +85,8 @@ func TestLeaderKill(t *testing.T) {
 	var mu sync.Mutex
 	history := map[string][]string{} // EnvoyFilter name -> spec hashes, one per event
 	watchDone := make(chan struct{})
+	firstV2 := make(chan struct{}) // closed at the first gen-two write
+	var v2Once sync.Once
 	go func() {
 		defer close(watchDone)
 		for ev := range w.ResultChan() {
@@ -92,6 +95,9 @@ func TestLeaderKill(t *testing.T) {
 				continue
 			}
 			b, _ := json.Marshal(u.Object["spec"])
+			if strings.Contains(string(b), "/gen-two") {
+				v2Once.Do(func() { close(firstV2) })
+			}
 			mu.Lock()
 			history[u.GetName()] = append(history[u.GetName()], fmt.Sprintf("%x", sha256.Sum256(b))[:12])
 			mu.Unlock()
@@ -110,20 +116,26 @@ func TestLeaderKill(t *testing.T) {
 		names[i] = fmt.Sprintf("p%d", i)
 		e.apply(names[i], fmt.Sprintf("app%d", i), rules("gen-one"))
 	}
-	converged := func(v string) func() string {
-		return func() string {
-			for i := range n {
-				ef, err := e.filters().Get(e.ctx, envoyfilter.Name([]string{names[i]}), metav1.GetOptions{})
-				if err != nil {
-					return err.Error()
-				}
-				b, _ := json.Marshal(ef.Object["spec"])
-				if !json.Valid(b) || !strings.Contains(string(b), "/"+v) {
-					return fmt.Sprintf("%s not at %s yet", ef.GetName(), v)
-				}
+	// at counts the EnvoyFilters whose RBAC has the path of version v.
+	at := func(v string) (int, string) {
+		count, behind := 0, ""
+		for i := range n {
+			ef, err := e.filters().Get(e.ctx, envoyfilter.Name([]string{names[i]}), metav1.GetOptions{})
+			if err != nil {
+				behind = err.Error()
+				continue
 			}
-			return ""
+			b, _ := json.Marshal(ef.Object["spec"])
+			if strings.Contains(string(b), "/"+v) {
+				count++
+			} else {
+				behind = ef.GetName() + " not at " + v + " yet"
+			}
 		}
+		return count, behind
+	}
+	converged := func(v string) func() string {
+		return func() string { _, behind := at(v); return behind }
 	}
 	e.eventually("v1 written", converged("gen-one"))
 	leader := e.leaseHolder()
@@ -135,7 +147,15 @@ func TestLeaderKill(t *testing.T) {
 	for i := range n / 2 {
 		e.apply(names[i], fmt.Sprintf("app%d", i), rules("gen-two"))
 	}
+	// Kill as soon as the watch sees the leader's first gen-two write.
+	select {
+	case <-firstV2:
+	case <-time.After(90 * time.Second):
+		t.Fatal("the leader wrote no gen-two EnvoyFilter")
+	}
 	procs[leader].kill()
+	done, _ := at("gen-two")
+	t.Logf("killed leader %s with %d of %d EnvoyFilters at gen-two", leader, done, n)
 	for i := n / 2; i < n; i++ {
 		e.apply(names[i], fmt.Sprintf("app%d", i), rules("gen-two"))
 	}
