@@ -3,6 +3,7 @@ package charttest
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -90,6 +91,16 @@ func TestAgentNodePatchesLimited(t *testing.T) {
 		return err
 	}
 	spec := func(ts []corev1.Taint) map[string]any { return map[string]any{"spec": map[string]any{"taints": ts}} }
+
+	// Admission policies take effect a moment after they are created:
+	// wait until one request the policy must deny is denied.
+	eventually(t, "the admission policy is in effect", func() string {
+		err := patch(unbound, "node-b", map[string]any{"metadata": map[string]any{"labels": map[string]any{"probe": "x"}}})
+		if err == nil || !strings.Contains(err.Error(), "sidelane agent may change only") {
+			return fmt.Sprintf("label patch with an unbound token: %v", err)
+		}
+		return ""
+	})
 
 	tests := []struct {
 		name    string
