@@ -29,8 +29,8 @@ func TestE2E(t *testing.T) {
 	e.pod("api-0", "api")
 	e.pod("api-1", "api")
 	e.pod("web-0", "web")
-	e.startController("replica-a")
-	e.startController("replica-b")
+	a := e.startController("replica-a")
+	b := e.startController("replica-b")
 
 	filters := e.filters()
 	efName := envoyfilter.Name([]string{"api"})
@@ -133,8 +133,17 @@ func TestE2E(t *testing.T) {
 		}
 		return ""
 	})
-	if h := e.leaseHolder(); h != "replica-a" && h != "replica-b" {
-		t.Errorf("lease holder %q", h)
+	// Exactly the lease holder reports itself leading.
+	holder := e.leaseHolder()
+	for id, p := range map[string]*controllerProc{"replica-a": a, "replica-b": b} {
+		_, m := p.fetch("/metrics")
+		want := "sidelane_controller_leader 0"
+		if id == holder {
+			want = "sidelane_controller_leader 1"
+		}
+		if !strings.Contains(m, want) {
+			t.Errorf("%s (lease holder %q): /metrics lacks %q", id, holder, want)
+		}
 	}
 }
 

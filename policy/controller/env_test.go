@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -43,11 +44,22 @@ const leaseNS = "sidelane-system"
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
+	e := newEnvWithoutCRDs(t)
+	e.installCRDs()
+	return e
+}
+
+func (e *env) installCRDs() {
+	e.t.Helper()
+	kubectl(e.t, e.c, "apply", "--server-side", "-f", istioCRDs(e.t))
+	kubectl(e.t, e.c, "apply", "--server-side", "-f", "../../charts/sidelane/crds/sidelane.io_l7policies.yaml")
+	kubectl(e.t, e.c, "wait", "--for=condition=Established", "--timeout=120s", "crd/envoyfilters.networking.istio.io", "crd/l7policies.sidelane.io")
+}
+
+func newEnvWithoutCRDs(t *testing.T) *env {
+	t.Helper()
 	testenv.Privileged(t)
 	c := kubeharness.Start(t)
-	kubectl(t, c, "apply", "--server-side", "-f", istioCRDs(t))
-	kubectl(t, c, "apply", "--server-side", "-f", "../../charts/sidelane/crds/sidelane.io_l7policies.yaml")
-	kubectl(t, c, "wait", "--for=condition=Established", "--timeout=120s", "crd/envoyfilters.networking.istio.io", "crd/l7policies.sidelane.io")
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	t.Cleanup(cancel)
 	e := &env{t: t, ctx: ctx, c: c, kube: kubernetes.NewForConfigOrDie(c.RESTConfig), dyn: dynamic.NewForConfigOrDie(c.RESTConfig)}
@@ -154,6 +166,13 @@ var fastLease = []string{"--lease-duration", "3s", "--renew-deadline", "2s", "--
 // waits for its /readyz.
 func (e *env) startController(id string, extra ...string) *controllerProc {
 	e.t.Helper()
+	return e.startControllerOpt(id, true, extra...)
+}
+
+// startControllerOpt starts replica id and, with waitReady, waits for
+// its /readyz.
+func (e *env) startControllerOpt(id string, waitReady bool, extra ...string) *controllerProc {
+	e.t.Helper()
 	p := &controllerProc{id: id, metrics: freePort(e.t), log: filepath.Join(e.t.TempDir(), id+".log"), done: make(chan struct{})}
 	logf, err := os.Create(p.log)
 	if err != nil {
@@ -175,6 +194,9 @@ func (e *env) startController(id string, extra ...string) *controllerProc {
 			e.t.Logf("controller %s log tail:\n%s", id, tail(string(b), 3000))
 		}
 	})
+	if !waitReady {
+		return p
+	}
 	e.eventually("controller "+id+" ready", func() string {
 		select {
 		case <-p.done:
@@ -191,23 +213,29 @@ func (e *env) startController(id string, extra ...string) *controllerProc {
 }
 
 func (p *controllerProc) get(path string) int {
+	code, _ := p.fetch(path)
+	return code
+}
+
+// fetch returns the status code and body of one GET (0 when unreachable).
+func (p *controllerProc) fetch(path string) (int, string) {
 	conn, err := net.DialTimeout("tcp", p.metrics, time.Second)
 	if err != nil {
-		return 0
+		return 0, ""
 	}
 	defer conn.Close()
 	_ = conn.SetDeadline(time.Now().Add(2 * time.Second))
 	fmt.Fprintf(conn, "GET %s HTTP/1.0\r\n\r\n", path)
-	line, err := bufio.NewReader(conn).ReadString('\n')
+	b, err := io.ReadAll(bufio.NewReader(conn))
 	if err != nil {
-		return 0
+		return 0, ""
 	}
+	head, body, _ := strings.Cut(string(b), "\r\n\r\n")
 	var code int
-	fmt.Sscanf(line, "HTTP/1.0 %d", &code)
-	if code == 0 {
-		fmt.Sscanf(line, "HTTP/1.1 %d", &code)
+	if _, err := fmt.Sscanf(head, "HTTP/1.%d %d", new(int), &code); err != nil {
+		return 0, ""
 	}
-	return code
+	return code, body
 }
 
 // stop ends the process gracefully (it releases the Lease).

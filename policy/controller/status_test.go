@@ -1,6 +1,7 @@
 package controller
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 
@@ -67,4 +68,30 @@ func TestControllerAbsent(t *testing.T) {
 	if ok, why := SidecarEnforcement(p); ok || !strings.Contains(why, "generation 2 (last processed: 1)") {
 		t.Errorf("controller gone: %v, %q", ok, why)
 	}
+}
+
+// TestWaitsForAPIs: started before the CRDs exist, the controller reports
+// why it is not ready, then starts by itself once they are served.
+func TestWaitsForAPIs(t *testing.T) {
+	e := newEnvWithoutCRDs(t)
+	p := e.startControllerOpt("replica-a", false, "--log-level", "debug")
+	e.eventually("not ready, saying why", func() string {
+		code, body := p.fetch("/readyz")
+		if code != 503 || !strings.Contains(body, "waiting for the L7Policy and EnvoyFilter APIs") {
+			return fmt.Sprintf("/readyz %d %q", code, body)
+		}
+		return ""
+	})
+	e.installCRDs()
+	e.pod("api-0", "api")
+	e.apply("api", "api", "    - port: 8080\n")
+	e.eventually("ready and writing once the APIs are served", func() string {
+		if code := p.get("/readyz"); code != 200 {
+			return fmt.Sprintf("/readyz %d", code)
+		}
+		if ok, why := SidecarEnforcement(e.policy("api")); !ok {
+			return why
+		}
+		return ""
+	})
 }
