@@ -23,7 +23,7 @@ func SidecarEnforcement(p *v1alpha1.L7Policy) (enforced bool, why string) {
 	case c == nil:
 		return false, "no sidelane controller has processed this policy: nothing applies it to sidecars (is `sidelane controller` running?)"
 	case c.ObservedGeneration < p.Generation:
-		return false, fmt.Sprintf("no sidelane controller has processed generation %d (last processed: %d): sidecars run generation %d or nothing (is `sidelane controller` running?)",
+		return false, fmt.Sprintf("no sidelane controller has processed generation %d (last processed: %d): sidecars keep what generation %d compiled to, if anything (is `sidelane controller` running?)",
 			p.Generation, c.ObservedGeneration, c.ObservedGeneration)
 	case c.Status != "True":
 		return false, c.Reason + ": " + c.Message
