@@ -33,7 +33,7 @@ import (
 	"github.com/sidelane/sidelane/agent/xds"
 	"github.com/sidelane/sidelane/policy/api/v1alpha1"
 	"github.com/sidelane/sidelane/policy/compile"
-	"github.com/sidelane/sidelane/policy/controller"
+	"github.com/sidelane/sidelane/policy/input"
 )
 
 // ModeNode is the store's mode of per-node pods.
@@ -122,11 +122,15 @@ func Run(ctx context.Context, c Config) error {
 	if _, err := pods.Informer().AddEventHandler(h); err != nil {
 		return err
 	}
-	synced := []cache.InformerSynced{pods.Informer().HasSynced}
+	nss := kf.Core().V1().Namespaces() // labels, for namespaceSelectors
+	if _, err := nss.Informer().AddEventHandler(h); err != nil {
+		return err
+	}
+	synced := []cache.InformerSynced{pods.Informer().HasSynced, nss.Informer().HasSynced}
 	var policies cache.GenericLister
 	if c.Dyn != nil {
 		df := dynamicinformer.NewDynamicSharedInformerFactory(c.Dyn, 0)
-		inf := df.ForResource(controller.L7PolicyGVR)
+		inf := df.ForResource(input.L7PolicyGVR)
 		if _, err := inf.Informer().AddEventHandler(h); err != nil {
 			return err
 		}
@@ -163,13 +167,17 @@ func Run(ctx context.Context, c Config) error {
 			if err != nil {
 				return err
 			}
-			ps = controller.DecodePolicies(c.Log, objs)
+			ps = input.DecodePolicies(c.Log, objs)
 		}
 		all, err := pods.Lister().List(labels.Everything())
 		if err != nil {
 			return err
 		}
-		v, err := publish(ctx, srv, c, ps, controller.Inventory(all), inPod)
+		namespaces, err := nss.Lister().List(labels.Everything())
+		if err != nil {
+			return err
+		}
+		v, err := publish(ctx, srv, c, ps, input.Inventory(all, namespaces), inPod)
 		if err != nil {
 			c.Log.Error("publish node proxy config", "error", err)
 			continue

@@ -48,7 +48,6 @@ func runAgent(ctx context.Context, args []string) error {
 	standalone := fs.Bool("standalone", false, "run without Kubernetes: every pod gets mode none (default when there is no --kubeconfig and no in-cluster config)")
 	var dpf datapathFlags
 	dpf.register(fs)
-	policyWriter := fs.Bool("policy-writer", true, "take part in the leader election (Lease sidelane-l7-writer in --agent-namespace) for the one writer of L7 policy EnvoyFilters and policy status")
 	trustDomain := fs.String("trust-domain", "cluster.local", "the mesh's SPIFFE trust domain, for L7 policy principals")
 	xdsSocket := fs.String("xds-socket", "", "per-node mode: Unix socket to serve the node proxy's xDS on (listeners, L7 policy); needs --node-proxy-address (empty: off)")
 	xdsGID := fs.Int("xds-socket-gid", 1337, "group given read-write access to --xds-socket (the node proxy's; -1: root only)")
@@ -107,11 +106,6 @@ func runAgent(ctx context.Context, args []string) error {
 			return err
 		}
 		cfg.Classifier, cfg.Startup, cfg.OnReady = ctrl, ctrl.Start, ctrl.OnReady
-		if *policyWriter {
-			if err := startPolicyWriter(ctx, log, rc, cs, *agentNS, *nodeName, *trustDomain, m.Registry); err != nil {
-				return err
-			}
-		}
 		if *xdsSocket != "" {
 			np, err := dpf.nodeProxy()
 			if err != nil {

@@ -1,6 +1,8 @@
-// Command sidelane is the node agent and the operator's tool:
+// Command sidelane is the node agent, the cluster-wide controller and the
+// operator's tool:
 //
-//	sidelane agent        run the node agent
+//	sidelane agent        run the node agent (node-local duties, one per node)
+//	sidelane controller   run the cluster-wide L7 policy controller (EnvoyFilters, policy status)
 //	sidelane explain      explain a pod's mode (asks the local agent)
 //	sidelane install-cni  install sidelane-cni into the node's CNI config
 //	sidelane version      print the version
@@ -26,6 +28,7 @@ type subcommand struct {
 func subcommands() []subcommand {
 	return []subcommand{
 		{"agent", "run the node agent", runAgent},
+		{"controller", "run the cluster-wide L7 policy controller (EnvoyFilters, policy status)", runController},
 		{"explain", "explain a pod's datapath mode: sidelane explain <namespace>/<pod>", runExplain},
 		{"install-cni", "install sidelane-cni into the node's CNI config and keep it there", runInstallCNI},
 		{"version", "print the version", func(context.Context, []string) error {

@@ -1,24 +1,25 @@
 // Package controller is the single cluster-wide writer of sidelane's Istio
-// EnvoyFilters and of L7Policy status. Every agent runs it behind a
-// coordination.k8s.io Lease (RunLeader), so exactly one writes at a time and
-// no extra Deployment is needed; a new leader simply reconciles the whole
-// state again. Each pass is level-based: compile every policy against every
-// pod, create or update the EnvoyFilters that should exist, delete sidelane's
-// EnvoyFilters that should not (garbage collection that does not depend on
-// kube-controller-manager), and write each policy's status.
+// EnvoyFilters and of L7Policy status, run by `sidelane controller` (a
+// Deployment, never the node agent). Its replicas compete for a
+// coordination.k8s.io Lease (RunLeader), so exactly one writes at a time;
+// every replica keeps warm informer caches (Start), and a new leader simply
+// reconciles the whole state again (Run). Each pass is level-based: compile
+// every policy against every pod, create or update the EnvoyFilters that
+// should exist, delete sidelane's EnvoyFilters that should not (garbage
+// collection that does not depend on kube-controller-manager), and write
+// each policy's status.
 package controller
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
-	"net/netip"
-	"sort"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -37,19 +38,22 @@ import (
 	"github.com/sidelane/sidelane/policy/api/v1alpha1"
 	"github.com/sidelane/sidelane/policy/compile"
 	"github.com/sidelane/sidelane/policy/envoyfilter"
+	"github.com/sidelane/sidelane/policy/input"
 )
 
-// Resources the controller reads and writes.
-var (
-	L7PolicyGVR    = schema.GroupVersionResource{Group: v1alpha1.Group, Version: v1alpha1.Version, Resource: v1alpha1.Resource}
-	EnvoyFilterGVR = schema.GroupVersionResource{Group: "networking.istio.io", Version: "v1alpha3", Resource: "envoyfilters"}
-)
+// EnvoyFilterGVR is the Istio resource the controller writes (L7Policies
+// are input.L7PolicyGVR).
+var EnvoyFilterGVR = schema.GroupVersionResource{Group: "networking.istio.io", Version: "v1alpha3", Resource: "envoyfilters"}
 
 // Condition types beyond v1alpha1.ConditionAccepted.
 const (
-	// ConditionEnforced: True when every pod group the policy selects got
-	// its EnvoyFilter; False (reason SelectorConflict) when a group cannot
-	// be isolated by a label-only workload selector.
+	// ConditionEnforced is about the sidecars only, and only the controller
+	// writes it: True when every pod group the policy selects got its
+	// EnvoyFilter; False (reason SelectorConflict) when a group cannot be
+	// isolated by a label-only workload selector. Node agents cannot write
+	// status, so with no controller running the condition is absent, or its
+	// observedGeneration is behind metadata.generation: nothing applies that
+	// generation to sidecars (see SidecarEnforcement).
 	ConditionEnforced      = "Enforced"
 	ReasonProgrammed       = "Programmed"
 	ReasonSelectorConflict = "SelectorConflict"
@@ -72,10 +76,12 @@ type Controller struct {
 	metrics     *metrics
 
 	pods     corelisters.PodLister
+	nss      corelisters.NamespaceLister
 	policies cache.GenericLister
 	filters  cache.GenericLister
 	synced   []cache.InformerSynced
 	start    func(<-chan struct{})
+	started  atomic.Bool
 	trigger  chan struct{}
 }
 
@@ -92,20 +98,21 @@ func New(log *slog.Logger, kube kubernetes.Interface, dyn dynamic.Interface, tru
 		o.LabelSelector = envoyfilter.LabelManagedBy + "=" + envoyfilter.ManagedByValue
 	})
 	podInf := kf.Core().V1().Pods()
-	polInf := df.ForResource(L7PolicyGVR)
+	nsInf := kf.Core().V1().Namespaces()
+	polInf := df.ForResource(input.L7PolicyGVR)
 	efInf := managed.ForResource(EnvoyFilterGVR)
 	h := cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { c.Trigger() },
 		UpdateFunc: func(any, any) { c.Trigger() },
 		DeleteFunc: func(any) { c.Trigger() },
 	}
-	for _, inf := range []cache.SharedIndexInformer{podInf.Informer(), polInf.Informer(), efInf.Informer()} {
+	for _, inf := range []cache.SharedIndexInformer{podInf.Informer(), nsInf.Informer(), polInf.Informer(), efInf.Informer()} {
 		if _, err := inf.AddEventHandler(h); err != nil {
 			return nil, fmt.Errorf("controller: event handler: %w", err)
 		}
 		c.synced = append(c.synced, inf.HasSynced)
 	}
-	c.pods, c.policies, c.filters = podInf.Lister(), polInf.Lister(), efInf.Lister()
+	c.pods, c.nss, c.policies, c.filters = podInf.Lister(), nsInf.Lister(), polInf.Lister(), efInf.Lister()
 	c.start = func(stop <-chan struct{}) { kf.Start(stop); df.Start(stop); managed.Start(stop) }
 	return c, nil
 }
@@ -118,12 +125,41 @@ func (c *Controller) Trigger() {
 	}
 }
 
-// Run reconciles until ctx ends, retrying failed passes with backoff.
+// Start runs the informers until ctx ends. Call it once, with the
+// process's context, not the leader's: informers cannot be restarted, so
+// caches started under one leadership term would stop with it and a
+// re-elected replica would reconcile from a dead cache. Standby replicas
+// keep their caches warm this way and take over at once.
+func (c *Controller) Start(ctx context.Context) {
+	if c.started.CompareAndSwap(false, true) {
+		c.start(ctx.Done())
+	}
+}
+
+// Synced reports whether every informer cache has synced.
+func (c *Controller) Synced() bool {
+	for _, s := range c.synced {
+		if !s() {
+			return false
+		}
+	}
+	return c.started.Load()
+}
+
+// ErrNotStarted is returned by Run before Start.
+var ErrNotStarted = errors.New("controller: Run before Start")
+
+// Run reconciles until ctx ends (one leadership term), retrying failed
+// passes with backoff. It may be called again for a later term.
 func (c *Controller) Run(ctx context.Context) error {
-	c.start(ctx.Done())
+	if !c.started.Load() {
+		return ErrNotStarted
+	}
 	if !cache.WaitForCacheSync(ctx.Done(), c.synced...) {
 		return fmt.Errorf("controller: caches did not sync: %w", ctx.Err())
 	}
+	c.metrics.leader.Set(1)
+	defer c.metrics.leader.Set(0)
 	c.Trigger()
 	backoff := time.Second
 	for {
@@ -132,7 +168,13 @@ func (c *Controller) Run(ctx context.Context) error {
 			return nil
 		case <-c.trigger:
 		}
+		if ctx.Err() != nil {
+			return nil // a term that ended while a trigger was pending
+		}
 		if err := c.Reconcile(ctx); err != nil {
+			if ctx.Err() != nil {
+				return nil // leadership ended mid-pass
+			}
 			c.metrics.errors.Inc()
 			c.log.Error("l7 policy reconcile", attrError, err)
 			time.AfterFunc(backoff, c.Trigger)
@@ -149,12 +191,16 @@ func (c *Controller) Reconcile(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	policies := DecodePolicies(c.log, objs)
+	policies := input.DecodePolicies(c.log, objs)
 	podObjs, err := c.pods.List(labels.Everything())
 	if err != nil {
 		return err
 	}
-	inv := Inventory(podObjs)
+	nsObjs, err := c.nss.List(labels.Everything())
+	if err != nil {
+		return err
+	}
+	inv := input.Inventory(podObjs, nsObjs)
 	res, err := compile.Compile(policies, inv, compile.Options{Identity: compile.IdentityPeerCertificate, TrustDomain: c.trustDomain})
 	if err != nil {
 		return err
@@ -241,7 +287,7 @@ func (c *Controller) writeStatus(ctx context.Context, p *v1alpha1.L7Policy, rep 
 	st.SelectedPods = int32(rep.SelectedPods)
 	accepted := metav1.Condition{Type: v1alpha1.ConditionAccepted, Status: metav1.ConditionTrue, Reason: v1alpha1.ReasonValid, Message: "the policy is valid", ObservedGeneration: p.Generation}
 	enforced := metav1.Condition{Type: ConditionEnforced, Status: metav1.ConditionTrue, Reason: ReasonProgrammed,
-		Message: fmt.Sprintf("EnvoyFilters cover the %d selected pods", rep.SelectedPods), ObservedGeneration: p.Generation}
+		Message: fmt.Sprintf("EnvoyFilters cover the sidecars of the %d selected pods", rep.SelectedPods), ObservedGeneration: p.Generation}
 	if rep.Err != nil {
 		accepted.Status, accepted.Reason, accepted.Message = metav1.ConditionFalse, v1alpha1.ReasonInvalid, rep.Err.Error()
 		enforced.Status, enforced.Reason, enforced.Message = metav1.ConditionFalse, v1alpha1.ReasonInvalid, "the policy is invalid and changes nothing"
@@ -262,52 +308,11 @@ func (c *Controller) writeStatus(ctx context.Context, p *v1alpha1.L7Policy, rep 
 	if err != nil {
 		return err
 	}
-	_, err = c.dyn.Resource(L7PolicyGVR).Namespace(p.Namespace).UpdateStatus(ctx, &unstructured.Unstructured{Object: obj}, metav1.UpdateOptions{FieldManager: fieldManager})
+	_, err = c.dyn.Resource(input.L7PolicyGVR).Namespace(p.Namespace).UpdateStatus(ctx, &unstructured.Unstructured{Object: obj}, metav1.UpdateOptions{FieldManager: fieldManager})
 	if err != nil && !apierrors.IsConflict(err) && !apierrors.IsNotFound(err) {
 		return fmt.Errorf("status of l7policy %s/%s: %w", p.Namespace, p.Name, err)
 	}
 	return nil
-}
-
-// DecodePolicies turns the L7Policy informer's objects into policies,
-// sorted by namespace/name; undecodable ones are logged and skipped.
-func DecodePolicies(log *slog.Logger, objs []runtime.Object) []v1alpha1.L7Policy {
-	policies := make([]v1alpha1.L7Policy, 0, len(objs))
-	for _, o := range objs {
-		var p v1alpha1.L7Policy
-		if err := runtime.DefaultUnstructuredConverter.FromUnstructured(o.(*unstructured.Unstructured).Object, &p); err != nil {
-			log.Warn("undecodable l7policy", attrError, err)
-			continue
-		}
-		policies = append(policies, p)
-	}
-	sort.Slice(policies, func(i, j int) bool {
-		return policies[i].Namespace+"/"+policies[i].Name < policies[j].Namespace+"/"+policies[j].Name
-	})
-	return policies
-}
-
-// Inventory is the compiler's view of the running pods (finished and
-// terminating ones are left out).
-func Inventory(pods []*corev1.Pod) compile.Inventory {
-	var inv compile.Inventory
-	for _, p := range pods {
-		if p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed || p.DeletionTimestamp != nil {
-			continue
-		}
-		inv.Pods = append(inv.Pods, toPod(p))
-	}
-	return inv
-}
-
-func toPod(p *corev1.Pod) compile.Pod {
-	out := compile.Pod{Namespace: p.Namespace, Name: p.Name, Labels: p.Labels, ServiceAccount: p.Spec.ServiceAccountName}
-	for _, ip := range p.Status.PodIPs {
-		if a, err := netip.ParseAddr(ip.IP); err == nil {
-			out.IPs = append(out.IPs, a)
-		}
-	}
-	return out
 }
 
 type metrics struct {
@@ -315,6 +320,7 @@ type metrics struct {
 	filters  prometheus.Gauge
 	writes   *prometheus.CounterVec
 	errors   prometheus.Counter
+	leader   prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -323,9 +329,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		filters:  prometheus.NewGauge(prometheus.GaugeOpts{Name: "sidelane_l7_envoyfilters", Help: "EnvoyFilters sidelane wants to exist."}),
 		writes:   prometheus.NewCounterVec(prometheus.CounterOpts{Name: "sidelane_l7_envoyfilter_writes_total", Help: "EnvoyFilter writes by operation (apply, delete)."}, []string{"op"}),
 		errors:   prometheus.NewCounter(prometheus.CounterOpts{Name: "sidelane_l7_reconcile_errors_total", Help: "Failed reconcile passes."}),
+		leader:   prometheus.NewGauge(prometheus.GaugeOpts{Name: "sidelane_controller_leader", Help: "1 while this replica holds the writer Lease and reconciles."}),
 	}
 	if reg != nil {
-		for _, col := range []prometheus.Collector{m.policies, m.filters, m.writes, m.errors} {
+		for _, col := range []prometheus.Collector{m.policies, m.filters, m.writes, m.errors, m.leader} {
 			if err := reg.Register(col); err != nil {
 				return nil, fmt.Errorf("register l7 metrics: %w", err)
 			}

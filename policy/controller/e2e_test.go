@@ -1,15 +1,12 @@
 package controller
 
 import (
-	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"log/slog"
-	"os/exec"
 	"strings"
-	"sync"
 	"testing"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	corev1 "k8s.io/api/core/v1"
@@ -17,136 +14,30 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/kubernetes"
-	"sigs.k8s.io/yaml"
 
-	"github.com/sidelane/sidelane/internal/kubeharness"
-	"github.com/sidelane/sidelane/internal/testenv"
 	"github.com/sidelane/sidelane/policy/api/v1alpha1"
 	"github.com/sidelane/sidelane/policy/envoyfilter"
 )
 
-func kubectl(t *testing.T, c *kubeharness.Cluster, args ...string) {
-	t.Helper()
-	cmd := exec.Command(c.Kubectl, append([]string{"--kubeconfig", c.Kubeconfig}, args...)...)
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("kubectl %s: %v\n%s", strings.Join(args, " "), err, out.String())
-	}
-}
-
-func istioCRDs(t *testing.T) string {
-	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "istio.io/api").Output()
-	if err != nil {
-		t.Fatalf("locate istio.io/api: %v", err)
-	}
-	return strings.TrimSpace(string(out)) + "/kubernetes/customresourcedefinitions.gen.yaml"
-}
-
-const policyYAML = `apiVersion: sidelane.io/v1alpha1
-kind: L7Policy
-metadata: {name: %s, namespace: shop}
-spec:
-  podSelector: {matchLabels: {app: api}}
-  ports:
-%s`
-
-// TestE2E runs two writers competing for the Lease against a real
-// kube-apiserver with Istio's CRDs, then creates, updates, invalidates and
-// deletes policies and checks the EnvoyFilters and statuses follow.
+// TestE2E runs two `sidelane controller` processes competing for the Lease
+// against a real kube-apiserver with Istio's CRDs, then creates, updates,
+// invalidates and deletes policies and checks the EnvoyFilters and statuses
+// follow.
 func TestE2E(t *testing.T) {
-	testenv.Privileged(t)
-	c := kubeharness.Start(t)
-	kubectl(t, c, "apply", "--server-side", "-f", istioCRDs(t))
-	kubectl(t, c, "apply", "--server-side", "-f", "../../charts/sidelane/crds/sidelane.io_l7policies.yaml")
-	kubectl(t, c, "wait", "--for=condition=Established", "--timeout=120s", "crd/envoyfilters.networking.istio.io", "crd/l7policies.sidelane.io")
-	kube := kubernetes.NewForConfigOrDie(c.RESTConfig)
-	dyn := dynamic.NewForConfigOrDie(c.RESTConfig)
-	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
-	defer cancel()
+	e := newEnv(t)
+	ctx := e.ctx
+	e.pod("api-0", "api")
+	e.pod("api-1", "api")
+	e.pod("web-0", "web")
+	a := e.startController("replica-a")
+	b := e.startController("replica-b")
 
-	for _, ns := range []string{"shop", "sidelane-system"} {
-		if _, err := kube.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	for _, p := range []struct{ name, app string }{{"api-0", "api"}, {"api-1", "api"}, {"web-0", "web"}} {
-		pod := &corev1.Pod{
-			ObjectMeta: metav1.ObjectMeta{Name: p.name, Namespace: "shop", Labels: map[string]string{"app": p.app}},
-			Spec:       corev1.PodSpec{ServiceAccountName: p.app, Containers: []corev1.Container{{Name: "app", Image: "app"}}},
-		}
-		if _, err := kube.CoreV1().Pods("shop").Create(ctx, pod, metav1.CreateOptions{}); err != nil {
-			t.Fatal(err)
-		}
-	}
-
-	// Two agents compete; only the lease holder runs the controller.
-	runCtx, stop := context.WithCancel(ctx)
-	var wg sync.WaitGroup
-	t.Cleanup(func() { stop(); wg.Wait() })
-	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	for _, id := range []string{"node-a", "node-b"} {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			err := RunLeader(runCtx, log, kube, "sidelane-system", id, func(ctx context.Context) {
-				ctrl, err := New(log.With("identity", id), kube, dyn, "cluster.local", prometheus.NewRegistry())
-				if err != nil {
-					t.Error(err)
-					return
-				}
-				if err := ctrl.Run(ctx); err != nil {
-					t.Error(err)
-				}
-			})
-			if err != nil {
-				t.Error(err)
-			}
-		}()
-	}
-
-	policies := dyn.Resource(L7PolicyGVR).Namespace("shop")
-	filters := dyn.Resource(EnvoyFilterGVR).Namespace("shop")
-	apply := func(name, ports string) *unstructured.Unstructured {
-		t.Helper()
-		var u unstructured.Unstructured
-		if err := yaml.Unmarshal([]byte(fmt.Sprintf(policyYAML, name, ports)), &u.Object); err != nil {
-			t.Fatal(err)
-		}
-		out, err := policies.Apply(ctx, name, &u, metav1.ApplyOptions{FieldManager: "test", Force: true})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return out
-	}
-	// eventually polls cond until it returns "" (or the deadline).
-	eventually := func(what string, cond func() string) {
-		t.Helper()
-		var last string
-		for deadline := time.Now().Add(90 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
-			if last = cond(); last == "" {
-				return
-			}
-		}
-		t.Fatalf("%s: %s", what, last)
-	}
-	status := func(name string) v1alpha1.L7PolicyStatus {
-		u, err := policies.Get(ctx, name, metav1.GetOptions{})
-		if err != nil {
-			return v1alpha1.L7PolicyStatus{}
-		}
-		var p v1alpha1.L7Policy
-		_ = runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, &p)
-		return p.Status
-	}
+	filters := e.filters()
 	efName := envoyfilter.Name([]string{"api"})
 
 	// Create.
-	pol := apply("api", "    - port: 8080\n      rules: [{from: [{serviceAccounts: [shop/web]}], http: [{method: GET, path: /items}]}]\n")
-	eventually("EnvoyFilter created", func() string {
+	pol := e.apply("api", "api", "    - port: 8080\n      rules: [{from: [{serviceAccounts: [shop/web]}], http: [{method: GET, path: /items}]}]\n")
+	e.eventually("EnvoyFilter created", func() string {
 		ef, err := filters.Get(ctx, efName, metav1.GetOptions{})
 		if err != nil {
 			return err.Error()
@@ -164,10 +55,14 @@ func TestE2E(t *testing.T) {
 		}
 		return ""
 	})
-	eventually("status accepted with 2 pods", func() string {
-		st := status("api")
+	e.eventually("status accepted with 2 pods", func() string {
+		p := e.policy("api")
+		st := p.Status
 		if !meta.IsStatusConditionTrue(st.Conditions, v1alpha1.ConditionAccepted) || !meta.IsStatusConditionTrue(st.Conditions, ConditionEnforced) || st.SelectedPods != 2 {
 			return fmt.Sprintf("status %+v", st)
+		}
+		if ok, why := SidecarEnforcement(p); !ok {
+			return why
 		}
 		return ""
 	})
@@ -180,14 +75,9 @@ func TestE2E(t *testing.T) {
 		t.Fatal(err)
 	}
 	rv := ef.GetResourceVersion()
-	if _, err := kube.CoreV1().Pods("shop").Create(ctx, &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: "api-2", Namespace: "shop", Labels: map[string]string{"app": "api"}},
-		Spec:       corev1.PodSpec{ServiceAccountName: "api", Containers: []corev1.Container{{Name: "app", Image: "app"}}},
-	}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	eventually("status counts 3 pods", func() string {
-		if st := status("api"); st.SelectedPods != 3 {
+	e.pod("api-2", "api")
+	e.eventually("status counts 3 pods", func() string {
+		if st := e.policy("api").Status; st.SelectedPods != 3 {
 			return fmt.Sprintf("status %+v", st)
 		}
 		return ""
@@ -197,8 +87,8 @@ func TestE2E(t *testing.T) {
 	}
 
 	// Update: a second port becomes a second patch.
-	apply("api", "    - port: 8080\n      rules: [{http: [{method: GET}]}]\n    - port: 9090\n")
-	eventually("EnvoyFilter updated", func() string {
+	e.apply("api", "api", "    - port: 8080\n      rules: [{http: [{method: GET}]}]\n    - port: 9090\n")
+	e.eventually("EnvoyFilter updated", func() string {
 		ef, err := filters.Get(ctx, efName, metav1.GetOptions{})
 		if err != nil {
 			return err.Error()
@@ -211,9 +101,9 @@ func TestE2E(t *testing.T) {
 	})
 
 	// Invalid (an RE2 error the CRD cannot see): reported, changes nothing.
-	apply("bad", "    - port: 8080\n      rules: [{http: [{path: '/items/[0-9'}]}]\n")
-	eventually("invalid status", func() string {
-		c := meta.FindStatusCondition(status("bad").Conditions, v1alpha1.ConditionAccepted)
+	e.apply("bad", "api", "    - port: 8080\n      rules: [{http: [{path: '/items/[0-9'}]}]\n")
+	e.eventually("invalid status", func() string {
+		c := meta.FindStatusCondition(e.policy("bad").Status.Conditions, v1alpha1.ConditionAccepted)
 		if c == nil || c.Status != metav1.ConditionFalse || c.Reason != v1alpha1.ReasonInvalid || !strings.Contains(c.Message, "spec.ports[0].rules[0].http[0].path") {
 			return fmt.Sprintf("accepted condition %+v", c)
 		}
@@ -229,11 +119,11 @@ func TestE2E(t *testing.T) {
 	// Delete: the controller garbage-collects the EnvoyFilter itself (no
 	// kube-controller-manager runs here, so owner references alone would not).
 	for _, n := range []string{"api", "bad"} {
-		if err := policies.Delete(ctx, n, metav1.DeleteOptions{}); err != nil {
+		if err := e.policies().Delete(ctx, n, metav1.DeleteOptions{}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	eventually("EnvoyFilter deleted", func() string {
+	e.eventually("EnvoyFilter deleted", func() string {
 		l, err := filters.List(ctx, metav1.ListOptions{})
 		if err != nil {
 			return err.Error()
@@ -243,19 +133,55 @@ func TestE2E(t *testing.T) {
 		}
 		return ""
 	})
-
-	lease, err := kube.CoordinationV1().Leases("sidelane-system").Get(ctx, LeaseName, metav1.GetOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if h := *lease.Spec.HolderIdentity; h != "node-a" && h != "node-b" {
-		t.Errorf("lease holder %q", h)
+	// Exactly the lease holder reports itself leading.
+	holder := e.leaseHolder()
+	for id, p := range map[string]*controllerProc{"replica-a": a, "replica-b": b} {
+		_, m := p.fetch("/metrics")
+		want := "sidelane_controller_leader 0"
+		if id == holder {
+			want = "sidelane_controller_leader 1"
+		}
+		if !strings.Contains(m, want) {
+			t.Errorf("%s (lease holder %q): /metrics lacks %q", id, holder, want)
+		}
 	}
 }
 
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Log(strings.TrimSpace(string(p)))
-	return len(p), nil
+// TestNamespaceSelector: a `from` namespaceSelector resolves against the
+// namespaces' labels, so the controller must watch namespaces (it did not:
+// the selector matched no namespace and the rule admitted nobody).
+func TestNamespaceSelector(t *testing.T) {
+	e := newEnv(t)
+	if _, err := e.kube.CoreV1().Namespaces().Create(e.ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "ops", Labels: map[string]string{"team": "ops"}}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.kube.CoreV1().Pods("ops").Create(e.ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "prom-0", Namespace: "ops"},
+		Spec:       corev1.PodSpec{ServiceAccountName: "prom", Containers: []corev1.Container{{Name: "app", Image: "app"}}},
+	}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	e.pod("api-0", "api")
+	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	c, err := New(log, e.kube, e.dyn, "cluster.local", prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, stop := context.WithCancel(e.ctx)
+	done := make(chan error, 1)
+	defer func() { stop(); <-done }()
+	c.Start(ctx)
+	go func() { done <- c.Run(ctx) }()
+	e.apply("api", "api", "    - port: 8080\n      rules: [{from: [{namespaceSelector: {matchLabels: {team: ops}}}]}]\n")
+	e.eventually("EnvoyFilter admits the selected namespace's service account", func() string {
+		ef, err := e.filters().Get(e.ctx, envoyfilter.Name([]string{"api"}), metav1.GetOptions{})
+		if err != nil {
+			return err.Error()
+		}
+		b, _ := json.Marshal(ef.Object["spec"])
+		if !strings.Contains(string(b), "spiffe://cluster.local/ns/ops/sa/prom") {
+			return "no principal for ops/prom in " + string(b)
+		}
+		return ""
+	})
 }

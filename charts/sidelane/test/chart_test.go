@@ -127,6 +127,11 @@ func TestSchemaRejectsBadValues(t *testing.T) {
 		{"agent.unknownKnob=1", "unknownKnob"},
 		{"nodeProxy.enabled=yes", "enabled"},
 		{"cni.kubeconfigFile=/etc/kubeconfig", "kubeconfigFile"},
+		{"controller.replicas=-1", "replicas"},
+		{"controller.logLevel=loud", "logLevel"},
+		{"controller.trustDomain=a/b", "trustDomain"},
+		{"controller.unknownKnob=1", "unknownKnob"},
+		{"restrictAgentNodePatches=yes", "restrictAgentNodePatches"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.set, func(t *testing.T) {

@@ -96,11 +96,11 @@ func TestServerSideDryRun(t *testing.T) {
 	})
 }
 
-// TestRBACIsLeast installs the chart's RBAC for real and checks, as the
-// agent's service account (through a kubeconfig rendered by install-cni's
-// cni.Kubeconfig), what it can and cannot do.
-func TestRBACIsLeast(t *testing.T) {
-	c := kubeharness.Start(t)
+// installRBAC applies the default value set's rendered manifests to a real
+// API server (the Deployment and DaemonSet never run: no nodes) and
+// returns the admin's kubectl.
+func installRBAC(t *testing.T, c *kubeharness.Cluster) kubectl {
+	t.Helper()
 	admin := kubectl{t: t, bin: c.Kubectl, kcfg: c.Kubeconfig}
 	admin.must("create", "namespace", namespace)
 	out, err := render(t, valueSets(t)["default"])
@@ -112,10 +112,18 @@ func TestRBACIsLeast(t *testing.T) {
 		t.Fatal(err)
 	}
 	admin.must("apply", "--server-side", "-n", namespace, "-f", f)
+	return admin
+}
 
-	token := strings.TrimSpace(admin.must("create", "token", "sidelane", "-n", namespace))
+// asServiceAccount is a kubectl authenticated with a token of the service
+// account sa, through a kubeconfig rendered by install-cni's
+// cni.Kubeconfig (so that path is exercised too).
+func asServiceAccount(t *testing.T, c *kubeharness.Cluster, admin kubectl, sa string) kubectl {
+	t.Helper()
+	token := strings.TrimSpace(admin.must("create", "token", sa, "-n", namespace))
 	ca := c.RESTConfig.CAData
 	if len(ca) == 0 && c.RESTConfig.CAFile != "" {
+		var err error
 		if ca, err = os.ReadFile(c.RESTConfig.CAFile); err != nil {
 			t.Fatal(err)
 		}
@@ -124,52 +132,103 @@ func TestRBACIsLeast(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	kcPath := filepath.Join(t.TempDir(), "kubeconfig")
+	kcPath := filepath.Join(t.TempDir(), sa+".kubeconfig")
 	if err := os.WriteFile(kcPath, kc, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	agent := kubectl{t: t, bin: c.Kubectl, kcfg: kcPath}
-	if who := agent.must("auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"); who != "system:serviceaccount:"+namespace+":sidelane" {
-		t.Fatalf("install-cni's kubeconfig authenticates as %q", who)
+	k := kubectl{t: t, bin: c.Kubectl, kcfg: kcPath}
+	if who := k.must("auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"); who != "system:serviceaccount:"+namespace+":"+sa {
+		t.Fatalf("kubeconfig of %s authenticates as %q", sa, who)
 	}
-	// SelfSubjectAccessReviews name group and resource explicitly, so they
-	// work without the L7Policy and EnvoyFilter CRDs installed.
+	return k
+}
+
+// canI asks the API server's authorizer with a SelfSubjectAccessReview.
+// Reviews name group and resource explicitly, so they work without the
+// L7Policy and EnvoyFilter CRDs installed.
+func canI(t *testing.T, k kubectl, verb, group, resource, sub, ns string) bool {
+	t.Helper()
+	review := fmt.Sprintf(`{"apiVersion":"authorization.k8s.io/v1","kind":"SelfSubjectAccessReview","spec":{"resourceAttributes":{"verb":%q,"group":%q,"resource":%q,"subresource":%q,"namespace":%q}}}`,
+		verb, group, resource, sub, ns)
+	f := filepath.Join(t.TempDir(), "review.json")
+	if err := os.WriteFile(f, []byte(review), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(k.must("create", "--validate=false", "-f", f, "-o", "jsonpath={.status.allowed}")) == "true"
+}
+
+// TestRBACIsLeast installs the chart's RBAC for real and asks the API
+// server, as the agent's and as the controller's service account, what
+// each may do. The node agent writes nothing cluster-wide: it is denied
+// every write to EnvoyFilters (which can put any filter into any sidecar)
+// and to L7Policy status, and the Lease; the controller may do exactly
+// those; neither may read Secrets. Putting the old agent ClusterRole back
+// (EnvoyFilter CRUD, l7policies/status, leases) fails this test.
+func TestRBACIsLeast(t *testing.T) {
+	c := kubeharness.Start(t)
+	admin := installRBAC(t, c)
+	agentSA := asServiceAccount(t, c, admin, release)
+	controllerSA := asServiceAccount(t, c, admin, release+"-controller")
+	const agent, controller = 1, 2 // who is allowed (bits)
 	tests := []struct {
 		verb, group, resource, sub, ns string
-		want                           bool
+		allowed                        int
 	}{
-		{"list", "", "pods", "", "", true},
-		{"watch", "", "namespaces", "", "", true},
-		{"patch", "", "nodes", "", "", true},
-		{"create", "", "events", "", "default", true},
-		{"patch", "events.k8s.io", "events", "", "default", true},
-		{"watch", "sidelane.io", "l7policies", "", "", true},
-		{"patch", "sidelane.io", "l7policies", "status", "default", true},
-		{"create", "networking.istio.io", "envoyfilters", "", "default", true},
-		{"delete", "networking.istio.io", "envoyfilters", "", "default", true},
-		{"update", "coordination.k8s.io", "leases", "", namespace, true},
-		// and nothing more
-		{"update", "coordination.k8s.io", "leases", "", "kube-system", false},
-		{"delete", "", "pods", "", "default", false},
-		{"create", "", "pods", "", "default", false},
-		{"update", "", "nodes", "", "", false},
-		{"delete", "", "nodes", "", "", false},
-		{"get", "", "secrets", "", namespace, false},
-		{"list", "", "configmaps", "", "default", false},
-		{"create", "sidelane.io", "l7policies", "", "default", false},
-		{"update", "sidelane.io", "l7policies", "", "default", false},
-		{"update", "rbac.authorization.k8s.io", "clusterroles", "", "", false},
+		// Node-local reads and writes of the agent.
+		{"list", "", "pods", "", "", agent | controller},
+		{"watch", "", "pods", "", "", agent | controller},
+		{"watch", "", "namespaces", "", "", agent | controller},
+		{"get", "", "nodes", "", "", agent},
+		{"patch", "", "nodes", "", "", agent},
+		{"create", "", "events", "", "default", agent},
+		{"patch", "events.k8s.io", "events", "", "default", agent},
+		{"watch", "sidelane.io", "l7policies", "", "", agent | controller},
+		// The cluster-wide writes: the controller's alone.
+		{"get", "networking.istio.io", "envoyfilters", "", "default", controller},
+		{"list", "networking.istio.io", "envoyfilters", "", "", controller},
+		{"watch", "networking.istio.io", "envoyfilters", "", "", controller},
+		{"create", "networking.istio.io", "envoyfilters", "", "default", controller},
+		{"update", "networking.istio.io", "envoyfilters", "", "default", controller},
+		{"patch", "networking.istio.io", "envoyfilters", "", "default", controller},
+		{"delete", "networking.istio.io", "envoyfilters", "", "default", controller},
+		{"update", "sidelane.io", "l7policies", "status", "default", controller},
+		{"patch", "sidelane.io", "l7policies", "status", "default", controller},
+		{"get", "coordination.k8s.io", "leases", "", namespace, controller},
+		{"create", "coordination.k8s.io", "leases", "", namespace, controller},
+		{"update", "coordination.k8s.io", "leases", "", namespace, controller},
+		// and nothing more, for either.
+		{"update", "coordination.k8s.io", "leases", "", "kube-system", 0},
+		{"delete", "coordination.k8s.io", "leases", "", namespace, 0},
+		{"get", "", "secrets", "", namespace, 0},
+		{"list", "", "secrets", "", "", 0},
+		{"watch", "", "secrets", "", "default", 0},
+		{"list", "", "configmaps", "", "default", 0},
+		{"create", "", "pods", "", "default", 0},
+		{"delete", "", "pods", "", "default", 0},
+		{"update", "", "pods", "status", "default", 0},
+		{"update", "", "nodes", "", "", 0},
+		{"delete", "", "nodes", "", "", 0},
+		{"patch", "", "nodes", "status", "", 0},
+		{"create", "sidelane.io", "l7policies", "", "default", 0},
+		{"update", "sidelane.io", "l7policies", "", "default", 0},
+		{"delete", "sidelane.io", "l7policies", "", "default", 0},
+		{"deletecollection", "networking.istio.io", "envoyfilters", "", "default", 0},
+		{"create", "networking.istio.io", "virtualservices", "", "default", 0},
+		{"create", "security.istio.io", "authorizationpolicies", "", "default", 0},
+		{"update", "rbac.authorization.k8s.io", "clusterroles", "", "", 0},
+		{"create", "", "serviceaccounts", "token", namespace, 0},
+		{"impersonate", "", "serviceaccounts", "", "", 0},
 	}
-	for _, tc := range tests {
-		review := fmt.Sprintf(`{"apiVersion":"authorization.k8s.io/v1","kind":"SelfSubjectAccessReview","spec":{"resourceAttributes":{"verb":%q,"group":%q,"resource":%q,"subresource":%q,"namespace":%q}}}`,
-			tc.verb, tc.group, tc.resource, tc.sub, tc.ns)
-		f := filepath.Join(t.TempDir(), "review.json")
-		if err := os.WriteFile(f, []byte(review), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		res := agent.must("create", "--validate=false", "-f", f, "-o", "jsonpath={.status.allowed}")
-		if got := strings.TrimSpace(res) == "true"; got != tc.want {
-			t.Errorf("agent can %s %s/%s (%s) in %q: %v, want %v", tc.verb, tc.group, tc.resource, tc.sub, tc.ns, got, tc.want)
+	for _, who := range []struct {
+		name string
+		bit  int
+		k    kubectl
+	}{{"agent", agent, agentSA}, {"controller", controller, controllerSA}} {
+		for _, tc := range tests {
+			want := tc.allowed&who.bit != 0
+			if got := canI(t, who.k, tc.verb, tc.group, tc.resource, tc.sub, tc.ns); got != want {
+				t.Errorf("%s can %s %s/%s (subresource %q) in %q: %v, want %v", who.name, tc.verb, tc.group, tc.resource, tc.sub, tc.ns, got, want)
+			}
 		}
 	}
 }
