@@ -93,6 +93,9 @@ func (h *cniHandler) add(ctx context.Context, req *cnirpc.Request) (*cnirpc.Repl
 	if ready, reason := h.readiness.Ready(); !ready {
 		return nil, fmt.Errorf("agent not ready: %s: %w", reason, cnirpc.ErrRetry)
 	}
+	if err := refuseNodeNetns(req.Netns); err != nil {
+		return nil, err
+	}
 	dec, err := h.classifier.Classify(ctx, req.Pod)
 	if err != nil {
 		return nil, fmt.Errorf("classify pod %s/%s: %w", req.Pod.Namespace, req.Pod.Name, err)
