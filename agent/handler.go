@@ -112,6 +112,12 @@ func (h *cniHandler) add(ctx context.Context, req *cnirpc.Request) (*cnirpc.Repl
 		Capture:      dec.Capture,
 		Added:        h.now().UTC(),
 	}
+	// Datapaths re-open e.Netns later (restart, mode moves): keep what it
+	// names now (store.Entry.CheckNetns). A path that cannot be read has
+	// no identity; the datapath fails on it if it needs the netns.
+	if dev, ino, err := store.NetnsIdentity(req.Netns); err == nil {
+		e.NetnsDev, e.NetnsIno = dev, ino
+	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if err := h.datapath.Enroll(ctx, &e); err != nil {

@@ -1,10 +1,9 @@
 package agent
 
 import (
-	"errors"
 	"fmt"
-	"os"
-	"syscall"
+
+	"github.com/sidelane/sidelane/agent/store"
 )
 
 // refuseNodeNetns is the one trust decision about which netns an ADD may
@@ -36,13 +35,6 @@ func refuseNodeNetns(path string) error {
 type nsID struct{ dev, ino uint64 }
 
 func netnsID(path string) (nsID, error) {
-	fi, err := os.Stat(path)
-	if err != nil {
-		return nsID{}, err
-	}
-	st, ok := fi.Sys().(*syscall.Stat_t)
-	if !ok {
-		return nsID{}, errors.New("no stat data")
-	}
-	return nsID{dev: uint64(st.Dev), ino: st.Ino}, nil
+	dev, ino, err := store.NetnsIdentity(path)
+	return nsID{dev, ino}, err
 }

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/sidelane/sidelane/agent/cnirpc"
+	"github.com/sidelane/sidelane/agent/store"
 	"github.com/sidelane/sidelane/internal/testenv"
 )
 
@@ -53,6 +54,15 @@ func TestHandlerRefusesNodeNetns(t *testing.T) {
 		}
 		if len(dp.enrolled) != 1 {
 			t.Fatal("pod not enrolled")
+		}
+		// The netns's identity is kept, so a datapath re-opening the
+		// path later notices when it names another one.
+		_, ino, err := store.NetnsIdentity(n.Path())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if es := h.store.List(); len(es) != 1 || es[0].NetnsIno != ino || es[0].CheckNetns() != nil {
+			t.Fatalf("recorded %+v, want netns inode %d", es, ino)
 		}
 	})
 }
