@@ -15,6 +15,7 @@ import (
 	"text/tabwriter"
 	"time"
 	"unicode"
+	"unicode/utf16"
 	"unicode/utf8"
 
 	"github.com/sidelane/sidelane/agent"
@@ -59,11 +60,36 @@ func runExplain(ctx context.Context, args []string) error {
 		return errors.New("agent sent no explanation (older agent?)")
 	}
 	if *output == "json" {
-		enc := json.NewEncoder(os.Stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(rep.Explain)
+		return printJSON(os.Stdout, rep.Explain)
 	}
 	return printExplanation(os.Stdout, rep.Explain)
+}
+
+// printJSON writes ex as indented JSON with every non-printable rune as a
+// \u escape: encoding/json already escapes C0 controls, but passes DEL, C1
+// controls (U+009B is CSI to some terminals) and format characters (bidi
+// overrides) through raw. They can only occur inside strings, where the
+// escape means the same.
+func printJSON(w io.Writer, ex *cnirpc.Explanation) error {
+	data, err := json.MarshalIndent(ex, "", "  ")
+	if err != nil {
+		return err
+	}
+	var b strings.Builder
+	for _, r := range string(data) {
+		switch {
+		case r == '\n' || !needsEscape(r) || r == '\\':
+			b.WriteRune(r)
+		case r > 0xffff:
+			r1, r2 := utf16.EncodeRune(r)
+			fmt.Fprintf(&b, `\u%04x\u%04x`, r1, r2)
+		default:
+			fmt.Fprintf(&b, `\u%04x`, r)
+		}
+	}
+	b.WriteByte('\n')
+	_, err = io.WriteString(w, b.String())
+	return err
 }
 
 func printExplanation(w io.Writer, ex *cnirpc.Explanation) error {

@@ -1,10 +1,12 @@
 package main
 
 import (
+	"encoding/json"
 	"net/netip"
 	"strings"
 	"testing"
 	"time"
+	"unicode"
 
 	"github.com/sidelane/sidelane/agent/cnirpc"
 	"github.com/sidelane/sidelane/istio/capture"
@@ -73,5 +75,31 @@ func TestPrintExplanationEscapesPodText(t *testing.T) {
 	}
 	if n := strings.Count(out, "\n"); n != 9 {
 		t.Errorf("output has %d lines, want 9 (a newline in pod text must not add lines):\n%s", n, out)
+	}
+}
+
+// TestPrintJSONEscapesPodText: -o json carries the same pod text escaped
+// too, including what encoding/json leaves raw (DEL, C1 controls, bidi
+// overrides), and still decodes to the original strings.
+func TestPrintJSONEscapesPodText(t *testing.T) {
+	evil := "rev \x1b[2J \x7f \u009b31m \u202eevil \U000e0041 \\ end"
+	ex := &cnirpc.Explanation{Pod: cnirpc.PodRef{Namespace: "shop", Name: "web"}, Datapath: "ebpf",
+		Attachments: []cnirpc.ExplainedAttachment{{Network: "k8s", Mode: "sidecar", Reason: evil}}}
+	var b strings.Builder
+	if err := printJSON(&b, ex); err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	for _, r := range out {
+		if r != '\n' && !unicode.IsPrint(r) {
+			t.Errorf("output carries %U raw:\n%s", r, out)
+		}
+	}
+	var back cnirpc.Explanation
+	if err := json.Unmarshal([]byte(out), &back); err != nil {
+		t.Fatalf("output is not JSON: %v\n%s", err, out)
+	}
+	if back.Attachments[0].Reason != evil {
+		t.Errorf("reason decodes to %q, want %q", back.Attachments[0].Reason, evil)
 	}
 }
