@@ -93,7 +93,8 @@ func (h *cniHandler) add(ctx context.Context, req *cnirpc.Request) (*cnirpc.Repl
 	if ready, reason := h.readiness.Ready(); !ready {
 		return nil, fmt.Errorf("agent not ready: %s: %w", reason, cnirpc.ErrRetry)
 	}
-	if err := refuseNodeNetns(req.Netns); err != nil {
+	netnsDev, netnsIno, err := podNetns(req.Netns)
+	if err != nil {
 		return nil, err
 	}
 	dec, err := h.classifier.Classify(ctx, req.Pod)
@@ -110,13 +111,11 @@ func (h *cniHandler) add(ctx context.Context, req *cnirpc.Request) (*cnirpc.Repl
 		Mode:         dec.Mode,
 		Reason:       dec.Reason,
 		Capture:      dec.Capture,
-		Added:        h.now().UTC(),
-	}
-	// Datapaths re-open e.Netns later (restart, mode moves): keep what it
-	// names now (store.Entry.CheckNetns). A path that cannot be read has
-	// no identity; the datapath fails on it if it needs the netns.
-	if dev, ino, err := store.NetnsIdentity(req.Netns); err == nil {
-		e.NetnsDev, e.NetnsIno = dev, ino
+		// Datapaths re-open Netns later (restart, mode moves); they check
+		// it still names this namespace (store.Entry.CheckNetns).
+		NetnsDev: netnsDev,
+		NetnsIno: netnsIno,
+		Added:    h.now().UTC(),
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
