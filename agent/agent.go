@@ -39,6 +39,9 @@ type Config struct {
 	L7 func(namespace, name string) *cnirpc.ExplainedL7
 	// RequestTimeout bounds one plugin request (default 10s).
 	RequestTimeout time.Duration
+	// SocketAllowUIDs are the peer uids the socket serves besides the
+	// agent's own (nil: root only; see cnirpc.Server.AllowUIDs).
+	SocketAllowUIDs []uint32
 	// Metrics may be nil.
 	Metrics *metrics.Metrics
 	// Startup runs after the socket is up and the persisted attachments are
@@ -93,6 +96,9 @@ func New(cfg Config) (*Agent, error) {
 		Socket:  cfg.Socket,
 		Log:     cfg.Log,
 		Timeout: cfg.RequestTimeout,
+		// Refused peers count as errors of op "socket_peer".
+		AllowUIDs: cfg.SocketAllowUIDs,
+		Refused:   func(cnirpc.Peer) { cfg.Metrics.Error("socket_peer") },
 		Handler: &cniHandler{
 			log:        cfg.Log,
 			store:      st,

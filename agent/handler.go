@@ -95,6 +95,10 @@ func (h *cniHandler) add(ctx context.Context, req *cnirpc.Request) (*cnirpc.Repl
 	if ready, reason := h.readiness.Ready(); !ready {
 		return nil, fmt.Errorf("agent not ready: %s: %w", reason, cnirpc.ErrRetry)
 	}
+	netnsDev, netnsIno, err := podNetns(req.Netns)
+	if err != nil {
+		return nil, err
+	}
 	dec, err := h.classifier.Classify(ctx, req.Pod)
 	if err != nil {
 		return nil, fmt.Errorf("classify pod %s/%s: %w", req.Pod.Namespace, req.Pod.Name, err)
@@ -110,7 +114,11 @@ func (h *cniHandler) add(ctx context.Context, req *cnirpc.Request) (*cnirpc.Repl
 		Reason:       dec.Reason,
 		Rule:         dec.Rule,
 		Capture:      dec.Capture,
-		Added:        h.now().UTC(),
+		// Datapaths re-open Netns later (restart, mode moves); they check
+		// it still names this namespace (store.Entry.CheckNetns).
+		NetnsDev: netnsDev,
+		NetnsIno: netnsIno,
+		Added:    h.now().UTC(),
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()

@@ -7,7 +7,9 @@ import (
 )
 
 // Kubeconfig renders a kubeconfig for server that authenticates with the
-// service-account token and trusts ca. The token and CA are embedded, since
+// service-account token and trusts ca. install-cni writes one only when
+// asked (--kubeconfig-file): nothing in sidelane reads it, and a token on
+// the node's disk is one more place to steal it from. The token and CA are embedded, since
 // the pod's token path does not exist on the host; the installer rewrites
 // the file whenever the token rotates. It is written as JSON, which every
 // kubeconfig loader reads (YAML is a superset), to keep client-go out of

@@ -44,9 +44,10 @@ func Main(buildVersion string) {
 	// skel reads the config from stdin; keep a copy so an error can carry
 	// the config's cniVersion, as the spec's error object asks and skel's
 	// own printing omits.
-	stdin, err := io.ReadAll(os.Stdin)
-	if err != nil {
-		stdin = nil
+	stdin, rerr := readStdin(os.Stdin)
+	if rerr != nil {
+		printError(os.Stdout, stdin, rerr)
+		os.Exit(1)
 	}
 	r, w, err := os.Pipe()
 	if err == nil {
@@ -64,6 +65,28 @@ func Main(buildVersion string) {
 		printError(os.Stdout, stdin, cerr)
 		os.Exit(1)
 	}
+}
+
+// MaxStdin bounds the network config the plugin reads from stdin. A
+// conflist entry with its prevResult is a few KiB; the bound keeps a broken
+// or hostile caller from making the plugin (run for every pod) hold an
+// arbitrary amount of memory. It matches cnirpc.MaxMessageSize, the bound
+// on what the agent accepts.
+const MaxStdin = cnirpc.MaxMessageSize
+
+// readStdin reads the network config, at most MaxStdin bytes; a larger one
+// is a CNI error naming the limit (its first MaxStdin bytes are returned,
+// for the error's cniVersion).
+func readStdin(r io.Reader) ([]byte, *types.Error) {
+	data, err := io.ReadAll(io.LimitReader(r, MaxStdin+1))
+	if err != nil {
+		return data, types.NewError(types.ErrIOFailure, fmt.Sprintf("read network config from stdin: %v", err), "")
+	}
+	if len(data) > MaxStdin {
+		return data[:MaxStdin], types.NewError(types.ErrInvalidNetworkConfig,
+			fmt.Sprintf("network config on stdin is larger than %d bytes", MaxStdin), "")
+	}
+	return data, nil
 }
 
 // printError writes the spec's error object: cniVersion, code, msg, details.

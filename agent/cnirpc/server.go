@@ -5,10 +5,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 )
@@ -29,6 +31,12 @@ type Server struct {
 	Log     *slog.Logger
 	// Timeout bounds the handling of one request, reply included.
 	Timeout time.Duration
+	// AllowUIDs are the peer uids (SO_PEERCRED) served besides the
+	// agent's own; nil means root only. See Server.trusted.
+	AllowUIDs []uint32
+	// Refused, when set, is called for every peer refused by its uid
+	// (the agent counts them in sidelane_errors_total).
+	Refused func(Peer)
 
 	mu sync.Mutex
 	ln net.Listener
@@ -36,7 +44,8 @@ type Server struct {
 }
 
 // Listen creates the socket with mode 0600: only root on the node (the
-// container runtime running the plugin) may talk to the agent.
+// container runtime running the plugin) may talk to the agent; Serve
+// checks each peer's uid again (Server.trusted).
 func (s *Server) Listen() error {
 	if err := os.MkdirAll(filepath.Dir(s.Socket), 0o750); err != nil {
 		return fmt.Errorf("create socket dir: %w", err)
@@ -108,11 +117,32 @@ func (s *Server) serveConn(ctx context.Context, conn net.Conn) {
 	defer cancel()
 	_ = conn.SetDeadline(time.Now().Add(timeout))
 
-	rep := s.handle(ctx, conn)
+	var rep *Reply
+	if peer, err := peerOf(conn); err != nil || !s.trusted(peer) {
+		rep = s.refuse(conn, peer, err)
+	} else {
+		rep = s.handle(ctx, conn)
+	}
 	rep.Version = Version
 	if err := json.NewEncoder(conn).Encode(rep); err != nil {
 		s.Log.Warn("write reply", "error", err)
 	}
+}
+
+// refuse answers a peer the socket does not serve, without decoding its
+// request (read and dropped, bounded, so the peer gets the reply rather
+// than a reset), and counts it.
+func (s *Server) refuse(conn net.Conn, p Peer, err error) *Reply {
+	_, _ = io.Copy(io.Discard, io.LimitReader(conn, MaxMessageSize))
+	if s.Refused != nil {
+		s.Refused(p)
+	}
+	if err != nil {
+		s.Log.Warn("refused a peer on the agent socket", "error", err)
+		return &Reply{Error: fmt.Sprintf("agent socket: %v", err)}
+	}
+	s.Log.Warn("refused a peer on the agent socket", "uid", p.UID, "gid", p.GID, "pid", p.PID)
+	return &Reply{Error: fmt.Sprintf("agent socket: peer uid %d (pid %d) is not allowed", p.UID, p.PID)}
 }
 
 func (s *Server) handle(ctx context.Context, conn net.Conn) (rep *Reply) {
@@ -135,4 +165,33 @@ func (s *Server) handle(ctx context.Context, conn net.Conn) (rep *Reply) {
 	}
 	rep.OK = true
 	return rep
+}
+
+// Peer is the process at the other end of a connection, from the kernel
+// (SO_PEERCRED at connect time), not from anything the peer sends.
+type Peer struct {
+	PID      int32
+	UID, GID uint32
+}
+
+// errPeerUnknown: the kernel gave no credentials for the peer.
+var errPeerUnknown = errors.New("peer credentials unavailable")
+
+// trusted decides which peers may use the socket. Every operation on it
+// changes what is captured (ADD enrolls a netns, DEL and GC with an empty
+// list un-capture pods) or reveals pod details (explain), so only the
+// container runtime running the plugin, which is root, may talk to it:
+// the socket's mode 0600 says so to the file system, and this check says
+// it again to any process that gets past the file mode (a container given
+// the directory, CAP_DAC_OVERRIDE, a loosened mode). The agent's own uid
+// is always trusted (a process of that uid can control the agent anyway);
+// AllowUIDs replaces root for runtimes that run CNI plugins as another uid.
+func (s *Server) trusted(p Peer) bool {
+	if p.UID == uint32(os.Geteuid()) {
+		return true
+	}
+	if s.AllowUIDs == nil {
+		return p.UID == 0
+	}
+	return slices.Contains(s.AllowUIDs, p.UID)
 }

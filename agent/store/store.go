@@ -47,8 +47,13 @@ type Entry struct {
 	// Capture is what the datapath captures in sidecar mode.
 	Capture *capture.Settings `json:"capture,omitempty"`
 	// NetnsCookie identifies the pod's network namespace to the datapath.
-	NetnsCookie uint64    `json:"netnsCookie,omitempty"`
-	Added       time.Time `json:"added"`
+	NetnsCookie uint64 `json:"netnsCookie,omitempty"`
+	// NetnsDev and NetnsIno are the identity of the netns Netns named at
+	// ADD (NetnsIdentity), so a re-opened path that names another
+	// namespace is noticed (CheckNetns). 0: not known.
+	NetnsDev uint64    `json:"netnsDev,omitempty"`
+	NetnsIno uint64    `json:"netnsIno,omitempty"`
+	Added    time.Time `json:"added"`
 }
 
 type fileFormat struct {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -51,6 +52,7 @@ func runAgent(ctx context.Context, args []string) error {
 	trustDomain := fs.String("trust-domain", "cluster.local", "the mesh's SPIFFE trust domain, for L7 policy principals")
 	xdsSocket := fs.String("xds-socket", "", "per-node mode: Unix socket to serve the node proxy's xDS on (listeners, L7 policy); needs --node-proxy-address (empty: off)")
 	xdsGID := fs.Int("xds-socket-gid", 1337, "group given read-write access to --xds-socket (the node proxy's; -1: root only)")
+	allowUIDs := fs.String("socket-allow-uids", "0", "comma-separated peer uids served on --socket besides the agent's own (SO_PEERCRED); others are refused and counted")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -71,6 +73,9 @@ func runAgent(ctx context.Context, args []string) error {
 		return err
 	}
 	cfg := agent.Config{Socket: *socket, StateDir: *stateDir, Log: log, Metrics: m, Datapath: dp.Datapath}
+	if cfg.SocketAllowUIDs, err = parseUIDs(*allowUIDs); err != nil {
+		return fmt.Errorf("--socket-allow-uids: %w", err)
+	}
 	var ctrl *kube.Controller
 	startNodeProxyFeed := func(func() []store.Entry) {}
 	if !*standalone && *kubeconfig == "" && os.Getenv("KUBERNETES_SERVICE_HOST") == "" {
@@ -199,4 +204,21 @@ func countModes(a *agent.Agent) map[string]int {
 		out[e.Mode]++
 	}
 	return out
+}
+
+// parseUIDs reads a comma-separated uid list; "" is an empty list (only
+// the agent's own uid).
+func parseUIDs(s string) ([]uint32, error) {
+	uids := []uint32{}
+	for f := range strings.SplitSeq(s, ",") {
+		if f = strings.TrimSpace(f); f == "" {
+			continue
+		}
+		u, err := strconv.ParseUint(f, 10, 32)
+		if err != nil {
+			return nil, fmt.Errorf("uid %q: %w", f, err)
+		}
+		uids = append(uids, uint32(u))
+	}
+	return uids, nil
 }

@@ -10,9 +10,13 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode"
+	"unicode/utf16"
+	"unicode/utf8"
 
 	"github.com/sidelane/sidelane/agent"
 	"github.com/sidelane/sidelane/agent/cnirpc"
@@ -56,17 +60,42 @@ func runExplain(ctx context.Context, args []string) error {
 		return errors.New("agent sent no explanation (older agent?)")
 	}
 	if *output == "json" {
-		enc := json.NewEncoder(os.Stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(rep.Explain)
+		return printJSON(os.Stdout, rep.Explain)
 	}
 	return printExplanation(os.Stdout, rep.Explain)
 }
 
+// printJSON writes ex as indented JSON with every non-printable rune as a
+// \u escape: encoding/json already escapes C0 controls, but passes DEL, C1
+// controls (U+009B is CSI to some terminals) and format characters (bidi
+// overrides) through raw. They can only occur inside strings, where the
+// escape means the same.
+func printJSON(w io.Writer, ex *cnirpc.Explanation) error {
+	data, err := json.MarshalIndent(ex, "", "  ")
+	if err != nil {
+		return err
+	}
+	var b strings.Builder
+	for _, r := range string(data) {
+		switch {
+		case r == '\n' || !needsEscape(r) || r == '\\':
+			b.WriteRune(r)
+		case r > 0xffff:
+			r1, r2 := utf16.EncodeRune(r)
+			fmt.Fprintf(&b, `\u%04x\u%04x`, r1, r2)
+		default:
+			fmt.Fprintf(&b, `\u%04x`, r)
+		}
+	}
+	b.WriteByte('\n')
+	_, err = io.WriteString(w, b.String())
+	return err
+}
+
 func printExplanation(w io.Writer, ex *cnirpc.Explanation) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintf(tw, "pod:\t%s/%s\n", ex.Pod.Namespace, ex.Pod.Name)
-	fmt.Fprintf(tw, "datapath:\t%s\n", ex.Datapath)
+	fmt.Fprintf(tw, "pod:\t%s/%s\n", printable(ex.Pod.Namespace), printable(ex.Pod.Name))
+	fmt.Fprintf(tw, "datapath:\t%s\n", printable(ex.Datapath))
 	if len(ex.Attachments) == 0 {
 		fmt.Fprintf(tw, "attachments:\tnone on this node (the pod is not here, or its sandbox has not been set up yet)\n")
 	}
@@ -75,9 +104,9 @@ func printExplanation(w io.Writer, ex *cnirpc.Explanation) error {
 		for _, ip := range a.IPs {
 			ips = append(ips, ip.String())
 		}
-		fmt.Fprintf(tw, "attachment:\t%s/%s/%s (netns %s, ips %s, since %s)\n", a.Network, shortID(a.ContainerID), a.IfName, a.Netns, strings.Join(ips, ","), a.Added.Format(time.RFC3339))
-		fmt.Fprintf(tw, "  mode:\t%s\n", a.Mode)
-		fmt.Fprintf(tw, "  why:\t%s\n", a.Reason)
+		fmt.Fprintf(tw, "attachment:\t%s/%s/%s (netns %s, ips %s, since %s)\n", printable(a.Network), printable(shortID(a.ContainerID)), printable(a.IfName), printable(a.Netns), strings.Join(ips, ","), a.Added.Format(time.RFC3339))
+		fmt.Fprintf(tw, "  mode:\t%s\n", printable(a.Mode))
+		fmt.Fprintf(tw, "  why:\t%s\n", printable(a.Reason))
 		if a.Capture != nil {
 			for i, line := range captureLines(a.Capture) {
 				label := ""
@@ -92,7 +121,7 @@ func printExplanation(w io.Writer, ex *cnirpc.Explanation) error {
 			fmt.Fprintf(tw, "  capture:\tnone\n")
 		}
 		if len(a.Counters) == 0 {
-			fmt.Fprintf(tw, "  counters:\tnone kept by the %s datapath\n", ex.Datapath)
+			fmt.Fprintf(tw, "  counters:\tnone kept by the %s datapath\n", printable(ex.Datapath))
 		}
 		keys := make([]string, 0, len(a.Counters))
 		for k := range a.Counters {
@@ -100,7 +129,7 @@ func printExplanation(w io.Writer, ex *cnirpc.Explanation) error {
 		}
 		slices.Sort(keys)
 		for _, k := range keys {
-			fmt.Fprintf(tw, "  counter %s:\t%d\n", k, a.Counters[k])
+			fmt.Fprintf(tw, "  counter %s:\t%d\n", printable(k), a.Counters[k])
 		}
 	}
 	switch {
@@ -113,7 +142,7 @@ func printExplanation(w io.Writer, ex *cnirpc.Explanation) error {
 		for i, p := range ex.L7.Ports {
 			ports[i] = fmt.Sprint(p)
 		}
-		fmt.Fprintf(tw, "L7 policy:\t%s on ports %s\n", strings.Join(ex.L7.Policies, ", "), strings.Join(ports, ","))
+		fmt.Fprintf(tw, "L7 policy:\t%s on ports %s\n", printable(strings.Join(ex.L7.Policies, ", ")), strings.Join(ports, ","))
 	}
 	switch {
 	case ex.Current != nil:
@@ -121,12 +150,42 @@ func printExplanation(w io.Writer, ex *cnirpc.Explanation) error {
 		if slices.ContainsFunc(ex.Attachments, func(a cnirpc.ExplainedAttachment) bool { return a.Mode != ex.Current.Mode }) {
 			agree = " (differs from the mode in force: a live move is pending or failed, see the pod's events)"
 		}
-		fmt.Fprintf(tw, "classifier now:\t%s: %s%s\n", ex.Current.Mode, ex.Current.Reason, agree)
+		fmt.Fprintf(tw, "classifier now:\t%s: %s%s\n", printable(ex.Current.Mode), printable(ex.Current.Reason), agree)
 	case ex.CurrentError != "":
-		fmt.Fprintf(tw, "classifier now:\tno decision: %s\n", ex.CurrentError)
+		fmt.Fprintf(tw, "classifier now:\tno decision: %s\n", printable(ex.CurrentError))
 	}
 	return tw.Flush()
 }
+
+// printable escapes what a terminal would act on. Most strings explain
+// prints come from pods and their owners (the reason carries Istio's
+// revision from the pod's sidecar.istio.io/status annotation; namespaces,
+// interface names and policy names are chosen by users), so an escape
+// sequence or a newline in them must be shown, not obeyed. Printable
+// runes pass; everything else (control and format characters, invalid
+// UTF-8) and the backslash get strconv.Quote's escapes.
+func printable(s string) string {
+	if !strings.ContainsFunc(s, needsEscape) && utf8.ValidString(s) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); {
+		r, n := utf8.DecodeRuneInString(s[i:])
+		switch {
+		case r == utf8.RuneError && n == 1:
+			fmt.Fprintf(&b, `\x%02x`, s[i])
+		case needsEscape(r):
+			q := strconv.QuoteRune(r)
+			b.WriteString(q[1 : len(q)-1])
+		default:
+			b.WriteRune(r)
+		}
+		i += n
+	}
+	return b.String()
+}
+
+func needsEscape(r rune) bool { return r == '\\' || !unicode.IsPrint(r) }
 
 func shortID(id string) string {
 	if len(id) > 12 {
@@ -175,7 +234,7 @@ func captureLines(c *capture.Settings) []string {
 		out = append(out, "DNS: not captured")
 	}
 	if len(c.ExcludeInterfaces) > 0 {
-		out = append(out, "interfaces never captured: "+strings.Join(c.ExcludeInterfaces, ","))
+		out = append(out, "interfaces never captured: "+printable(strings.Join(c.ExcludeInterfaces, ",")))
 	}
 	return out
 }

@@ -20,7 +20,10 @@ func runInstallCNI(ctx context.Context, args []string) error {
 	source := fs.String("plugin-binary", "", "the sidelane-cni binary to install (default: sidelane-cni next to this binary)")
 	ownConfig := fs.Bool("own-config", false, "write sidelane's own conflist (a copy of the primary's list plus sidelane) instead of editing the primary's file")
 	ownName := fs.String("own-config-name", cni.DefaultOwnConfig, "file name of the own conflist; must sort before the primary's")
-	kubeconfig := fs.String("kubeconfig-file", "/var/run/sidelane/kubeconfig", "where to write the kubeconfig (mode 0600, outside the conf dir); \"\" writes none")
+	// Nothing in sidelane reads this kubeconfig (the agent uses its own
+	// in-cluster service account), so it is opt-in: a token on the node's
+	// disk that nothing needs is only a way to steal it.
+	kubeconfig := fs.String("kubeconfig-file", "", "opt-in: write a kubeconfig with the pod's service-account token here (mode 0600, outside the conf dir), for tools on the node; empty: none")
 	tokenDir := fs.String("token-dir", "/var/run/secrets/kubernetes.io/serviceaccount", "service-account dir with token and ca.crt")
 	server := fs.String("kube-server", "", "API server URL for the kubeconfig (default: from KUBERNETES_SERVICE_HOST/PORT)")
 	var entry cni.Entry

@@ -135,3 +135,22 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestInstallCNIWritesNoTokenByDefault: nothing in sidelane reads the
+// kubeconfig install-cni can write (the agent uses its in-cluster service
+// account, the plugin never talks to the API), so by default it writes
+// none: a file on the node holding the agent's token would only be one more
+// way to take the token. Writing one is opt-in (--kubeconfig-file PATH).
+func TestInstallCNIWritesNoTokenByDefault(t *testing.T) {
+	sidelane := filepath.Join(testenv.SidelaneBin(t), "sidelane")
+	out, _ := exec.Command(sidelane, "install-cni", "-h").CombinedOutput()
+	help := string(out)
+	i := strings.Index(help, "-kubeconfig-file")
+	if i < 0 {
+		t.Fatalf("install-cni -h lists no -kubeconfig-file:\n%s", help)
+	}
+	flagHelp, _, _ := strings.Cut(help[i:], "\n  -")
+	if strings.Contains(flagHelp, "(default") {
+		t.Errorf("-kubeconfig-file has a default, want none (opt-in):\n%s", flagHelp)
+	}
+}

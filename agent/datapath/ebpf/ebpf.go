@@ -117,6 +117,11 @@ func (d *Datapath) Enroll(_ context.Context, e *store.Entry) error {
 		}
 		return nil
 	}
+	// Never enroll what the path names now if that is not the pod's netns
+	// of ADD (pid reuse behind a /proc/<pid>/ns/net path).
+	if err := e.CheckNetns(); err != nil {
+		return err
+	}
 	cookie, err := d.cookie(e.Netns)
 	if err != nil {
 		return err

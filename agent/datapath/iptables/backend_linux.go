@@ -28,7 +28,7 @@ var tables = []string{"nat", "raw"}
 // no atomic restore.)
 func (b *Backend) Enroll(_ context.Context, e *store.Entry) error {
 	v4, v6 := Desired(*e)
-	return ignoreGoneIfEmpty(v4, v6, inNetns(e.Netns, func() error {
+	return ignoreGoneIfEmpty(v4, v6, inNetns(*e, func() error {
 		return perFamily(v4, v6, func(ipt *goipt.IPTables, fam string, rules []Rule) error {
 			if verify(ipt, rules) == nil {
 				return nil
@@ -79,7 +79,7 @@ func ignoreGoneIfEmpty(v4, v6 []Rule, err error) error {
 // Unenroll removes every Istio chain and every jump to one. A netns that
 // is gone has nothing left to remove.
 func (b *Backend) Unenroll(_ context.Context, e store.Entry) error {
-	err := inNetns(e.Netns, func() error {
+	err := inNetns(e, func() error {
 		var errs []error
 		for _, proto := range []goipt.Protocol{goipt.ProtocolIPv4, goipt.ProtocolIPv6} {
 			ipt, err := goipt.New(goipt.IPFamily(proto), goipt.Timeout(10))
@@ -94,7 +94,9 @@ func (b *Backend) Unenroll(_ context.Context, e store.Entry) error {
 		return errors.Join(errs...)
 	})
 	var missing ns.NSPathNotExistErr
-	if errors.As(err, &missing) {
+	if errors.As(err, &missing) || errors.Is(err, store.ErrNetnsReplaced) {
+		// The pod's netns is gone (its path may name another one now,
+		// whose rules are not ours to remove).
 		return nil
 	}
 	return err
@@ -103,7 +105,7 @@ func (b *Backend) Unenroll(_ context.Context, e store.Entry) error {
 // Verify reports the first difference between the installed rules and e's.
 func (b *Backend) Verify(_ context.Context, e store.Entry) error {
 	v4, v6 := Desired(e)
-	return ignoreGoneIfEmpty(v4, v6, inNetns(e.Netns, func() error {
+	return ignoreGoneIfEmpty(v4, v6, inNetns(e, func() error {
 		return perFamily(v4, v6, func(ipt *goipt.IPTables, fam string, rules []Rule) error {
 			if err := verify(ipt, rules); err != nil {
 				return fmt.Errorf("%s rules in %s: %w", fam, e.Netns, err)
@@ -120,13 +122,17 @@ func family(p goipt.Protocol) string {
 	return "IPv4"
 }
 
-// inNetns runs fn on a locked OS thread inside the netns at path; the
-// iptables commands go-iptables starts inherit that thread's netns.
-func inNetns(path string, fn func() error) error {
-	if path == "" {
+// inNetns runs fn on a locked OS thread inside e's netns; the iptables
+// commands go-iptables starts inherit that thread's netns. A path that now
+// names another netns than at ADD is refused (store.Entry.CheckNetns).
+func inNetns(e store.Entry, fn func() error) error {
+	if e.Netns == "" {
 		return errors.New("entry has no netns")
 	}
-	return ns.WithNetNSPath(path, func(ns.NetNS) error { return fn() })
+	if err := e.CheckNetns(); errors.Is(err, store.ErrNetnsReplaced) {
+		return err
+	}
+	return ns.WithNetNSPath(e.Netns, func(ns.NetNS) error { return fn() })
 }
 
 func apply(ipt *goipt.IPTables, rules []Rule) error {

@@ -40,3 +40,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 mounted under /host so they never shadow the container's own. */}}
 {{- define "sidelane.runDir" -}}/var/run/sidelane{{- end }}
 {{- define "sidelane.socket" -}}/var/run/sidelane/cni.sock{{- end }}
+
+{{/* The dir of the agent's xDS socket for the node proxy: its own host dir,
+never the run dir (values.schema.json refuses that too). */}}
+{{- define "sidelane.xdsDir" -}}
+{{- $dir := dir .Values.nodeProxy.xdsSocket }}
+{{- if or (eq $dir (include "sidelane.runDir" .)) (hasPrefix (printf "%s/" (include "sidelane.runDir" .)) $dir) }}
+{{- fail (printf "nodeProxy.xdsSocket %s: must not be in the agent's run dir %s (the node proxy mounts the socket's dir)" .Values.nodeProxy.xdsSocket (include "sidelane.runDir" .)) }}
+{{- end }}
+{{- $dir }}
+{{- end }}

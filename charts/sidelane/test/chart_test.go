@@ -126,12 +126,13 @@ func TestSchemaRejectsBadValues(t *testing.T) {
 		{"agent.capabilities={SYS_MODULE}", "capabilities"},
 		{"agent.unknownKnob=1", "unknownKnob"},
 		{"nodeProxy.enabled=yes", "enabled"},
-		{"cni.kubeconfigFile=/etc/kubeconfig", "kubeconfigFile"},
 		{"controller.replicas=-1", "replicas"},
 		{"controller.logLevel=loud", "logLevel"},
 		{"controller.trustDomain=a/b", "trustDomain"},
 		{"controller.unknownKnob=1", "unknownKnob"},
 		{"restrictAgentNodePatches=yes", "restrictAgentNodePatches"},
+		{"nodeProxy.xdsSocket=/var/run/sidelane/xds.sock", "xdsSocket"},
+		{"cni.kubeconfigFile=/var/run/sidelane/kubeconfig", "kubeconfigFile"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.set, func(t *testing.T) {

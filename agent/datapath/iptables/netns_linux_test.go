@@ -1,0 +1,74 @@
+//go:build linux
+
+package iptables
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/sidelane/sidelane/agent/store"
+	"github.com/sidelane/sidelane/internal/podnet"
+	"github.com/sidelane/sidelane/internal/testenv"
+	"github.com/sidelane/sidelane/istio/capture"
+)
+
+// TestReplacedNetnsUntouched: when a pod's netns path names another
+// namespace than at ADD (pid reuse behind /proc/<pid>/ns/net; here a
+// symlink re-pointed at another pod's netns), re-enrolling the pod is
+// refused and writes nothing there, and unenrolling it (the pod is gone)
+// succeeds without removing the other pod's rules.
+func TestReplacedNetnsUntouched(t *testing.T) {
+	testenv.Privileged(t)
+	n := podnet.New(t)
+	b := New(nil)
+	ctx := context.Background()
+	podNS, otherNS := n.Add("ipr"), n.Add("ipo")
+	s := capture.Defaults()
+	other := store.Entry{Netns: otherNS.Path, Mode: modeSidecar, Capture: &s}
+	if err := b.Enroll(ctx, &other); err != nil {
+		t.Fatal(err)
+	}
+	otherRules := save(t, otherNS, false)
+
+	path := filepath.Join(t.TempDir(), "ns-net")
+	if err := os.Symlink(podNS.Path, path); err != nil {
+		t.Fatal(err)
+	}
+	e := store.Entry{Netns: path, Mode: modeSidecar, Capture: &s}
+	var err error
+	if e.NetnsDev, e.NetnsIno, err = store.NetnsIdentity(path); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Enroll(ctx, &e); err != nil {
+		t.Fatalf("enroll while the path names the pod's netns: %v", err)
+	}
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(otherNS.Path, path); err != nil {
+		t.Fatal(err)
+	}
+	// Make the other pod's rules differ from e's, so a re-enroll there
+	// would show.
+	if err := b.Unenroll(ctx, other); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Enroll(ctx, &e); !errors.Is(err, store.ErrNetnsReplaced) {
+		t.Fatalf("re-enroll with the path naming another netns: %v, want ErrNetnsReplaced", err)
+	}
+	if got := istioRules(save(t, otherNS, false)); len(got) != 0 {
+		t.Fatalf("refused enroll wrote rules into the other netns: %q", got)
+	}
+	if err := b.Enroll(ctx, &other); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Unenroll(ctx, e); err != nil {
+		t.Fatalf("unenroll of the pod whose path names another netns: %v", err)
+	}
+	if got := save(t, otherNS, false); got != otherRules {
+		t.Errorf("unenroll changed the other netns's rules:\n%s\nwant\n%s", got, otherRules)
+	}
+}
