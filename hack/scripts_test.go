@@ -173,3 +173,31 @@ func TestInstallDeps(t *testing.T) {
 		t.Error("apt-get ran with --check")
 	}
 }
+
+// TestDepsCheckedBeforeLongBuilds: `make demo` and `make test` (and the
+// test targets) run install-deps.sh with their group before building the
+// tools and kube-apiserver (~15 min on a fresh machine), so a missing
+// package stops them at once instead of after the builds.
+func TestDepsCheckedBeforeLongBuilds(t *testing.T) {
+	for target, group := range map[string]string{"demo": "demo", "test": "test", "unit": "test", "e2e": "test", "conformance": "test", "chart": "test", "generate": "generate"} {
+		out, err := run(t, "..", nil, "make", "-n", target)
+		if err != nil {
+			t.Fatalf("make -n %s: %v\n%s", target, err, out)
+		}
+		check := strings.Index(out, "hack/install-deps.sh "+group+"\n")
+		if check < 0 {
+			t.Errorf("make %s does not run hack/install-deps.sh %s:\n%s", target, group, out)
+			continue
+		}
+		for _, long := range []string{"hack/install-tools.sh", "hack/build-kube-apiserver.sh", "go build", "go test"} {
+			if i := strings.Index(out, long); i >= 0 && i < check {
+				t.Errorf("make %s runs %s before the prerequisites check", target, long)
+			}
+		}
+	}
+	// Building the tools alone needs no apt package: it checks nothing.
+	out, err := run(t, "..", nil, "make", "-n", "kube")
+	if err != nil || strings.Contains(out, "install-deps.sh") {
+		t.Errorf("make -n kube: %v\n%s", err, out)
+	}
+}
