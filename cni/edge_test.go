@@ -1,11 +1,14 @@
 package cni
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 )
 
@@ -215,4 +218,119 @@ func TestMeshCNIRefused(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestOwnModeGivesConvertedBack: switching from the edit mode to the own
+// config mode gives a converted primary its file back, byte for byte,
+// and takes the converted copy out, which would shadow the own file's
+// network once the own file goes.
+func TestOwnModeGivesConvertedBack(t *testing.T) {
+	orig := File{"10-a.json", []byte("{\"cniVersion\": \"1.0.0\", \"name\": \"a\", \"type\": \"ptp\"}\n")}
+	p, err := PlanInstall([]File{orig}, Options{Entry: testEntry})
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := applyPlan([]File{orig}, p)
+	if got := names(files); len(got) != 1 || got[0] != "10-a.json.conflist" {
+		t.Fatalf("edit mode: %v, want 10-a.json.conflist", got)
+	}
+	p, err = PlanInstall(files, Options{Entry: testEntry, OwnConfig: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	files = applyPlan(files, p)
+	if got := names(files); len(got) != 2 || got[0] != DefaultOwnConfig || got[1] != orig.Name {
+		t.Fatalf("own mode: %v, want %s and %s", got, DefaultOwnConfig, orig.Name)
+	}
+	if string(files[1].Data) != string(orig.Data) {
+		t.Errorf("%s = %q, want the original %q", orig.Name, files[1].Data, orig.Data)
+	}
+	if l, _ := Parse(DefaultOwnConfig, files[0].Data); l == nil || strings.Contains(string(files[0].Data), convertedKey) || !l.Has(PluginType) {
+		t.Errorf("own file:\n%s\nwant the network chained, without a conversion record", files[0].Data)
+	}
+	if again, err := PlanInstall(files, Options{Entry: testEntry, OwnConfig: true}); err != nil || !again.Empty() {
+		t.Errorf("re-plan in own mode: %+v, %v", again, err)
+	}
+}
+
+// syncBuffer is a log sink safe for the watch loop's goroutine.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestRunStepsBackFromMeshCNI: in watch mode install-cni says once why it
+// steps back from linkerd-cni, keeps its entry out while the primary
+// rewrites its file, and chains as soon as linkerd-cni is gone.
+func TestRunStepsBackFromMeshCNI(t *testing.T) {
+	conf, bin := t.TempDir(), t.TempDir()
+	src := filepath.Join(t.TempDir(), PluginType)
+	if err := os.WriteFile(src, []byte("#!/bin/sh\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	calico, err := os.ReadFile(filepath.Join("testdata", "confdirs", "calico", "10-calico.conflist"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, _ := Parse("10-calico.conflist", calico)
+	l.Plugins = append(l.Plugins, []byte(`{"type":"linkerd-cni","log_level":"info"}`))
+	withLinkerd, _ := l.Encode()
+	primary := filepath.Join(conf, "10-calico.conflist")
+	if err := os.WriteFile(primary, withLinkerd, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var logs syncBuffer
+	inst, err := New(Config{ConfDir: conf, BinDir: bin, SourceBinary: src, Options: Options{Entry: testEntry}, Log: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	synced := make(chan error, 100)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- inst.Run(ctx, WatchOptions{Synced: func(_ Plan, err error) {
+			select {
+			case synced <- err:
+			default:
+			}
+		}})
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+
+	if err := <-synced; !errors.Is(err, ErrMeshCNI) {
+		t.Fatalf("first check: %v, want ErrMeshCNI", err)
+	}
+	// The primary rewrites its file, linkerd-cni still in it.
+	if err := os.WriteFile(primary, withLinkerd, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-synced; !errors.Is(err, ErrMeshCNI) {
+		t.Fatalf("check after the rewrite: %v, want ErrMeshCNI", err)
+	}
+	if chainedIn(primary) {
+		t.Fatal("chained next to linkerd-cni")
+	}
+	if n := strings.Count(logs.String(), "stepping back"); n != 1 {
+		t.Errorf("logged %d times why it steps back, want once:\n%s", n, logs.String())
+	}
+	if !strings.Contains(logs.String(), "linkerd-cni") {
+		t.Errorf("the log does not name linkerd-cni:\n%s", logs.String())
+	}
+	// linkerd-cni uninstalled: sidelane chains.
+	if err := writeAtomic(conf, "10-calico.conflist", calico, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "chained once linkerd-cni is gone", func() bool { return chainedIn(primary) })
 }
