@@ -110,6 +110,7 @@ done
 exit 1
 `,
 		"apt-get": "#!/bin/sh\necho \"apt-get $*\" >> " + log + "\n",
+		"mount":   "#!/bin/sh\necho \"mount $*\" >> " + log + "\n",
 	}
 	for name, body := range stubs {
 		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o755); err != nil {
@@ -162,6 +163,22 @@ func TestInstallDeps(t *testing.T) {
 	}
 	if _, err := os.Stat(log); err == nil {
 		t.Error("apt-get ran without root")
+	}
+
+	// No bpffs: mounted as root, the command printed otherwise.
+	for _, uid := range []int{0, 1} {
+		env, log = stubTools(t, uid, demo)
+		if err := os.WriteFile(strings.TrimPrefix(env[1], "INSTALL_DEPS_MOUNTS="), []byte("proc /proc proc rw 0 0\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		out, err := run(t, ".", env, deps, "demo")
+		got, _ := os.ReadFile(log)
+		if uid == 0 && (err != nil || strings.TrimSpace(string(got)) != "mount -t bpf bpf /sys/fs/bpf") {
+			t.Errorf("root without bpffs: %v, calls %q\n%s", err, got, out)
+		}
+		if uid != 0 && (err == nil || len(got) != 0 || !strings.Contains(out, "mount -t bpf bpf /sys/fs/bpf")) {
+			t.Errorf("not root without bpffs: %v, calls %q\n%s", err, got, out)
+		}
 	}
 
 	// --check never installs, even as root.
