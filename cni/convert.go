@@ -104,6 +104,7 @@ func isConverted(byName map[string][]byte, orig string) bool {
 	if err != nil {
 		return false
 	}
-	_, ok = convertedFrom(name, l)
-	return ok
+	// (a.json and a.json.conf both become a.json.conflist: compare names.)
+	rec, ok := convertedFrom(name, l)
+	return ok && rec.Name == orig
 }
