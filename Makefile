@@ -14,16 +14,31 @@ export SIDELANE_CACHE := $(CACHE)
 export SIDELANE_BIN   := $(CURDIR)/$(BIN)
 export PATH           := $(CACHE)/bin:$(PATH)
 
-.PHONY: help build generate verify lint unit conformance fuzz test chart e2e bench demo tools kube clean
+.PHONY: help deps deps-check build generate verify lint unit conformance fuzz test chart e2e bench demo tools kube clean
 
 help: ## list targets
 	@awk -F':.*## ' '/^[a-z-]+:.*## /{printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+deps: ## install the apt packages (Debian 12) and mount the bpffs that the tests, the demo and generate need (root; otherwise prints the command)
+	hack/install-deps.sh all
+
+# The machine prerequisites of the target being made (DEPS, a group of
+# hack/install-deps.sh), checked before the long tool builds (tools, kube:
+# ~15 min on a fresh machine) and installed there and then as root on
+# Debian. `make tools` or `make kube` alone checks nothing.
+DEPS ?=
+demo: DEPS = demo
+test unit conformance e2e chart bench: DEPS = test
+generate: DEPS = generate
+deps-check:
+	@$(if $(DEPS),hack/install-deps.sh $(DEPS))
+tools kube: | deps-check
 
 build: ## build bin/sidelane-cni and bin/sidelane
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/sidelane-cni ./cmd/sidelane-cni
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/sidelane ./cmd/sidelane
 
-generate: ## regenerate BPF objects (bpf2go, needs clang) and other generated files
+generate: deps-check ## regenerate BPF objects (bpf2go, needs clang) and other generated files
 	$(GO) generate ./...
 
 verify: generate ## regenerate and fail if anything committed differs
@@ -41,31 +56,31 @@ tools: ## build the reference CNI plugins, cnitool, the noop test plugin and Ist
 kube: ## build kube-apiserver and kubectl once into $(CACHE) (~14 min the first time)
 	hack/build-kube-apiserver.sh
 
-unit: build tools kube ## unit tests (privileged ones run as root; some compare with pilot-agent, some start etcd + kube-apiserver)
+unit: deps-check build tools kube ## unit tests (privileged ones run as root; some compare with pilot-agent, some start etcd + kube-apiserver)
 	$(GO) test -count=1 $$($(GO) list ./... | grep -v -e /conformance -e /charts/ -e /test/e2e)
 
-conformance: build tools ## CNI and capture conformance in real network namespaces; ends with "N passed, N failed"
+conformance: deps-check build tools ## CNI and capture conformance in real network namespaces; ends with "N passed, N failed"
 	$(GO) test -count=1 -json -timeout 30m ./conformance/ | tee $(BIN)/conformance.json | $(GO) run ./hack/testsummary
 
 fuzz: ## a short, count-based run of every fuzz target in the module (FUZZTIME=100000x)
 	FUZZTIME=$(FUZZTIME) hack/fuzz.sh
 
-test: lint unit conformance e2e fuzz chart ## everything CI runs
+test: deps-check lint unit conformance e2e fuzz chart ## everything CI runs
 	@echo "make test: all passed"
 
-chart: ## helm lint, golden templates, schema and server-side strict dry-run of charts/sidelane
+chart: deps-check ## helm lint, golden templates, schema and server-side strict dry-run of charts/sidelane
 	hack/install-tools.sh helm
 	$(GO) test -count=1 -v ./charts/sidelane/test/ 2>&1 | grep -E '^(=== RUN|--- (FAIL|SKIP)|\s+.*_test.go|FAIL|ok|PASS)'; test $${PIPESTATUS[0]} -eq 0
 
-e2e: build tools kube ## end-to-end: real kube-apiserver, two simulated nodes, real CNI chain, real agents (root)
+e2e: deps-check build tools kube ## end-to-end: real kube-apiserver, two simulated nodes, real CNI chain, real agents (root)
 	$(GO) test -count=1 -v -timeout 15m ./test/e2e/ 2>&1 | tee $(BIN)/e2e.log | grep -E '^(=== RUN|\s*--- (PASS|FAIL|SKIP)|FAIL|ok|PASS)' ; test $${PIPESTATUS[0]} -eq 0
 
-bench: build tools ## side-by-side benchmarks into bench/out/ (QUICK=1: under 3 minutes); needs root
+bench: deps-check build tools ## side-by-side benchmarks into bench/out/ (QUICK=1: under 3 minutes); needs root
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/sidelane-bench ./cmd/sidelane-bench
 	$(BIN)/sidelane-bench run $(if $(QUICK),-quick) -out bench/out -bin $(BIN) -tools $(CACHE)/bin
 	@cat bench/out/results.md
 
-demo: build tools kube ## the whole product on one machine: local kube-apiserver, two simulated nodes, agents (eBPF), the story step by step (root; BENCH=1 adds a quick benchmark run)
+demo: deps-check build tools kube ## the whole product on one machine: local kube-apiserver, two simulated nodes, agents (eBPF), the story step by step (root; BENCH=1 adds a quick benchmark run)
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/sidelane-demo ./cmd/sidelane-demo
 	$(if $(BENCH),CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/sidelane-bench ./cmd/sidelane-bench)
 	$(BIN)/sidelane-demo -bin $(BIN) -tools $(CACHE)/bin $(if $(BENCH),-bench)

@@ -27,8 +27,9 @@ const (
 // primary CNI has not installed itself. The installer waits for one.
 var ErrNoPrimary = errors.New("no valid primary CNI config")
 
-// ErrIstioCNI means the primary config already chains Istio's istio-cni.
-var ErrIstioCNI = errors.New("istio-cni is chained")
+// ErrMeshCNI means the primary config already chains another service
+// mesh's traffic-redirecting CNI plugin (istio-cni, linkerd-cni, ...).
+var ErrMeshCNI = errors.New("another mesh's CNI plugin is chained")
 
 // File is one file of a CNI conf dir.
 type File struct {
@@ -159,10 +160,12 @@ func (l *List) Unchain() (*List, bool) {
 
 // Chain returns a copy with sidelane's entry last and no other sidelane
 // entry. It refuses lists whose cniVersion cannot chain sidelane-cni and
-// lists that already chain istio-cni.
+// lists that already chain another mesh's CNI plugin (meshCNI).
 func (l *List) Chain(e Entry) (*List, error) {
-	if l.Has(IstioCNIType) {
-		return nil, fmt.Errorf("network %q: %w: Istio's CNI plugin already redirects the pods' traffic, and sidelane-cni would capture it a second time (double capture); install Istio with its CNI component disabled (components.cni.enabled=false), or do not install sidelane", l.Name, ErrIstioCNI)
+	for _, typ := range l.Types() {
+		if mesh, remedy, ok := meshCNI(typ); ok {
+			return nil, fmt.Errorf("network %q: %w: %s's CNI plugin (%s) already redirects the pods' traffic to its proxy, and sidelane-cni would capture it a second time (double capture); %s, or do not install sidelane", l.Name, ErrMeshCNI, mesh, typ, remedy)
+		}
 	}
 	if err := chainableVersion(l.CNIVersion); err != nil {
 		return nil, fmt.Errorf("network %q: %w", l.Name, err)

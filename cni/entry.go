@@ -22,6 +22,27 @@ const PluginType = "sidelane-cni"
 // IstioCNIType is the "type" of Istio's own CNI plugin entry.
 const IstioCNIType = "istio-cni"
 
+// meshCNI names the service mesh whose CNI plugin has type typ, and how
+// to make room for sidelane, when that plugin redirects a pod's traffic to
+// the mesh's own proxy: chained together with sidelane-cni the same pods
+// would be captured twice. The types are those the meshes' installers
+// write into the conflist: Istio (istio/istio cni), Linkerd
+// (linkerd2-proxy-init cni-plugin), Kuma (kumahq/kuma app/cni) and Consul
+// (hashicorp/consul-k8s control-plane/cni).
+func meshCNI(typ string) (mesh, remedy string, ok bool) {
+	switch typ {
+	case IstioCNIType:
+		return "Istio", "install Istio with its CNI component disabled (components.cni.enabled=false)", true
+	case "linkerd-cni":
+		return "Linkerd", "install Linkerd without its CNI plugin (cniEnabled=false, no linkerd-cni DaemonSet)", true
+	case "kuma-cni":
+		return "Kuma", "install Kuma without its CNI (cni.enabled=false)", true
+	case "consul-cni":
+		return "Consul", "install Consul without its CNI plugin (connectInject.cni.enabled=false)", true
+	}
+	return "", "", false
+}
+
 // Entry is sidelane's plugin entry as written into the conflist. Its fields
 // are those of plugin.Config; empty ones are left out so the plugin's
 // defaults apply. name and cniVersion are never written: the runtime injects

@@ -52,6 +52,8 @@ func TestInstallFixtures(t *testing.T) {
 		{name: "invalid-first", fixture: "invalid-first", primary: "10-flannel.conflist", chained: "10-flannel.conflist", wantTypes: []string{"flannel", "portmap", PluginType}, warn: "skipping invalid CNI config 00-half-written.conflist"},
 		{name: "calico-own", fixture: "calico", own: true, primary: "10-calico.conflist", chained: DefaultOwnConfig, wantTypes: []string{"calico", "portmap", "bandwidth", PluginType}},
 		{name: "bridge-own", fixture: "bridge", own: true, primary: "10-bridge.conf", chained: DefaultOwnConfig, wantTypes: []string{"bridge", PluginType}},
+		{name: "json", fixture: "json", primary: "10-mynet.json", chained: "10-mynet.json.conflist", wantTypes: []string{"ptp", PluginType}},
+		{name: "json-own", fixture: "json", own: true, primary: "10-mynet.json", chained: DefaultOwnConfig, wantTypes: []string{"ptp", PluginType}},
 		{name: "multus-own", fixture: "multus", own: true, primary: "00-multus.conf", chained: DefaultOwnConfig, wantTypes: []string{"multus", PluginType}, warn: "sorts after the primary 00-multus.conf"},
 	}
 	for _, tc := range tests {
@@ -145,10 +147,13 @@ func TestInstallFixtures(t *testing.T) {
 					continue
 				}
 				got, ok := after[name]
-				if !ok && filepath.Ext(name) != ".conflist" {
-					// converted: the .conflist carries the same network
-					name = strings.TrimSuffix(name, filepath.Ext(name)) + ".conflist"
-					got = after[name]
+				if !ok {
+					t.Errorf("%s missing after uninstall", name)
+					continue
+				}
+				if filepath.Ext(name) != ".conflist" && got != data {
+					// a converted primary comes back byte for byte
+					t.Errorf("%s after uninstall:\n%s\nwant the primary's file as it wrote it:\n%s", name, got, data)
 				}
 				ol, oerr := Parse(tc.primary, []byte(data))
 				gl, gerr := Parse(name, []byte(got))
@@ -184,8 +189,8 @@ func TestIstioCNIRefused(t *testing.T) {
 	inst, conf, _ := fixtureInstaller(t, "istio-cni", Options{})
 	before := snapshot(t, conf)
 	_, err := inst.Sync()
-	if !errors.Is(err, ErrIstioCNI) {
-		t.Fatalf("install with istio-cni present: err = %v, want ErrIstioCNI", err)
+	if !errors.Is(err, ErrMeshCNI) {
+		t.Fatalf("install with istio-cni present: err = %v, want ErrMeshCNI", err)
 	}
 	for _, want := range []string{"10-calico.conflist", "double capture", "components.cni.enabled=false"} {
 		if !strings.Contains(err.Error(), want) {
@@ -203,8 +208,8 @@ func TestIstioCNIRefused(t *testing.T) {
 	if err := os.WriteFile(path, data, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := inst.SyncConfig(); !errors.Is(err, ErrIstioCNI) {
-		t.Fatalf("err = %v, want ErrIstioCNI", err)
+	if _, err := inst.SyncConfig(); !errors.Is(err, ErrMeshCNI) {
+		t.Fatalf("err = %v, want ErrMeshCNI", err)
 	}
 	got, _ := os.ReadFile(path)
 	gl, err := Parse(path, got)

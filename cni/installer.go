@@ -109,7 +109,7 @@ func (i *Installer) Plan() (Plan, error) {
 }
 
 // SyncConfig chains sidelane into the primary config when its entry is
-// missing or wrong and reports what it changed. With ErrIstioCNI it has
+// missing or wrong and reports what it changed. With ErrMeshCNI it has
 // taken sidelane's entry out instead.
 func (i *Installer) SyncConfig() (Plan, error) {
 	p, err := i.Plan()

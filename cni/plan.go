@@ -80,9 +80,14 @@ func SelectPrimary(files []File, skip string) (File, *List, []string, error) {
 // PlanInstall computes the changes that chain sidelane into the dir's
 // primary config. Applying the plan and planning again yields an empty plan.
 //
-// When the primary chains istio-cni it returns ErrIstioCNI together with a
-// plan that removes sidelane's entries (if any), so the pods are never
-// captured twice.
+// A single-plugin .conf or .json primary becomes convertedName(it), a
+// .conflist recording the original (see convertedKey); a list converted
+// earlier counts as its original, and a primary that wrote its original
+// again is chained anew from the new file.
+//
+// When the primary chains another mesh's CNI plugin it returns ErrMeshCNI
+// together with a plan that removes sidelane's entries (if any), so the
+// pods are never captured twice.
 func PlanInstall(files []File, o Options) (Plan, error) {
 	if err := o.Entry.Validate(); err != nil {
 		return Plan{}, err
@@ -95,13 +100,13 @@ func PlanInstall(files []File, o Options) (Plan, error) {
 	for _, f := range files {
 		byName[f.Name] = f.Data
 	}
-	primary, list, warnings, err := SelectPrimary(files, own)
+	primary, list, warnings, err := SelectPrimary(primaryView(files), own)
 	p := Plan{Primary: primary.Name, Warnings: warnings}
 	if err != nil {
 		return p, err
 	}
 	chained, err := list.Chain(o.Entry)
-	if errors.Is(err, ErrIstioCNI) {
+	if errors.Is(err, ErrMeshCNI) {
 		uninstall := PlanUninstall(files, o)
 		uninstall.Primary, uninstall.Warnings = p.Primary, append(p.Warnings, uninstall.Warnings...)
 		return uninstall, fmt.Errorf("primary CNI config %s: %w", primary.Name, err)
@@ -109,21 +114,29 @@ func PlanInstall(files []File, o Options) (Plan, error) {
 	if err != nil {
 		return p, fmt.Errorf("primary CNI config %s: %w", primary.Name, err)
 	}
-	data, err := chained.Encode()
-	if err != nil {
-		return p, err
-	}
+	_, primaryOnDisk := byName[primary.Name]
+	single := filepath.Ext(primary.Name) != ".conflist"
 
 	if o.OwnConfig {
+		data, err := chained.Encode()
+		if err != nil {
+			return p, err
+		}
 		if own > primary.Name {
 			p.Warnings = append(p.Warnings, fmt.Sprintf("own config %s sorts after the primary %s, so the runtime keeps using %s without sidelane: choose an ownConfigName that sorts before %s", own, primary.Name, primary.Name, primary.Name))
 		}
 		if cur, ok := byName[own]; !ok || !SameJSON(cur, data) {
 			p.Writes = append(p.Writes, Write{Name: own, Data: data, ModeFrom: modeFrom(byName, own, primary.Name)})
 		}
-		// A sidelane entry left in the primary by the edit mode would come
-		// back the moment the own file goes away: take it out.
-		if unchained, removed := list.Unchain(); removed && filepath.Ext(primary.Name) == ".conflist" {
+		// What the edit mode left behind would come back the moment the
+		// own file goes away: give a converted primary its file back, take
+		// a sidelane entry out of a primary list.
+		if single && isConverted(byName, primary.Name) {
+			if !primaryOnDisk {
+				p.Writes = append(p.Writes, Write{Name: primary.Name, Data: primary.Data, ModeFrom: convertedName(primary.Name)})
+			}
+			p.Removes = append(p.Removes, convertedName(primary.Name))
+		} else if unchained, removed := list.Unchain(); removed && !single {
 			ud, err := unchained.Encode()
 			if err != nil {
 				return p, err
@@ -134,20 +147,26 @@ func PlanInstall(files []File, o Options) (Plan, error) {
 	}
 
 	target := primary.Name
-	if filepath.Ext(primary.Name) != ".conflist" {
-		target = strings.TrimSuffix(primary.Name, filepath.Ext(primary.Name)) + ".conflist"
+	if single {
+		target = convertedName(primary.Name)
+		chained = chained.withConverted(primary)
 		if cur, ok := byName[target]; ok {
 			// A leftover of our own earlier conversion may be replaced;
 			// someone else's config list may not.
-			if l, err := Parse(target, cur); err != nil || !l.Has(PluginType) {
+			l, err := Parse(target, cur)
+			if err != nil || !l.Has(PluginType) && !isConverted(byName, primary.Name) {
 				return p, fmt.Errorf("primary CNI config %s must become a .conflist to chain sidelane-cni, but %s already exists: remove or rename one of them", primary.Name, target)
 			}
 		}
 	}
-	if cur, ok := byName[target]; !ok || !SameJSON(cur, data) {
-		p.Writes = append(p.Writes, Write{Name: target, Data: data, ModeFrom: primary.Name})
+	data, err := chained.Encode()
+	if err != nil {
+		return p, err
 	}
-	if target != primary.Name {
+	if cur, ok := byName[target]; !ok || !SameJSON(cur, data) {
+		p.Writes = append(p.Writes, Write{Name: target, Data: data, ModeFrom: modeFrom(byName, primary.Name, target)})
+	}
+	if single && primaryOnDisk {
 		p.Removes = append(p.Removes, primary.Name)
 	}
 	if _, ok := byName[own]; ok {
@@ -169,10 +188,17 @@ func modeFrom(byName map[string][]byte, names ...string) string {
 
 // PlanUninstall computes the changes that take sidelane out of the dir: its
 // entry out of every config list that has one, and its own file removed.
-// A list that would be left with no plugin is removed.
+// A list install-cni converted gives back the original it records, under
+// the original's name and byte for byte (unless the primary has written
+// that file again since: then the newer file stays). A list that would be
+// left with no plugin is removed.
 func PlanUninstall(files []File, o Options) Plan {
 	var p Plan
 	own := o.ownName()
+	present := map[string]bool{}
+	for _, f := range files {
+		present[f.Name] = true
+	}
 	for _, f := range files {
 		if !IsConfigName(f.Name) {
 			continue
@@ -186,6 +212,13 @@ func PlanUninstall(files []File, o Options) Plan {
 		}
 		l, err := Parse(f.Name, f.Data)
 		if err != nil {
+			continue
+		}
+		if orig, ok := convertedFrom(f.Name, l); ok {
+			if !present[orig.Name] {
+				p.Writes = append(p.Writes, Write{Name: orig.Name, Data: orig.Data, ModeFrom: f.Name})
+			}
+			p.Removes = append(p.Removes, f.Name)
 			continue
 		}
 		unchained, removed := l.Unchain()

@@ -73,7 +73,7 @@ func (i *Installer) Run(ctx context.Context, o WatchOptions) error {
 	defer timer.Stop()
 	resync := time.NewTicker(o.Resync)
 	defer resync.Stop()
-	waiting := false
+	waiting, steppedBack := false, false
 	for {
 		select {
 		case <-ctx.Done():
@@ -99,13 +99,21 @@ func (i *Installer) Run(ctx context.Context, o WatchOptions) error {
 			timer.Reset(0)
 		case <-timer.C:
 			p, err := i.check(lim, timer)
-			if errors.Is(err, ErrNoPrimary) {
+			switch {
+			case errors.Is(err, ErrNoPrimary):
 				if !waiting {
 					i.log.Info("waiting for the primary CNI plugin to write its config", "dir", i.cfg.ConfDir)
 				}
-				waiting = true
-			} else {
-				waiting = false
+				waiting, steppedBack = true, false
+			case errors.Is(err, ErrMeshCNI):
+				// Said once per episode; the check keeps sidelane's entry
+				// out on every event until the other mesh's plugin is gone.
+				if !steppedBack {
+					i.log.Warn("stepping back: sidelane's entry is out of the CNI config while another mesh's CNI plugin is chained; waiting until it is gone", "error", err.Error())
+				}
+				waiting, steppedBack = false, true
+			default:
+				waiting, steppedBack = false, false
 				if err != nil {
 					i.log.Error("install check", "error", err)
 				}
