@@ -19,8 +19,9 @@ type captureCidrKey struct {
 	NetnsLo   uint32
 	NetnsHi   uint32
 	Kind      uint8
+	Family    uint8
 	Addr      [16]uint8
-	_         [3]byte
+	_         [2]byte
 }
 
 type captureCounters struct {
@@ -32,6 +33,7 @@ type captureCounters struct {
 	OrigDstAnswered uint64
 	ShortcutMsgs    uint64
 	ShortcutBytes   uint64
+	DroppedIn       uint64
 }
 
 type captureNodeProxy struct {
@@ -48,6 +50,7 @@ type captureNodeStats struct {
 	Redirected   uint64
 	Refused      uint64
 	Unconfigured uint64
+	Looped       uint64
 }
 
 type captureOrigDst struct {
