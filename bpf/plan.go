@@ -161,10 +161,13 @@ func PlanPod(ips []netip.Prefix, s capture.Settings) (Pod, error) {
 	}
 	addCIDRs("excludeOutboundCIDRs", cidrExcludeOut, s.ExcludeOutboundCIDRs)
 	addCIDRs("includeOutboundCIDRs", cidrIncludeOut, s.IncludeOutboundCIDRs)
-	addPorts := func(field string, kind uint8, list []capture.PortRange) {
+	addPorts := func(field string, kind uint8, list []capture.PortRange, encode bool) {
 		for i, r := range list {
 			if r.First > r.Last {
 				errs = append(errs, fmt.Errorf("%s[%d]: first %d > last %d", field, i, r.First, r.Last))
+				continue
+			}
+			if !encode {
 				continue
 			}
 			for _, pp := range portPrefixes(r.First, r.Last) {
@@ -172,10 +175,18 @@ func PlanPod(ips []netip.Prefix, s capture.Settings) (Pod, error) {
 			}
 		}
 	}
-	addPorts("excludeOutboundPorts", portExcludeOut, s.ExcludeOutboundPorts)
-	addPorts("includeOutboundPorts", portIncludeOut, s.IncludeOutboundPorts)
-	addPorts("excludeInboundPorts", portExcludeIn, s.ExcludeInboundPorts)
-	addPorts("includeInboundPorts", portIncludeIn, s.IncludeInboundPorts)
+	addPorts("excludeOutboundPorts", portExcludeOut, s.ExcludeOutboundPorts, true)
+	addPorts("includeOutboundPorts", portIncludeOut, s.IncludeOutboundPorts, true)
+	// istio-iptables' ISTIO_INBOUND RETURNs HBONE's port first, then applies
+	// excludeInboundPorts only with includeInboundPorts "*": with an explicit
+	// list every listed port is captured, even an excluded one or 15020.
+	// (capture.c checks PORT_EXCLUDE_IN before the include list, so only
+	// HBONE's port may be there then.)
+	addPorts("excludeInboundPorts", portExcludeIn, s.ExcludeInboundPorts, s.InboundAllPorts)
+	if !s.InboundAllPorts {
+		p.Ports = append(p.Ports, portRule{Kind: portExcludeIn, Port: capture.HBONEPort, Bits: 16})
+	}
+	addPorts("includeInboundPorts", portIncludeIn, s.IncludeInboundPorts, true)
 	if len(errs) > 0 {
 		slices.SortFunc(errs, func(a, b error) int { return strings.Compare(a.Error(), b.Error()) })
 		return Pod{}, errors.Join(errs...)

@@ -2,6 +2,7 @@ package bpf
 
 import (
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -172,5 +173,53 @@ func TestPlanPodFlags(t *testing.T) {
 				t.Errorf("flags = %#x, want %#x", p.Flags, tt.want)
 			}
 		})
+	}
+}
+
+// TestPlanPodInboundExcludesOnlyWithWildcard: istio-iptables applies
+// excludeInboundPorts only with includeInboundPorts "*"; with an explicit
+// list it RETURNs just HBONE's port (15008) and captures every listed port,
+// even one also excluded or one of Istio's own (15020).
+func TestPlanPodInboundExcludesOnlyWithWildcard(t *testing.T) {
+	s, _, err := capture.Parse(capture.Pod{Annotations: map[string]string{
+		capture.AnnotationIncludeInboundPorts: "80,15020",
+		capture.AnnotationExcludeInboundPorts: "80,9090",
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := PlanPod(nil, s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var excluded, included []uint16
+	for _, r := range p.Ports {
+		switch r.Kind {
+		case portExcludeIn:
+			excluded = append(excluded, r.Port)
+		case portIncludeIn:
+			included = append(included, r.Port)
+		}
+	}
+	if len(excluded) != 1 || excluded[0] != capture.HBONEPort {
+		t.Errorf("inbound excludes = %v, want only %d", excluded, capture.HBONEPort)
+	}
+	if len(included) != 2 || included[0] != 80 || included[1] != 15020 {
+		t.Errorf("inbound includes = %v, want [80 15020]", included)
+	}
+
+	// With "*" the excludes apply, Istio's own ports among them.
+	s.InboundAllPorts, s.IncludeInboundPorts = true, nil
+	if p, err = PlanPod(nil, s); err != nil {
+		t.Fatal(err)
+	}
+	excluded = nil
+	for _, r := range p.Ports {
+		if r.Kind == portExcludeIn {
+			excluded = append(excluded, r.Port)
+		}
+	}
+	if want := []uint16{15008, 80, 9090, 15020, 15021, 15090}; !slices.Equal(excluded, want) {
+		t.Errorf("inbound excludes with * = %v, want %v", excluded, want)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"context"
 	"log/slog"
 	"net/netip"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -33,20 +34,50 @@ func (r *istioReference) install(t *testing.T, pod *capPod) {
 	if pod.spec.Annotations[capture.AnnotationInterceptionMode] == capture.ModeNone {
 		return // Istio installs no capture at all
 	}
-	spec := pod.spec
-	if _, _, err := capture.Parse(spec); err != nil {
-		// istio-cni would refuse to start this pod; sidelane's documented
-		// answer is Istio's default capture, so that is the reference.
-		spec = capture.Pod{ProxyEnv: spec.ProxyEnv, ProxyUID: spec.ProxyUID, ProxyGID: spec.ProxyGID}
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
+	spec := pod.spec
+	if pod.rejects != "" {
+		r.checkRejected(t, ctx, pod)
+		spec = istioref.DefaultsPod(spec)
+	}
+	// (Accepted pods are not run through istioref.Validate: istio-cni
+	// refuses includeOutboundPorts ranges, which istio-init's iptables
+	// and sidelane accept; see the README.)
 	flags := istioref.Flags(spec)
 	out, err := pod.ns.Command(ctx, r.bin, append([]string{"istio-iptables"}, flags...)...).CombinedOutput()
 	if err != nil {
 		t.Fatalf("istio-iptables %s: %v\n%s", strings.Join(flags, " "), err, tail(string(out), 20))
 	}
 	// The namespace (and its rules) go away with the pod.
+}
+
+// checkRejected checks that Istio refuses pod, as the case says: either
+// istio-cni's own validation or, past it, istio-iptables (which must then
+// leave no rule behind, its iptables-restore being atomic).
+func (r *istioReference) checkRejected(t *testing.T, ctx context.Context, pod *capPod) {
+	t.Helper()
+	if err := istioref.Validate(pod.spec); err != nil {
+		if !strings.Contains(err.Error(), pod.rejects) {
+			t.Errorf("istio-cni rejects the pod for another annotation: %v", err)
+		}
+		return
+	}
+	flags := istioref.Flags(pod.spec)
+	out, err := pod.ns.Command(ctx, r.bin, append([]string{"istio-iptables"}, flags...)...).CombinedOutput()
+	if err == nil {
+		t.Fatalf("the case says Istio rejects %s, but istio-cni and istio-iptables %s accept it", pod.rejects, strings.Join(flags, " "))
+	}
+	t.Logf("istio-iptables refuses the pod (%v): %s", err, tail(string(out), 3))
+	for _, save := range []string{"iptables-save", "ip6tables-save"} {
+		dump, err := pod.ns.Command(ctx, save).Output()
+		if err != nil {
+			t.Fatalf("%s: %v", save, err)
+		}
+		if strings.Contains(string(dump), "ISTIO_") {
+			t.Fatalf("istio-iptables failed but left rules:\n%s", dump)
+		}
+	}
 }
 
 // istioFlags are istio-cni's istio-iptables flags for pod.
@@ -68,9 +99,21 @@ func (s *sidelaneIPTables) install(t *testing.T, pod *capPod) { enroll(t, s.back
 // knobs, Enroll the entry, Verify it; Unenroll at cleanup.
 func enroll(t *testing.T, dp datapath.Datapath, pod *capPod) {
 	t.Helper()
-	settings, warnings, err := capture.ParseOrDefaults(pod.spec)
-	if err != nil {
-		t.Logf("capture knobs rejected, Istio's defaults apply: %v", err)
+	// What the agent does at ADD (agent/kube.IstioCapture): strict.
+	settings, warnings, err := capture.Parse(pod.spec)
+	switch {
+	case pod.rejects == "" && err != nil:
+		t.Fatalf("sidelane rejects a pod Istio accepts: %v", err)
+	case pod.rejects != "" && err == nil:
+		t.Fatalf("sidelane accepts a pod Istio rejects for %s", pod.rejects)
+	case pod.rejects != "":
+		// The agent fails the ADD with this error; it must name the
+		// annotation and the value. Then check the fallback.
+		v := pod.spec.Annotations[pod.rejects]
+		if !strings.Contains(err.Error(), pod.rejects) || !strings.Contains(err.Error(), strconv.Quote(v)) {
+			t.Errorf("error %q does not name %s=%q", err, pod.rejects, v)
+		}
+		settings, warnings, _ = capture.ParseOrDefaults(pod.spec)
 	}
 	for _, w := range warnings {
 		t.Logf("capture warning: %s", w)

@@ -93,7 +93,14 @@ type capCase struct {
 	// pod's annotations may use {A4} {B4} {A6} {B6}: the remote addresses.
 	pod      capture.Pod
 	ipv6Only bool // the pod has no IPv4 address
-	probes   []capProbe
+	// rejects names the annotation Istio refuses this pod for (istio-cni's
+	// validation or istio-iptables itself), so its CNI ADD fails. sidelane
+	// fails the ADD too (the agent's strict capture.Parse, checked to name
+	// the annotation and the value); the probes then compare sidelane's
+	// fallback (capture.ParseOrDefaults) with Istio's defaults for the
+	// same pod (its proxy uid/gid and env kept).
+	rejects string
+	probes  []capProbe
 }
 
 func out(ipv6 bool, uid uint32, dst string, port uint16, want string) capProbe {
@@ -242,6 +249,15 @@ var captureCases = []capCase{
 		self(false, appUID, 80, wantDirect),
 		self(false, proxyUID, 80, wantIn),
 	}},
+	{name: "ipv6-only-dns", ipv6Only: true, pod: capture.Pod{ProxyEnv: map[string]string{capture.EnvDNSCapture: "true"}}, probes: []capProbe{
+		out(true, appUID, "a", 53, wantDNS),
+		outUDP(true, appUID, 53, wantDNS),
+		// (No direct IPv6 UDP probe: the remote's unconnected socket may
+		// answer from its second IPv6 address, which the client drops.)
+		out(true, proxyUID, "a", 53, wantDirect),
+		out(true, appUID, "a", 80, wantOut),
+		self(true, proxyUID, 80, wantIn),
+	}},
 	{name: "dns-capture-from-proxy-config", pod: capture.Pod{Annotations: map[string]string{
 		capture.AnnotationProxyConfig: "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n",
 	}}, probes: []capProbe{
@@ -261,9 +277,9 @@ var captureCases = []capCase{
 		in(false, 80, wantDirect),
 		self(false, proxyUID, 80, wantIn), // over lo, not eth0
 	}},
-	// A malformed annotation: sidelane reports it and captures the pod
-	// with Istio's defaults, never with the valid half of the knobs.
-	{name: "malformed-falls-back-to-defaults", pod: capture.Pod{Annotations: map[string]string{
+	// A malformed annotation: Istio and sidelane fail the pod; the
+	// fallback is Istio's defaults, never the valid half of the knobs.
+	{name: "malformed-rejected", rejects: capture.AnnotationIncludeInboundPorts, pod: capture.Pod{Annotations: map[string]string{
 		capture.AnnotationExcludeOutboundPorts: "5432",
 		capture.AnnotationIncludeInboundPorts:  "80,http",
 	}}, probes: []capProbe{
@@ -271,6 +287,141 @@ var captureCases = []capCase{
 		out(false, appUID, "a", 15020, wantDirect),
 		in(false, 80, wantIn),
 		in(false, 9090, wantIn),
+	}},
+	// Rejected with a proxy running as 1500, dual-stack and DNS capture:
+	// the fallback keeps all three (with 1337 the sidecar's own upstream
+	// connections would be captured again).
+	{name: "rejected-keeps-proxy-knobs", rejects: capture.AnnotationIncludeOutboundIPRanges, pod: capture.Pod{
+		Annotations: map[string]string{capture.AnnotationIncludeOutboundIPRanges: "bad"},
+		ProxyEnv:    map[string]string{capture.EnvDualStack: "true", capture.EnvDNSCapture: "true"},
+		ProxyUID:    ptr64(1500), ProxyGID: ptr64(1500),
+	}, probes: []capProbe{
+		out(false, 1500, "a", 80, wantDirect),
+		out(false, appUID, "a", 80, wantOut),
+		out(true, appUID, "a", 80, wantOut),
+		out(true, 1500, "a", 80, wantDirect),
+		out(false, appUID, "a", 53, wantDNS),
+		outUDP(false, appUID, 53, wantDNS),
+		outUDP(false, 1500, 53, wantDirect),
+		self(false, 1500, 80, wantIn),
+		in(false, 80, wantIn),
+	}},
+	// istio-cni passes "*" in an outbound port list; istio-iptables refuses it.
+	{name: "rejected-wildcard-outbound-ports", rejects: capture.AnnotationIncludeOutboundPorts, pod: capture.Pod{
+		Annotations: map[string]string{capture.AnnotationIncludeOutboundPorts: "*"},
+		ProxyUID:    ptr64(1500), ProxyGID: ptr64(1500),
+	}, probes: []capProbe{
+		out(false, 1500, "a", 80, wantDirect),
+		out(false, appUID, "a", 80, wantOut),
+	}},
+	{name: "rejected-wildcard-exclude-inbound", rejects: capture.AnnotationExcludeInboundPorts, pod: capture.Pod{
+		Annotations: map[string]string{capture.AnnotationExcludeInboundPorts: "*"},
+	}, probes: []capProbe{
+		in(false, 80, wantIn),
+	}},
+	{name: "rejected-cidr-with-space", rejects: capture.AnnotationExcludeOutboundIPRanges, pod: capture.Pod{
+		Annotations: map[string]string{capture.AnnotationExcludeOutboundIPRanges: "{A4}/32, {B4}/32"},
+	}, probes: []capProbe{
+		out(false, appUID, "a", 80, wantOut),
+	}},
+	// Istio returns only 15008 before an explicit include list: the
+	// excludes, Istio's own 15020 among them, apply only with "*".
+	{name: "include-and-exclude-same-inbound-port", pod: capture.Pod{Annotations: map[string]string{
+		capture.AnnotationIncludeInboundPorts: "80,15008,15020",
+		capture.AnnotationExcludeInboundPorts: "80,9090",
+	}}, probes: []capProbe{
+		in(false, 80, wantIn),
+		in(false, 15020, wantIn),
+		in(false, 15008, wantDirect),
+		in(false, 9090, wantDirect),
+		in(false, 8080, wantDirect),
+	}},
+	// A "*" in excludeInboundPorts is harmless with an include list.
+	{name: "exclude-inbound-wildcard-with-list", pod: capture.Pod{Annotations: map[string]string{
+		capture.AnnotationIncludeInboundPorts: "80",
+		capture.AnnotationExcludeInboundPorts: "*",
+	}}, probes: []capProbe{
+		in(false, 80, wantIn),
+		in(false, 9090, wantDirect),
+	}},
+	// Nothing included: Istio still sends the sidecar's calls to its own
+	// pod address to 15006.
+	{name: "nothing-captured", pod: capture.Pod{Annotations: map[string]string{
+		capture.AnnotationIncludeOutboundIPRanges: "",
+		capture.AnnotationIncludeOutboundPorts:    "",
+		capture.AnnotationIncludeInboundPorts:     "",
+	}}, probes: []capProbe{
+		out(false, appUID, "a", 80, wantDirect),
+		in(false, 80, wantDirect),
+		self(false, appUID, 80, wantDirect),
+		self(false, proxyUID, 80, wantIn),
+		self(false, proxyUID, 15008, wantDirect),
+	}},
+	// A /0 is every address of its own family.
+	{name: "outbound-ranges-slash-zero", pod: capture.Pod{
+		Annotations: map[string]string{
+			capture.AnnotationIncludeOutboundIPRanges: "0.0.0.0/0,::/0",
+			capture.AnnotationExcludeOutboundIPRanges: "{B4}/32,{B6}/128",
+		},
+		ProxyEnv: dualStack,
+	}, probes: []capProbe{
+		out(false, appUID, "a", 80, wantOut),
+		out(false, appUID, "b", 80, wantDirect),
+		out(true, appUID, "a", 80, wantOut),
+		out(true, appUID, "b", 80, wantDirect),
+	}},
+	{name: "exclude-all-ipv4", pod: capture.Pod{
+		Annotations: map[string]string{capture.AnnotationExcludeOutboundIPRanges: "0.0.0.0/0"},
+		ProxyEnv:    dualStack,
+	}, probes: []capProbe{
+		out(false, appUID, "a", 80, wantDirect),
+		out(true, appUID, "a", 80, wantOut),
+		self(false, proxyUID, 80, wantIn),
+		in(false, 80, wantIn),
+	}},
+	// Lists with spaces: Istio trims port lists (istio-iptables gets them
+	// as written, and iptables-restore splits on the spaces).
+	{name: "whitespace-in-port-lists", pod: capture.Pod{Annotations: map[string]string{
+		capture.AnnotationIncludeInboundPorts:  "8080, 9090",
+		capture.AnnotationExcludeOutboundPorts: " 5432, 3306",
+	}}, probes: []capProbe{
+		in(false, 8080, wantIn),
+		in(false, 9090, wantIn),
+		in(false, 80, wantDirect),
+		out(false, appUID, "a", 5432, wantDirect),
+		out(false, appUID, "a", 3306, wantDirect),
+		out(false, appUID, "a", 15020, wantOut),
+		out(false, appUID, "a", 80, wantOut),
+	}},
+	// Empty values: no exclusions at all beyond Istio's own inbound ports.
+	{name: "empty-values", pod: capture.Pod{Annotations: map[string]string{
+		capture.AnnotationExcludeOutboundPorts:    "",
+		capture.AnnotationExcludeInboundPorts:     "",
+		capture.AnnotationExcludeOutboundIPRanges: "",
+		capture.AnnotationExcludeInterfaces:       "",
+	}}, probes: []capProbe{
+		out(false, appUID, "a", 15020, wantOut),
+		out(false, appUID, "b", 80, wantOut),
+		in(false, 80, wantIn),
+		in(false, 15020, wantDirect),
+		in(false, 15021, wantDirect),
+	}},
+	// Include and exclude of the same CIDR or port: the exclusion wins.
+	{name: "include-and-exclude-same-cidr", pod: capture.Pod{Annotations: map[string]string{
+		capture.AnnotationIncludeOutboundIPRanges: "{A4}/32,{B4}/32",
+		capture.AnnotationExcludeOutboundIPRanges: "{A4}/32",
+	}}, probes: []capProbe{
+		out(false, appUID, "a", 80, wantDirect),
+		out(false, appUID, "b", 80, wantOut),
+	}},
+	{name: "include-and-exclude-same-outbound-port", pod: capture.Pod{Annotations: map[string]string{
+		capture.AnnotationIncludeOutboundIPRanges: "",
+		capture.AnnotationIncludeOutboundPorts:    "3306,5432",
+		capture.AnnotationExcludeOutboundPorts:    "3306",
+	}}, probes: []capProbe{
+		out(false, appUID, "a", 3306, wantDirect),
+		out(false, appUID, "a", 5432, wantOut),
+		out(false, appUID, "a", 80, wantDirect),
 	}},
 	{name: "interception-none", pod: capture.Pod{Annotations: map[string]string{
 		capture.AnnotationInterceptionMode: capture.ModeNone,
@@ -323,6 +474,7 @@ func (w *captureWorld) expand(s string) string {
 type capPod struct {
 	ns       *podnet.NS
 	spec     capture.Pod
+	rejects  string // capCase.rejects
 	proxyUID uint32
 	proxyGID uint32
 }
@@ -335,7 +487,7 @@ func (w *captureWorld) newPod(t *testing.T, c capCase, sidecar bool) *capPod {
 	if c.ipv6Only {
 		ns = w.net.AddIPv6Only
 	}
-	p := &capPod{ns: ns("pnp"), spec: c.pod}
+	p := &capPod{ns: ns("pnp"), spec: c.pod, rejects: c.rejects}
 	p.spec.Annotations = map[string]string{}
 	for k, v := range c.pod.Annotations {
 		p.spec.Annotations[k] = w.expand(v)

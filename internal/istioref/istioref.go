@@ -6,11 +6,114 @@
 package istioref
 
 import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"regexp"
 	"strconv"
 	"strings"
 
 	"github.com/sidelane/sidelane/istio/capture"
 )
+
+// Validate is istio-cni's own check of a pod's annotations (NewRedirect's
+// annotation validators, cni/pkg/plugin/sidecar_redirect.go, copied here
+// without sidelane's parser): an error is istio-cni refusing the pod, so
+// its ADD fails. Pods it passes may still be refused by istio-iptables
+// itself (a "*" in an outbound port list); run it to find out.
+func Validate(pod capture.Pod) error {
+	checks := []struct {
+		name  string
+		check func(string) error
+	}{
+		{capture.AnnotationInterceptionMode, func(v string) error {
+			if v != capture.ModeRedirect && v != capture.ModeTPROXY {
+				return fmt.Errorf("interceptionMode invalid: %v", v)
+			}
+			return nil
+		}},
+		{capture.AnnotationIncludeOutboundIPRanges, wildcardOr(cidrList)},
+		{capture.AnnotationExcludeOutboundIPRanges, cidrList},
+		{capture.AnnotationExcludeInboundPorts, wildcardOr(portList)},
+		{capture.AnnotationIncludeInboundPorts, wildcardOr(portList)},
+		{capture.AnnotationExcludeOutboundPorts, wildcardOr(portList)},
+		{capture.AnnotationIncludeOutboundPorts, wildcardOr(portList)},
+		{capture.AnnotationExcludeInterfaces, interfaceList},
+		{capture.AnnotationRerouteVirtInterfaces, interfaceList},
+		{capture.AnnotationKubevirtInterfaces, interfaceList},
+	}
+	for _, c := range checks {
+		if v, ok := pod.Annotations[c.name]; ok {
+			if err := c.check(v); err != nil {
+				return fmt.Errorf("istio-cni rejects %s=%q: %w", c.name, v, err)
+			}
+		}
+	}
+	return nil
+}
+
+// DefaultsPod is the same pod without its capture annotations: what
+// Istio's default capture for it reads (the proxy's env, proxyMetadata and
+// uid/gid).
+func DefaultsPod(pod capture.Pod) capture.Pod {
+	out := capture.Pod{ProxyEnv: pod.ProxyEnv, ProxyUID: pod.ProxyUID, ProxyGID: pod.ProxyGID}
+	if v, ok := pod.Annotations[capture.AnnotationProxyConfig]; ok {
+		out.Annotations = map[string]string{capture.AnnotationProxyConfig: v}
+	}
+	return out
+}
+
+func wildcardOr(check func(string) error) func(string) error {
+	return func(v string) error {
+		if v == "*" {
+			return nil
+		}
+		return check(v)
+	}
+}
+
+func cidrList(v string) error {
+	if v == "" {
+		return nil
+	}
+	for _, c := range strings.Split(v, ",") {
+		if _, err := netip.ParsePrefix(c); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func portList(v string) error {
+	v = strings.TrimSpace(v)
+	if v == "" {
+		return nil
+	}
+	for _, p := range strings.Split(v, ",") {
+		if _, err := strconv.ParseUint(strings.TrimSpace(p), 10, 16); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+var interfaceName = regexp.MustCompile(`^[a-zA-Z][a-zA-Z0-9_.\-]*$`)
+
+func interfaceList(v string) error {
+	if v == "" {
+		return nil
+	}
+	for _, i := range strings.Split(v, ",") {
+		i = strings.TrimSpace(i)
+		switch {
+		case i == "":
+			return errors.New("empty interface name")
+		case len(i) > 15 || !interfaceName.MatchString(i):
+			return fmt.Errorf("bad interface name %q", i)
+		}
+	}
+	return nil
+}
 
 // Flags are istio-cni's istio-iptables settings for pod (its NewRedirect
 // and defaults, cni/pkg/plugin), as command-line flags.

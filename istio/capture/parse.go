@@ -83,15 +83,31 @@ func Defaults() Settings {
 	}
 }
 
-// ParseOrDefaults is Parse with the fallback made explicit: when Parse
-// fails, it returns Defaults() together with Parse's error, so the caller
-// captures the pod the way Istio would by default and reports the error.
+// ParseOrDefaults is Parse with a fallback, for callers that must capture
+// a pod whatever its annotations (the agent does not: like istio-cni it
+// fails the pod's ADD when Parse fails). When Parse fails it returns
+// Istio's default capture for this pod together with Parse's error: the
+// traffic.sidecar.istio.io/* and interception annotations are ignored, but
+// the proxy's uid/gid, ISTIO_DUAL_STACK and ISTIO_META_DNS_CAPTURE (env,
+// or proxyMetadata when that parses) still apply, as they do for the same
+// pod without its bad annotations.
 func ParseOrDefaults(p Pod) (Settings, []string, error) {
 	s, warnings, err := Parse(p)
-	if err != nil {
-		return Defaults(), warnings, err
+	if err == nil {
+		return s, warnings, nil
 	}
-	return s, warnings, nil
+	d := Pod{ProxyEnv: p.ProxyEnv, ProxyUID: p.ProxyUID, ProxyGID: p.ProxyGID}
+	if v, ok := p.Annotations[AnnotationProxyConfig]; ok {
+		if _, perr := proxyMetadata(p.Annotations); perr == nil {
+			d.Annotations = map[string]string{AnnotationProxyConfig: v}
+		}
+	}
+	// d holds no knob Parse can reject.
+	s, warnings, derr := Parse(d)
+	if derr != nil {
+		return Defaults(), warnings, errors.Join(err, derr)
+	}
+	return s, warnings, err
 }
 
 // Parse turns p's capture knobs into Settings with istio-cni's defaults
@@ -163,11 +179,22 @@ func Parse(p Pod) (Settings, []string, error) {
 		}
 	}
 	if v, ok := a[AnnotationExcludeInboundPorts]; ok {
-		ports, err := parsePorts(v, false)
-		if err != nil {
-			return Settings{}, nil, annotationError(AnnotationExcludeInboundPorts, v, err)
+		switch {
+		case v == "*" && s.InboundAllPorts:
+			// istio-cni passes it on; istio-iptables' iptables-restore
+			// then refuses "--dport *" and the pod fails.
+			return Settings{}, nil, annotationError(AnnotationExcludeInboundPorts, v,
+				fmt.Errorf("%q is not a port (istio-iptables refuses it with %s \"*\")", v, AnnotationIncludeInboundPorts))
+		case v == "*":
+			// istio-iptables uses the excludes only with includeInboundPorts
+			// "*"; with a list (or none) a "*" here is ignored.
+		default:
+			ports, err := parsePorts(v, false)
+			if err != nil {
+				return Settings{}, nil, annotationError(AnnotationExcludeInboundPorts, v, err)
+			}
+			s.ExcludeInboundPorts = withAlwaysExcluded(ports)
 		}
-		s.ExcludeInboundPorts = withAlwaysExcluded(ports)
 	}
 	// includeOutboundPorts is the one port list Istio passes to iptables
 	// unvalidated by the injector, so iptables' "first:last" ranges work

@@ -63,6 +63,16 @@ var parseCases = []struct {
 		ProxyEnv:    map[string]string{EnvDNSCapture: "false"},
 	}},
 	{"dns-not-a-bool-warns", Pod{ProxyEnv: map[string]string{EnvDNSCapture: "yes"}}},
+	// istio-iptables uses excludeInboundPorts only with includeInboundPorts
+	// "*", so a "*" there is harmless with an explicit list.
+	{"exclude-inbound-wildcard-with-list", Pod{Annotations: map[string]string{
+		AnnotationIncludeInboundPorts: "80",
+		AnnotationExcludeInboundPorts: "*",
+	}}},
+	{"include-nothing-exclude-inbound-wildcard", Pod{Annotations: map[string]string{
+		AnnotationIncludeInboundPorts: "",
+		AnnotationExcludeInboundPorts: "*",
+	}}},
 	// Errors: each names the annotation and the value.
 	{"bad-include-cidr", Pod{Annotations: map[string]string{AnnotationIncludeOutboundIPRanges: "10.0.0.0/8,10.1.0.0/33"}}},
 	{"bad-exclude-cidr-wildcard", Pod{Annotations: map[string]string{AnnotationExcludeOutboundIPRanges: "*"}}},
@@ -73,6 +83,9 @@ var parseCases = []struct {
 	{"bad-outbound-port-empty-item", Pod{Annotations: map[string]string{AnnotationExcludeOutboundPorts: "80,"}}},
 	{"bad-outbound-range-reversed", Pod{Annotations: map[string]string{AnnotationIncludeOutboundPorts: "9000:8000"}}},
 	{"bad-outbound-include-wildcard", Pod{Annotations: map[string]string{AnnotationIncludeOutboundPorts: "*"}}},
+	{"bad-outbound-exclude-wildcard", Pod{Annotations: map[string]string{AnnotationExcludeOutboundPorts: "*"}}},
+	{"bad-exclude-inbound-wildcard", Pod{Annotations: map[string]string{AnnotationExcludeInboundPorts: "*"}}},
+	{"bad-inbound-wildcard-in-list", Pod{Annotations: map[string]string{AnnotationIncludeInboundPorts: "80,*"}}},
 	{"bad-interface", Pod{Annotations: map[string]string{AnnotationExcludeInterfaces: "eth0,0bad"}}},
 	{"bad-interception-mode", Pod{Annotations: map[string]string{AnnotationInterceptionMode: "redirect"}}},
 	{"unsupported-tproxy", Pod{Annotations: map[string]string{AnnotationInterceptionMode: "TPROXY"}}},
@@ -168,6 +181,59 @@ func TestParseOrDefaultsFallsBack(t *testing.T) {
 	got, _ := json.Marshal(s)
 	if string(got) != string(want) {
 		t.Errorf("fallback is not Defaults(): got %s", got)
+	}
+}
+
+// TestParseOrDefaultsKeepsPodKnobs: the fallback is Istio's default capture
+// for this pod, so it keeps what is not an annotation Istio rejects: the
+// proxy's uid/gid (else the sidecar's own connections are captured again),
+// ISTIO_DUAL_STACK and ISTIO_META_DNS_CAPTURE (env or proxyMetadata).
+func TestParseOrDefaultsKeepsPodKnobs(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		pod  Pod
+	}{
+		{"bad CIDR, env", Pod{
+			Annotations: map[string]string{AnnotationIncludeOutboundIPRanges: "bad"},
+			ProxyEnv:    map[string]string{EnvDualStack: "true", EnvDNSCapture: "true"},
+			ProxyUID:    ptr(1500), ProxyGID: ptr(1600),
+		}},
+		{"wildcard outbound port, proxyMetadata", Pod{
+			Annotations: map[string]string{
+				AnnotationIncludeOutboundPorts: "*",
+				AnnotationProxyConfig:          "proxyMetadata:\n  ISTIO_DUAL_STACK: \"true\"\n  ISTIO_META_DNS_CAPTURE: \"true\"\n",
+			},
+			ProxyUID: ptr(1500), ProxyGID: ptr(1600),
+		}},
+		{"TPROXY", Pod{
+			Annotations: map[string]string{AnnotationInterceptionMode: ModeTPROXY},
+			ProxyEnv:    map[string]string{EnvDualStack: "1", EnvDNSCapture: "1"},
+			ProxyUID:    ptr(1500), ProxyGID: ptr(1600),
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s, _, err := ParseOrDefaults(tc.pod)
+			if err == nil {
+				t.Fatal("no error")
+			}
+			want := Defaults()
+			want.ProxyUIDs, want.ProxyGIDs = []uint32{1500}, []uint32{1600}
+			want.DualStack, want.DNSCapture = true, true
+			w, _ := json.Marshal(want)
+			got, _ := json.Marshal(s)
+			if string(got) != string(w) {
+				t.Errorf("fallback\n got %s\nwant %s", got, w)
+			}
+		})
+	}
+	// A proxyMetadata that does not parse is the rejected knob itself: the
+	// env still counts.
+	s, _, err := ParseOrDefaults(Pod{
+		Annotations: map[string]string{AnnotationProxyConfig: "proxyMetadata: ["},
+		ProxyEnv:    map[string]string{EnvDNSCapture: "true"},
+	})
+	if err == nil || !s.DNSCapture || !s.OutboundAllCIDRs {
+		t.Errorf("bad proxy config: err %v, settings %+v", err, s)
 	}
 }
 

@@ -51,8 +51,11 @@ type Settings struct {
 	ExcludeOutboundPorts []PortRange    `json:"excludeOutboundPorts,omitempty"`
 
 	// Inbound: with InboundAllPorts every port but ExcludeInboundPorts is
-	// captured; otherwise only IncludeInboundPorts. ExcludeInboundPorts
-	// always holds Istio's own ports (15008, 15090, 15021, 15020).
+	// captured; otherwise every port of IncludeInboundPorts but HBONEPort,
+	// and ExcludeInboundPorts does not apply (as in istio-iptables, where
+	// only 15008 is returned before an explicit include list).
+	// ExcludeInboundPorts always holds Istio's own ports (15008, 15090,
+	// 15021, 15020).
 	InboundAllPorts     bool        `json:"inboundAllPorts"`
 	IncludeInboundPorts []PortRange `json:"includeInboundPorts,omitempty"`
 	ExcludeInboundPorts []PortRange `json:"excludeInboundPorts,omitempty"`
@@ -71,10 +74,13 @@ type Settings struct {
 }
 
 // CapturesAnything reports whether s redirects any traffic at all
-// (interceptionMode NONE gives Settings that do not).
+// (interceptionMode NONE gives Settings that do not). A proxy uid or gid
+// alone captures: istio-iptables sends the sidecar's own connections to
+// its pod's address to InboundPort even when nothing else is included.
 func (s Settings) CapturesAnything() bool {
 	return s.OutboundAllCIDRs || len(s.IncludeOutboundCIDRs) > 0 || len(s.IncludeOutboundPorts) > 0 ||
-		s.InboundAllPorts || len(s.IncludeInboundPorts) > 0 || s.DNSCapture
+		s.InboundAllPorts || len(s.IncludeInboundPorts) > 0 || s.DNSCapture ||
+		len(s.ProxyUIDs) > 0 || len(s.ProxyGIDs) > 0
 }
 
 // CaptureIPv6 reports whether IPv6 is captured in a pod with these

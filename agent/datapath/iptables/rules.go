@@ -154,7 +154,7 @@ func Rules(s capture.Settings, f Family) []Rule {
 	b.add("nat", ChainOutput, "-d", lo, "-j", "RETURN")
 	for _, p := range s.ExcludeOutboundCIDRs {
 		if inFamily(p, f) {
-			b.add("nat", ChainOutput, "-d", p.String(), "-j", "RETURN")
+			b.add("nat", ChainOutput, append(dst(p), "-j", "RETURN")...)
 		}
 	}
 	for _, p := range s.IncludeOutboundPorts {
@@ -165,7 +165,7 @@ func Rules(s capture.Settings, f Family) []Rule {
 	} else {
 		for _, p := range s.IncludeOutboundCIDRs {
 			if inFamily(p, f) {
-				b.add("nat", ChainOutput, "-d", p.String(), "-j", ChainRedirect)
+				b.add("nat", ChainOutput, append(dst(p), "-j", ChainRedirect)...)
 			}
 		}
 	}
@@ -187,6 +187,16 @@ func Rules(s capture.Settings, f Family) []Rule {
 }
 
 func inFamily(p netip.Prefix, f Family) bool { return p.Addr().Is6() == f.IPv6 }
+
+// dst is the "-d" match for p as iptables -S prints it: none for a /0,
+// which matches every address of the family (istio-iptables passes
+// "-d 0.0.0.0/0", and iptables drops it).
+func dst(p netip.Prefix) []string {
+	if p.Bits() == 0 {
+		return nil
+	}
+	return []string{"-d", p.String()}
+}
 
 type builder struct{ rules []Rule }
 

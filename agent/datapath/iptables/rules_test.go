@@ -45,6 +45,26 @@ var ruleCases = []struct {
 	}}},
 	{"no-inbound", capture.Pod{Annotations: map[string]string{capture.AnnotationIncludeInboundPorts: ""}}},
 	{"interception-none", capture.Pod{Annotations: map[string]string{capture.AnnotationInterceptionMode: "NONE"}}},
+	// Nothing included: istio-iptables still installs its chains, so the
+	// sidecar calling its own pod address still goes to 15006.
+	{"nothing-captured", capture.Pod{Annotations: map[string]string{
+		capture.AnnotationIncludeOutboundIPRanges: "",
+		capture.AnnotationIncludeOutboundPorts:    "",
+		capture.AnnotationIncludeInboundPorts:     "",
+	}}},
+	// iptables-save prints no "-d 0.0.0.0/0" (nor "::/0").
+	{"slash-zero", capture.Pod{
+		Annotations: map[string]string{
+			capture.AnnotationIncludeOutboundIPRanges: "0.0.0.0/0,::/0",
+			capture.AnnotationExcludeOutboundIPRanges: "0.0.0.0/0,::/0",
+		},
+		ProxyEnv: map[string]string{capture.EnvDualStack: "true"},
+	}},
+	// Only 15008 is always returned; the excludes apply only with "*".
+	{"include-and-exclude-inbound", capture.Pod{Annotations: map[string]string{
+		capture.AnnotationIncludeInboundPorts: "80,15008,15020",
+		capture.AnnotationExcludeInboundPorts: "80,9090",
+	}}},
 }
 
 func TestRulesGolden(t *testing.T) {
