@@ -15,6 +15,7 @@ import (
 
 	"github.com/sidelane/sidelane/agent/cnirpc"
 	"github.com/sidelane/sidelane/agent/datapath"
+	"github.com/sidelane/sidelane/agent/datapath/netnsgroup"
 	"github.com/sidelane/sidelane/agent/metrics"
 	"github.com/sidelane/sidelane/agent/store"
 )
@@ -84,6 +85,8 @@ func New(cfg Config) (*Agent, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open pod state: %w", err)
 	}
+	// Several attachments of one netns (Multus) share its datapath state.
+	cfg.Datapath = netnsgroup.New(cfg.Datapath, st.List)
 	a := &Agent{cfg: cfg, store: st, mu: &sync.Mutex{}}
 	a.reason.Store("starting")
 	a.server = &cnirpc.Server{

@@ -29,6 +29,8 @@ type Decision struct {
 	Reason string
 	// Capture is what to capture in sidecar mode; nil otherwise.
 	Capture *capture.Settings
+	// Rule is the classifier's rule code, recorded at ADD (store.Entry.Rule).
+	Rule string
 }
 
 // The datapath modes.
@@ -106,6 +108,7 @@ func (h *cniHandler) add(ctx context.Context, req *cnirpc.Request) (*cnirpc.Repl
 		IPs:          req.IPs,
 		Mode:         dec.Mode,
 		Reason:       dec.Reason,
+		Rule:         dec.Rule,
 		Capture:      dec.Capture,
 		Added:        h.now().UTC(),
 	}

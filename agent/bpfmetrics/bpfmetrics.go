@@ -51,25 +51,44 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.node
 }
 
-// Collect implements prometheus.Collector.
+// Collect implements prometheus.Collector. The BPF counters are per
+// network namespace, and one pod can have several attachments of one netns
+// (Multus: eth0, net1, ...) or, while it is recreated, two sandboxes: each
+// netns is read once, and a pod's series is the sum over its netns, so no
+// two series carry the same labels (a scrape would fail).
 func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
+	type podKey struct{ namespace, pod string }
+	sums := map[podKey]map[string]uint64{}
+	var pods []podKey
+	seen := map[uint64]bool{}
 	for _, e := range c.entries() {
-		if e.Mode == "none" || e.NetnsCookie == 0 {
+		if e.Mode == "none" || e.NetnsCookie == 0 || seen[e.NetnsCookie] {
 			continue
 		}
 		m, err := c.src.Counters(ctx, e)
 		if err != nil {
 			continue
 		}
-		names := make([]string, 0, len(m))
-		for k := range m {
-			names = append(names, k)
+		seen[e.NetnsCookie] = true
+		k := podKey{e.PodNamespace, e.PodName}
+		if sums[k] == nil {
+			sums[k] = map[string]uint64{}
+			pods = append(pods, k)
+		}
+		for name, v := range m {
+			sums[k][name] += v
+		}
+	}
+	for _, k := range pods {
+		names := make([]string, 0, len(sums[k]))
+		for name := range sums[k] {
+			names = append(names, name)
 		}
 		sort.Strings(names)
-		for _, k := range names {
-			ch <- prometheus.MustNewConstMetric(c.pod, prometheus.CounterValue, float64(m[k]), e.PodNamespace, e.PodName, k)
+		for _, name := range names {
+			ch <- prometheus.MustNewConstMetric(c.pod, prometheus.CounterValue, float64(sums[k][name]), k.namespace, k.pod, name)
 		}
 	}
 	if n, err := c.src.NodeCounters(); err == nil {

@@ -10,6 +10,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"reflect"
+	"strings"
 	"sync"
 	"time"
 
@@ -47,6 +49,10 @@ const (
 const (
 	EventModeChanged     = "SidelaneModeChanged"
 	EventModeChangeError = "SidelaneModeChangeFailed"
+	// EventRestartRequired: the pod's labels or annotations changed in a
+	// way that applies only to a new pod (classify.Live): its capture was
+	// fixed when it was created.
+	EventRestartRequired = "SidelaneRestartRequired"
 )
 
 // DefaultWait bounds how long Classify waits for a pod it has not seen yet.
@@ -298,7 +304,7 @@ func (c *Controller) reclassify(ctx context.Context, key string) error {
 // apply moves one attachment to the pod's current decision, with a log
 // line, a metric and an Event on the pod for every change.
 func (c *Controller) apply(ctx context.Context, e store.Entry, pod *corev1.Pod) error {
-	dec, err := c.decide(pod)
+	dec, err := c.decideLive(e, pod)
 	if err != nil {
 		c.recorder.Eventf(pod, corev1.EventTypeWarning, EventModeChangeError, "sidelane cannot classify the pod: %v", err)
 		return err
@@ -320,18 +326,29 @@ func (c *Controller) apply(ctx context.Context, e store.Entry, pod *corev1.Pod) 
 	return nil
 }
 
-// decide classifies a cached pod with its namespace's labels.
+// nsLabels reads the pod's namespace's labels from the cache (nil when
+// the namespace is gone).
+func (c *Controller) nsLabels(namespace string) (map[string]string, error) {
+	ns, err := c.nss.Get(namespace)
+	if apierrors.IsNotFound(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	return ns.Labels, nil
+}
+
+// decide classifies a cached pod with its namespace's labels: the decision
+// for a new sandbox (CNI ADD).
 func (c *Controller) decide(pod *corev1.Pod) (agent.Decision, error) {
-	var nsLabels map[string]string
-	ns, err := c.nss.Get(pod.Namespace)
-	if err == nil {
-		nsLabels = ns.Labels
-	} else if !apierrors.IsNotFound(err) {
+	nsLabels, err := c.nsLabels(pod.Namespace)
+	if err != nil {
 		return agent.Decision{}, err
 	}
 	d := classify.Classify(c.cfg.Classify, classify.Input{Pod: pod, NamespaceLabels: nsLabels})
 	c.cfg.Metrics.Decision(string(d.Mode), string(d.Rule))
-	out := agent.Decision{Mode: string(d.Mode), Reason: d.Reason}
+	out := agent.Decision{Mode: string(d.Mode), Reason: d.Reason, Rule: string(d.Rule)}
 	if d.Mode == classify.ModeSidecar && c.cfg.Capture != nil {
 		s, warnings, err := c.cfg.Capture(pod)
 		for _, w := range warnings {
@@ -343,6 +360,51 @@ func (c *Controller) decide(pod *corev1.Pod) (agent.Decision, error) {
 		out.Capture = s
 	}
 	return out, nil
+}
+
+// decideLive re-decides a running attachment with classify.Live: only the
+// istio.io/dataplane-mode labels move it, and a sidecar pod keeps the
+// capture settings it had when it was created (Istio reads the
+// traffic.sidecar.istio.io/* annotations only then). What the pod's labels
+// and annotations now ask for but only a restart would apply is logged and
+// recorded as an EventRestartRequired Event.
+func (c *Controller) decideLive(e store.Entry, pod *corev1.Pod) (agent.Decision, error) {
+	nsLabels, err := c.nsLabels(pod.Namespace)
+	if err != nil {
+		return agent.Decision{}, err
+	}
+	at := classify.Decision{Mode: classify.Mode(e.Mode), Rule: classify.Rule(e.Rule), Reason: e.Reason}
+	d, held := classify.Live(c.cfg.Classify, at, classify.Input{Pod: pod, NamespaceLabels: nsLabels})
+	c.cfg.Metrics.Decision(string(d.Mode), string(d.Rule))
+	out := agent.Decision{Mode: string(d.Mode), Reason: d.Reason, Rule: string(d.Rule)}
+	if d.Mode == classify.ModeSidecar && e.Mode == agent.ModeSidecar {
+		out.Capture = e.Capture
+		if note := c.captureChanged(e, pod); note != "" {
+			held = strings.TrimPrefix(held+"; "+note, "; ")
+		}
+	}
+	if held != "" {
+		c.log.Info("pod change needs a restart", "pod", pod.Namespace+"/"+pod.Name, "attachment", e.Key.String(), "mode", d.Mode, "note", held)
+		c.recorder.Eventf(pod, corev1.EventTypeNormal, EventRestartRequired, "sidelane keeps the pod in %s mode: %s", d.Mode, held)
+	}
+	return out, nil
+}
+
+// captureChanged says, when the pod's capture annotations now give other
+// settings than the running sidecar pod was enrolled with, that they apply
+// only after a restart ("" when nothing changed).
+func (c *Controller) captureChanged(e store.Entry, pod *corev1.Pod) string {
+	if c.cfg.Capture == nil {
+		return ""
+	}
+	s, _, err := c.cfg.Capture(pod)
+	switch {
+	case err != nil:
+		return fmt.Sprintf("its capture annotations are now invalid (%v); the settings from its creation stay in force", err)
+	case !reflect.DeepEqual(s, e.Capture):
+		return "its capture annotations (traffic.sidecar.istio.io/* and friends) changed, but Istio applies them only when a pod is created: the settings from its creation stay in force; restart the pod to apply the new ones"
+	}
+	return ""
 }
 
 // Classify implements agent.Classifier from the informer cache. A pod the

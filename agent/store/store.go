@@ -40,6 +40,10 @@ type Entry struct {
 	// Reason why the classifier chose it.
 	Mode   string `json:"mode,omitempty"`
 	Reason string `json:"reason,omitempty"`
+	// Rule is the classifier's rule code when the attachment was added
+	// (istio/classify's Rule). It says which labels may still move the
+	// running pod (classify.Live); empty in records from older agents.
+	Rule string `json:"rule,omitempty"`
 	// Capture is what the datapath captures in sidecar mode.
 	Capture *capture.Settings `json:"capture,omitempty"`
 	// NetnsCookie identifies the pod's network namespace to the datapath.

@@ -343,3 +343,92 @@ func envValue(c *corev1.Container, name string) (string, bool) {
 	}
 	return "", false
 }
+
+// Live re-decides the mode of a pod that is already running, from the
+// decision it got when its sandbox was created (at, from CNI ADD) and the
+// pod and namespace as they are now. It is the trust rule for anyone who
+// can patch a pod: Istio decides capture once, at pod creation (its
+// injector mutates the pod at admission, istio-cni programs the netns when
+// the sandbox is created), so a running pod's labels and annotations must
+// not be able to switch its capture off. Live therefore lets only these
+// move a running pod:
+//
+//   - the istio.io/dataplane-mode label of the pod's namespace, and the
+//     pod's own istio.io/dataplane-mode label (Istio ambient does the same),
+//     and only for a pod whose creation-time decision came from the ambient
+//     rules (it has no Istio sidecar): such a pod moves between node and
+//     none;
+//   - the agent's own --excluded-namespaces (the operator's, not the pod's,
+//     setting): a pod in an excluded namespace goes to none.
+//
+// Everything else is fixed for the pod's life: a sidecar pod stays sidecar
+// (removing sidecar.istio.io/status or labeling sidecar.istio.io/inject=false
+// changes nothing while it runs), a pod left alone for a sidecar reason
+// (istio-init, gateway, DISABLE_ENVOY, inject=false next to an istio-proxy,
+// an injection status without istio-proxy) never moves to node, and neither
+// does the agent's own pod; a node pod never moves to none by gaining the
+// status annotation or the agent's labels. held is non-empty when the pod's
+// current labels and annotations would decide differently for a new pod: it
+// says what the pod would get after a restart, for a log line and an Event.
+//
+// at.Rule may be empty (an attachment recorded before the rule was kept):
+// a sidecar or node attachment keeps its family, a none attachment takes the
+// rule Classify gives now.
+func Live(cfg Config, at Decision, in Input) (d Decision, held string) {
+	pod := in.Pod
+	now := Classify(cfg, in)
+	if at.Rule == "" {
+		at.Rule = legacyRule(at.Mode, now.Rule)
+	}
+	switch {
+	case slices.Contains(cfg.ExcludedNamespaces, pod.Namespace):
+		d = none(RuleExcludedNamespace, fmt.Sprintf("namespace %s is excluded from capture (--excluded-namespaces)", pod.Namespace))
+	case Movable(at.Rule, pod):
+		d = ambientOrNone(pod, in.NamespaceLabels)
+	default:
+		d = at
+	}
+	if now.Mode != d.Mode {
+		held = fmt.Sprintf("a new pod with these labels and annotations would get %s mode (%s), but a running pod's capture is fixed when it is created (only istio.io/dataplane-mode labels move it): restart the pod to apply", now.Mode, now.Reason)
+	}
+	return d, held
+}
+
+// Movable reports whether a running pod whose creation-time decision had
+// rule r may be moved by the istio.io/dataplane-mode labels: only a pod the
+// ambient rules decided, i.e. one without a usable Istio sidecar. Whether the
+// pod has an istio-proxy container cannot change while it runs (a pod's
+// containers are immutable), so it tells the two inject-disabled cases
+// apart.
+func Movable(r Rule, pod *corev1.Pod) bool {
+	switch r {
+	case RuleAmbientPod, RuleAmbientNamespace, RuleAmbientOptOut, RuleInjectionMissing, RuleNotInMesh, RuleNoSidecarStatus:
+		return true
+	case RuleInjectDisabled:
+		proxy, _ := proxyContainer(pod)
+		return proxy == nil // inject=false on a pod without a sidecar: decided by notInMesh
+	}
+	return false
+}
+
+// ambientOrNone is Classify's decision for a pod that the sidecar rules
+// do not decide, from the dataplane-mode labels alone.
+func ambientOrNone(pod *corev1.Pod, nsLabels map[string]string) Decision {
+	if d, ok := classifyAmbient(pod, nsLabels); ok {
+		return d
+	}
+	if proxy, _ := proxyContainer(pod); proxy != nil {
+		return none(RuleNoSidecarStatus, fmt.Sprintf("the pod has an %s container that Istio did not inject when the pod was created, and Istio CNI leaves such pods alone", ProxyContainer))
+	}
+	return notInMesh(pod, nsLabels)
+}
+
+func legacyRule(mode Mode, nowRule Rule) Rule {
+	switch mode {
+	case ModeSidecar:
+		return RuleSidecar
+	case ModeNode:
+		return RuleAmbientNamespace
+	}
+	return nowRule
+}
