@@ -269,6 +269,19 @@ struct {
 	__type(value, __u32);
 } settings SEC(".maps");
 
+/* Sockets accepted in an enrolled netns (set by sock_ops). Per-socket
+ * storage, freed with the socket: SO_ORIGINAL_DST on such a socket with no
+ * recorded redirect answers its own local address, as conntrack does for a
+ * connection that was not NATed; after bpf_sk_assign that is the original
+ * destination. Nothing node-wide to flood or evict. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u8);
+} accepted SEC(".maps");
+
 /* Same-node established sockets eligible for the shortcut, keyed by their
  * own 4-tuple (netns set for loopback tuples, 0 for pod IPs, which are
  * unique on the node). */
@@ -819,20 +832,14 @@ int sidelane_inbound(struct __sk_buff *skb)
 	bpf_sk_release(sk);
 	if (err)
 		return drop_in(netns);
-	if (syn) {
-		/* What SO_ORIGINAL_DST answers on the accepted socket (its peer
-		 * and local address are exactly this tuple), as Istio's
-		 * REDIRECT does for inbound. */
-		struct tuple_key k = {.netns = netns, .dport = dport};
-		struct orig_dst o = {.port = dport, .netns = netns};
-		k.sport = bpf_ntohs(p.tlen == sizeof(p.t.ipv4) ? p.t.ipv4.sport : p.t.ipv6.sport);
-		o.family = p.tlen == sizeof(p.t.ipv4) ? AF_INET : AF_INET6;
-		__builtin_memcpy(k.src, p.src, 16);
-		__builtin_memcpy(k.dst, p.dst, 16);
-		__builtin_memcpy(o.addr, p.dst, 16);
-		bpf_map_update_elem(&orig_by_tuple, &k, &o, BPF_ANY);
+	/* No original-destination record: after bpf_sk_assign the accepted
+	 * socket's local address is the original destination, and
+	 * SO_ORIGINAL_DST answers it from the socket itself (see accepted).
+	 * Writing a record per SYN would let anyone who can send SYNs to a pod
+	 * (a scan from anywhere) flood the node-wide LRU and evict other pods'
+	 * outbound records before their proxy reads them. */
+	if (syn)
 		count(netns, REDIRECT_IN_SELF);
-	}
 	return TC_ACT_OK;
 }
 
@@ -1250,6 +1257,9 @@ int sidelane_sockops(struct bpf_sock_ops *skops)
 		struct tuple_key m = mirrored(&k, netns);
 		if (bpf_map_lookup_elem(&orig_by_tuple, &m))
 			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+		struct bpf_sock *ask = skops->sk;
+		if (ask && bpf_map_lookup_elem(&pods, &netns))
+			bpf_sk_storage_get(&accepted, ask, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		maybe_shortcut(skops, &k, netns);
 		break;
 	}
@@ -1388,9 +1398,18 @@ int sidelane_getsockopt(struct bpf_sockopt *ctx)
 	load_addr(k.dst, family, s4, s6);
 	k.sport = bpf_ntohs(READ(sk->dst_port));
 	k.dport = (__u16)READ(sk->src_port);
+	struct orig_dst local = {};
 	struct orig_dst *o = bpf_map_lookup_elem(&orig_by_tuple, &k);
-	if (!o)
-		return 1;
+	if (!o) {
+		if (!bpf_sk_storage_get(&accepted, sk, 0, 0))
+			return 1;
+		/* An accepted socket, not redirected by connect: its own local
+		 * address (k.dst/k.dport are the connecting side's view). */
+		__builtin_memcpy(local.addr, k.dst, 16);
+		local.port = k.dport;
+		local.family = is_v4mapped(k.dst) ? AF_INET : AF_INET6;
+		o = &local;
+	}
 
 	void *optval = ctx->optval, *end = ctx->optval_end;
 	if (ctx->level == SOL_IP && o->family == AF_INET) {

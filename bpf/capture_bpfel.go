@@ -98,6 +98,7 @@ type captureTupleKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	captureMapAccepted              = "accepted"
 	captureMapCidrs                 = "cidrs"
 	captureMapNodeCounters          = "node_counters"
 	captureMapNodeProxyCfg          = "node_proxy_cfg"
@@ -186,6 +187,7 @@ type captureProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type captureMapSpecs struct {
+	Accepted     *ebpf.MapSpec `ebpf:"accepted"`
 	Cidrs        *ebpf.MapSpec `ebpf:"cidrs"`
 	NodeCounters *ebpf.MapSpec `ebpf:"node_counters"`
 	NodeProxyCfg *ebpf.MapSpec `ebpf:"node_proxy_cfg"`
@@ -226,6 +228,7 @@ func (o *captureObjects) Close() error {
 //
 // It can be passed to loadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type captureMaps struct {
+	Accepted     *ebpf.Map `ebpf:"accepted"`
 	Cidrs        *ebpf.Map `ebpf:"cidrs"`
 	NodeCounters *ebpf.Map `ebpf:"node_counters"`
 	NodeProxyCfg *ebpf.Map `ebpf:"node_proxy_cfg"`
@@ -242,6 +245,7 @@ type captureMaps struct {
 
 func (m *captureMaps) Close() error {
 	return _CaptureClose(
+		m.Accepted,
 		m.Cidrs,
 		m.NodeCounters,
 		m.NodeProxyCfg,

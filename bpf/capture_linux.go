@@ -187,7 +187,7 @@ func (c *Capture) Uninstall() error {
 	}))
 	for _, m := range []*ebpf.Map{c.objs.Pods, c.objs.Cidrs, c.objs.Ports, c.objs.PodIps,
 		c.objs.OrigByCookie, c.objs.OrigByTuple, c.objs.PodCounters, c.objs.Settings,
-		c.objs.SockPairs, c.objs.PairCookies, c.objs.NodeProxyCfg, c.objs.NodeCounters} {
+		c.objs.SockPairs, c.objs.PairCookies, c.objs.NodeProxyCfg, c.objs.NodeCounters, c.objs.Accepted} {
 		if m != nil {
 			errs = append(errs, m.Unpin())
 		}
