@@ -475,9 +475,68 @@ struct file___sl {
 struct socket___sl {
 	struct file___sl *file;
 } __attribute__((preserve_access_index));
+/* User namespaces (pods with hostUsers: false). iptables' owner match
+ * compares the socket's fsuid with the rule's uid mapped into the user
+ * namespace that owns the pod's netns; so the owner check maps the kernel
+ * uid back into that namespace (the kernel's from_kuid). Up to 5 extents
+ * are stored inline, which is what container runtimes write (one). */
+struct uid_gid_extent___sl {
+	__u32 first;
+	__u32 lower_first;
+	__u32 count;
+} __attribute__((preserve_access_index));
+struct uid_gid_map___sl {
+	struct uid_gid_extent___sl extent[5];
+	__u32 nr_extents;
+} __attribute__((preserve_access_index));
+struct user_namespace___sl {
+	struct uid_gid_map___sl uid_map;
+	struct uid_gid_map___sl gid_map;
+} __attribute__((preserve_access_index));
+struct net___sl {
+	__u64 net_cookie;
+	struct user_namespace___sl *user_ns;
+} __attribute__((preserve_access_index));
+struct possible_net_t___sl {
+	struct net___sl *net;
+} __attribute__((preserve_access_index));
+struct sock_common___sl {
+	struct possible_net_t___sl skc_net;
+} __attribute__((preserve_access_index));
 struct sock___sl {
+	struct sock_common___sl __sk_common;
 	struct socket___sl *sk_socket;
 } __attribute__((preserve_access_index));
+
+#define ID_UNMAPPED ((__u32)-1) /* the kernel's overflow id: matches no proxy id */
+
+/* from_kuid / from_kgid: the id kid has inside the namespace map m. */
+static __always_inline __u32 map_id_up(const struct uid_gid_map___sl *m, __u32 kid)
+{
+	__u32 n = m->nr_extents;
+#pragma unroll
+	for (int i = 0; i < 5; i++) {
+		__u32 first = m->extent[i].first, lower = m->extent[i].lower_first, count = m->extent[i].count;
+		if (i < n && kid >= lower && kid - lower < count)
+			return first + (kid - lower);
+	}
+	return ID_UNMAPPED; /* not mapped, or more than 5 extents */
+}
+
+static __always_inline __u64 ids_in_netns_userns(struct sock___sl *sk, __u64 ugid)
+{
+	if (!sk)
+		return ugid;
+	struct net___sl *net = sk->__sk_common.skc_net.net;
+	if (!net)
+		return ugid;
+	struct user_namespace___sl *ns = net->user_ns;
+	if (!ns)
+		return ugid;
+	__u64 uid = map_id_up(&ns->uid_map, (__u32)ugid);
+	__u64 gid = map_id_up(&ns->gid_map, (__u32)(ugid >> 32));
+	return gid << 32 | uid;
+}
 
 struct bpf_sock_addr_kern___sl {
 	struct sock___sl *sk;
@@ -501,11 +560,11 @@ static __always_inline __u64 owner_ids(struct bpf_sock_addr *ctx)
 			if (file) {
 				const struct cred___sl *cred = file->f_cred;
 				if (cred)
-					return (__u64)cred->fsgid.val << 32 | cred->fsuid.val;
+					return ids_in_netns_userns(sk, (__u64)cred->fsgid.val << 32 | cred->fsuid.val);
 			}
 		}
 	}
-	return bpf_get_current_uid_gid();
+	return ids_in_netns_userns(sk, bpf_get_current_uid_gid());
 }
 
 static __always_inline int id_in(__u32 id, const __u32 *ids, __u32 n)
@@ -735,12 +794,6 @@ static __always_inline struct bpf_sock *lookup_tcp(struct __sk_buff *skb, struct
  * in tc answers from skb->sk, which is not set on ingress (the init netns
  * then), so the cookie is read from the device's netns through the
  * kernel's skb (Linux 6.2+, as owner_ids). */
-struct net___sl {
-	__u64 net_cookie;
-} __attribute__((preserve_access_index));
-struct possible_net_t___sl {
-	struct net___sl *net;
-} __attribute__((preserve_access_index));
 struct net_device___sl {
 	struct possible_net_t___sl nd_net;
 } __attribute__((preserve_access_index));

@@ -74,6 +74,8 @@ func TestMain(m *testing.M) {
 		serveListener(l)
 	} else if mode == "self" {
 		os.Exit(selfConnectHelper())
+	} else if mode == "userns" {
+		os.Exit(usernsHelper(os.Args[len(os.Args)-1]))
 	} else if mode == "udp" {
 		os.Exit(udpHelper(os.Args[len(os.Args)-1]))
 	} else if mode != "" {
