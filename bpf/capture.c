@@ -34,6 +34,7 @@
 
 #include <linux/bpf.h>
 #include <linux/in.h>
+#include <linux/in6.h>
 #include <linux/socket.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
@@ -83,15 +84,24 @@ struct pod_config {
 #define CIDR_ROUTE 4 /* the pod's routes; value 1: via an excluded interface */
 
 /* LPM key: the pod's netns cookie is always matched in full (64 bits), then
- * the kind (8 bits), then the address. IPv4 is stored v4-mapped (::ffff:a.b.c.d)
- * so one trie serves both families. */
+ * the kind (8 bits), the family (8 bits), then the address. IPv4 is stored
+ * v4-mapped (::ffff:a.b.c.d) so one trie serves both families; the family
+ * byte keeps a range to its own family, as Istio's separate iptables and
+ * ip6tables rules do: without it "::/0" would also cover every v4-mapped
+ * IPv4 address (excludeOutboundIPRanges "::/0" would send all IPv4 around
+ * the sidecar). */
 struct cidr_key {
 	__u32 prefixlen;
 	__u32 netns_lo;
 	__u32 netns_hi;
 	__u8 kind;
+	__u8 family; /* CIDR_FAMILY_* */
 	__u8 addr[16];
 };
+
+#define CIDR_FAMILY_V4 4
+#define CIDR_FAMILY_V6 6
+#define CIDR_FULL_PREFIX (64 + 8 + 8 + 128)
 
 /* port_key.kind */
 #define PORT_EXCLUDE_OUT 1
@@ -140,6 +150,7 @@ struct node_stats {
 	__u64 redirected;   /* connects steered to the node proxy */
 	__u64 refused;      /* of those, never established: proxy down (fail closed) */
 	__u64 unconfigured; /* connects denied because no node proxy is configured */
+	__u64 looped;       /* connects to the node proxy's listener itself, denied */
 };
 
 /* A connection as the connecting socket sees it. Ports in host order. */
@@ -161,6 +172,7 @@ struct counters {
 	__u64 orig_dst_answered;
 	__u64 shortcut_msgs;
 	__u64 shortcut_bytes;
+	__u64 dropped_in; /* inbound packets dropped to fail closed (see sidelane_inbound) */
 };
 
 /* settings[0] bits. */
@@ -257,6 +269,19 @@ struct {
 	__type(value, __u32);
 } settings SEC(".maps");
 
+/* Sockets accepted in an enrolled netns (set by sock_ops). Per-socket
+ * storage, freed with the socket: SO_ORIGINAL_DST on such a socket with no
+ * recorded redirect answers its own local address, as conntrack does for a
+ * connection that was not NATed; after bpf_sk_assign that is the original
+ * destination. Nothing node-wide to flood or evict. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u8);
+} accepted SEC(".maps");
+
 /* Same-node established sockets eligible for the shortcut, keyed by their
  * own 4-tuple (netns set for loopback tuples, 0 for pod IPs, which are
  * unique on the node). */
@@ -289,6 +314,7 @@ enum verdict {
 	REDIRECT_DNS,
 	REDIRECT_NODE, /* per-node mode: to the node proxy in the host netns */
 	DENY,          /* refuse the connect (per-node pod, no node proxy configured) */
+	DENY_LOOP,     /* refuse the connect: it targets the node proxy's listener itself */
 };
 
 static __always_inline struct node_proxy *get_node_proxy(void)
@@ -300,6 +326,7 @@ static __always_inline struct node_proxy *get_node_proxy(void)
 #define NODE_REDIRECTED 0
 #define NODE_REFUSED 1
 #define NODE_UNCONFIGURED 2
+#define NODE_LOOPED 3
 
 static __always_inline void node_count(int field)
 {
@@ -311,6 +338,8 @@ static __always_inline void node_count(int field)
 		s->redirected++;
 	else if (field == NODE_REFUSED)
 		s->refused++;
+	else if (field == NODE_LOOPED)
+		s->looped++;
 	else
 		s->unconfigured++;
 }
@@ -337,13 +366,16 @@ static __always_inline void count(__u64 netns, int field)
 	}
 }
 
+static __always_inline int is_v4mapped(const __u8 a[16]);
+
 static __always_inline int cidr_match(__u64 netns, __u8 kind, const __u8 addr[16])
 {
 	struct cidr_key k = {
-		.prefixlen = 64 + 8 + 128,
+		.prefixlen = CIDR_FULL_PREFIX,
 		.netns_lo = (__u32)netns,
 		.netns_hi = (__u32)(netns >> 32),
 		.kind = kind,
+		.family = is_v4mapped(addr) ? CIDR_FAMILY_V4 : CIDR_FAMILY_V6,
 	};
 	__builtin_memcpy(k.addr, addr, 16);
 	return bpf_map_lookup_elem(&cidrs, &k) != NULL;
@@ -355,10 +387,11 @@ static __always_inline int cidr_match(__u64 netns, __u8 kind, const __u8 addr[16
 static __always_inline int route_excluded(__u64 netns, const __u8 addr[16])
 {
 	struct cidr_key k = {
-		.prefixlen = 64 + 8 + 128,
+		.prefixlen = CIDR_FULL_PREFIX,
 		.netns_lo = (__u32)netns,
 		.netns_hi = (__u32)(netns >> 32),
 		.kind = CIDR_ROUTE,
+		.family = is_v4mapped(addr) ? CIDR_FAMILY_V4 : CIDR_FAMILY_V6,
 	};
 	__builtin_memcpy(k.addr, addr, 16);
 	__u8 *v = bpf_map_lookup_elem(&cidrs, &k);
@@ -442,9 +475,68 @@ struct file___sl {
 struct socket___sl {
 	struct file___sl *file;
 } __attribute__((preserve_access_index));
+/* User namespaces (pods with hostUsers: false). iptables' owner match
+ * compares the socket's fsuid with the rule's uid mapped into the user
+ * namespace that owns the pod's netns; so the owner check maps the kernel
+ * uid back into that namespace (the kernel's from_kuid). Up to 5 extents
+ * are stored inline, which is what container runtimes write (one). */
+struct uid_gid_extent___sl {
+	__u32 first;
+	__u32 lower_first;
+	__u32 count;
+} __attribute__((preserve_access_index));
+struct uid_gid_map___sl {
+	struct uid_gid_extent___sl extent[5];
+	__u32 nr_extents;
+} __attribute__((preserve_access_index));
+struct user_namespace___sl {
+	struct uid_gid_map___sl uid_map;
+	struct uid_gid_map___sl gid_map;
+} __attribute__((preserve_access_index));
+struct net___sl {
+	__u64 net_cookie;
+	struct user_namespace___sl *user_ns;
+} __attribute__((preserve_access_index));
+struct possible_net_t___sl {
+	struct net___sl *net;
+} __attribute__((preserve_access_index));
+struct sock_common___sl {
+	struct possible_net_t___sl skc_net;
+} __attribute__((preserve_access_index));
 struct sock___sl {
+	struct sock_common___sl __sk_common;
 	struct socket___sl *sk_socket;
 } __attribute__((preserve_access_index));
+
+#define ID_UNMAPPED ((__u32)-1) /* the kernel's overflow id: matches no proxy id */
+
+/* from_kuid / from_kgid: the id kid has inside the namespace map m. */
+static __always_inline __u32 map_id_up(const struct uid_gid_map___sl *m, __u32 kid)
+{
+	__u32 n = m->nr_extents;
+#pragma unroll
+	for (int i = 0; i < 5; i++) {
+		__u32 first = m->extent[i].first, lower = m->extent[i].lower_first, count = m->extent[i].count;
+		if (i < n && kid >= lower && kid - lower < count)
+			return first + (kid - lower);
+	}
+	return ID_UNMAPPED; /* not mapped, or more than 5 extents */
+}
+
+static __always_inline __u64 ids_in_netns_userns(struct sock___sl *sk, __u64 ugid)
+{
+	if (!sk)
+		return ugid;
+	struct net___sl *net = sk->__sk_common.skc_net.net;
+	if (!net)
+		return ugid;
+	struct user_namespace___sl *ns = net->user_ns;
+	if (!ns)
+		return ugid;
+	__u64 uid = map_id_up(&ns->uid_map, (__u32)ugid);
+	__u64 gid = map_id_up(&ns->gid_map, (__u32)(ugid >> 32));
+	return gid << 32 | uid;
+}
 
 struct bpf_sock_addr_kern___sl {
 	struct sock___sl *sk;
@@ -468,11 +560,11 @@ static __always_inline __u64 owner_ids(struct bpf_sock_addr *ctx)
 			if (file) {
 				const struct cred___sl *cred = file->f_cred;
 				if (cred)
-					return (__u64)cred->fsgid.val << 32 | cred->fsuid.val;
+					return ids_in_netns_userns(sk, (__u64)cred->fsgid.val << 32 | cred->fsuid.val);
 			}
 		}
 	}
-	return bpf_get_current_uid_gid();
+	return ids_in_netns_userns(sk, bpf_get_current_uid_gid());
 }
 
 static __always_inline int id_in(__u32 id, const __u32 *ids, __u32 n)
@@ -575,125 +667,232 @@ static __always_inline int inbound_captured(__u64 netns, const struct pod_config
  * the connection intact: the proxy's accepted socket has the original
  * destination as its local address (what Envoy and haproxy fall back to
  * when SO_ORIGINAL_DST has no answer), and the client still sees the port it
- * dialed. The pod is found by destination address, so no per-netns helper
- * is needed in tc. */
+ * dialed.
+ *
+ * The pod is the netns the program runs in (its netns cookie), not the
+ * packet's destination address: like Istio's "-p tcp -j ISTIO_INBOUND" in
+ * the pod's PREROUTING, every TCP packet arriving on the interface counts,
+ * whatever address it is sent to (the interface's fe80:: link-local
+ * address, a secondary address). Headers are read with bpf_skb_load_bytes,
+ * so non-linear packets parse too, and what cannot be parsed is dropped
+ * (fail closed), never delivered around the proxy:
+ *   - IPv6 extension headers (hop-by-hop, routing, destination options,
+ *     fragment, AH) are walked, at most MAX_EXT_HDRS of them; more is
+ *     dropped. ip6tables' "-p tcp" matches TCP behind extension headers too.
+ *   - A truncated IPv4/IPv6/TCP header to an enrolled pod is dropped.
+ *   - Fragments: a first fragment of TCP to a captured port that belongs to
+ *     no established connection (a fragmented SYN) is dropped: bpf_sk_assign
+ *     on a fragment does not reliably survive reassembly. Later fragments
+ *     carry no ports and cannot open a connection without their first one.
+ * Every drop is counted (dropped_in). */
+#define MAX_EXT_HDRS 8
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1fff
+
+#define IN_PASS 0
+#define IN_DROP 1
+#define IN_TCP 2
+
+struct inbound_pkt {
+	struct bpf_sock_tuple t;
+	__u32 tlen;
+	__u8 src[16]; /* v4-mapped for IPv4 */
+	__u8 dst[16];
+	__u16 dport;   /* host order */
+	__u8 flags;    /* TCP flags byte (SYN 0x02, ACK 0x10) */
+	__u8 fragment; /* first fragment of a fragmented packet */
+};
+
+static __always_inline int parse_inbound(struct __sk_buff *skb, struct inbound_pkt *p)
+{
+	__u8 tcp[14]; /* ports, seq, ack, data offset, flags */
+	__u32 off;
+	__u32 *s = (__u32 *)p->src, *d = (__u32 *)p->dst;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)))
+			return IN_DROP;
+		if (ip.protocol != IPPROTO_TCP)
+			return IN_PASS;
+		if (ip.ihl < 5)
+			return IN_DROP;
+		__u16 frag = bpf_ntohs(ip.frag_off);
+		if (frag & IP_OFFSET)
+			return IN_PASS; /* not a first fragment: no ports */
+		p->fragment = !!(frag & IP_MF);
+		off = ETH_HLEN + ip.ihl * 4;
+		s[2] = bpf_htonl(0xffff);
+		s[3] = ip.saddr;
+		d[2] = bpf_htonl(0xffff);
+		d[3] = ip.daddr;
+		p->t.ipv4.saddr = ip.saddr;
+		p->t.ipv4.daddr = ip.daddr;
+		p->tlen = sizeof(p->t.ipv4);
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6;
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)))
+			return IN_DROP;
+		__u8 nh = ip6.nexthdr;
+		off = ETH_HLEN + sizeof(ip6);
+		int i;
+		for (i = 0; i < MAX_EXT_HDRS; i++) {
+			__u8 ext[4];
+			if (nh == IPPROTO_TCP)
+				break;
+			if (nh != IPPROTO_HOPOPTS && nh != IPPROTO_ROUTING && nh != IPPROTO_DSTOPTS &&
+			    nh != IPPROTO_FRAGMENT && nh != IPPROTO_AH)
+				return IN_PASS; /* UDP, ICMPv6, ESP, no next header, ...: not TCP */
+			if (bpf_skb_load_bytes(skb, off, ext, sizeof(ext)))
+				return IN_DROP;
+			if (nh == IPPROTO_FRAGMENT) {
+				if ((ext[2] << 8 | ext[3]) & 0xfff8)
+					return IN_PASS; /* not a first fragment */
+				p->fragment = 1;
+				off += 8;
+			} else if (nh == IPPROTO_AH) {
+				off += (ext[1] + 2) * 4;
+			} else {
+				off += (ext[1] + 1) * 8;
+			}
+			nh = ext[0];
+		}
+		if (nh != IPPROTO_TCP)
+			return IN_DROP; /* more extension headers than we walk */
+		__builtin_memcpy(p->src, &ip6.saddr, 16);
+		__builtin_memcpy(p->dst, &ip6.daddr, 16);
+		__builtin_memcpy(p->t.ipv6.saddr, &ip6.saddr, 16);
+		__builtin_memcpy(p->t.ipv6.daddr, &ip6.daddr, 16);
+		p->tlen = sizeof(p->t.ipv6);
+	} else {
+		return IN_PASS;
+	}
+	if (bpf_skb_load_bytes(skb, off, tcp, sizeof(tcp)))
+		return IN_DROP;
+	__u16 sport = (__u16)tcp[0] | (__u16)tcp[1] << 8; /* network order, as stored */
+	__u16 dport = (__u16)tcp[2] | (__u16)tcp[3] << 8;
+	if (p->tlen == sizeof(p->t.ipv4)) {
+		p->t.ipv4.sport = sport;
+		p->t.ipv4.dport = dport;
+	} else {
+		p->t.ipv6.sport = sport;
+		p->t.ipv6.dport = dport;
+	}
+	p->dport = bpf_ntohs(dport);
+	p->flags = tcp[13];
+	return IN_TCP;
+}
+
+/* Constant tuple sizes per branch: the verifier needs a bounded length. */
+static __always_inline struct bpf_sock *lookup_tcp(struct __sk_buff *skb, struct inbound_pkt *p)
+{
+	if (p->tlen == sizeof(p->t.ipv4))
+		return bpf_skc_lookup_tcp(skb, &p->t, sizeof(p->t.ipv4), BPF_F_CURRENT_NETNS, 0);
+	return bpf_skc_lookup_tcp(skb, &p->t, sizeof(p->t.ipv6), BPF_F_CURRENT_NETNS, 0);
+}
+
+/* The netns cookie of the device a packet arrived on. bpf_get_netns_cookie
+ * in tc answers from skb->sk, which is not set on ingress (the init netns
+ * then), so the cookie is read from the device's netns through the
+ * kernel's skb (Linux 6.2+, as owner_ids). */
+struct net_device___sl {
+	struct possible_net_t___sl nd_net;
+} __attribute__((preserve_access_index));
+struct sk_buff___sl {
+	struct net_device___sl *dev;
+} __attribute__((preserve_access_index));
+
+static __always_inline __u64 dev_netns_cookie(struct __sk_buff *skb)
+{
+	struct sk_buff___sl *k = bpf_cast_to_kern_ctx(skb);
+	struct net_device___sl *dev = k->dev;
+	if (!dev)
+		return 0;
+	struct net___sl *net = dev->nd_net.net;
+	if (!net)
+		return 0;
+	return net->net_cookie;
+}
+
+static __always_inline int drop_in(__u64 netns)
+{
+	struct counters *c = bpf_map_lookup_elem(&pod_counters, &netns);
+	if (c)
+		c->dropped_in++;
+	return TC_ACT_SHOT;
+}
+
 SEC("tc")
 int sidelane_inbound(struct __sk_buff *skb)
 {
-	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	if ((void *)(eth + 1) > end)
-		return TC_ACT_OK;
-	struct bpf_sock_tuple t = {};
-	__u32 tlen;
-	__u8 dst[16] = {};
-	__u32 *d = (__u32 *)dst;
-	struct tcphdr *tcp;
-	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-		struct iphdr *ip = (void *)(eth + 1);
-		if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP || ip->ihl < 5)
-			return TC_ACT_OK;
-		tcp = (void *)ip + ip->ihl * 4;
-		if ((void *)(tcp + 1) > end)
-			return TC_ACT_OK;
-		t.ipv4.saddr = ip->saddr;
-		t.ipv4.daddr = ip->daddr;
-		t.ipv4.sport = tcp->source;
-		t.ipv4.dport = tcp->dest;
-		tlen = sizeof(t.ipv4);
-		d[2] = bpf_htonl(0xffff);
-		d[3] = ip->daddr;
-	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr *ip6 = (void *)(eth + 1);
-		if ((void *)(ip6 + 1) > end || ip6->nexthdr != IPPROTO_TCP)
-			return TC_ACT_OK;
-		tcp = (void *)(ip6 + 1);
-		if ((void *)(tcp + 1) > end)
-			return TC_ACT_OK;
-		__builtin_memcpy(t.ipv6.saddr, &ip6->saddr, 16);
-		__builtin_memcpy(t.ipv6.daddr, &ip6->daddr, 16);
-		t.ipv6.sport = tcp->source;
-		t.ipv6.dport = tcp->dest;
-		tlen = sizeof(t.ipv6);
-		__builtin_memcpy(dst, &ip6->daddr, 16);
-	} else {
-		return TC_ACT_OK;
-	}
-
-	__u64 *netnsp = bpf_map_lookup_elem(&pod_ips, dst);
-	if (!netnsp)
-		return TC_ACT_OK;
-	__u64 netns = *netnsp;
+	__u64 netns = dev_netns_cookie(skb);
 	struct pod_config *pod = bpf_map_lookup_elem(&pods, &netns);
-	__u16 dport = bpf_ntohs(tcp->dest);
-	if (!pod || !inbound_captured(netns, pod, dport))
+	if (!pod)
+		return TC_ACT_OK;
+	struct inbound_pkt p = {};
+	int r = parse_inbound(skb, &p);
+	if (r == IN_PASS)
+		return TC_ACT_OK;
+	if (r == IN_DROP)
+		return drop_in(netns);
+	if ((pod->flags & POD_NO_IPV6) && p.tlen != sizeof(p.t.ipv4))
+		return TC_ACT_OK;
+	__u16 dport = p.dport;
+	int syn = (p.flags & 0x02) && !(p.flags & 0x10);
+	/* Per-node pods: the inbound port belongs to the node proxy's listener
+	 * in this netns, which only ever gets connections handed to it here
+	 * (with their original port). A connection made to it directly has no
+	 * original destination, and the proxy would forward it to itself. */
+	if ((pod->flags & POD_NODE) && dport == pod->inbound_port && syn)
+		return drop_in(netns);
+	if (!inbound_captured(netns, pod, dport))
 		return TC_ACT_OK;
 	/* Per-node pods: connections from the node proxy's address are the
-	 * proxy's own upstream legs (already through the proxy: never twice)
-	 * or come from the host netns (kubelet probes, host-network
-	 * processes), which are trusted like the proxy itself. Everything else
-	 * (other nodes, other pods on this node, sidecars) goes to the node
-	 * proxy's inbound listener in this pod's netns. */
-	if (pod->flags & POD_NODE) {
-		struct node_proxy *np = get_node_proxy();
-		__u8 src[16] = {};
-		__u32 *sw = (__u32 *)src;
-		if (tlen == sizeof(t.ipv4)) {
-			sw[2] = bpf_htonl(0xffff);
-			sw[3] = t.ipv4.saddr;
-		} else {
-			__builtin_memcpy(src, t.ipv6.saddr, 16);
-		}
-		if (is_node_proxy(np, src))
-			return TC_ACT_OK;
-	}
-	if ((pod->flags & POD_NO_IPV6) && tlen != sizeof(t.ipv4))
+	 * proxy's own upstream legs, made from the host netns (Envoy opens
+	 * upstream connections in its own netns even for a listener inside the
+	 * pod's) or come from other host-network processes (kubelet probes),
+	 * which are trusted like the proxy itself. The proxy's inbound leg has
+	 * passed this pod's inbound listener already; its outbound leg to a
+	 * same-node per-node pod carries that pod's L7 policy in the outbound
+	 * listener (agent/xds), since it is not captured again here. Everything
+	 * else (other nodes, other pods, sidecars) goes to the node proxy's
+	 * inbound listener in this pod's netns. */
+	if ((pod->flags & POD_NODE) && is_node_proxy(get_node_proxy(), p.src))
 		return TC_ACT_OK;
 
 	/* A packet of an existing connection (or handshake) goes where the
 	 * stack would send it. */
-	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, tlen, BPF_F_CURRENT_NETNS, 0);
+	struct bpf_sock *sk = lookup_tcp(skb, &p);
 	if (sk) {
 		int listener = sk->state == BPF_TCP_LISTEN;
 		bpf_sk_release(sk);
 		if (!listener)
 			return TC_ACT_OK;
 	}
-	if (tlen == sizeof(t.ipv4))
-		t.ipv4.dport = bpf_htons(pod->inbound_port);
+	if (p.fragment)
+		return drop_in(netns);
+	if (p.tlen == sizeof(p.t.ipv4))
+		p.t.ipv4.dport = bpf_htons(pod->inbound_port);
 	else
-		t.ipv6.dport = bpf_htons(pod->inbound_port);
-	sk = bpf_skc_lookup_tcp(skb, &t, tlen, BPF_F_CURRENT_NETNS, 0);
+		p.t.ipv6.dport = bpf_htons(pod->inbound_port);
+	sk = lookup_tcp(skb, &p);
 	if (!sk)
-		return TC_ACT_SHOT; /* fail closed: never deliver around the proxy */
+		return drop_in(netns); /* fail closed: never deliver around the proxy */
 	if (sk->state != BPF_TCP_LISTEN) {
 		bpf_sk_release(sk);
-		return TC_ACT_SHOT;
+		return drop_in(netns);
 	}
 	long err = bpf_sk_assign(skb, sk, 0);
 	bpf_sk_release(sk);
 	if (err)
-		return TC_ACT_SHOT;
-	if (tcp->syn && !tcp->ack) {
-		/* What SO_ORIGINAL_DST answers on the accepted socket (its peer
-		 * and local address are exactly this tuple), as Istio's
-		 * REDIRECT does for inbound. */
-		struct tuple_key k = {.netns = netns, .sport = bpf_ntohs(tcp->source), .dport = dport};
-		struct orig_dst o = {.port = dport, .netns = netns};
-		__u32 *sw = (__u32 *)k.src;
-		if (tlen == sizeof(t.ipv4)) {
-			sw[2] = bpf_htonl(0xffff);
-			sw[3] = t.ipv4.saddr;
-			o.family = AF_INET;
-		} else {
-			__builtin_memcpy(k.src, t.ipv6.saddr, 16);
-			o.family = AF_INET6;
-		}
-		__builtin_memcpy(k.dst, dst, 16);
-		__builtin_memcpy(o.addr, dst, 16);
-		bpf_map_update_elem(&orig_by_tuple, &k, &o, BPF_ANY);
+		return drop_in(netns);
+	/* No original-destination record: after bpf_sk_assign the accepted
+	 * socket's local address is the original destination, and
+	 * SO_ORIGINAL_DST answers it from the socket itself (see accepted).
+	 * Writing a record per SYN would let anyone who can send SYNs to a pod
+	 * (a scan from anywhere) flood the node-wide LRU and evict other pods'
+	 * outbound records before their proxy reads them. */
+	if (syn)
 		count(netns, REDIRECT_IN_SELF);
-	}
 	return TC_ACT_OK;
 }
 
@@ -713,8 +912,12 @@ static __always_inline void record(void *ctx, const __u8 dst[16], __u16 dport, _
 
 /* Per-node mode, outbound. The pod has no proxy of its own, so there are no
  * owner rules: everything leaving the pod goes to the node proxy except
- * traffic that stays inside the pod (loopback, its own IPs), connects to
- * the node proxy itself, and the pod's exclusions. The node proxy's own
+ * traffic that stays inside the pod (loopback, its own IPs) and the pod's
+ * exclusions. A connect to the node proxy's listener itself is refused: it
+ * would carry no original destination, and the proxy would forward it to
+ * itself until its file descriptors run out. Every other port of the node
+ * proxy's address is a host service like any other destination, and
+ * captured (not a way around the proxy). The node proxy's own
  * upstream connections are never captured because they are made in the
  * host netns, which is never enrolled: the proxy is identified by where it
  * runs, not by a uid, so no uid is reserved on the node and a host process
@@ -722,7 +925,9 @@ static __always_inline void record(void *ctx, const __u8 dst[16], __u16 dport, _
 static __always_inline enum verdict decide_node(__u64 netns, const struct node_proxy *np, const __u8 dst[16],
 						__u16 dport)
 {
-	if (is_loopback(dst) || cidr_match(netns, CIDR_LOCAL, dst) || is_node_proxy(np, dst))
+	if (is_node_proxy(np, dst) && dport == np->port)
+		return DENY_LOOP;
+	if (is_loopback(dst) || cidr_match(netns, CIDR_LOCAL, dst))
 		return PASS;
 	if (port_match(netns, PORT_EXCLUDE_OUT, dport) || cidr_match(netns, CIDR_EXCLUDE_OUT, dst))
 		return PASS_EXCLUDED;
@@ -741,6 +946,10 @@ static __always_inline enum verdict connect_common(struct bpf_sock_addr *ctx, co
 	if (pod->flags & POD_NODE) {
 		struct node_proxy *np = get_node_proxy();
 		enum verdict v = decide_node(netns, np, dst, dport);
+		if (v == DENY_LOOP) {
+			node_count(NODE_LOOPED);
+			return DENY;
+		}
 		count(netns, v);
 		if (v != REDIRECT_OUT)
 			return v;
@@ -1101,6 +1310,9 @@ int sidelane_sockops(struct bpf_sock_ops *skops)
 		struct tuple_key m = mirrored(&k, netns);
 		if (bpf_map_lookup_elem(&orig_by_tuple, &m))
 			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+		struct bpf_sock *ask = skops->sk;
+		if (ask && bpf_map_lookup_elem(&pods, &netns))
+			bpf_sk_storage_get(&accepted, ask, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		maybe_shortcut(skops, &k, netns);
 		break;
 	}
@@ -1239,9 +1451,18 @@ int sidelane_getsockopt(struct bpf_sockopt *ctx)
 	load_addr(k.dst, family, s4, s6);
 	k.sport = bpf_ntohs(READ(sk->dst_port));
 	k.dport = (__u16)READ(sk->src_port);
+	struct orig_dst local = {};
 	struct orig_dst *o = bpf_map_lookup_elem(&orig_by_tuple, &k);
-	if (!o)
-		return 1;
+	if (!o) {
+		if (!bpf_sk_storage_get(&accepted, sk, 0, 0))
+			return 1;
+		/* An accepted socket, not redirected by connect: its own local
+		 * address (k.dst/k.dport are the connecting side's view). */
+		__builtin_memcpy(local.addr, k.dst, 16);
+		local.port = k.dport;
+		local.family = is_v4mapped(k.dst) ? AF_INET : AF_INET6;
+		o = &local;
+	}
 
 	void *optval = ctx->optval, *end = ctx->optval_end;
 	if (ctx->level == SOL_IP && o->family == AF_INET) {

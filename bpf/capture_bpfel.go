@@ -19,8 +19,9 @@ type captureCidrKey struct {
 	NetnsLo   uint32
 	NetnsHi   uint32
 	Kind      uint8
+	Family    uint8
 	Addr      [16]uint8
-	_         [3]byte
+	_         [2]byte
 }
 
 type captureCounters struct {
@@ -32,6 +33,7 @@ type captureCounters struct {
 	OrigDstAnswered uint64
 	ShortcutMsgs    uint64
 	ShortcutBytes   uint64
+	DroppedIn       uint64
 }
 
 type captureNodeProxy struct {
@@ -48,6 +50,7 @@ type captureNodeStats struct {
 	Redirected   uint64
 	Refused      uint64
 	Unconfigured uint64
+	Looped       uint64
 }
 
 type captureOrigDst struct {
@@ -95,6 +98,7 @@ type captureTupleKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	captureMapAccepted              = "accepted"
 	captureMapCidrs                 = "cidrs"
 	captureMapNodeCounters          = "node_counters"
 	captureMapNodeProxyCfg          = "node_proxy_cfg"
@@ -183,6 +187,7 @@ type captureProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type captureMapSpecs struct {
+	Accepted     *ebpf.MapSpec `ebpf:"accepted"`
 	Cidrs        *ebpf.MapSpec `ebpf:"cidrs"`
 	NodeCounters *ebpf.MapSpec `ebpf:"node_counters"`
 	NodeProxyCfg *ebpf.MapSpec `ebpf:"node_proxy_cfg"`
@@ -223,6 +228,7 @@ func (o *captureObjects) Close() error {
 //
 // It can be passed to loadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type captureMaps struct {
+	Accepted     *ebpf.Map `ebpf:"accepted"`
 	Cidrs        *ebpf.Map `ebpf:"cidrs"`
 	NodeCounters *ebpf.Map `ebpf:"node_counters"`
 	NodeProxyCfg *ebpf.Map `ebpf:"node_proxy_cfg"`
@@ -239,6 +245,7 @@ type captureMaps struct {
 
 func (m *captureMaps) Close() error {
 	return _CaptureClose(
+		m.Accepted,
 		m.Cidrs,
 		m.NodeCounters,
 		m.NodeProxyCfg,

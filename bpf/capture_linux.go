@@ -187,7 +187,7 @@ func (c *Capture) Uninstall() error {
 	}))
 	for _, m := range []*ebpf.Map{c.objs.Pods, c.objs.Cidrs, c.objs.Ports, c.objs.PodIps,
 		c.objs.OrigByCookie, c.objs.OrigByTuple, c.objs.PodCounters, c.objs.Settings,
-		c.objs.SockPairs, c.objs.PairCookies, c.objs.NodeProxyCfg, c.objs.NodeCounters} {
+		c.objs.SockPairs, c.objs.PairCookies, c.objs.NodeProxyCfg, c.objs.NodeCounters, c.objs.Accepted} {
 		if m != nil {
 			errs = append(errs, m.Unpin())
 		}
@@ -263,11 +263,13 @@ func (p Pod) cidrKeys(netns uint64) ([]captureCidrKey, []uint8) {
 	vals := make([]uint8, 0, len(p.CIDRs))
 	for _, r := range p.CIDRs {
 		bits := r.Prefix.Bits()
+		family := uint8(cidrFamilyV6)
 		if r.Prefix.Addr().Is4() {
 			bits += 96
+			family = cidrFamilyV4
 		}
-		keys = append(keys, captureCidrKey{Prefixlen: uint32(64 + 8 + bits), NetnsLo: lo, NetnsHi: hi,
-			Kind: r.Kind, Addr: mapped(r.Prefix.Addr())})
+		keys = append(keys, captureCidrKey{Prefixlen: uint32(64 + 8 + 8 + bits), NetnsLo: lo, NetnsHi: hi,
+			Kind: r.Kind, Family: family, Addr: mapped(r.Prefix.Addr())})
 		vals = append(vals, r.Value)
 	}
 	return keys, vals
@@ -474,6 +476,7 @@ func (c *Capture) Counters(netns uint64) (Counters, error) {
 		s.OrigDstAnswered += p.OrigDstAnswered
 		s.ShortcutMessages += p.ShortcutMsgs
 		s.ShortcutBytes += p.ShortcutBytes
+		s.DroppedInbound += p.DroppedIn
 	}
 	return s, nil
 }

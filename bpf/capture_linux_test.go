@@ -74,6 +74,8 @@ func TestMain(m *testing.M) {
 		serveListener(l)
 	} else if mode == "self" {
 		os.Exit(selfConnectHelper())
+	} else if mode == "userns" {
+		os.Exit(usernsHelper(os.Args[len(os.Args)-1]))
 	} else if mode == "udp" {
 		os.Exit(udpHelper(os.Args[len(os.Args)-1]))
 	} else if mode != "" {
@@ -513,8 +515,10 @@ func TestIPv6OriginalDst(t *testing.T) {
 		{"IPv6 redirected", ap(remoteIP6, 8080), "error", ap(remoteIP6, 8080).String()},
 		{"IPv4 redirected to a dual-stack listener", ap(remoteIP, 9090), ap(remoteIP, 9090).String(), "error"},
 		// Loopback is never captured: the connection reaches the listener
-		// untouched and getsockopt must not be answered.
-		{"not redirected", netip.MustParseAddrPort("[::1]:15001"), "error", "error"},
+		// untouched, and getsockopt answers the socket's own local address,
+		// as conntrack does for a connection that was not NATed (a proxy
+		// then sees its own port and black-holes it, as Istio's listeners do).
+		{"not redirected", netip.MustParseAddrPort("[::1]:15001"), "error", "[::1]:15001"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -983,6 +987,39 @@ func TestInboundCapture(t *testing.T) {
 	if got, _ := e.cap.Counters(e.cookie); got.RedirectedInbound != 1 {
 		t.Errorf("inbound redirects counted: %d, want 1", got.RedirectedInbound)
 	}
+
+	// Inbound connections leave nothing in the node-wide original-dst LRU
+	// (a SYN scan used to fill it, evicting other pods' outbound records):
+	// hold 50 inbound connections open and count its entries.
+	t.Run("inbound connections write no node-wide records", func(t *testing.T) {
+		before := countEntries(t, e.cap.objs.OrigByTuple)
+		remote, err := ns.GetNS("/var/run/netns/" + e.remNS)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer remote.Close()
+		var conns []net.Conn
+		defer func() {
+			for _, c := range conns {
+				c.Close()
+			}
+		}()
+		if err := remote.Do(func(ns.NetNS) error {
+			for i := 0; i < 50; i++ {
+				c, err := net.DialTimeout("tcp", ap(podIP, 8080).String(), 3*time.Second)
+				if err != nil {
+					return err
+				}
+				conns = append(conns, c)
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if n := countEntries(t, e.cap.objs.OrigByTuple); n != before {
+			t.Errorf("orig_by_tuple: %d entries with 50 inbound connections open, %d before: inbound capture must not write them", n, before)
+		}
+	})
 
 	// Fail closed: with no sidecar listening, a captured port is refused
 	// rather than delivered to the application around the proxy.

@@ -16,6 +16,7 @@ type Counters struct {
 	OrigDstAnswered    uint64 // SO_ORIGINAL_DST answers to the pod's proxy
 	ShortcutMessages   uint64 // sends moved socket-to-socket by the shortcut
 	ShortcutBytes      uint64 // bytes in those sends
+	DroppedInbound     uint64 // inbound packets dropped to fail closed (unparsable, fragmented SYN, no listener)
 }
 
 // NodeCounters are the per-node mode totals of the node (all per-node pods).
@@ -23,6 +24,7 @@ type NodeCounters struct {
 	Redirected   uint64 // connects steered to the node proxy
 	Refused      uint64 // of those, never established: the node proxy was down or unreachable
 	Unconfigured uint64 // connects refused because no node proxy address was set
+	Looped       uint64 // connects to the node proxy's listener itself, refused (no original destination)
 }
 
 // DefaultPinDir is where maps and links are pinned unless Config says

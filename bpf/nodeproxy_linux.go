@@ -108,6 +108,7 @@ func (c *Capture) NodeCounters() (NodeCounters, error) {
 		s.Redirected += p.Redirected
 		s.Refused += p.Refused
 		s.Unconfigured += p.Unconfigured
+		s.Looped += p.Looped
 	}
 	return s, nil
 }

@@ -30,6 +30,11 @@ const (
 	cidrLocal      uint8 = 3
 	cidrRoute      uint8 = 4
 
+	// cidr_key.family: a range matches addresses of its own family only
+	// (IPv4 is stored v4-mapped; "::/0" must not cover it).
+	cidrFamilyV4 = 4
+	cidrFamilyV6 = 6
+
 	portExcludeOut uint8 = 1
 	portIncludeOut uint8 = 2
 	portExcludeIn  uint8 = 3
@@ -71,9 +76,18 @@ func (p Pod) WithRoutes(routes []Route) Pod {
 		if r.Excluded {
 			v = 1
 		}
-		p.CIDRs = append(p.CIDRs, cidrRule{Kind: cidrRoute, Prefix: netip.PrefixFrom(r.Dst.Addr().Unmap(), r.Dst.Bits()).Masked(), Value: v})
+		p.CIDRs = append(p.CIDRs, cidrRule{Kind: cidrRoute, Prefix: unmapPrefix(r.Dst), Value: v})
 	}
 	return p
+}
+
+// unmapPrefix turns a route given as an IPv4-mapped IPv6 prefix (some
+// netlink paths do) into its IPv4 prefix.
+func unmapPrefix(p netip.Prefix) netip.Prefix {
+	if p.Addr().Is4In6() && p.Bits() >= 96 {
+		return netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96).Masked()
+	}
+	return p.Masked()
 }
 
 // portRule matches the ports whose top Bits bits equal Port's.
@@ -140,7 +154,9 @@ func PlanPod(ips []netip.Prefix, s capture.Settings) (Pod, error) {
 				errs = append(errs, fmt.Errorf("%s[%d]: invalid prefix", field, i))
 				continue
 			}
-			p.CIDRs = append(p.CIDRs, cidrRule{Kind: kind, Prefix: netip.PrefixFrom(c.Addr().Unmap(), c.Bits()).Masked(), Value: 1})
+			// An IPv4-mapped IPv6 range stays IPv6, as Istio hands it to
+			// ip6tables: it never matches IPv4 traffic.
+			p.CIDRs = append(p.CIDRs, cidrRule{Kind: kind, Prefix: c.Masked(), Value: 1})
 		}
 	}
 	addCIDRs("excludeOutboundCIDRs", cidrExcludeOut, s.ExcludeOutboundCIDRs)

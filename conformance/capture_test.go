@@ -379,6 +379,25 @@ var captureCases = []capCase{
 		self(false, proxyUID, 80, wantIn),
 		in(false, 80, wantIn),
 	}},
+	// An IPv6 range covers IPv6 only (issue 19, bug 1: the eBPF tries store
+	// IPv4 v4-mapped, and "::/0" used to cover every IPv4 address too, so
+	// excluding "::/0" sent all of the pod's IPv4 around the sidecar).
+	{name: "exclude-all-ipv6-keeps-ipv4-captured", pod: capture.Pod{
+		Annotations: map[string]string{capture.AnnotationExcludeOutboundIPRanges: "::/0"},
+		ProxyEnv:    dualStack,
+	}, probes: []capProbe{
+		out(false, appUID, "a", 80, wantOut),
+		out(false, appUID, "b", 443, wantOut),
+		out(true, appUID, "a", 80, wantDirect),
+	}},
+	{name: "include-only-ipv6-leaves-ipv4-direct", pod: capture.Pod{
+		Annotations: map[string]string{capture.AnnotationIncludeOutboundIPRanges: "::/0"},
+		ProxyEnv:    dualStack,
+	}, probes: []capProbe{
+		out(false, appUID, "a", 80, wantDirect),
+		out(true, appUID, "a", 80, wantOut),
+		in(false, 80, wantIn),
+	}},
 	// Lists with spaces: Istio trims port lists (istio-iptables gets them
 	// as written, and iptables-restore splits on the spaces).
 	{name: "whitespace-in-port-lists", pod: capture.Pod{Annotations: map[string]string{

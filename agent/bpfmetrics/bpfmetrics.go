@@ -95,6 +95,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.node, prometheus.CounterValue, float64(n.Redirected), "redirected")
 		ch <- prometheus.MustNewConstMetric(c.node, prometheus.CounterValue, float64(n.Refused), "refused")
 		ch <- prometheus.MustNewConstMetric(c.node, prometheus.CounterValue, float64(n.Unconfigured), "unconfigured")
+		ch <- prometheus.MustNewConstMetric(c.node, prometheus.CounterValue, float64(n.Looped), "looped")
 	}
 }
 

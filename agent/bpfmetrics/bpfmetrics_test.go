@@ -78,8 +78,8 @@ func TestScrapeWithSharedNetns(t *testing.T) {
 	if len(got) != len(want) {
 		t.Errorf("series %v, want %v", got, want)
 	}
-	if nodeSeries != 3 {
-		t.Errorf("node proxy series: %d, want 3", nodeSeries)
+	if nodeSeries != 4 {
+		t.Errorf("node proxy series: %d, want 4", nodeSeries)
 	}
 }
 

@@ -16,6 +16,7 @@ import (
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	rbacfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
@@ -30,6 +31,7 @@ import (
 	"google.golang.org/grpc/resolver"
 	"google.golang.org/grpc/status"
 	grpcxds "google.golang.org/grpc/xds"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/emptypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 	"sigs.k8s.io/yaml"
@@ -361,4 +363,81 @@ type testWriter struct{ t *testing.T }
 func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimSpace(string(p)))
 	return len(p), nil
+}
+
+// TestSameNodeOutboundChainEnforcesPolicy: a per-node pod's connection to
+// another per-node pod on the same node is checked on the node proxy's
+// outbound listener (its upstream leg is not captured again, see
+// outboundListener). The RBAC on that chain must be the destination's own
+// policy: the same as its in-pod inbound listener's, and enforced the same
+// way. The test takes the RBAC out of the outbound listener Build produced
+// and has a real grpc-go xDS server enforce exactly that config.
+func TestSameNodeOutboundChainEnforcesPolicy(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	env := startEnv(ctx, t)
+	res, err := compile.Compile(policies(t, env.port, policyV1), inventory(), compile.Options{Identity: compile.IdentitySourceIP, TrustDomain: "cluster.local"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dst := netip.AddrPortFrom(serverIP, uint16(env.port))
+	rs, err := Build(Destinations(res), Config{
+		InboundPort: 15006,
+		InPod:       []InPodListener{{Pod: "shop/api-0", Netns: "/var/run/netns/api-0", IPs: []netip.Addr{serverIP}}},
+		Outbound:    netip.MustParseAddrPort("10.244.1.1:15001"),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	chainRBAC := func(name string) *rbacfilterv3.RBAC {
+		t.Helper()
+		for _, r := range rs[resource.ListenerType] {
+			l := r.(*listenerv3.Listener)
+			if l.Name != name {
+				continue
+			}
+			for _, fc := range l.FilterChains {
+				if fc.Name != dst.String() {
+					continue
+				}
+				var hcm hcmv3.HttpConnectionManager
+				if err := fc.Filters[0].GetTypedConfig().UnmarshalTo(&hcm); err != nil {
+					t.Fatal(err)
+				}
+				for _, f := range hcm.HttpFilters {
+					if f.Name == RBACFilterName {
+						var rb rbacfilterv3.RBAC
+						if err := f.GetTypedConfig().UnmarshalTo(&rb); err != nil {
+							t.Fatal(err)
+						}
+						return &rb
+					}
+				}
+			}
+		}
+		t.Fatalf("listener %s has no RBAC chain for %s", name, dst)
+		return nil
+	}
+	out, in := chainRBAC(OutboundListener), chainRBAC(InPodListenerPrefix+"shop/api-0")
+	if !proto.Equal(out, in) {
+		t.Fatalf("outbound chain's RBAC differs from the destination's inbound one:\n%v\n%v", out, in)
+	}
+	l, err := grpcServerListener(dst, out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := env.srv.Set(ctx, serverNode, map[resource.Type][]types.Resource{resource.ListenerType: {l}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := env.srv.WaitAck(ctx, serverNode, resource.ListenerType, v); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range tableV1 {
+		t.Run(c.name, func(t *testing.T) {
+			if got := env.call(ctx, t, c); got != c.want {
+				t.Errorf("%s from %s: got %v, want %v", c.method, c.from, got, c.want)
+			}
+		})
+	}
 }

@@ -38,6 +38,12 @@ import (
 const (
 	InboundListener    = "sidelane_inbound"
 	OriginalDstCluster = "sidelane_original_dst"
+	// BlackHoleCluster has no endpoints: a connection sent there is
+	// closed at once (Istio's BlackHoleCluster).
+	BlackHoleCluster = "sidelane_blackhole"
+	// BlackHoleChain names the filter chain that catches connections whose
+	// original destination is the listener itself.
+	BlackHoleChain = "blackhole"
 	// RBACFilterName is the HTTP filter's name; Envoy picks the
 	// implementation by the typed_config type URL.
 	RBACFilterName = "sidelane.l7policy"
@@ -117,6 +123,8 @@ func Destinations(res *compile.Result) []Destination {
 func Build(dests []Destination, cfg Config) (map[resource.Type][]types.Resource, error) {
 	out := map[resource.Type][]types.Resource{}
 	needCluster := false
+	// local: the protected destinations of this node's per-node pods.
+	var local []Destination
 	switch {
 	case cfg.InboundPort != 0 && len(cfg.InPod) > 0:
 		for _, p := range cfg.InPod {
@@ -130,6 +138,7 @@ func Build(dests []Destination, cfg Config) (map[resource.Type][]types.Resource,
 			if err != nil {
 				return nil, err
 			}
+			local = append(local, mine...)
 			l.Name = InPodListenerPrefix + p.Pod
 			l.Address.GetSocketAddress().NetworkNamespaceFilepath = p.Netns
 			out[resource.ListenerType] = append(out[resource.ListenerType], l)
@@ -144,7 +153,7 @@ func Build(dests []Destination, cfg Config) (map[resource.Type][]types.Resource,
 		needCluster = true
 	}
 	if cfg.Outbound.IsValid() {
-		l, err := outboundListener(cfg.Outbound)
+		l, err := outboundListener(cfg.Outbound, local)
 		if err != nil {
 			return nil, err
 		}
@@ -161,7 +170,12 @@ func Build(dests []Destination, cfg Config) (map[resource.Type][]types.Resource,
 		if cfg.UpstreamSource.IsValid() {
 			c.UpstreamBindConfig = &corev3.BindConfig{SourceAddress: socketAddress(netip.AddrPortFrom(cfg.UpstreamSource, 0)).GetSocketAddress()}
 		}
-		out[resource.ClusterType] = append(out[resource.ClusterType], c)
+		out[resource.ClusterType] = append(out[resource.ClusterType], c,
+			&clusterv3.Cluster{
+				Name:                 BlackHoleCluster,
+				ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_STATIC},
+				ConnectTimeout:       durationpb.New(time.Second),
+			})
 	}
 	byAddr := map[netip.AddrPort]*rbacfilterv3.RBAC{}
 	for _, d := range dests {
@@ -189,16 +203,20 @@ func Build(dests []Destination, cfg Config) (map[resource.Type][]types.Resource,
 // inboundListener receives redirected connections, restores their original
 // destination (original_dst listener filter) and picks the filter chain by
 // destination pod IP and port: protected ones go through HTTP + RBAC, the
-// rest are passed through as TCP.
+// rest are passed through as TCP. A connection whose destination is the
+// listener's own port (reached directly, so no original destination to
+// restore) goes to the black hole: passing it through would connect the
+// proxy to itself, again and again, until it runs out of descriptors.
 func inboundListener(dests []Destination, port uint32) (*listenerv3.Listener, error) {
 	od, err := toAny(&origdstv3.OriginalDst{})
 	if err != nil {
 		return nil, err
 	}
-	tp, err := toAny(&tcpproxyv3.TcpProxy{
-		StatPrefix:       "sidelane_passthrough",
-		ClusterSpecifier: &tcpproxyv3.TcpProxy_Cluster{Cluster: OriginalDstCluster},
-	})
+	tp, err := tcpProxy("sidelane_passthrough", OriginalDstCluster)
+	if err != nil {
+		return nil, err
+	}
+	bh, err := tcpProxy("sidelane_blackhole", BlackHoleCluster)
 	if err != nil {
 		return nil, err
 	}
@@ -210,6 +228,11 @@ func inboundListener(dests []Destination, port uint32) (*listenerv3.Listener, er
 			Name:    "passthrough",
 			Filters: []*listenerv3.Filter{{Name: wellknown.TCPProxy, ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: tp}}},
 		},
+		FilterChains: []*listenerv3.FilterChain{{
+			Name:             BlackHoleChain,
+			FilterChainMatch: &listenerv3.FilterChainMatch{DestinationPort: wrapperspb.UInt32(port)},
+			Filters:          []*listenerv3.Filter{{Name: wellknown.TCPProxy, ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: bh}}},
+		}},
 	}
 	for _, d := range dests {
 		route := &routev3.Route_Route{Route: &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: OriginalDstCluster}}}
@@ -231,9 +254,15 @@ func inboundListener(dests []Destination, port uint32) (*listenerv3.Listener, er
 
 // outboundListener takes the per-node pods' redirected connections and
 // passes them to their original destination (SO_ORIGINAL_DST, answered by
-// sidelane's getsockopt hook); policy applies at the destination's proxy.
-func outboundListener(ap netip.AddrPort) (*listenerv3.Listener, error) {
-	l, err := inboundListener(nil, uint32(ap.Port()))
+// sidelane's getsockopt hook). Policy applies at the destination's proxy:
+// a sidecar, another node's proxy (its in-pod inbound listener), or, for
+// a per-node pod on this node (local), here. The proxy's upstream leg to a
+// same-node per-node pod leaves from the node proxy's address, which
+// inbound capture trusts (it is also how the in-pod listeners' own
+// upstream legs reach their pod), so that pod's chains must be on this
+// listener, where the caller is still the real client.
+func outboundListener(ap netip.AddrPort, local []Destination) (*listenerv3.Listener, error) {
+	l, err := inboundListener(local, uint32(ap.Port()))
 	if err != nil {
 		return nil, err
 	}
@@ -310,6 +339,10 @@ func HTTPFilter(rbac *rbacfilterv3.RBAC) (*hcmv3.HttpFilter, error) {
 		return nil, fmt.Errorf("rbac filter: %w", err)
 	}
 	return &hcmv3.HttpFilter{Name: RBACFilterName, ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: a}}, nil
+}
+
+func tcpProxy(stat, cluster string) (*anypb.Any, error) {
+	return toAny(&tcpproxyv3.TcpProxy{StatPrefix: stat, ClusterSpecifier: &tcpproxyv3.TcpProxy_Cluster{Cluster: cluster}})
 }
 
 func socketAddress(ap netip.AddrPort) *corev3.Address {

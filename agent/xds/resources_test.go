@@ -145,7 +145,7 @@ func TestPublishLocal(t *testing.T) {
 		t.Fatal(err)
 	}
 	l := snap.GetResources(resource.ListenerType)[InboundListener].(*listenerv3.Listener)
-	if len(l.FilterChains) != 1 || l.FilterChains[0].Name != "127.0.0.1:8080" {
+	if len(l.FilterChains) != 2 || l.FilterChains[0].Name != BlackHoleChain || l.FilterChains[1].Name != "127.0.0.1:8080" {
 		t.Errorf("chains %v, want only the local pod's", l.FilterChains)
 	}
 	if v2, _, _ := s.Publish(ctx, "n", ps, inv, local, Config{InboundPort: 15006}); v2 != v1 {

@@ -17,6 +17,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 
+	"github.com/sidelane/sidelane/agent/xds"
 	"github.com/sidelane/sidelane/internal/kubelet"
 	"github.com/sidelane/sidelane/internal/podnet"
 	"github.com/sidelane/sidelane/internal/testenv"
@@ -285,9 +286,17 @@ spec:
 		if ex, text := e.explain(nodeA, plainNS, "plain-a"); ex.L7 == nil || len(ex.L7.Policies) != 0 || !strings.Contains(text, "none selects this pod") {
 			t.Errorf("explain for an unselected pod: %+v\n%s", ex.L7, text)
 		}
-		if n := len(xdsA.get(inPod(pods["node-a"])).GetFilterChains()); n != 1 {
+		if n := len(policyChains(xdsA.get(inPod(pods["node-a"])))); n != 1 {
 			// node-a (same labels) is protected too: its own chain, never node-a2's.
-			t.Errorf("node-a's inbound listener has %d chains, want its own one", n)
+			t.Errorf("node-a's inbound listener has %d policy chains, want its own one", n)
+		}
+		// The node proxy's upstream leg to a same-node per-node pod is not
+		// captured again (it leaves from the trusted node-proxy address), so
+		// the outbound listener carries that pod's policy too: a per-node
+		// pod on node A reaching node-a2 is checked where it is still the
+		// real client (issue 20, finding 1).
+		if !slices.ContainsFunc(xdsA.get("sidelane_outbound").GetFilterChains(), func(c *listenerv3.FilterChain) bool { return c.GetName() == chain }) {
+			t.Errorf("node A's outbound listener lacks node-a2's policy chain %s: same-node per-node traffic would skip its policy", chain)
 		}
 	})
 
@@ -433,4 +442,16 @@ func nodeProxyRefused(t *testing.T, a *agentProc) int {
 		}
 	}
 	return 0
+}
+
+// policyChains are a listener's per-destination chains, without the black
+// hole for connections to the listener itself.
+func policyChains(l *listenerv3.Listener) []*listenerv3.FilterChain {
+	var out []*listenerv3.FilterChain
+	for _, c := range l.GetFilterChains() {
+		if c.GetName() != xds.BlackHoleChain {
+			out = append(out, c)
+		}
+	}
+	return out
 }

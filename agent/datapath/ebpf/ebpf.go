@@ -241,6 +241,7 @@ func CounterMap(c bpf.Counters) map[string]uint64 {
 		"orig_dst_answered":   c.OrigDstAnswered,
 		"shortcut_messages":   c.ShortcutMessages,
 		"shortcut_bytes":      c.ShortcutBytes,
+		"dropped_inbound":     c.DroppedInbound,
 	}
 }
 
