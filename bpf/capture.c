@@ -860,12 +860,15 @@ int sidelane_inbound(struct __sk_buff *skb)
 		return TC_ACT_OK;
 
 	/* A packet of an existing connection (or handshake) goes where the
-	 * stack would send it. */
+	 * stack would send it. Except a SYN that finds a TIME_WAIT socket:
+	 * the stack may open a new connection from it, and would look up the
+	 * app's listener for that (a way around the proxy), so it is a new
+	 * connection like any other. */
 	struct bpf_sock *sk = lookup_tcp(skb, &p);
 	if (sk) {
-		int listener = sk->state == BPF_TCP_LISTEN;
+		__u32 state = sk->state;
 		bpf_sk_release(sk);
-		if (!listener)
+		if (state != BPF_TCP_LISTEN && !(state == BPF_TCP_TIME_WAIT && syn))
 			return TC_ACT_OK;
 	}
 	if (p.fragment)
