@@ -223,7 +223,9 @@ func captureLines(c *capture.Settings) []string {
 	default:
 		line = "inbound: none"
 	}
-	if len(c.ExcludeInboundPorts) > 0 && (c.InboundAllPorts || len(c.IncludeInboundPorts) > 0) {
+	// As Istio, exclusions apply only to "*"; an explicit list is taken as
+	// written (15008 aside, which is never captured).
+	if len(c.ExcludeInboundPorts) > 0 && c.InboundAllPorts {
 		line += ", except ports " + joinRanges(c.ExcludeInboundPorts)
 	}
 	out = append(out, line)

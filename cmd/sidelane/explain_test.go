@@ -103,3 +103,17 @@ func TestPrintJSONEscapesPodText(t *testing.T) {
 		t.Errorf("reason decodes to %q, want %q", back.Attachments[0].Reason, evil)
 	}
 }
+
+// Istio applies excludeInboundPorts only with includeInboundPorts "*":
+// explain must not claim exclusions for an explicit list.
+func TestCaptureLinesInboundExcludesOnlyWithWildcard(t *testing.T) {
+	list := &capture.Settings{InboundPort: 15006, IncludeInboundPorts: []capture.PortRange{{First: 80, Last: 80}},
+		ExcludeInboundPorts: []capture.PortRange{{First: 80, Last: 80}}}
+	all := &capture.Settings{InboundPort: 15006, InboundAllPorts: true, ExcludeInboundPorts: list.ExcludeInboundPorts}
+	if got := strings.Join(captureLines(list), "\n"); !strings.Contains(got, "inbound: ports 80 -> :15006") || strings.Contains(got, "except ports 80") {
+		t.Errorf("explicit list:\n%s", got)
+	}
+	if got := strings.Join(captureLines(all), "\n"); !strings.Contains(got, "inbound: all ports -> :15006, except ports 80") {
+		t.Errorf("wildcard:\n%s", got)
+	}
+}
