@@ -180,7 +180,8 @@ func (d *Datapath) target(e store.Entry) (target, error) {
 }
 
 // apply moves the maps from the state written for from to t (next's),
-// recording next's cookie on success.
+// recording next's cookie before writing anything under it, so an
+// Unenroll(next) after a failed Enroll removes what was half-written.
 func (d *Datapath) apply(from store.Entry, next *store.Entry, t target) error {
 	if !t.captured {
 		if from.NetnsCookie != 0 {
@@ -191,6 +192,7 @@ func (d *Datapath) apply(from store.Entry, next *store.Entry, t target) error {
 		next.NetnsCookie = 0
 		return nil
 	}
+	next.NetnsCookie = t.cookie
 	if err := d.pods.Put(t.cookie, t.pod); err != nil {
 		return fmt.Errorf("enroll netns %s: %w", next.Netns, err)
 	}
@@ -212,7 +214,6 @@ func (d *Datapath) apply(from store.Entry, next *store.Entry, t target) error {
 			return err
 		}
 	}
-	next.NetnsCookie = t.cookie
 	d.log.Debug("pod enrolled", "attachment", next.Key.String(), "mode", next.Mode, "netnsCookie", t.cookie)
 	return nil
 }

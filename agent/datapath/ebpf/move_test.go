@@ -312,3 +312,27 @@ func TestMoveFailureRestoresOld(t *testing.T) {
 		}
 	})
 }
+
+// A failed Enroll has already recorded the cookie it wrote under, so the
+// handler's Unenroll removes the half-written state.
+func TestFailedEnrollCanBeUndone(t *testing.T) {
+	sidecar, _, _, _, _ := moveEntries()
+	for _, step := range []string{"Put", "AttachInbound"} {
+		t.Run(step, func(t *testing.T) {
+			f := newFakePods()
+			d := newFakeDatapath(f)
+			f.fail, f.failN = step, 1
+			e := sidecar
+			ctx := context.Background()
+			if err := d.Enroll(ctx, &e); !errors.Is(err, errInjected) {
+				t.Fatalf("Enroll: %v, want the injected error", err)
+			}
+			if err := d.Unenroll(ctx, e); err != nil {
+				t.Fatal(err)
+			}
+			if s := f.snapshot(); len(s.pods) != 0 || len(s.inbound) != 0 {
+				t.Errorf("left after Unenroll of a failed Enroll: %+v", s)
+			}
+		})
+	}
+}
