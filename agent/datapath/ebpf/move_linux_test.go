@@ -309,30 +309,31 @@ func TestLiveMovesNeverUncapture(t *testing.T) {
 	// address, whose connections per-node capture lets through).
 	var inEpoch atomic.Int64
 	in := make(chan tagged, 1024)
-	stopIn := make(chan struct{})
+	inCtx, stopIn := context.WithCancel(ctx)
+	t.Cleanup(stopIn)
 	var inWG sync.WaitGroup
 	inWG.Add(1)
 	go func() {
 		defer inWG.Done()
 		defer close(in)
 		err := ns.WithNetNSPath(hostPath, func(ns.NetNS) error {
-			for {
-				select {
-				case <-stopIn:
-					return nil
-				default:
-				}
+			for inCtx.Err() == nil {
 				ep := inEpoch.Load()
-				in <- tagged{int(ep), dialTag("tcp4", &net.TCPAddr{IP: moveDst.AsSlice()}, netip.AddrPortFrom(moveIP, 8080).String())}
+				r := tagged{int(ep), dialTag("tcp4", &net.TCPAddr{IP: moveDst.AsSlice()}, netip.AddrPortFrom(moveIP, 8080).String())}
+				select {
+				case in <- r:
+				case <-inCtx.Done():
+				}
 			}
+			return nil
 		})
 		if err != nil {
 			in <- tagged{-1, "error:" + err.Error()}
 		}
 	}()
 
-	// allowed says whether a connection of epoch ep (begun after move ep
-	// returned) was captured as the mode in force then says.
+	// modeAt is the mode in force for a connection of epoch ep (begun
+	// after move ep returned).
 	modeAt := func(ep int) string {
 		if ep == 0 {
 			return agent.ModeSidecar
@@ -401,7 +402,7 @@ func TestLiveMovesNeverUncapture(t *testing.T) {
 		waitEpoch("inbound", in, i)
 	}
 	epochs.Close()
-	close(stopIn)
+	stopIn()
 	for r := range out {
 		check("outbound", r, false)
 	}
