@@ -174,27 +174,6 @@ func inNetns(path string, fn func() error) error {
 	return ns.WithNetNSPath(path, func(ns.NetNS) error { return fn() })
 }
 
-// ruleSpec turns a `-A CHAIN ...` line of iptables -S into its spec.
-// Specs in our rules never hold quoted strings, so splitting on spaces is
-// exact for them.
-func ruleSpec(line, chain string) ([]string, bool) {
-	prefix := "-A " + chain + " "
-	if !strings.HasPrefix(line, prefix) {
-		return nil, false
-	}
-	return strings.Fields(strings.TrimPrefix(line, prefix)), true
-}
-
-func jumpsToIstio(spec []string) bool {
-	n := len(spec)
-	return n >= 2 && spec[n-2] == "-j" && strings.HasPrefix(spec[n-1], "ISTIO_")
-}
-
-// isInterfaceReturn matches Istio's excludeInterfaces rules exactly.
-func isInterfaceReturn(spec []string) bool {
-	return len(spec) == 4 && (spec[0] == "-i" || spec[0] == "-o") && spec[2] == "-j" && spec[3] == "RETURN"
-}
-
 // verify compares the installed rules with want: every Istio chain holds
 // exactly want's rules in order, no other Istio chain exists, and the
 // built-in chains hold want's hooks in order.
