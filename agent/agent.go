@@ -170,10 +170,14 @@ func (a *Agent) Run(ctx context.Context) error {
 func (a *Agent) Datapath() datapath.Datapath { return a.cfg.Datapath }
 
 // SetMode moves a running attachment to dec's mode (or updates its capture
-// settings): Unenroll under the old settings, Enroll under the new ones,
-// persist. It reports whether anything changed. When the new Enroll fails
-// the old state is restored, so a failed move never leaves a pod half
-// captured.
+// settings) with one datapath Move, in place: every new connection is
+// captured under the old or the new mode, never by neither (only a move to
+// none stops capture, which is what none means). It reports whether
+// anything changed. The store says what the datapath does: it records the
+// new mode only once the move succeeded, and when that write fails the
+// datapath is moved back. A failed move is logged and counted
+// (sidelane_errors_total{op="move"}; op="move_not_restored" when the old
+// state could not be put back either, which the next move repairs).
 func (a *Agent) SetMode(ctx context.Context, k store.Key, dec Decision) (old store.Entry, changed bool, err error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -190,23 +194,40 @@ func (a *Agent) SetMode(ctx context.Context, k store.Key, dec Decision) (old sto
 		}
 		return e, false, nil
 	}
-	if err := a.cfg.Datapath.Unenroll(ctx, e); err != nil {
-		return e, false, fmt.Errorf("unenroll %s from %s mode: %w", k, e.Mode, err)
-	}
 	next := e
 	next.Mode, next.Reason, next.Capture = dec.Mode, dec.Reason, dec.Capture
-	if err := a.cfg.Datapath.Enroll(ctx, &next); err != nil {
-		_ = a.cfg.Datapath.Unenroll(ctx, next)
-		prev := e
-		if rerr := a.cfg.Datapath.Enroll(ctx, &prev); rerr != nil {
-			a.cfg.Log.Error("restore attachment after failed move", "attachment", k.String(), "mode", e.Mode, "error", rerr)
+	if err := a.cfg.Datapath.Move(ctx, e, &next); err != nil {
+		err = fmt.Errorf("move %s from %s to %s mode: %w", k, e.Mode, dec.Mode, err)
+		msg := "live mode move failed; the old mode stays in force"
+		if errors.Is(err, datapath.ErrNotRestored) {
+			msg = "live mode move failed and the old mode could not be restored either"
 		}
-		return e, false, fmt.Errorf("enroll %s in %s mode: %w", k, dec.Mode, err)
+		a.moveFailed(e, next, err, msg)
+		return e, false, err
 	}
 	if err := a.store.Put(next); err != nil {
-		return e, true, fmt.Errorf("record attachment: %w", err)
+		err = fmt.Errorf("record attachment %s: %w", k, err)
+		back := e
+		berr := a.cfg.Datapath.Move(ctx, next, &back)
+		if berr == nil {
+			a.moveFailed(e, next, err, "live mode move not recorded; moved back, the old mode stays in force")
+			return e, false, err
+		}
+		err = fmt.Errorf("%w; move back to %s mode: %w", err, e.Mode, berr)
+		a.moveFailed(e, next, err, "live mode move not recorded and not undone: the datapath runs the new mode (or, not restored, neither) while the store records the old")
+		return e, false, err
 	}
 	return e, true, nil
+}
+
+// moveFailed logs and counts a failed live move.
+func (a *Agent) moveFailed(from, to store.Entry, err error, msg string) {
+	op := "move"
+	if errors.Is(err, datapath.ErrNotRestored) {
+		op = "move_not_restored"
+	}
+	a.cfg.Metrics.Error(op)
+	a.cfg.Log.Error(msg, "attachment", from.Key.String(), "from", from.Mode, "to", to.Mode, "error", err)
 }
 
 // Forget unenrolls and removes an attachment whose pod no longer exists

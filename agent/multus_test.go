@@ -53,6 +53,11 @@ func (d *netnsDatapath) Enroll(_ context.Context, e *store.Entry) error {
 	d.state[e.NetnsCookie] = netnsState{mode: e.Mode, ips: slices.Clone(e.IPs)}
 	return nil
 }
+
+// Move is one in-place replacement, as the eBPF backend's Put.
+func (d *netnsDatapath) Move(ctx context.Context, _ store.Entry, next *store.Entry) error {
+	return d.Enroll(ctx, next)
+}
 func (d *netnsDatapath) Unenroll(_ context.Context, e store.Entry) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()

@@ -73,6 +73,17 @@ func (c *Capture) inboundPins(netns uint64) ([]string, error) {
 	return pins, nil
 }
 
+// DetachInbound removes inbound capture from interface ifname of the pod
+// with cookie netns (its settings now exclude that interface). Nothing
+// attached there is not an error.
+func (c *Capture) DetachInbound(netns uint64, ifname string) error {
+	pin := c.inboundPin(netns, ifname)
+	if _, err := os.Stat(pin); errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	return detachPin(pin)
+}
+
 // detachInbound removes netns's inbound links (0: every pod's).
 func (c *Capture) detachInbound(netns uint64) error {
 	pins, err := c.inboundPins(netns)
@@ -81,16 +92,20 @@ func (c *Capture) detachInbound(netns uint64) error {
 	}
 	var errs []error
 	for _, pin := range pins {
-		l, err := link.LoadPinnedLink(pin, nil)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("load %s: %w", pin, err))
-			continue
-		}
-		// A link whose netns is gone is already defunct; Detach may fail.
-		_ = l.Detach()
-		errs = append(errs, l.Unpin(), l.Close())
+		errs = append(errs, detachPin(pin))
 	}
 	return errors.Join(errs...)
+}
+
+// detachPin detaches and unpins the pinned inbound link at pin.
+func detachPin(pin string) error {
+	l, err := link.LoadPinnedLink(pin, nil)
+	if err != nil {
+		return fmt.Errorf("load %s: %w", pin, err)
+	}
+	// A link whose netns is gone is already defunct; Detach may fail.
+	_ = l.Detach()
+	return errors.Join(l.Unpin(), l.Close())
 }
 
 // updateInbound moves every pinned inbound link to the freshly loaded

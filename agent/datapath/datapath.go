@@ -4,6 +4,7 @@ package datapath
 
 import (
 	"context"
+	"errors"
 
 	"github.com/sidelane/sidelane/agent/store"
 )
@@ -21,16 +22,31 @@ type Datapath interface {
 	Unenroll(ctx context.Context, e store.Entry) error
 	// Verify reports whether Enroll's state is still fully in place.
 	Verify(ctx context.Context, e store.Entry) error
+	// Move changes a running attachment from old (what Enroll or Move
+	// last applied) to next (another mode, or other capture settings) in
+	// place: at every moment each new connection is captured under old or
+	// under next, never by neither. Only a move to a mode the backend
+	// captures nothing in removes the capture (that is what such a mode
+	// means). Like Enroll it may fill in next's datapath fields. On error
+	// the old state is back in place, unless the error wraps
+	// ErrNotRestored.
+	Move(ctx context.Context, old store.Entry, next *store.Entry) error
 }
+
+// ErrNotRestored: a failed Move could not put the old state back either;
+// the attachment's datapath state is neither old nor next until the next
+// successful Enroll or Move.
+var ErrNotRestored = errors.New("old capture not restored")
 
 // Noop captures nothing. It is the backend for pods in mode "none" and for
 // running the agent's protocol without a datapath.
 type Noop struct{}
 
-func (Noop) Name() string                                { return "noop" }
-func (Noop) Enroll(context.Context, *store.Entry) error  { return nil }
-func (Noop) Unenroll(context.Context, store.Entry) error { return nil }
-func (Noop) Verify(context.Context, store.Entry) error   { return nil }
+func (Noop) Name() string                                          { return "noop" }
+func (Noop) Enroll(context.Context, *store.Entry) error            { return nil }
+func (Noop) Unenroll(context.Context, store.Entry) error           { return nil }
+func (Noop) Verify(context.Context, store.Entry) error             { return nil }
+func (Noop) Move(context.Context, store.Entry, *store.Entry) error { return nil }
 
 // CounterReader is implemented by datapaths that keep per-pod counters
 // (e.g. eBPF map counters); `sidelane explain` shows them.

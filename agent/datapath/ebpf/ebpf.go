@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"slices"
 
+	"github.com/sidelane/sidelane/agent/datapath"
 	"github.com/sidelane/sidelane/agent/store"
 	"github.com/sidelane/sidelane/bpf"
 )
@@ -32,6 +33,7 @@ type Pods interface {
 	Delete(netns uint64) error
 	Verify(netns uint64, p bpf.Pod) error
 	AttachInbound(netnsPath string, netns uint64, ifname string) error
+	DetachInbound(netns uint64, ifname string) error
 	VerifyInbound(netns uint64, ifname string) error
 	Enrolled() ([]uint64, error)
 	Counters(netns uint64) (bpf.Counters, error)
@@ -100,56 +102,124 @@ func (d *Datapath) Name() string { return "ebpf" }
 // Enroll writes the pod's capture state, keyed by its netns cookie, which
 // it records in e: sidecar mode captures to the pod's own proxy, per-node
 // mode to the node proxy (bpf.Capture.SetNodeProxy). Pods in neither are
-// left uncaptured (and any earlier capture of theirs removed). A mode
-// change is one Put over the previous state: new connections follow it,
-// established ones keep their path.
+// left uncaptured (and any earlier capture of theirs removed). Writing over
+// an existing state is one in-place update (see Move).
 func (d *Datapath) Enroll(_ context.Context, e *store.Entry) error {
-	p, ok, err := d.plan(*e)
+	t, err := d.target(*e)
 	if err != nil {
 		return err
 	}
-	if !ok {
-		if e.NetnsCookie != 0 {
-			if err := d.pods.Delete(e.NetnsCookie); err != nil {
-				return err
-			}
-			e.NetnsCookie = 0
-		}
+	return d.apply(*e, e, t)
+}
+
+// Move changes a running pod's capture from old to next in place: one Put
+// over the pod's entry (new rules, then the pod config, which switches new
+// connections from old to next at once, then old rules removed), the tc
+// inbound link updated in place or attached if missing, never detached
+// first. Only a move to a mode that captures nothing deletes the pod's
+// state. Any failure re-applies old the same way (datapath.ErrNotRestored
+// when that fails too); bad settings or an unreadable netns fail before
+// anything is written.
+func (d *Datapath) Move(_ context.Context, old store.Entry, next *store.Entry) error {
+	t, err := d.target(*next)
+	if err != nil {
+		return err
+	}
+	err = d.apply(old, next, t)
+	if err == nil {
 		return nil
+	}
+	// Put old back over whatever apply left.
+	now := *next
+	now.NetnsCookie = old.NetnsCookie
+	if t.captured {
+		now.NetnsCookie = t.cookie
+	}
+	back := old
+	rerr := func() error {
+		ot, err := d.target(old)
+		if err != nil {
+			return err
+		}
+		return d.apply(now, &back, ot)
+	}()
+	if rerr != nil {
+		d.log.Error("restore pod capture after a failed move", "attachment", old.Key.String(), "mode", old.Mode, "error", rerr)
+		return fmt.Errorf("%w (restore %s mode: %w: %w)", err, old.Mode, datapath.ErrNotRestored, rerr)
+	}
+	return err
+}
+
+// target is what an entry asks of the maps: whether the pod is captured,
+// and then its netns cookie and BPF state.
+type target struct {
+	captured bool
+	cookie   uint64
+	pod      bpf.Pod
+}
+
+// target resolves e's capture: settings planned, netns cookie and (for
+// excluded interfaces) routes read. It writes nothing.
+func (d *Datapath) target(e store.Entry) (target, error) {
+	p, ok, err := d.plan(e)
+	if err != nil || !ok {
+		return target{}, err
 	}
 	// Never enroll what the path names now if that is not the pod's netns
 	// of ADD (pid reuse behind a /proc/<pid>/ns/net path).
 	if err := e.CheckNetns(); err != nil {
-		return err
+		return target{}, err
 	}
 	cookie, err := d.cookie(e.Netns)
 	if err != nil {
-		return err
+		return target{}, err
 	}
 	if e.Mode == modeSidecar && len(e.Capture.ExcludeInterfaces) > 0 {
 		routes, err := d.routes(e.Netns, e.Capture.ExcludeInterfaces)
 		if err != nil {
-			return err
+			return target{}, err
 		}
 		p = p.WithRoutes(routes)
 	}
-	if e.NetnsCookie != 0 && e.NetnsCookie != cookie {
+	return target{captured: true, cookie: cookie, pod: p}, nil
+}
+
+// apply moves the maps from the state written for from to t (next's),
+// recording next's cookie before writing anything under it, so an
+// Unenroll(next) after a failed Enroll removes what was half-written.
+func (d *Datapath) apply(from store.Entry, next *store.Entry, t target) error {
+	if !t.captured {
+		if from.NetnsCookie != 0 {
+			if err := d.pods.Delete(from.NetnsCookie); err != nil {
+				return err
+			}
+		}
+		next.NetnsCookie = 0
+		return nil
+	}
+	next.NetnsCookie = t.cookie
+	if err := d.pods.Put(t.cookie, t.pod); err != nil {
+		return fmt.Errorf("enroll netns %s: %w", next.Netns, err)
+	}
+	switch {
+	case inboundOn(*next):
+		if err := d.pods.AttachInbound(next.Netns, t.cookie, next.IfName); err != nil {
+			return err
+		}
+	case from.NetnsCookie == t.cookie && inboundOn(from):
+		// The new settings exclude the interface.
+		if err := d.pods.DetachInbound(t.cookie, from.IfName); err != nil {
+			return err
+		}
+	}
+	if from.NetnsCookie != 0 && from.NetnsCookie != t.cookie {
 		// The path now names another netns (the old one is gone): drop the
 		// old state so nothing else is captured under its cookie.
-		if err := d.pods.Delete(e.NetnsCookie); err != nil {
+		if err := d.pods.Delete(from.NetnsCookie); err != nil {
 			return err
 		}
 	}
-	e.NetnsCookie = cookie
-	if err := d.pods.Put(cookie, p); err != nil {
-		return fmt.Errorf("enroll netns %s: %w", e.Netns, err)
-	}
-	if inboundOn(*e) {
-		if err := d.pods.AttachInbound(e.Netns, cookie, e.IfName); err != nil {
-			return err
-		}
-	}
-	d.log.Debug("pod enrolled", "attachment", e.Key.String(), "mode", e.Mode, "netnsCookie", cookie)
+	d.log.Debug("pod enrolled", "attachment", next.Key.String(), "mode", next.Mode, "netnsCookie", t.cookie)
 	return nil
 }
 

@@ -12,6 +12,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	goipt "github.com/coreos/go-iptables/iptables"
 
+	"github.com/sidelane/sidelane/agent/datapath"
 	"github.com/sidelane/sidelane/agent/store"
 )
 
@@ -19,13 +20,11 @@ import (
 var tables = []string{"nat", "raw"}
 
 // Enroll installs e's rules in its netns. When they are already exactly in
-// place it changes nothing. Otherwise it removes any Istio rules there and
-// installs the new set: Istio chains first (inert until jumped to), the
-// jumps from the built-in chains last. On error everything is removed
-// again, so the pod never keeps a half-applied set. (Replacing a drifted
-// or changed set leaves a window of milliseconds between removal and
-// re-install in which new connections are not captured; go-iptables has
-// no atomic restore.)
+// place it changes nothing. Otherwise it replaces any Istio rules there
+// with the new set in one iptables-restore per family (see replace), so
+// re-installing a drifted or changed set leaves no moment without
+// capture. On error everything is removed again, so the pod never keeps a
+// half-applied set.
 func (b *Backend) Enroll(_ context.Context, e *store.Entry) error {
 	v4, v6 := Desired(*e)
 	return ignoreGoneIfEmpty(v4, v6, inNetns(*e, func() error {
@@ -33,11 +32,8 @@ func (b *Backend) Enroll(_ context.Context, e *store.Entry) error {
 			if verify(ipt, rules) == nil {
 				return nil
 			}
-			if err := remove(ipt); err != nil {
-				return fmt.Errorf("clear %s rules in %s: %w", fam, e.Netns, err)
-			}
-			if err := apply(ipt, rules); err != nil {
-				if rerr := remove(ipt); rerr != nil {
+			if err := replace(ipt, rules); err != nil {
+				if rerr := replace(ipt, nil); rerr != nil {
 					err = errors.Join(err, fmt.Errorf("roll back: %w", rerr))
 				}
 				return fmt.Errorf("install %s rules in %s: %w", fam, e.Netns, err)
@@ -45,6 +41,54 @@ func (b *Backend) Enroll(_ context.Context, e *store.Entry) error {
 			b.log.Debug("installed capture rules", logNetns, e.Netns, logFamily, fam, logRules, len(rules))
 			return nil
 		})
+	}))
+}
+
+// Move replaces old's rules with next's in place (see replace): each table
+// of each family switches in one transaction, so a new connection sees
+// either the old or the new set, never none. What stays: the families
+// switch one after the other (IPv4 first), and within a family the raw
+// table (DNS conntrack zones) commits just before the nat table (the
+// redirects) in the same iptables-restore run, so for that instant a DNS
+// packet can meet next's zones with old's redirects; no connection is
+// left uncaptured by both. A move to a mode without rules (node, none)
+// removes them the same way. On error every family already switched is
+// switched back to old's rules (datapath.ErrNotRestored if that fails).
+func (b *Backend) Move(_ context.Context, old store.Entry, next *store.Entry) error {
+	v4, v6 := Desired(*next)
+	o4, o6 := Desired(old)
+	return ignoreGoneIfEmpty(v4, v6, inNetns(*next, func() error {
+		type switched struct {
+			ipt *goipt.IPTables
+			old []Rule
+		}
+		var done []switched
+		err := perFamily(v4, v6, func(ipt *goipt.IPTables, fam string, rules []Rule) error {
+			if verify(ipt, rules) == nil {
+				return nil
+			}
+			prev := o4
+			if ipt.Proto() == goipt.ProtocolIPv6 {
+				prev = o6
+			}
+			done = append(done, switched{ipt, prev})
+			if err := replace(ipt, rules); err != nil {
+				return fmt.Errorf("replace %s rules in %s: %w", fam, next.Netns, err)
+			}
+			b.log.Debug("replaced capture rules", logNetns, next.Netns, logFamily, fam, logRules, len(rules))
+			return nil
+		})
+		if err == nil {
+			return nil
+		}
+		var rerrs []error
+		for _, s := range done {
+			rerrs = append(rerrs, replace(s.ipt, s.old))
+		}
+		if rerr := errors.Join(rerrs...); rerr != nil {
+			return fmt.Errorf("%w (restore: %w: %w)", err, datapath.ErrNotRestored, rerr)
+		}
+		return err
 	}))
 }
 
@@ -76,8 +120,9 @@ func ignoreGoneIfEmpty(v4, v6 []Rule, err error) error {
 	return err
 }
 
-// Unenroll removes every Istio chain and every jump to one. A netns that
-// is gone has nothing left to remove.
+// Unenroll removes every Istio chain and every jump to one, one
+// iptables-restore per family. A netns that is gone has nothing left to
+// remove.
 func (b *Backend) Unenroll(_ context.Context, e store.Entry) error {
 	err := inNetns(e, func() error {
 		var errs []error
@@ -87,7 +132,7 @@ func (b *Backend) Unenroll(_ context.Context, e store.Entry) error {
 				errs = append(errs, fmt.Errorf("iptables for %s: %w", family(proto), err))
 				continue
 			}
-			if err := remove(ipt); err != nil {
+			if err := replace(ipt, nil); err != nil {
 				errs = append(errs, fmt.Errorf("remove %s rules in %s: %w", family(proto), e.Netns, err))
 			}
 		}
@@ -133,97 +178,6 @@ func inNetns(e store.Entry, fn func() error) error {
 		return err
 	}
 	return ns.WithNetNSPath(e.Netns, func(ns.NetNS) error { return fn() })
-}
-
-func apply(ipt *goipt.IPTables, rules []Rule) error {
-	for table, chains := range Chains(rules) {
-		for _, c := range chains {
-			if err := ipt.NewChain(table, c); err != nil {
-				return fmt.Errorf("create chain %s/%s: %w", table, c, err)
-			}
-		}
-	}
-	for _, r := range rules {
-		if err := ipt.Append(r.Table, r.Chain, r.Spec...); err != nil {
-			return fmt.Errorf("append %s: %w", r, err)
-		}
-	}
-	return nil
-}
-
-// remove deletes every rule in a built-in chain that jumps to an Istio
-// chain or was one of Istio's interface exclusions, then every Istio
-// chain. Rules in built-in chains are found by listing, so rules installed
-// for other settings (or by istio-iptables) go too.
-func remove(ipt *goipt.IPTables) error {
-	for _, table := range tables {
-		chains, err := ipt.ListChains(table)
-		if err != nil {
-			return fmt.Errorf("list chains of %s: %w", table, err)
-		}
-		var istio []string
-		for _, c := range chains {
-			if strings.HasPrefix(c, "ISTIO_") {
-				istio = append(istio, c)
-			}
-		}
-		if len(istio) == 0 {
-			continue
-		}
-		for _, c := range chains {
-			if !builtin(c) {
-				continue
-			}
-			lines, err := ipt.List(table, c)
-			if err != nil {
-				return fmt.Errorf("list %s/%s: %w", table, c, err)
-			}
-			for _, l := range lines {
-				spec, ok := ruleSpec(l, c)
-				if !ok {
-					continue
-				}
-				if !jumpsToIstio(spec) && !isInterfaceReturn(spec) {
-					continue
-				}
-				if err := ipt.DeleteIfExists(table, c, spec...); err != nil {
-					return fmt.Errorf("delete %s/%s %s: %w", table, c, strings.Join(spec, " "), err)
-				}
-			}
-		}
-		for _, c := range istio {
-			if err := ipt.ClearChain(table, c); err != nil {
-				return fmt.Errorf("flush %s/%s: %w", table, c, err)
-			}
-		}
-		for _, c := range istio {
-			if err := ipt.DeleteChain(table, c); err != nil {
-				return fmt.Errorf("delete chain %s/%s: %w", table, c, err)
-			}
-		}
-	}
-	return nil
-}
-
-// ruleSpec turns a `-A CHAIN ...` line of iptables -S into its spec.
-// Specs in our rules never hold quoted strings, so splitting on spaces is
-// exact for them.
-func ruleSpec(line, chain string) ([]string, bool) {
-	prefix := "-A " + chain + " "
-	if !strings.HasPrefix(line, prefix) {
-		return nil, false
-	}
-	return strings.Fields(strings.TrimPrefix(line, prefix)), true
-}
-
-func jumpsToIstio(spec []string) bool {
-	n := len(spec)
-	return n >= 2 && spec[n-2] == "-j" && strings.HasPrefix(spec[n-1], "ISTIO_")
-}
-
-// isInterfaceReturn matches Istio's excludeInterfaces rules exactly.
-func isInterfaceReturn(spec []string) bool {
-	return len(spec) == 4 && (spec[0] == "-i" || spec[0] == "-o") && spec[2] == "-j" && spec[3] == "RETURN"
 }
 
 // verify compares the installed rules with want: every Istio chain holds

@@ -14,3 +14,5 @@ var errNotLinux = errors.New("the iptables backend needs Linux")
 func (*Backend) Enroll(context.Context, *store.Entry) error  { return errNotLinux }
 func (*Backend) Unenroll(context.Context, store.Entry) error { return errNotLinux }
 func (*Backend) Verify(context.Context, store.Entry) error   { return errNotLinux }
+
+func (*Backend) Move(context.Context, store.Entry, *store.Entry) error { return errNotLinux }

@@ -129,6 +129,34 @@ func (d *Datapath) Unenroll(ctx context.Context, e store.Entry) error {
 	return err
 }
 
+// Move implements datapath.Datapath. With other captured attachments in
+// the netns, the backend moves the netns's union in one step: from the
+// union under old's settings (the others' alone when old was none) to the
+// union under next's (the others' alone when next is none), so the netns
+// is never uncaptured in between and stays captured for the others.
+func (d *Datapath) Move(ctx context.Context, old store.Entry, next *store.Entry) error {
+	sibs := d.siblings(old)
+	if len(sibs) == 0 {
+		return d.inner.Move(ctx, old, next)
+	}
+	rest := union(sibs[0], sibs[1:])
+	from, to := rest, rest
+	if old.Mode != modeNone {
+		from = union(old, sibs)
+	}
+	if next.Mode != modeNone {
+		to = union(*next, sibs)
+	}
+	if err := d.inner.Move(ctx, from, &to); err != nil {
+		return err
+	}
+	next.NetnsCookie = 0
+	if next.Mode != modeNone {
+		next.NetnsCookie = to.NetnsCookie
+	}
+	return nil
+}
+
 // Verify implements datapath.Datapath against the netns's union.
 func (d *Datapath) Verify(ctx context.Context, e store.Entry) error {
 	sibs := d.siblings(e)

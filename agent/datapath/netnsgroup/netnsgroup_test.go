@@ -34,6 +34,9 @@ func (b *backend) Enroll(_ context.Context, e *store.Entry) error {
 	e.NetnsCookie = 7
 	return nil
 }
+func (b *backend) Move(ctx context.Context, _ store.Entry, next *store.Entry) error {
+	return b.Enroll(ctx, next)
+}
 func (b *backend) Unenroll(_ context.Context, e store.Entry) error {
 	delete(b.state, e.Netns)
 	return nil
