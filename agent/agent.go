@@ -260,6 +260,19 @@ func (a *Agent) reconcile(ctx context.Context) {
 		}
 		e := e
 		if err := a.cfg.Datapath.Enroll(ctx, &e); err != nil {
+			if errors.Is(err, store.ErrNetnsReplaced) {
+				// The path names another netns now (pid reuse): the pod's
+				// own is gone, and with it the pod; its DEL was lost.
+				a.cfg.Log.Warn("forget attachment: its netns is gone", "attachment", e.Key.String(), "netns", e.Netns)
+				if err := a.cfg.Datapath.Unenroll(ctx, e); err != nil {
+					a.cfg.Log.Error("unenroll attachment", "attachment", e.Key.String(), "error", err)
+					continue
+				}
+				if _, _, err := a.store.Delete(e.Key); err != nil {
+					a.cfg.Log.Error("forget attachment", "attachment", e.Key.String(), "error", err)
+				}
+				continue
+			}
 			a.cfg.Log.Error("re-enroll attachment", "attachment", e.Key.String(), "error", err)
 			continue
 		}
