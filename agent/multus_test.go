@@ -5,8 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
-	"io"
-	"log/slog"
 	"net/netip"
 	"path/filepath"
 	"slices"
@@ -106,26 +104,8 @@ func (d *netnsDatapath) ips(netns string) []string {
 func TestMultusAttachmentsShareTheNetns(t *testing.T) {
 	dir := t.TempDir()
 	dp := &netnsDatapath{state: map[uint64]netnsState{}}
-	a, err := agent.New(agent.Config{
-		Socket: filepath.Join(dir, "s.sock"), StateDir: dir, Datapath: dp,
-		Log:        slog.New(slog.NewTextHandler(io.Discard, nil)),
-		Classifier: agent.StaticClassifier{Mode: agent.ModeSidecar, Reason: "static"},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- a.Run(ctx) }()
-	defer func() { cancel(); <-done }()
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if ok, _ := a.Ready(); ok {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("agent not ready")
-		}
-	}
+	a := runAgent(t, dir, dp, agent.ModeSidecar)
+	ctx := context.Background()
 	c := cnirpc.Client{Socket: filepath.Join(dir, "s.sock"), Timeout: 5 * time.Second}
 	const netns = "/var/run/netns/multus"
 	pod := cnirpc.PodRef{Namespace: "ns", Name: "p", UID: "u"}

@@ -4,11 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"log/slog"
 	"path/filepath"
 	"testing"
-	"time"
 
 	"github.com/sidelane/sidelane/agent"
 	"github.com/sidelane/sidelane/agent/store"
@@ -43,24 +40,7 @@ func TestReconcileForgetsReplacedNetns(t *testing.T) {
 		t.Fatal(err)
 	}
 	dp := &replacedDP{}
-	a, err := agent.New(agent.Config{
-		Socket: filepath.Join(dir, "s.sock"), StateDir: dir, Datapath: dp,
-		Log:        slog.New(slog.NewTextHandler(io.Discard, nil)),
-		Classifier: agent.StaticClassifier{Mode: agent.ModeNone, Reason: "static"},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- a.Run(ctx) }()
-	defer func() { cancel(); <-done }()
-	for deadline := time.Now().Add(10 * time.Second); ; {
-		if ok, _ := a.Ready(); ok || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	a := runAgent(t, dir, dp, agent.ModeNone)
 	if _, ok := a.Store().Get(k); ok {
 		t.Error("attachment with a replaced netns still recorded after startup")
 	}
