@@ -68,6 +68,9 @@ type capProbe struct {
 	// differs from its iptables backend (want); sidelane's backends all
 	// give want. See istioNFT().
 	istioNFT string
+	// ebpf is the outcome under sidelane's eBPF backend where it is
+	// stricter than Istio's REDIRECT rules (want). See ebpfStricter().
+	ebpf string
 }
 
 func (p capProbe) String() string {
@@ -126,6 +129,11 @@ func out(ipv6 bool, uid uint32, dst string, port uint16, want string) capProbe {
 // where its iptables backend (no ip6tables rules) leaves them direct.
 func istioNFT(p capProbe, got string) capProbe { p.istioNFT = got; return p }
 
+// ebpfStricter marks p as one where the eBPF backend, which NATs
+// nothing, gives got where Istio's REDIRECT rules give p.want (an
+// out-of-window segment resetting a connection without INVALID_DROP).
+func ebpfStricter(p capProbe, got string) capProbe { p.ebpf = got; return p }
+
 // withGID sets a probe's socket group apart from its user.
 func withGID(p capProbe, gid uint32) capProbe { p.gid = gid; return p }
 
@@ -173,6 +181,9 @@ var captureCases = []capCase{
 		in(false, 15021, wantDirect),
 		in(false, 15090, wantDirect),
 		istioNFT(in(true, 80, wantDirect), wantIn),
+		// Without INVALID_DROP, REDIRECT lets an out-of-window segment
+		// reset the connection; eBPF, without NAT, never does.
+		ebpfStricter(inOOW(80, wantReset), wantIn),
 	}},
 	{name: "dual-stack", pod: capture.Pod{ProxyEnv: dualStack}, probes: []capProbe{
 		out(true, appUID, "a", 80, wantOut),
@@ -478,6 +489,7 @@ var captureCases = []capCase{
 		in(false, 80, wantIn),
 		in(true, 8080, wantIn),
 		in(false, 15021, wantDirect),
+		inOOW(80, wantIn), // the INVALID segment is dropped
 	}},
 	{name: "interception-none", pod: capture.Pod{Annotations: map[string]string{
 		capture.AnnotationInterceptionMode: capture.ModeNone,
@@ -692,6 +704,9 @@ func (w *captureWorld) dialTarget(p capProbe, pod *capPod) (from *podnet.NS, uid
 // probe makes p's connection and returns its outcome, "<via> <orig>" or
 // "refused".
 func (w *captureWorld) probe(p capProbe, pod *capPod) (string, netip.AddrPort, error) {
+	if p.dir == toPodOOW {
+		return w.probeOOW(p, pod)
+	}
 	from, uid, dst := w.dialTarget(p, pod)
 	gid := uid
 	if p.gid != 0 && p.dir != toPod {
@@ -755,6 +770,7 @@ func TestCapture(t *testing.T) {
 					pod := w.newPod(t, c, true)
 					b.install(t, pod)
 					_, nftRef := b.(*istioNFTReference)
+					_, isEBPF := b.(*sidelaneEBPF)
 					if nftRef && c.istioNFTRefuses != "" {
 						return // install checked that Istio's nftables backend refuses the pod
 					}
@@ -768,7 +784,10 @@ func TestCapture(t *testing.T) {
 						if nftRef && p.istioNFT != "" {
 							want = p.istioNFT
 						}
-						if want != wantRefused && !p.udp {
+						if isEBPF && p.ebpf != "" {
+							want = p.ebpf
+						}
+						if want != wantRefused && want != wantReset && !p.udp {
 							want += " " + dst.String()
 						}
 						if got != want {
