@@ -1,6 +1,6 @@
 // Package capture turns a pod's Istio capture knobs (traffic.sidecar.istio.io/*
 // annotations, proxy uid/gid, DNS capture) into Settings, the one description
-// of "what to capture" that every datapath backend (eBPF, iptables) applies.
+// of "what to capture" that every datapath backend (eBPF, iptables, nftables) applies.
 // It is pure code: no I/O, golden-tested.
 package capture
 
