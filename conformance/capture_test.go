@@ -761,9 +761,12 @@ type validationFlagger interface{ validationFlags() []string }
 func TestCapture(t *testing.T) {
 	testenv.Privileged(t)
 	testenv.RequireTool(t, "haproxy")
-	w := newCaptureWorld(t)
 	for _, b := range captureBackends() {
 		t.Run(b.name(), func(t *testing.T) {
+			// A network of its own per backend: every case makes a pod,
+			// and one /24 holds the pods of a few backends only (past
+			// that they would take the remote's second address).
+			w := newCaptureWorld(t)
 			b.setup(t)
 			for _, c := range captureCases {
 				t.Run(c.name, func(t *testing.T) {
