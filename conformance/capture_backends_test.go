@@ -44,7 +44,7 @@ func (r *istioReference) install(t *testing.T, pod *capPod) {
 	// (Accepted pods are not run through istioref.Validate: istio-cni
 	// refuses includeOutboundPorts ranges, which istio-init's iptables
 	// and sidelane accept; see the README.)
-	flags := istioref.Flags(spec)
+	flags := istioFlagsFor(spec)
 	out, err := pod.ns.Command(ctx, r.bin, append([]string{"istio-iptables"}, flags...)...).CombinedOutput()
 	if err != nil {
 		t.Fatalf("istio-iptables %s: %v\n%s", strings.Join(flags, " "), err, tail(string(out), 20))
@@ -63,7 +63,7 @@ func (r *istioReference) checkRejected(t *testing.T, ctx context.Context, pod *c
 		}
 		return
 	}
-	flags := istioref.Flags(pod.spec)
+	flags := istioFlagsFor(pod.spec)
 	out, err := pod.ns.Command(ctx, r.bin, append([]string{"istio-iptables"}, flags...)...).CombinedOutput()
 	if err == nil {
 		t.Fatalf("the case says Istio rejects %s, but istio-cni and istio-iptables %s accept it", pod.rejects, strings.Join(flags, " "))
@@ -81,7 +81,18 @@ func (r *istioReference) checkRejected(t *testing.T, ctx context.Context, pod *c
 }
 
 // istioFlags are istio-cni's istio-iptables flags for pod.
-func istioFlags(pod *capPod) []string { return istioref.Flags(pod.spec) }
+func istioFlags(pod *capPod) []string { return istioFlagsFor(pod.spec) }
+
+// istioFlagsFor is istioref.Flags plus what istio-cni sets for
+// INVALID_DROP (its Redirect.invalidDrop: cfg.DropInvalid, i.e.
+// --drop-invalid), which istioref does not know.
+func istioFlagsFor(spec capture.Pod) []string {
+	flags := istioref.Flags(spec)
+	if istioref.EnvBool(spec, capture.EnvInvalidDrop) {
+		flags = append(flags, "--drop-invalid")
+	}
+	return flags
+}
 
 // sidelaneIPTables is sidelane's iptables fallback backend, driven the way
 // the agent drives it: parse the pod's knobs, Enroll the entry, Verify it.

@@ -3,16 +3,20 @@
 package conformance
 
 import (
+	"context"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	dpebpf "github.com/sidelane/sidelane/agent/datapath/ebpf"
 	"github.com/sidelane/sidelane/bpf"
+	"github.com/sidelane/sidelane/internal/istioref"
 	"github.com/sidelane/sidelane/internal/testenv"
+	"github.com/sidelane/sidelane/istio/capture"
 )
 
 type sidelaneEBPF struct{ dp *dpebpf.Datapath }
@@ -58,4 +62,32 @@ func (s *sidelaneEBPF) setup(t *testing.T) {
 	s.dp = dpebpf.New(c, slog.New(slog.NewTextHandler(testWriter{t}, nil)))
 }
 
-func (s *sidelaneEBPF) install(t *testing.T, pod *capPod) { enroll(t, s.dp, pod) }
+func (s *sidelaneEBPF) install(t *testing.T, pod *capPod) {
+	enroll(t, s.dp, pod)
+	if istioref.EnvBool(pod.spec, capture.EnvInvalidDrop) {
+		checkNoNetfilter(t, pod)
+	}
+}
+
+// checkNoNetfilter: INVALID_DROP guards REDIRECT's reverse NAT, which
+// conntrack skips for INVALID packets (they would reach the app un-NATed
+// and make it reset the connection). The eBPF backend captures without
+// netfilter: no rule, so no NAT, in the pod's netns; an out-of-window
+// segment meets the connection's own socket like in a pod without a
+// sidecar. The probes of the case show that capture still works.
+func checkNoNetfilter(t *testing.T, pod *capPod) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for _, cmd := range [][]string{{"nft", "list", "ruleset"}, {"iptables-save"}, {"ip6tables-save"}} {
+		out, err := pod.ns.Command(ctx, cmd[0], cmd[1:]...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("%s: %v: %s", strings.Join(cmd, " "), err, out)
+		}
+		for _, l := range strings.Split(string(out), "\n") {
+			if strings.HasPrefix(l, "-A ") || strings.Contains(l, "chain ") {
+				t.Fatalf("eBPF capture left netfilter state in the pod (%s):\n%s", strings.Join(cmd, " "), out)
+			}
+		}
+	}
+}

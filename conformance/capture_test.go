@@ -64,6 +64,13 @@ type capProbe struct {
 	port uint16
 	udp  bool // a UDP datagram instead of a TCP connection
 	want string
+	// istioNFT is the outcome under Istio's nftables backend where it
+	// differs from its iptables backend (want); sidelane's backends all
+	// give want. See istioNFT().
+	istioNFT string
+	// ebpf is the outcome under sidelane's eBPF backend where it is
+	// stricter than Istio's REDIRECT rules (want). See ebpfStricter().
+	ebpf string
 }
 
 func (p capProbe) String() string {
@@ -100,12 +107,32 @@ type capCase struct {
 	// fallback (capture.ParseOrDefaults) with Istio's defaults for the
 	// same pod (its proxy uid/gid and env kept).
 	rejects string
-	probes  []capProbe
+	// istioNFTRefuses says why Istio's nftables backend (istio-iptables
+	// --native-nftables) fails this pod although its iptables backend
+	// accepts it; the istio-nftables reference checks that it fails and
+	// leaves no table, and runs no probe. sidelane follows the iptables
+	// backend.
+	istioNFTRefuses string
+	probes          []capProbe
 }
 
 func out(ipv6 bool, uid uint32, dst string, port uint16, want string) capProbe {
 	return capProbe{dir: fromPod, ipv6: ipv6, uid: uid, dst: dst, port: port, want: want}
 }
+
+// istioNFT marks p as one where Istio's two backends disagree: got is
+// what Istio's nftables backend gives. sidelane follows Istio's iptables
+// backend in every such case: without ISTIO_DUAL_STACK Istio's nftables
+// rules (inet tables) also redirect a dual-stack pod's IPv6, to listeners
+// its Envoy opens on IPv4 only then (Envoy binds [::] only with
+// ISTIO_DUAL_STACK), so a real pod's IPv6 connections would be refused,
+// where its iptables backend (no ip6tables rules) leaves them direct.
+func istioNFT(p capProbe, got string) capProbe { p.istioNFT = got; return p }
+
+// ebpfStricter marks p as one where the eBPF backend, which NATs
+// nothing, gives got where Istio's REDIRECT rules give p.want (an
+// out-of-window segment resetting a connection without INVALID_DROP).
+func ebpfStricter(p capProbe, got string) capProbe { p.ebpf = got; return p }
 
 // withGID sets a probe's socket group apart from its user.
 func withGID(p capProbe, gid uint32) capProbe { p.gid = gid; return p }
@@ -136,7 +163,9 @@ var captureCases = []capCase{
 		out(false, appUID, "a", 15020, wantDirect), // istio-cni excludes outbound 15020 by default
 		out(false, appUID, "a", 53, wantOut),       // no DNS capture: port 53 is plain outbound
 		outUDP(false, appUID, 53, wantDirect),      // and UDP is never captured but for DNS
-		out(true, appUID, "a", 80, wantDirect),     // dual-stack pod without ISTIO_DUAL_STACK: IPv4 only
+		// A dual-stack pod without ISTIO_DUAL_STACK: IPv4 only (Istio's
+		// nftables backend captures IPv6 too; see istioNFT).
+		istioNFT(out(true, appUID, "a", 80, wantDirect), wantOut),
 		local(false, appUID, 80, wantDirect),
 		local(false, proxyUID, 80, wantDirect),
 		self(false, appUID, 80, wantDirect),
@@ -151,7 +180,10 @@ var captureCases = []capCase{
 		in(false, 15020, wantDirect),
 		in(false, 15021, wantDirect),
 		in(false, 15090, wantDirect),
-		in(true, 80, wantDirect),
+		istioNFT(in(true, 80, wantDirect), wantIn),
+		// Without INVALID_DROP, REDIRECT lets an out-of-window segment
+		// reset the connection; eBPF, without NAT, never does.
+		ebpfStricter(inOOW(80, wantReset), wantIn),
 	}},
 	{name: "dual-stack", pod: capture.Pod{ProxyEnv: dualStack}, probes: []capProbe{
 		out(true, appUID, "a", 80, wantOut),
@@ -195,7 +227,10 @@ var captureCases = []capCase{
 		out(true, appUID, "b", 80, wantDirect),
 		in(false, 80, wantIn),
 	}},
-	{name: "include-outbound-ports-only", pod: capture.Pod{Annotations: map[string]string{
+	// Istio's nftables backend hands "8000:8100" to nft, which wants
+	// "8000-8100" and refuses the whole transaction; sidelane's nftables
+	// backend writes the range as nft wants it.
+	{name: "include-outbound-ports-only", istioNFTRefuses: "nft refuses the port range 8000:8100", pod: capture.Pod{Annotations: map[string]string{
 		capture.AnnotationIncludeOutboundIPRanges: "",
 		capture.AnnotationIncludeOutboundPorts:    "3306,8000:8100",
 	}}, probes: []capProbe{
@@ -442,6 +477,20 @@ var captureCases = []capCase{
 		out(false, appUID, "a", 5432, wantOut),
 		out(false, appUID, "a", 80, wantDirect),
 	}},
+	// INVALID_DROP: conntrack INVALID TCP packets are dropped (iptables,
+	// nftables); valid traffic is captured as without it. The eBPF
+	// backend NATs nothing, so no packet can escape a reverse NAT there
+	// (see the README); TestInvalidDrop* checks the drop itself.
+	{name: "invalid-drop", pod: capture.Pod{ProxyEnv: map[string]string{capture.EnvInvalidDrop: "true", capture.EnvDualStack: "true"}}, probes: []capProbe{
+		out(false, appUID, "a", 80, wantOut),
+		out(true, appUID, "a", 80, wantOut),
+		out(false, proxyUID, "a", 80, wantDirect),
+		self(false, proxyUID, 80, wantIn),
+		in(false, 80, wantIn),
+		in(true, 8080, wantIn),
+		in(false, 15021, wantDirect),
+		inOOW(80, wantIn), // the INVALID segment is dropped
+	}},
 	{name: "interception-none", pod: capture.Pod{Annotations: map[string]string{
 		capture.AnnotationInterceptionMode: capture.ModeNone,
 	}}, probes: []capProbe{
@@ -491,11 +540,12 @@ func (w *captureWorld) expand(s string) string {
 // capPod is one pod of a case: its namespace, its Istio knobs, and the
 // sidecar's uid/gid.
 type capPod struct {
-	ns       *podnet.NS
-	spec     capture.Pod
-	rejects  string // capCase.rejects
-	proxyUID uint32
-	proxyGID uint32
+	ns              *podnet.NS
+	spec            capture.Pod
+	rejects         string // capCase.rejects
+	istioNFTRefuses string // capCase.istioNFTRefuses
+	proxyUID        uint32
+	proxyGID        uint32
 }
 
 // newPod makes a pod for c: namespace, app listeners, the haproxy sidecar
@@ -506,7 +556,7 @@ func (w *captureWorld) newPod(t *testing.T, c capCase, sidecar bool) *capPod {
 	if c.ipv6Only {
 		ns = w.net.AddIPv6Only
 	}
-	p := &capPod{ns: ns("pnp"), spec: c.pod, rejects: c.rejects}
+	p := &capPod{ns: ns("pnp"), spec: c.pod, rejects: c.rejects, istioNFTRefuses: c.istioNFTRefuses}
 	p.spec.Annotations = map[string]string{}
 	for k, v := range c.pod.Annotations {
 		p.spec.Annotations[k] = w.expand(v)
@@ -654,6 +704,9 @@ func (w *captureWorld) dialTarget(p capProbe, pod *capPod) (from *podnet.NS, uid
 // probe makes p's connection and returns its outcome, "<via> <orig>" or
 // "refused".
 func (w *captureWorld) probe(p capProbe, pod *capPod) (string, netip.AddrPort, error) {
+	if p.dir == toPodOOW {
+		return w.probeOOW(p, pod)
+	}
 	from, uid, dst := w.dialTarget(p, pod)
 	gid := uid
 	if p.gid != 0 && p.dir != toPod {
@@ -693,20 +746,37 @@ type captureBackend interface {
 }
 
 func captureBackends() []captureBackend {
-	return []captureBackend{&istioReference{}, &sidelaneIPTables{}, &sidelaneEBPF{}, &sidelaneFallback{}}
+	return []captureBackend{
+		&istioReference{}, &istioNFTReference{},
+		&sidelaneIPTables{}, &sidelaneNFTables{}, &sidelaneEBPF{},
+		&sidelaneFallback{}, &sidelaneAutoNFTables{},
+	}
 }
+
+// validationFlagger is a backend whose Istio validation runs with extra
+// flags (the nftables ones: --native-nftables, as Istio's
+// istio-validation init container of an nftables install runs it).
+type validationFlagger interface{ validationFlags() []string }
 
 func TestCapture(t *testing.T) {
 	testenv.Privileged(t)
 	testenv.RequireTool(t, "haproxy")
-	w := newCaptureWorld(t)
 	for _, b := range captureBackends() {
 		t.Run(b.name(), func(t *testing.T) {
+			// A network of its own per backend: every case makes a pod,
+			// and one /24 holds the pods of a few backends only (past
+			// that they would take the remote's second address).
+			w := newCaptureWorld(t)
 			b.setup(t)
 			for _, c := range captureCases {
 				t.Run(c.name, func(t *testing.T) {
 					pod := w.newPod(t, c, true)
 					b.install(t, pod)
+					_, nftRef := b.(*istioNFTReference)
+					_, isEBPF := b.(*sidelaneEBPF)
+					if nftRef && c.istioNFTRefuses != "" {
+						return // install checked that Istio's nftables backend refuses the pod
+					}
 					for _, p := range c.probes {
 						got, dst, err := w.probe(p, pod)
 						if err != nil {
@@ -714,7 +784,13 @@ func TestCapture(t *testing.T) {
 							continue
 						}
 						want := p.want
-						if want != wantRefused && !p.udp {
+						if nftRef && p.istioNFT != "" {
+							want = p.istioNFT
+						}
+						if isEBPF && p.ebpf != "" {
+							want = p.ebpf
+						}
+						if want != wantRefused && want != wantReset && !p.udp {
 							want += " " + dst.String()
 						}
 						if got != want {
@@ -728,17 +804,22 @@ func TestCapture(t *testing.T) {
 				// proxy user, in a pod captured with the defaults.
 				pod := w.newPod(t, capCase{name: "validation"}, false)
 				b.install(t, pod)
-				runIstioValidation(t, pod)
+				var extra []string
+				if v, ok := b.(validationFlagger); ok {
+					extra = v.validationFlags()
+				}
+				runIstioValidation(t, pod, extra...)
 			})
 		})
 	}
 }
 
-func runIstioValidation(t *testing.T, pod *capPod) {
+func runIstioValidation(t *testing.T, pod *capPod, extra ...string) {
 	t.Helper()
 	pa := testenv.RequireTool(t, "pilot-agent")
 	args := append([]string{"--reuid", strconv.Itoa(int(pod.proxyUID)), "--regid", strconv.Itoa(int(pod.proxyGID)), "--clear-groups",
 		pa, "istio-iptables"}, istioFlags(pod)...)
+	args = append(args, extra...)
 	args = append(args, "--run-validation", "--skip-rule-apply")
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()

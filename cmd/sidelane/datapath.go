@@ -28,11 +28,11 @@ type datapathFlags struct {
 }
 
 func (f *datapathFlags) register(fs *flag.FlagSet) {
-	fs.StringVar(&f.kind, "datapath", choose.Auto, "capture backend: auto (eBPF, falling back to iptables when the kernel lacks a feature), ebpf, iptables or noop")
+	fs.StringVar(&f.kind, "datapath", choose.Auto, "capture backend: auto (eBPF, falling back to iptables when the kernel lacks a feature, and to nftables when the iptables binaries or kernel modules are missing too), ebpf, iptables, nftables or noop")
 	fs.StringVar(&f.cgroupRoot, "cgroup-root", "", "cgroup v2 directory the eBPF programs attach to; every pod must be below it (default: the cgroup2 mount from /proc/mounts)")
 	fs.StringVar(&f.pinDir, "bpf-pin-dir", bpf.DefaultPinDir, "bpffs directory for sidelane's pinned maps and links")
 	fs.BoolVar(&f.shortcut, "enable-shortcut", false, "redirect bytes socket-to-socket (sockmap) for same-node pairs; off by default until benchmarks show it never slows small writes")
-	fs.StringVar(&f.forceMissing, "force-missing-feature", "", "comma-separated kernel features to treat as missing (tests of the iptables fallback)")
+	fs.StringVar(&f.forceMissing, "force-missing-feature", "", "comma-separated kernel features to treat as missing (tests of the fallback); \"iptables\" makes auto skip the iptables backend (tests of the nftables fallback)")
 	fs.StringVar(&f.nodeProxyAddr, "node-proxy-address", "", "per-node mode: comma-separated IPv4/IPv6 addresses of the node proxy's listeners in the host netns (e.g. the CNI bridge gateway); empty: per-node pods fail closed")
 	fs.UintVar(&f.nodeProxyOut, "node-proxy-outbound-port", 15001, "per-node mode: the node proxy's outbound listener port")
 	fs.UintVar(&f.nodeProxyIn, "node-proxy-inbound-port", 15006, "per-node mode: the port of the listener the node proxy opens in each per-node pod's netns")
@@ -71,20 +71,27 @@ func (f *datapathFlags) open(log *slog.Logger) (*choose.Opened, error) {
 		return nil, err
 	}
 	var missing []string
+	noIPTables := false
 	if f.forceMissing != "" {
-		missing = strings.Split(f.forceMissing, ",")
+		for _, m := range strings.Split(f.forceMissing, ",") {
+			if m == choose.ForceMissingIPTables {
+				noIPTables = true
+				continue
+			}
+			missing = append(missing, m)
+		}
 	}
-	return choose.Open(choose.Options{Kind: f.kind, Log: log, EBPF: ebpf.Options{
+	return choose.Open(choose.Options{Kind: f.kind, Log: log, ForceMissingIPTables: noIPTables, EBPF: ebpf.Options{
 		Cgroup: f.cgroupRoot, PinDir: f.pinDir, EnableShortcut: f.shortcut, ForceMissing: missing, NodeProxy: np, Log: log,
 	}})
 }
 
 // datapathInfo is the sidelane_datapath_info gauge: which backend runs
-// and, when auto fell back to iptables, why.
+// and, when auto fell back to iptables or nftables, why.
 func datapathInfo(requested string, dp *choose.Opened) prometheus.Collector {
 	g := prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "sidelane_datapath_info",
-		Help: "The capture backend in use (value 1); fallback_reason is set when --datapath=auto fell back to iptables.",
+		Help: "The capture backend in use (value 1); fallback_reason is set when --datapath=auto fell back to iptables or nftables (the eBPF reason, then the iptables one).",
 	}, []string{"requested", "backend", "fallback_reason"})
 	g.WithLabelValues(requested, dp.Name(), dp.FellBack).Set(1)
 	return g

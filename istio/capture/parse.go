@@ -29,6 +29,9 @@ const (
 
 	EnvDNSCapture = "ISTIO_META_DNS_CAPTURE"
 	EnvDualStack  = "ISTIO_DUAL_STACK"
+	// EnvInvalidDrop is istio-cni's INVALID_DROP (istio-iptables'
+	// --drop-invalid): drop TCP packets conntrack marks INVALID.
+	EnvInvalidDrop = "INVALID_DROP"
 )
 
 // Interception modes (sidecar.istio.io/interceptionMode).
@@ -133,7 +136,11 @@ func Parse(p Pod) (Settings, []string, error) {
 	case ModeNone:
 		return Settings{OutboundPort: OutboundPort, InboundPort: InboundPort, DNSPort: DNSPort}, nil, nil
 	case ModeTPROXY:
-		return Settings{}, nil, annotationError(AnnotationInterceptionMode, mode, fmt.Errorf("TPROXY is %w (use REDIRECT)", ErrUnsupported))
+		// sidelane's backends capture inbound without NAT (eBPF) or with
+		// REDIRECT (iptables, nftables); REDIRECT gives the same
+		// capture, only the app sees 127.0.0.6 instead of the client.
+		return Settings{}, nil, annotationError(AnnotationInterceptionMode, mode,
+			fmt.Errorf("TPROXY is %w: set %s: %s (or remove the annotation)", ErrUnsupported, AnnotationInterceptionMode, ModeRedirect))
 	default:
 		return Settings{}, nil, annotationError(AnnotationInterceptionMode, mode, errors.New("want REDIRECT, TPROXY or NONE"))
 	}
@@ -228,7 +235,7 @@ func Parse(p Pod) (Settings, []string, error) {
 	for _, knob := range []struct {
 		name string
 		dst  *bool
-	}{{EnvDNSCapture, &s.DNSCapture}, {EnvDualStack, &s.DualStack}} {
+	}{{EnvDNSCapture, &s.DNSCapture}, {EnvDualStack, &s.DualStack}, {EnvInvalidDrop, &s.DropInvalid}} {
 		v, src, ok := lookupEnv(p.ProxyEnv, meta, knob.name)
 		if !ok {
 			continue

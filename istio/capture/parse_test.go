@@ -63,6 +63,11 @@ var parseCases = []struct {
 		ProxyEnv:    map[string]string{EnvDNSCapture: "false"},
 	}},
 	{"dns-not-a-bool-warns", Pod{ProxyEnv: map[string]string{EnvDNSCapture: "yes"}}},
+	{"invalid-drop", Pod{ProxyEnv: map[string]string{EnvInvalidDrop: "true"}}},
+	{"invalid-drop-from-proxy-config", Pod{Annotations: map[string]string{
+		AnnotationProxyConfig: "proxyMetadata:\n  INVALID_DROP: \"1\"\n",
+	}}},
+	{"invalid-drop-not-a-bool-warns", Pod{ProxyEnv: map[string]string{EnvInvalidDrop: "on"}}},
 	// istio-iptables uses excludeInboundPorts only with includeInboundPorts
 	// "*", so a "*" there is harmless with an explicit list.
 	{"exclude-inbound-wildcard-with-list", Pod{Annotations: map[string]string{
@@ -326,4 +331,41 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("ports or proxy ids missing: %+v", s)
 		}
 	})
+}
+
+// TPROXY is refused with an error that names the annotation, the value
+// and what to set instead.
+func TestParseTPROXYSaysWhatToUse(t *testing.T) {
+	_, _, err := Parse(Pod{Annotations: map[string]string{AnnotationInterceptionMode: ModeTPROXY}})
+	if !errors.Is(err, ErrUnsupported) {
+		t.Fatalf("error %v, want ErrUnsupported", err)
+	}
+	for _, s := range []string{AnnotationInterceptionMode, `"TPROXY"`, AnnotationInterceptionMode + ": REDIRECT"} {
+		if !strings.Contains(err.Error(), s) {
+			t.Errorf("error %q does not say %s", err, s)
+		}
+	}
+}
+
+// INVALID_DROP is read like ISTIO_DUAL_STACK: env first, then proxyMetadata.
+func TestParseInvalidDrop(t *testing.T) {
+	for _, tc := range []struct {
+		pod  Pod
+		want bool
+	}{
+		{Pod{}, false},
+		{Pod{ProxyEnv: map[string]string{EnvInvalidDrop: "true"}}, true},
+		{Pod{ProxyEnv: map[string]string{EnvInvalidDrop: "false"}, Annotations: map[string]string{
+			AnnotationProxyConfig: "proxyMetadata:\n  INVALID_DROP: \"true\"\n"}}, false},
+		{Pod{Annotations: map[string]string{AnnotationProxyConfig: "proxyMetadata:\n  INVALID_DROP: \"true\"\n"}}, true},
+		{Pod{ProxyEnv: map[string]string{EnvInvalidDrop: "on"}}, false},
+	} {
+		s, _, err := Parse(tc.pod)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s.DropInvalid != tc.want {
+			t.Errorf("%+v: DropInvalid %v, want %v", tc.pod, s.DropInvalid, tc.want)
+		}
+	}
 }

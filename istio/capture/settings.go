@@ -1,6 +1,6 @@
 // Package capture turns a pod's Istio capture knobs (traffic.sidecar.istio.io/*
 // annotations, proxy uid/gid, DNS capture) into Settings, the one description
-// of "what to capture" that every datapath backend (eBPF, iptables) applies.
+// of "what to capture" that every datapath backend (eBPF, iptables, nftables) applies.
 // It is pure code: no I/O, golden-tested.
 package capture
 
@@ -71,6 +71,13 @@ type Settings struct {
 	// both families. Without it Istio captures IPv6 only in IPv6-only pods
 	// (its sidecar then listens on IPv4 only); see CaptureIPv6.
 	DualStack bool `json:"dualStack,omitempty"`
+
+	// DropInvalid is INVALID_DROP: the iptables and nftables backends drop
+	// TCP packets conntrack marks INVALID before they reach the pod, as
+	// istio-iptables does against REDIRECT's out-of-window packets that
+	// escape the reverse NAT and make the app reset the connection. The
+	// eBPF backend NATs nothing and needs no such drop (see the README).
+	DropInvalid bool `json:"dropInvalid,omitempty"`
 }
 
 // CapturesAnything reports whether s redirects any traffic at all

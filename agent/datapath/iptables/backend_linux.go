@@ -16,8 +16,9 @@ import (
 	"github.com/sidelane/sidelane/agent/store"
 )
 
-// tables are the tables Istio's REDIRECT-mode rules use.
-var tables = []string{"nat", "raw"}
+// tables are the tables Istio's REDIRECT-mode rules use (mangle only for
+// INVALID_DROP).
+var tables = []string{"mangle", "nat", "raw"}
 
 // Enroll installs e's rules in its netns. When they are already exactly in
 // place it changes nothing. Otherwise it replaces any Istio rules there

@@ -93,7 +93,11 @@ func TestSameRulesAsIstio(t *testing.T) {
 			if tc.pod.Annotations[capture.AnnotationInterceptionMode] != capture.ModeNone {
 				cctx, cancel := context.WithTimeout(ctx, time.Minute)
 				defer cancel()
-				out, err := ref.Command(cctx, pa, append([]string{"istio-iptables"}, istioref.Flags(tc.pod)...)...).CombinedOutput()
+				flags := istioref.Flags(tc.pod)
+				if tc.pod.ProxyEnv[capture.EnvInvalidDrop] == "true" {
+					flags = append(flags, "--drop-invalid") // what istio-cni sets for INVALID_DROP
+				}
+				out, err := ref.Command(cctx, pa, append([]string{"istio-iptables"}, flags...)...).CombinedOutput()
 				if err != nil {
 					t.Fatalf("istio-iptables: %v\n%s", err, out)
 				}

@@ -7,8 +7,9 @@ import (
 )
 
 // restoreOrder is the order a replacement commits tables in: the raw
-// table's conntrack zones just before the nat table's redirects.
-var restoreOrder = []string{"raw", "nat"}
+// table's conntrack zones just before the nat table's redirects, the
+// mangle table's INVALID drop before both.
+var restoreOrder = []string{"mangle", "raw", "nat"}
 
 // tableState is what a replacement needs to know of one table in the pod:
 // its chains, and the rules (iptables -S lines) of its built-in chains.

@@ -23,6 +23,7 @@ const (
 	ChainRedirect   = "ISTIO_REDIRECT"
 	ChainInRedirect = "ISTIO_IN_REDIRECT"
 	ChainInbound    = "ISTIO_INBOUND"
+	ChainDrop       = "ISTIO_DROP"
 )
 
 // Family is one IP family's addresses as istio-iptables uses them.
@@ -76,6 +77,13 @@ func Rules(s capture.Settings, f Family) []Rule {
 	}
 	hbone := strconv.Itoa(int(capture.HBONEPort))
 	dnsPort := strconv.Itoa(int(s.DNSPort))
+
+	// INVALID_DROP: TCP packets conntrack calls INVALID (e.g. out of
+	// window) are dropped before the nat table, so they cannot slip past
+	// REDIRECT's reverse NAT and make the app reset the connection.
+	if s.DropInvalid {
+		b.add("mangle", ChainDrop, "-j", "DROP")
+	}
 
 	// Inbound. HBONE first, as istio-iptables does.
 	b.add("nat", ChainInbound, "-p", "tcp", "-m", "tcp", "--dport", hbone, "-j", "RETURN")
@@ -183,6 +191,9 @@ func Rules(s capture.Settings, f Family) []Rule {
 		b.add("raw", "OUTPUT", "-j", ChainOutputDNS)
 		b.add("raw", "PREROUTING", "-j", ChainInbound)
 	}
+	if s.DropInvalid {
+		b.add("mangle", "PREROUTING", "-m", "conntrack", "--ctstate", "INVALID", "-j", ChainDrop)
+	}
 	return b.rules
 }
 
@@ -229,7 +240,7 @@ func Chains(rules []Rule) map[string][]string {
 func Render(rules []Rule) string {
 	var sb strings.Builder
 	chains := Chains(rules)
-	for _, table := range []string{"nat", "raw"} {
+	for _, table := range []string{"mangle", "nat", "raw"} {
 		var lines []string
 		for _, r := range rules {
 			if r.Table == table {

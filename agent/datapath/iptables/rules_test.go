@@ -60,6 +60,8 @@ var ruleCases = []struct {
 		},
 		ProxyEnv: map[string]string{capture.EnvDualStack: "true"},
 	}},
+	// INVALID_DROP: the mangle table drops conntrack INVALID packets.
+	{"invalid-drop", capture.Pod{ProxyEnv: map[string]string{capture.EnvInvalidDrop: "true", capture.EnvDualStack: "true"}}},
 	// Only 15008 is always returned; the excludes apply only with "*".
 	{"include-and-exclude-inbound", capture.Pod{Annotations: map[string]string{
 		capture.AnnotationIncludeInboundPorts: "80,15008,15020",
