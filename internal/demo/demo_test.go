@@ -41,6 +41,8 @@ func TestDemoCleanup(t *testing.T) {
 	}{
 		{"to the end", ""},
 		{"interrupted in step 1", "== 1."},
+		// node proxies, the controller and the grpc-go pair are running
+		{"interrupted in step 3", "the policy changes"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx, cancel := context.WithCancel(context.Background())

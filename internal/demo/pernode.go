@@ -152,7 +152,11 @@ func (r *run) stepAmbient(ctx context.Context) error {
 	through := func(msg string) {
 		outA, inB := proxyA.sessions("outbound"), proxyB.sessions("inbound_"+ledger.pod.Name)
 		peer, got, err := sendPeer(ctx, reports, addr, msg)
-		if !r.check(err == nil && got == msg, "reports -> ledger %s: sent %q, echoed %q (%v)", addr, msg, got, err) {
+		if err != nil {
+			r.check(false, "reports -> ledger %s: %v", addr, firstLine(err))
+			return
+		}
+		if !r.check(got == msg, "reports -> ledger %s: sent %q, echoed %q", addr, msg, got) {
 			return
 		}
 		outA2, inB2 := proxyA.sessions("outbound"), proxyB.sessions("inbound_"+ledger.pod.Name)
