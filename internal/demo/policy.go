@@ -5,12 +5,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"regexp"
 	"slices"
 	"strings"
 	"syscall"
@@ -18,6 +20,7 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/encoding/protojson"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -150,7 +153,10 @@ func (r *run) stepPolicy(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		r.say("  xDS listener %q with the RBAC of this compilation ACKed by the grpc-go server (version %s)", fmt.Sprintf(xds.GRPCServerListenerTemplate, pair.Addr()), v)
+		r.say("  xDS listener %q with the RBAC of this compilation ACKed by the grpc-go server (version %s):", fmt.Sprintf(xds.GRPCServerListenerTemplate, pair.Addr()), v)
+		for _, l := range rbacSummary(res, pair.Addr()) {
+			r.say("    %s", l)
+		}
 		for _, call := range []struct {
 			from   *podRef
 			method string
@@ -392,3 +398,33 @@ func (r *run) startGRPCPair(ctx context.Context) (*grpcrbac.Pair, error) {
 	r.defer_(pair.Close)
 	return pair, nil
 }
+
+// rbacSummary lists the RBAC policies the compilation gives dst, each with
+// the source addresses its principals name ("any source" without).
+func rbacSummary(res *compile.Result, dst netip.AddrPort) []string {
+	var out []string
+	for _, d := range xds.Destinations(res) {
+		if d.Addr != dst || d.RBAC.GetRules() == nil {
+			continue
+		}
+		names := slices.Sorted(maps.Keys(d.RBAC.GetRules().GetPolicies()))
+		for _, n := range names {
+			pol := d.RBAC.GetRules().GetPolicies()[n]
+			var srcs []string
+			for _, pr := range pol.GetPrincipals() {
+				b, _ := protojson.Marshal(pr)
+				for _, m := range prefixRE.FindAllStringSubmatch(string(b), -1) {
+					srcs = append(srcs, m[1])
+				}
+			}
+			who := "any source"
+			if len(srcs) > 0 {
+				who = "from " + strings.Join(srcs, ", ")
+			}
+			out = append(out, fmt.Sprintf("%s: %s", n, who))
+		}
+	}
+	return out
+}
+
+var prefixRE = regexp.MustCompile(`"addressPrefix":"([^"]+)"`)
