@@ -80,10 +80,10 @@ bench: deps-check build tools ## side-by-side benchmarks into bench/out/ (QUICK=
 	$(BIN)/sidelane-bench run $(if $(QUICK),-quick) -out bench/out -bin $(BIN) -tools $(CACHE)/bin
 	@cat bench/out/results.md
 
-demo: deps-check build tools kube ## the whole product on one machine: local kube-apiserver, two simulated nodes, agents (eBPF), the story step by step (root; BENCH=1 adds a quick benchmark run)
+demo: deps-check build tools kube ## the whole product on one machine: local kube-apiserver, two simulated nodes, agents (eBPF), the story step by step, with a ~80 s quick benchmark (root; FAST=1 leaves the benchmark out)
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/sidelane-demo ./cmd/sidelane-demo
-	$(if $(BENCH),CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/sidelane-bench ./cmd/sidelane-bench)
-	$(BIN)/sidelane-demo -bin $(BIN) -tools $(CACHE)/bin $(if $(BENCH),-bench)
+	$(if $(FAST),,CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/sidelane-bench ./cmd/sidelane-bench)
+	$(BIN)/sidelane-demo -bin $(BIN) -tools $(CACHE)/bin $(if $(FAST),-no-bench)
 
 clean: ## remove build outputs
 	rm -rf $(BIN)

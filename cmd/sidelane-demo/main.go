@@ -16,15 +16,15 @@ import (
 
 func main() {
 	home, _ := os.UserHomeDir()
-	bin := flag.String("bin", "bin", "directory with sidelane and sidelane-cni")
+	bin := flag.String("bin", "bin", "directory with sidelane, sidelane-cni and sidelane-bench")
 	tools := flag.String("tools", filepath.Join(home, ".cache", "sidelane", "bin"), "directory with the reference CNI plugins")
-	repo := flag.String("repo", ".", "repository root (fixtures, bench/out)")
-	bench := flag.Bool("bench", false, "run `sidelane-bench run -quick` (under 3 min) for the latency table instead of reading bench/out/results.md")
+	repo := flag.String("repo", ".", "repository root (fixtures, CRDs)")
+	noBench := flag.Bool("no-bench", false, "leave out step 4's side-by-side latency run (`sidelane-bench run -quick`, about 80 s)")
 	flag.Parse()
 	absBin, _ := filepath.Abs(*bin)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	_, err := demo.Run(ctx, demo.Options{Out: os.Stdout, Repo: *repo, Bin: absBin, Tools: *tools, Bench: *bench})
+	_, err := demo.Run(ctx, demo.Options{Out: os.Stdout, Repo: *repo, Bin: absBin, Tools: *tools, NoBench: *noBench})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "demo: %v\n", err)
 		os.Exit(1)

@@ -12,9 +12,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -24,6 +26,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/yaml"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 
 	"github.com/sidelane/sidelane/agent/cnirpc"
 	"github.com/sidelane/sidelane/bpf"
@@ -39,10 +42,10 @@ type Options struct {
 	Repo string
 	// Bin holds sidelane and sidelane-cni; Tools the reference CNI plugins.
 	Bin, Tools string
-	// Bench runs `sidelane-bench run -quick` (under 3 min) for step 4
-	// instead of reading bench/out/results.md.
-	Bench bool
-	Log   *slog.Logger
+	// NoBench leaves out step 4's side-by-side run (`sidelane-bench run
+	// -quick`, about 80 s here; needs sidelane-bench in Bin).
+	NoBench bool
+	Log     *slog.Logger
 }
 
 // Footprint is what a run created; the cleanup test checks it is all gone.
@@ -62,9 +65,14 @@ type run struct {
 	nodes    []*kubelet.Node
 	failed   int
 
+	setupTime time.Duration
+
 	scNS           string
 	kubeconfig     string
+	kubectl        string
+	restConfig     *rest.Config
 	client, server *podRef
+	reports        *podRef // the per-node pod of step 2
 }
 
 func (r *run) defer_(f func()) {
@@ -160,29 +168,44 @@ func (r *run) story(ctx context.Context) error {
 		fn    func(context.Context) error
 	}{
 		{"1. Istio sidecar injection, captured by eBPF (no iptables)", r.stepSidecar},
-		{"2. the namespace switched live to istio.io/dataplane-mode=ambient", r.stepAmbient},
-		{"3. L7 policy: EnvoyFilter and xDS", r.stepPolicy},
+		{"2. the namespace switched live to istio.io/dataplane-mode=ambient: per-node mode through node proxies", r.stepAmbient},
+		{"3. L7 policy: `sidelane controller` writes the EnvoyFilter; grpc-go over xDS enforces it", r.stepPolicy},
 		{"4. latency side by side (Istio iptables vs sidelane)", r.stepBench},
 		{"5. sidelane explain for one pod", r.stepExplain},
 	}
+	times := []string{fmt.Sprintf("0 %s", r.setupTime.Round(100*time.Millisecond))}
+	total := r.setupTime
 	for _, s := range steps {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
 		r.say("")
 		r.say("== %s", s.title)
-		if err := s.fn(ctx); err != nil {
+		start := time.Now()
+		err := s.fn(ctx)
+		if err != nil {
 			if ctx.Err() != nil {
 				r.say("  interrupted")
 				return ctx.Err()
 			}
 			r.check(false, "%v", err)
 		}
+		d := time.Since(start)
+		total += d
+		r.say("  (step %s: %s)", s.title[:1], d.Round(100*time.Millisecond))
+		times = append(times, fmt.Sprintf("%s %s", s.title[:1], d.Round(100*time.Millisecond)))
 	}
+	r.say("")
+	r.say("== time per step: %s; total %s", strings.Join(times, ", "), total.Round(time.Second))
 	return nil
 }
 
 func (r *run) setup(ctx context.Context) error {
+	start := time.Now()
+	defer func() {
+		r.setupTime = time.Since(start)
+		r.say("  (step 0: %s)", r.setupTime.Round(100*time.Millisecond))
+	}()
 	r.say("== 0. a local cluster: real kube-apiserver + etcd, two simulated nodes, the agent on each")
 	if os.Geteuid() != 0 {
 		return errors.New("the demo needs root (network namespaces, bridges, BPF)")
@@ -196,7 +219,7 @@ func (r *run) setup(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("cluster: %w", err)
 	}
-	r.fp.ClusterDir, r.kubeconfig = cl.Dir, cl.Kubeconfig
+	r.fp.ClusterDir, r.kubeconfig, r.kubectl, r.restConfig = cl.Dir, cl.Kubeconfig, cl.Kubectl, cl.RESTConfig
 	r.defer_(cl.Stop)
 	r.cs, err = kubernetes.NewForConfig(cl.RESTConfig)
 	if err != nil {
@@ -231,6 +254,9 @@ func (r *run) setup(ctx context.Context) error {
 		return fmt.Errorf("nodes: %w", err)
 	}
 	r.nodes = nodes
+	if err := r.installCRDs(ctx); err != nil {
+		return err
+	}
 	for _, n := range nodes {
 		r.fp.Netns = append(r.fp.Netns, n.Netns)
 		r.defer_(n.Stop)
@@ -280,7 +306,11 @@ func (r *run) startAgent(ctx context.Context, n *kubelet.Node, pin string) error
 	}
 	args := []string{"agent", "--socket", n.AgentSocket, "--state-dir", n.StateDir,
 		"--kubeconfig", r.kubeconfig, "--node-name", n.Name,
-		"--datapath", "ebpf", "--cgroup-root", r.fp.Cgroup, "--bpf-pin-dir", pin}
+		"--datapath", "ebpf", "--cgroup-root", r.fp.Cgroup, "--bpf-pin-dir", pin,
+		// Per-node mode: the node proxy (step 2) listens on the bridge
+		// gateway in the node's netns; the agent serves its xDS.
+		"--node-proxy-address", gateway(n).String(), "--node-proxy-netns", "/var/run/netns/" + n.Netns,
+		"--xds-socket", filepath.Join(filepath.Dir(n.StateDir), "xds.sock"), "--xds-socket-gid", "-1"}
 	cmd := exec.Command(filepath.Join(r.opts.Bin, "sidelane"), args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -306,13 +336,49 @@ func (r *run) startAgent(ctx context.Context, n *kubelet.Node, pin string) error
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
-	r.check(err == nil, "sidelane agent on %s: --datapath ebpf --cgroup-root %s --bpf-pin-dir %s", n.Name, r.fp.Cgroup, pin)
+	r.check(err == nil, "sidelane agent on %s: --datapath ebpf --cgroup-root %s --bpf-pin-dir %s --node-proxy-address %s", n.Name, r.fp.Cgroup, pin, gateway(n))
 	if err != nil {
 		b, _ := os.ReadFile(logPath)
 		return fmt.Errorf("agent on %s not ready: %w\n%s", n.Name, err, tail(string(b), 2000))
 	}
 	return nil
 }
+
+// installCRDs installs the L7Policy CRD (the agents' xDS feed and the
+// controller read it) and Istio's CRDs (the controller writes EnvoyFilters),
+// the latter from the istio.io/api module as test/e2e does.
+func (r *run) installCRDs(ctx context.Context) error {
+	done := r.progress("installing the L7Policy and Istio CRDs")
+	defer done()
+	gomod := exec.CommandContext(ctx, "go", "list", "-m", "-f", "{{.Dir}}", "istio.io/api")
+	gomod.Dir = r.opts.Repo
+	dir, err := gomod.Output()
+	if err != nil {
+		return fmt.Errorf("locate the istio.io/api module (Istio's CRDs): %w", err)
+	}
+	for _, f := range []string{filepath.Join(strings.TrimSpace(string(dir)), "kubernetes", "customresourcedefinitions.gen.yaml"),
+		filepath.Join(r.opts.Repo, "charts", "sidelane", "crds", "sidelane.io_l7policies.yaml")} {
+		if _, err := r.kubectlRun(ctx, "", "apply", "--server-side", "-f", f); err != nil {
+			return fmt.Errorf("install CRDs: %w", err)
+		}
+	}
+	_, err = r.kubectlRun(ctx, "", "wait", "--for=condition=Established", "--timeout=120s", "crd/envoyfilters.networking.istio.io", "crd/l7policies.sidelane.io")
+	return err
+}
+
+// kubectlRun runs the cluster's kubectl with stdin.
+func (r *run) kubectlRun(ctx context.Context, stdin string, args ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, r.kubectl, append([]string{"--kubeconfig", r.kubeconfig}, args...)...)
+	cmd.Stdin = strings.NewReader(stdin)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("kubectl %s: %w: %s", strings.Join(args, " "), err, tail(string(out), 1000))
+	}
+	return string(out), nil
+}
+
+// gateway is a node's bridge gateway: its node proxy's address.
+func gateway(n *kubelet.Node) netip.Addr { return n.Subnet.Addr().Next() }
 
 func tail(s string, n int) string {
 	if len(s) > n {
