@@ -50,8 +50,8 @@ lint: ## gofmt, go vet, and no tracked file over 1 MiB but the generated BPF obj
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 
-tools: ## build the reference CNI plugins, cnitool, the noop test plugin and Istio's pilot-agent into $(CACHE)/bin
-	hack/install-tools.sh cni istio
+tools: ## build the reference CNI plugins, cnitool, the noop test plugin, Istio's pilot-agent and pilot-discovery (istiod) into $(CACHE)/bin
+	hack/install-tools.sh cni istio istiod
 
 kube: ## build kube-apiserver and kubectl once into $(CACHE) (~14 min the first time)
 	hack/build-kube-apiserver.sh
