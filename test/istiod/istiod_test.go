@@ -1,0 +1,448 @@
+package istiod
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"os/exec"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	rbacfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/wellknown"
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"sigs.k8s.io/yaml"
+
+	"github.com/sidelane/sidelane/internal/istiodharness"
+	"github.com/sidelane/sidelane/internal/kubeharness"
+	"github.com/sidelane/sidelane/internal/testenv"
+	"github.com/sidelane/sidelane/policy/controller"
+	"github.com/sidelane/sidelane/policy/envoyfilter"
+)
+
+// The pods of the test. api-0 is protected; web-0 (other labels) and
+// other/api-0 (same labels, other namespace) must stay untouched.
+var (
+	apiPod   = istiodharness.Proxy{IP: "10.10.0.10", Pod: "api-0", Namespace: "shop", ServiceAccount: "api", Labels: map[string]string{"app": "api"}}
+	webPod   = istiodharness.Proxy{IP: "10.10.0.11", Pod: "web-0", Namespace: "shop", ServiceAccount: "web", Labels: map[string]string{"app": "web"}}
+	otherPod = istiodharness.Proxy{IP: "10.10.1.10", Pod: "api-0", Namespace: "other", ServiceAccount: "api", Labels: map[string]string{"app": "api"}}
+)
+
+// Container ports of api-0: 8080 (Service port "http": HTTP), 9090
+// (Service port "metrics": protocol sniffed), 9091 ("http-admin": HTTP,
+// never protected).
+const (
+	portHTTP    = 8080
+	portSniffed = 9090
+	portAdmin   = 9091
+)
+
+const policyV1 = `apiVersion: sidelane.io/v1alpha1
+kind: L7Policy
+metadata: {name: api, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: api}}
+  ports:
+    - port: 8080
+      rules:
+        - from: [{serviceAccounts: [shop/web]}]
+          http: [{method: GET, path: /items}]
+`
+
+// policyV2 changes 8080's rules and protects the sniffed port 9090.
+const policyV2 = `apiVersion: sidelane.io/v1alpha1
+kind: L7Policy
+metadata: {name: api, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: api}}
+  ports:
+    - port: 8080
+      rules:
+        - from: [{namespaces: [ops]}]
+          http: [{path: /metrics}]
+    - port: 9090
+      rules:
+        - from: [{serviceAccounts: [shop/web]}]
+`
+
+const denyAdmin = `apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: shop}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+`
+
+// TestIstiodAppliesL7Policy: L7Policy -> sidelane's policy controller ->
+// EnvoyFilter -> real istiod -> the LDS each sidecar gets.
+func TestIstiodAppliesL7Policy(t *testing.T) {
+	c := kubeharness.Start(t)
+	kubectl(t, c, "apply", "--server-side", "-f", testenv.RepoRoot(t)+"/charts/sidelane/crds/sidelane.io_l7policies.yaml")
+	kubectl(t, c, "wait", "--for=condition=Established", "--timeout=120s", "crd/l7policies.sidelane.io")
+	ist := istiodharness.Start(t, c, "PILOT_ENVOY_FILTER_STATS=true")
+	t.Logf("istiod %s (Istio %s), CRDs %s", ist.Version, ist.ProxyVersion, ist.CRDs)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	kube := kubernetes.NewForConfigOrDie(c.RESTConfig)
+	dyn := dynamic.NewForConfigOrDie(c.RESTConfig)
+	for _, ns := range []string{"shop", "other"} {
+		if _, err := kube.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, p := range []istiodharness.Proxy{apiPod, webPod, otherPod} {
+		createPod(ctx, t, kube, p)
+	}
+	createService(ctx, t, kube, "shop", "api", "api",
+		corev1.ServicePort{Name: "http", Port: 80, TargetPort: intstr.FromInt32(portHTTP)},
+		corev1.ServicePort{Name: "metrics", Port: 9090, TargetPort: intstr.FromInt32(portSniffed)},
+		corev1.ServicePort{Name: "http-admin", Port: 81, TargetPort: intstr.FromInt32(portAdmin)})
+	createService(ctx, t, kube, "shop", "web", "web", corev1.ServicePort{Name: "http", Port: 80, TargetPort: intstr.FromInt32(portHTTP)})
+	createService(ctx, t, kube, "other", "api", "api", corev1.ServicePort{Name: "http", Port: 80, TargetPort: intstr.FromInt32(portHTTP)})
+
+	// sidelane's policy writer, in-process (no Lease: it is the only one).
+	ctrl, err := controller.New(slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn})), kube, dyn, "cluster.local", prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := ctrl.Run(runCtx); err != nil {
+			t.Error(err)
+		}
+	}()
+	t.Cleanup(func() { stop(); <-done })
+
+	e := &env{t: t, ctx: ctx, ist: ist, dyn: dyn}
+
+	// Before any policy: Istio's own inbound chain, for the record.
+	before, _ := e.waitChains(apiPod, "inbound chains for 8080", func(h []hcmChain, _ []tcpChain) string {
+		if len(inbound(h, portHTTP)) == 0 {
+			return "no virtualInbound HTTP chain for port 8080 yet"
+		}
+		return ""
+	})
+	for _, ch := range inbound(before, portHTTP) {
+		t.Logf("istio, no policy: %s", ch)
+	}
+
+	// 1. Create.
+	e.apply(policyV1)
+	want := e.wantRBAC(1)[portHTTP]
+	if !strings.Contains(protojson.Format(want), "spiffe://cluster.local/ns/shop/sa/web") {
+		t.Fatalf("compiled rules do not name the caller: %s", protojson.Format(want))
+	}
+	chains, _ := e.waitChains(apiPod, "sidelane filter on 8080", protectedOn(map[uint32]*rbacfilterv3.RBAC{portHTTP: want}))
+	for _, ch := range inbound(chains, portHTTP) {
+		t.Logf("policy v1: %s", ch)
+	}
+	e.checkAbsent(webPod, "a pod the selector does not match")
+	e.checkAbsent(otherPod, "a pod with the same labels in another namespace")
+
+	// 2. Update: new rules on 8080, the sniffed port 9090 protected too.
+	e.apply(policyV2)
+	wantV2 := e.wantRBAC(2)
+	if proto.Equal(wantV2[portHTTP], want) {
+		t.Fatal("policy v2 compiled to the same rules as v1")
+	}
+	chains, tcp := e.waitChains(apiPod, "updated sidelane filter", protectedOn(wantV2))
+	for _, ch := range inbound(chains, portSniffed) {
+		t.Logf("policy v2, sniffed port: %s", ch)
+	}
+	for _, ch := range tcp {
+		if ch.Listener == virtualInbound {
+			t.Logf("policy v2, inbound TCP chain: %s port %d: %s", ch.Chain, ch.Port, strings.Join(ch.Filters, " > "))
+		}
+	}
+	// istiod records the previous push's patch results at the next push.
+	e.checkMetricApplied()
+
+	// 3. Istio's own DENY AuthorizationPolicy on the same pod: both filters,
+	// Istio's first.
+	kubectl(t, c, "apply", "-f", "-", denyAdmin)
+	chains, _ = e.waitChains(apiPod, "istio rbac and sidelane", func(h []hcmChain, tc []tcpChain) string {
+		if msg := protectedOn(wantV2)(h, tc); msg != "" {
+			return msg
+		}
+		for _, ch := range inbound(h, portHTTP) {
+			istio, ours := slices.Index(ch.Filters, wellknown.HTTPRoleBasedAccessControl), slices.Index(ch.Filters, envoyfilter.FilterName)
+			if istio < 0 || istio > ours {
+				return fmt.Sprintf("%s: want Istio's %s before %s", ch, wellknown.HTTPRoleBasedAccessControl, envoyfilter.FilterName)
+			}
+		}
+		return ""
+	})
+	for _, ch := range inbound(chains, portHTTP) {
+		t.Logf("policy v2 + AuthorizationPolicy DENY: %s", ch)
+	}
+	kubectl(t, c, "delete", "authorizationpolicy", "-n", "shop", "deny-admin")
+
+	// 4. Semantics: the RBAC istiod sends the sidecar, enforced by grpc-go,
+	// gives agent/xds's verdicts for the same policy.
+	e.apply(policyMTLS)
+	wantMTLS := e.wantRBAC(1)
+	chains, _ = e.waitChains(apiPod, "mTLS policy", protectedOn(wantMTLS))
+	t.Run("grpc-go enforces istiod's RBAC", func(t *testing.T) {
+		enforce(ctx, t, inbound(chains, portHTTP)[0].Sidelane)
+	})
+
+	// 5. Delete: the filter goes away everywhere.
+	if err := dyn.Resource(controller.L7PolicyGVR).Namespace("shop").Delete(ctx, "api", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	e.waitChains(apiPod, "sidelane filter removed", func(h []hcmChain, _ []tcpChain) string {
+		for _, ch := range h {
+			if ch.sidelanes > 0 {
+				return fmt.Sprintf("still there: %s", ch)
+			}
+		}
+		return ""
+	})
+}
+
+type env struct {
+	t   *testing.T
+	ctx context.Context
+	ist *istiodharness.Istiod
+	dyn dynamic.Interface
+}
+
+func (e *env) apply(doc string) {
+	e.t.Helper()
+	var u unstructured.Unstructured
+	if err := yaml.Unmarshal([]byte(doc), &u.Object); err != nil {
+		e.t.Fatal(err)
+	}
+	if _, err := e.dyn.Resource(controller.L7PolicyGVR).Namespace(u.GetNamespace()).Apply(e.ctx, u.GetName(), &u, metav1.ApplyOptions{FieldManager: "test", Force: true}); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// wantRBAC waits for sidelane's EnvoyFilter for the api policy with n
+// patches and returns the RBAC config of each, by port: what istiod must
+// hand the sidecar unchanged.
+func (e *env) wantRBAC(n int) map[uint32]*rbacfilterv3.RBAC {
+	e.t.Helper()
+	var last string
+	for deadline := time.Now().Add(90 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+		ef, err := e.dyn.Resource(controller.EnvoyFilterGVR).Namespace("shop").Get(e.ctx, envoyfilter.Name([]string{"api"}), metav1.GetOptions{})
+		if err != nil {
+			last = err.Error()
+			continue
+		}
+		patches, _, _ := unstructured.NestedSlice(ef.Object, "spec", "configPatches")
+		if len(patches) != n {
+			last = fmt.Sprintf("%d patches, want %d", len(patches), n)
+			continue
+		}
+		out := map[uint32]*rbacfilterv3.RBAC{}
+		for _, p := range patches {
+			pm := p.(map[string]any)
+			port, _, _ := unstructured.NestedInt64(pm, "match", "listener", "portNumber")
+			typed, _, _ := unstructured.NestedMap(pm, "patch", "value", "typed_config")
+			delete(typed, "@type")
+			b, err := json.Marshal(typed)
+			if err != nil {
+				e.t.Fatal(err)
+			}
+			var r rbacfilterv3.RBAC
+			if err := protojson.Unmarshal(b, &r); err != nil {
+				e.t.Fatalf("EnvoyFilter typed_config is not RBAC: %v", err)
+			}
+			out[uint32(port)] = &r
+		}
+		return out
+	}
+	e.t.Fatalf("EnvoyFilter: %s", last)
+	return nil
+}
+
+// waitChains fetches p's listeners from istiod (a new ADS connection each
+// time) until cond is satisfied, validates everything istiod sent, and
+// returns the HTTP chains.
+func (e *env) waitChains(p istiodharness.Proxy, what string, cond func([]hcmChain, []tcpChain) string) ([]hcmChain, []tcpChain) {
+	e.t.Helper()
+	var last string
+	for deadline := time.Now().Add(2 * time.Minute); time.Now().Before(deadline); time.Sleep(300 * time.Millisecond) {
+		ls, err := e.ist.Listeners(e.ctx, p)
+		if err != nil {
+			last = err.Error()
+			continue
+		}
+		h, tc := view(e.t, ls)
+		if last = cond(h, tc); last == "" {
+			validateListeners(e.t, ls)
+			return h, tc
+		}
+	}
+	e.t.Fatalf("%s for %s: %s", what, p.NodeID(), last)
+	return nil, nil
+}
+
+// protectedOn: sidelane's filter, with exactly the given rules, once in
+// every inbound HTTP chain of each given port, right before the router and
+// after all of Istio's own filters; in no other chain of any listener.
+func protectedOn(want map[uint32]*rbacfilterv3.RBAC) func([]hcmChain, []tcpChain) string {
+	return func(h []hcmChain, _ []tcpChain) string {
+		for port, rules := range want {
+			chains := inbound(h, port)
+			if len(chains) == 0 {
+				return fmt.Sprintf("no inbound HTTP chain for port %d", port)
+			}
+			for _, ch := range chains {
+				if ch.sidelanes != 1 {
+					return fmt.Sprintf("%s: %d sidelane filters, want 1", ch, ch.sidelanes)
+				}
+				i := slices.Index(ch.Filters, envoyfilter.FilterName)
+				if i != len(ch.Filters)-2 || ch.Filters[len(ch.Filters)-1] != wellknown.Router {
+					return fmt.Sprintf("%s: want %s right before %s (last)", ch, envoyfilter.FilterName, wellknown.Router)
+				}
+				if !proto.Equal(ch.Sidelane, rules) {
+					return fmt.Sprintf("%s: rules %s, want %s", ch, protojson.Format(ch.Sidelane), protojson.Format(rules))
+				}
+			}
+		}
+		for _, ch := range h {
+			if _, ok := want[ch.Port]; ok && ch.Listener == virtualInbound {
+				continue
+			}
+			if ch.sidelanes > 0 {
+				return fmt.Sprintf("sidelane filter where no policy asked for it: %s", ch)
+			}
+		}
+		return ""
+	}
+}
+
+// checkAbsent: p's listeners carry no sidelane filter (and are there at
+// all: p's own inbound chain for 8080 exists).
+func (e *env) checkAbsent(p istiodharness.Proxy, why string) {
+	e.t.Helper()
+	e.waitChains(p, why, func(h []hcmChain, _ []tcpChain) string {
+		if len(inbound(h, portHTTP)) == 0 {
+			return "no inbound HTTP chain for port 8080"
+		}
+		for _, ch := range h {
+			if ch.sidelanes > 0 {
+				return fmt.Sprintf("%s (%s) got the filter: %s", p.NodeID(), why, ch)
+			}
+		}
+		return ""
+	})
+}
+
+// checkMetricApplied: with PILOT_ENVOY_FILTER_STATS=true istiod reports the
+// patch as applied.
+func (e *env) checkMetricApplied() {
+	e.t.Helper()
+	want := fmt.Sprintf(`pilot_envoy_filter_status{name="shop/%s",patch="httpfilter",result="applied"} 1`, envoyfilter.Name([]string{"api"}))
+	var last string
+	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {
+		m, err := e.ist.Metrics(e.ctx)
+		if err != nil {
+			last = err.Error()
+			continue
+		}
+		if strings.Contains(m, want) {
+			return
+		}
+		var lines []string
+		for _, l := range strings.Split(m, "\n") {
+			if strings.HasPrefix(l, "pilot_envoy_filter_status") {
+				lines = append(lines, l)
+			}
+		}
+		last = strings.Join(lines, "\n")
+	}
+	e.t.Errorf("istiod metric %s missing; have:\n%s", want, last)
+}
+
+// validateListeners runs ValidateAll on every listener istiod sent and
+// everything inside their Anys.
+func validateListeners(t *testing.T, ls []*listenerv3.Listener) {
+	t.Helper()
+	var v validation
+	for _, l := range ls {
+		validateDeep(l, l.GetName(), &v)
+	}
+	for _, err := range v.errs {
+		t.Errorf("istiod sent an invalid resource: %s", err)
+	}
+	if v.checked < len(ls) {
+		t.Errorf("validated %d messages for %d listeners", v.checked, len(ls))
+	}
+	t.Logf("validated %d messages in %d listeners (%s); Istio-only types not validated: %s", v.checked, len(ls), istiodharness.ListenerNames(ls), v.opaqueTypes())
+}
+
+func createPod(ctx context.Context, t *testing.T, kube kubernetes.Interface, p istiodharness.Proxy) {
+	t.Helper()
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: p.Pod, Namespace: p.Namespace, Labels: p.Labels},
+		Spec: corev1.PodSpec{ServiceAccountName: p.ServiceAccount, NodeName: "node-a", Containers: []corev1.Container{{
+			Name: "app", Image: "app",
+			Ports: []corev1.ContainerPort{{ContainerPort: portHTTP}, {ContainerPort: portSniffed}, {ContainerPort: portAdmin}},
+		}}},
+	}
+	created, err := kube.CoreV1().Pods(p.Namespace).Create(ctx, pod, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	created.Status = corev1.PodStatus{
+		Phase: corev1.PodRunning, PodIP: p.IP, PodIPs: []corev1.PodIP{{IP: p.IP}}, HostIP: "192.0.2.1",
+		Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}},
+	}
+	if _, err := kube.CoreV1().Pods(p.Namespace).UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func createService(ctx context.Context, t *testing.T, kube kubernetes.Interface, ns, name, app string, ports ...corev1.ServicePort) {
+	t.Helper()
+	svc := &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
+		Spec:       corev1.ServiceSpec{Selector: map[string]string{"app": app}, Ports: ports},
+	}
+	if _, err := kube.CoreV1().Services(ns).Create(ctx, svc, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// kubectl runs kubectl against c; a last argument after "-" is its stdin.
+func kubectl(t *testing.T, c *kubeharness.Cluster, args ...string) {
+	t.Helper()
+	var stdin string
+	if i := slices.Index(args, "-"); i >= 0 && i == len(args)-2 {
+		stdin, args = args[len(args)-1], args[:len(args)-1]
+	}
+	cmd := exec.Command(c.Kubectl, append([]string{"--kubeconfig", c.Kubeconfig}, args...)...)
+	cmd.Stdin = strings.NewReader(stdin)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("kubectl %s: %v\n%s", strings.Join(args, " "), err, out.String())
+	}
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
