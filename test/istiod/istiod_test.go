@@ -145,7 +145,7 @@ func TestIstiodAppliesL7Policy(t *testing.T) {
 
 	// 1. Create.
 	e.apply(policyV1)
-	want := e.wantRBAC(1)[portHTTP]
+	want := e.wantRBAC(portHTTP)[portHTTP]
 	if !strings.Contains(protojson.Format(want), "spiffe://cluster.local/ns/shop/sa/web") {
 		t.Fatalf("compiled rules do not name the caller: %s", protojson.Format(want))
 	}
@@ -158,7 +158,7 @@ func TestIstiodAppliesL7Policy(t *testing.T) {
 
 	// 2. Update: new rules on 8080, the sniffed port 9090 protected too.
 	e.apply(policyV2)
-	wantV2 := e.wantRBAC(2)
+	wantV2 := e.wantRBAC(portHTTP, portSniffed)
 	if proto.Equal(wantV2[portHTTP], want) {
 		t.Fatal("policy v2 compiled to the same rules as v1")
 	}
@@ -197,7 +197,7 @@ func TestIstiodAppliesL7Policy(t *testing.T) {
 	// 4. Semantics: the RBAC istiod sends the sidecar, enforced by grpc-go,
 	// gives agent/xds's verdicts for the same policy.
 	e.apply(policyMTLS)
-	wantMTLS := e.wantRBAC(1)
+	wantMTLS := e.wantRBAC(portHTTP)
 	chains, _ = e.waitChains(apiPod, "mTLS policy", protectedOn(wantMTLS))
 	t.Run("grpc-go enforces istiod's RBAC", func(t *testing.T) {
 		enforce(ctx, t, inbound(chains, portHTTP)[0].Sidelane)
@@ -235,10 +235,12 @@ func (e *env) apply(doc string) {
 	}
 }
 
-// wantRBAC waits for sidelane's EnvoyFilter for the api policy with n
-// patches and returns the RBAC config of each, by port: what istiod must
-// hand the sidecar unchanged.
-func (e *env) wantRBAC(n int) map[uint32]*rbacfilterv3.RBAC {
+// wantRBAC waits for sidelane's EnvoyFilter for the api policy to have one
+// patch per port (in the policy's order) and returns each patch's RBAC
+// config by port: what istiod must hand the sidecar unchanged. The ports
+// come from the test, not from the patches' match, so a wrong match shows
+// up in istiod's output.
+func (e *env) wantRBAC(ports ...uint32) map[uint32]*rbacfilterv3.RBAC {
 	e.t.Helper()
 	var last string
 	for deadline := time.Now().Add(90 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
@@ -248,15 +250,13 @@ func (e *env) wantRBAC(n int) map[uint32]*rbacfilterv3.RBAC {
 			continue
 		}
 		patches, _, _ := unstructured.NestedSlice(ef.Object, "spec", "configPatches")
-		if len(patches) != n {
-			last = fmt.Sprintf("%d patches, want %d", len(patches), n)
+		if len(patches) != len(ports) {
+			last = fmt.Sprintf("%d patches, want %d", len(patches), len(ports))
 			continue
 		}
 		out := map[uint32]*rbacfilterv3.RBAC{}
-		for _, p := range patches {
-			pm := p.(map[string]any)
-			port, _, _ := unstructured.NestedInt64(pm, "match", "listener", "portNumber")
-			typed, _, _ := unstructured.NestedMap(pm, "patch", "value", "typed_config")
+		for i, p := range patches {
+			typed, _, _ := unstructured.NestedMap(p.(map[string]any), "patch", "value", "typed_config")
 			delete(typed, "@type")
 			b, err := json.Marshal(typed)
 			if err != nil {
@@ -266,7 +266,7 @@ func (e *env) wantRBAC(n int) map[uint32]*rbacfilterv3.RBAC {
 			if err := protojson.Unmarshal(b, &r); err != nil {
 				e.t.Fatalf("EnvoyFilter typed_config is not RBAC: %v", err)
 			}
-			out[uint32(port)] = &r
+			out[ports[i]] = &r
 		}
 		return out
 	}
