@@ -14,6 +14,7 @@ import (
 
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	rbacfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
+	netrbacv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/wellknown"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -145,11 +146,11 @@ func TestIstiodAppliesL7Policy(t *testing.T) {
 
 	// 1. Create.
 	e.apply(policyV1)
-	want := e.wantRBAC(portHTTP)[portHTTP]
-	if !strings.Contains(protojson.Format(want), "spiffe://cluster.local/ns/shop/sa/web") {
-		t.Fatalf("compiled rules do not name the caller: %s", protojson.Format(want))
+	want := e.wantRBAC(portHTTP)
+	if !strings.Contains(protojson.Format(want.http[portHTTP]), "spiffe://cluster.local/ns/shop/sa/web") {
+		t.Fatalf("compiled rules do not name the caller: %s", protojson.Format(want.http[portHTTP]))
 	}
-	chains, _ := e.waitChains(apiPod, "sidelane filter on 8080", protectedOn(map[uint32]*rbacfilterv3.RBAC{portHTTP: want}))
+	chains, _ := e.waitChains(apiPod, "sidelane filter on 8080", protectedOn(want))
 	for _, ch := range inbound(chains, portHTTP) {
 		t.Logf("policy v1: %s", ch)
 	}
@@ -159,17 +160,23 @@ func TestIstiodAppliesL7Policy(t *testing.T) {
 	// 2. Update: new rules on 8080, the sniffed port 9090 protected too.
 	e.apply(policyV2)
 	wantV2 := e.wantRBAC(portHTTP, portSniffed)
-	if proto.Equal(wantV2[portHTTP], want) {
+	if proto.Equal(wantV2.http[portHTTP], want.http[portHTTP]) {
 		t.Fatal("policy v2 compiled to the same rules as v1")
+	}
+	// Non-HTTP connections to 9090 are allowed by its one rule without an
+	// http part (callers from shop/web), and on 8080 by none.
+	if got := wantV2.tcp[portSniffed].GetRules().GetPolicies(); len(got) != 1 || !strings.Contains(protojson.Format(wantV2.tcp[portSniffed]), "spiffe://cluster.local/ns/shop/sa/web") {
+		t.Errorf("TCP rules for 9090: %s", protojson.Format(wantV2.tcp[portSniffed]))
+	}
+	if got := wantV2.tcp[portHTTP].GetRules().GetPolicies(); len(got) != 0 {
+		t.Errorf("TCP rules for 8080 allow something: %s", protojson.Format(wantV2.tcp[portHTTP]))
 	}
 	chains, tcp := e.waitChains(apiPod, "updated sidelane filter", protectedOn(wantV2))
 	for _, ch := range inbound(chains, portSniffed) {
 		t.Logf("policy v2, sniffed port: %s", ch)
 	}
-	for _, ch := range tcp {
-		if ch.Listener == virtualInbound {
-			t.Logf("policy v2, inbound TCP chain: %s port %d: %s", ch.Chain, ch.Port, strings.Join(ch.Filters, " > "))
-		}
+	for _, ch := range inboundTCP(tcp, portSniffed) {
+		t.Logf("policy v2, sniffed port, TCP: %s", ch)
 	}
 	// istiod records the previous push's patch results at the next push.
 	e.checkMetricApplied()
@@ -207,8 +214,13 @@ func TestIstiodAppliesL7Policy(t *testing.T) {
 	if err := dyn.Resource(controller.L7PolicyGVR).Namespace("shop").Delete(ctx, "api", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	e.waitChains(apiPod, "sidelane filter removed", func(h []hcmChain, _ []tcpChain) string {
+	e.waitChains(apiPod, "sidelane filter removed", func(h []hcmChain, tc []tcpChain) string {
 		for _, ch := range h {
+			if ch.sidelanes > 0 {
+				return fmt.Sprintf("still there: %s", ch)
+			}
+		}
+		for _, ch := range tc {
 			if ch.sidelanes > 0 {
 				return fmt.Sprintf("still there: %s", ch)
 			}
@@ -235,12 +247,18 @@ func (e *env) apply(doc string) {
 	}
 }
 
-// wantRBAC waits for sidelane's EnvoyFilter for the api policy to have one
-// patch per port (in the policy's order) and returns each patch's RBAC
-// config by port: what istiod must hand the sidecar unchanged. The ports
-// come from the test, not from the patches' match, so a wrong match shows
-// up in istiod's output.
-func (e *env) wantRBAC(ports ...uint32) map[uint32]*rbacfilterv3.RBAC {
+// rules is what istiod must hand the sidecar, unchanged, per port: the
+// HTTP RBAC for the HTTP chains and the network RBAC for the TCP chains.
+type rules struct {
+	http map[uint32]*rbacfilterv3.RBAC
+	tcp  map[uint32]*netrbacv3.RBAC
+}
+
+// wantRBAC waits for sidelane's EnvoyFilter for the api policy to have an
+// HTTP and a network patch per port (each kind in the policy's port order)
+// and returns their configs by port. The ports come from the test, not from
+// the patches' match, so a wrong match shows up in istiod's output.
+func (e *env) wantRBAC(ports ...uint32) rules {
 	e.t.Helper()
 	var last string
 	for deadline := time.Now().Add(90 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
@@ -250,28 +268,45 @@ func (e *env) wantRBAC(ports ...uint32) map[uint32]*rbacfilterv3.RBAC {
 			continue
 		}
 		patches, _, _ := unstructured.NestedSlice(ef.Object, "spec", "configPatches")
-		if len(patches) != len(ports) {
-			last = fmt.Sprintf("%d patches, want %d", len(patches), len(ports))
-			continue
-		}
-		out := map[uint32]*rbacfilterv3.RBAC{}
-		for i, p := range patches {
-			typed, _, _ := unstructured.NestedMap(p.(map[string]any), "patch", "value", "typed_config")
+		out := rules{http: map[uint32]*rbacfilterv3.RBAC{}, tcp: map[uint32]*netrbacv3.RBAC{}}
+		var nHTTP, nTCP int
+		for _, p := range patches {
+			pm := p.(map[string]any)
+			typed, _, _ := unstructured.NestedMap(pm, "patch", "value", "typed_config")
 			delete(typed, "@type")
 			b, err := json.Marshal(typed)
 			if err != nil {
 				e.t.Fatal(err)
 			}
-			var r rbacfilterv3.RBAC
-			if err := protojson.Unmarshal(b, &r); err != nil {
-				e.t.Fatalf("EnvoyFilter typed_config is not RBAC: %v", err)
+			switch pm["applyTo"] {
+			case "HTTP_FILTER":
+				var r rbacfilterv3.RBAC
+				if err := protojson.Unmarshal(b, &r); err != nil {
+					e.t.Fatalf("HTTP_FILTER typed_config is not RBAC: %v", err)
+				}
+				if nHTTP < len(ports) {
+					out.http[ports[nHTTP]] = &r
+				}
+				nHTTP++
+			case "NETWORK_FILTER":
+				var r netrbacv3.RBAC
+				if err := protojson.Unmarshal(b, &r); err != nil {
+					e.t.Fatalf("NETWORK_FILTER typed_config is not network RBAC: %v", err)
+				}
+				if nTCP < len(ports) {
+					out.tcp[ports[nTCP]] = &r
+				}
+				nTCP++
 			}
-			out[ports[i]] = &r
+		}
+		if nHTTP != len(ports) || nTCP != len(ports) {
+			last = fmt.Sprintf("%d HTTP and %d network patches, want %d of each", nHTTP, nTCP, len(ports))
+			continue
 		}
 		return out
 	}
 	e.t.Fatalf("EnvoyFilter: %s", last)
-	return nil
+	return rules{}
 }
 
 // waitChains fetches p's listeners from istiod (a new ADS connection each
@@ -296,12 +331,14 @@ func (e *env) waitChains(p istiodharness.Proxy, what string, cond func([]hcmChai
 	return nil, nil
 }
 
-// protectedOn: sidelane's filter, with exactly the given rules, once in
-// every inbound HTTP chain of each given port, right before the router and
-// after all of Istio's own filters; in no other chain of any listener.
-func protectedOn(want map[uint32]*rbacfilterv3.RBAC) func([]hcmChain, []tcpChain) string {
-	return func(h []hcmChain, _ []tcpChain) string {
-		for port, rules := range want {
+// protectedOn: sidelane's HTTP filter, with exactly the given rules, once
+// in every inbound HTTP chain of each given port, right before the router
+// and after all of Istio's own filters; sidelane's network RBAC filter once
+// in every inbound TCP chain of each port, right before tcp_proxy; neither
+// in any other chain of any listener.
+func protectedOn(want rules) func([]hcmChain, []tcpChain) string {
+	return func(h []hcmChain, tc []tcpChain) string {
+		for port, r := range want.http {
 			chains := inbound(h, port)
 			if len(chains) == 0 {
 				return fmt.Sprintf("no inbound HTTP chain for port %d", port)
@@ -314,17 +351,37 @@ func protectedOn(want map[uint32]*rbacfilterv3.RBAC) func([]hcmChain, []tcpChain
 				if i != len(ch.Filters)-2 || ch.Filters[len(ch.Filters)-1] != wellknown.Router {
 					return fmt.Sprintf("%s: want %s right before %s (last)", ch, envoyfilter.FilterName, wellknown.Router)
 				}
-				if !proto.Equal(ch.Sidelane, rules) {
-					return fmt.Sprintf("%s: rules %s, want %s", ch, protojson.Format(ch.Sidelane), protojson.Format(rules))
+				if !proto.Equal(ch.Sidelane, r) {
+					return fmt.Sprintf("%s: rules %s, want %s", ch, protojson.Format(ch.Sidelane), protojson.Format(r))
+				}
+			}
+			for _, ch := range inboundTCP(tc, port) {
+				if ch.sidelanes != 1 {
+					return fmt.Sprintf("TCP chain %s: %d sidelane network filters, want 1 (non-HTTP traffic would bypass the policy)", ch, ch.sidelanes)
+				}
+				i := slices.Index(ch.Filters, tcpFilterName)
+				if i != len(ch.Filters)-2 || ch.Filters[len(ch.Filters)-1] != wellknown.TCPProxy {
+					return fmt.Sprintf("TCP chain %s: want %s right before %s (last)", ch, tcpFilterName, wellknown.TCPProxy)
+				}
+				if !proto.Equal(ch.Sidelane, want.tcp[port]) {
+					return fmt.Sprintf("TCP chain %s: rules %s, want %s", ch, protojson.Format(ch.Sidelane), protojson.Format(want.tcp[port]))
 				}
 			}
 		}
 		for _, ch := range h {
-			if _, ok := want[ch.Port]; ok && ch.Listener == virtualInbound {
+			if _, ok := want.http[ch.Port]; ok && ch.Listener == virtualInbound {
 				continue
 			}
 			if ch.sidelanes > 0 {
 				return fmt.Sprintf("sidelane filter where no policy asked for it: %s", ch)
+			}
+		}
+		for _, ch := range tc {
+			if _, ok := want.http[ch.Port]; ok && ch.Listener == virtualInbound {
+				continue
+			}
+			if ch.sidelanes > 0 {
+				return fmt.Sprintf("sidelane network filter where no policy asked for it: %s", ch)
 			}
 		}
 		return ""
@@ -335,13 +392,18 @@ func protectedOn(want map[uint32]*rbacfilterv3.RBAC) func([]hcmChain, []tcpChain
 // all: p's own inbound chain for 8080 exists).
 func (e *env) checkAbsent(p istiodharness.Proxy, why string) {
 	e.t.Helper()
-	e.waitChains(p, why, func(h []hcmChain, _ []tcpChain) string {
+	e.waitChains(p, why, func(h []hcmChain, tc []tcpChain) string {
 		if len(inbound(h, portHTTP)) == 0 {
 			return "no inbound HTTP chain for port 8080"
 		}
 		for _, ch := range h {
 			if ch.sidelanes > 0 {
 				return fmt.Sprintf("%s (%s) got the filter: %s", p.NodeID(), why, ch)
+			}
+		}
+		for _, ch := range tc {
+			if ch.sidelanes > 0 {
+				return fmt.Sprintf("%s (%s) got the network filter: %s", p.NodeID(), why, ch)
 			}
 		}
 		return ""

@@ -9,6 +9,7 @@ import (
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	rbacfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	netrbacv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/wellknown"
 
 	"github.com/sidelane/sidelane/policy/envoyfilter"
@@ -17,6 +18,10 @@ import (
 // virtualInbound is the sidecar's inbound listener (all captured inbound
 // traffic, one filter chain per destination port and transport).
 const virtualInbound = "virtualInbound"
+
+// tcpFilterName is sidelane's network RBAC filter on the TCP chains of a
+// protected port.
+const tcpFilterName = envoyfilter.NetworkFilterName
 
 // hcmChain is one HTTP connection manager istiod put in a filter chain.
 type hcmChain struct {
@@ -37,7 +42,13 @@ func (c hcmChain) String() string {
 type tcpChain struct {
 	Listener, Chain string
 	Port            uint32
-	Filters         []string // network filter names
+	Filters         []string        // network filter names
+	Sidelane        *netrbacv3.RBAC // sidelane's network RBAC config, nil when absent
+	sidelanes       int
+}
+
+func (c tcpChain) String() string {
+	return fmt.Sprintf("%s/%s (port %d): %s", c.Listener, c.Chain, c.Port, strings.Join(c.Filters, " > "))
 }
 
 // view splits a proxy's listeners into HTTP and TCP filter chains.
@@ -52,8 +63,17 @@ func view(t *testing.T, ls []*listenerv3.Listener) (httpChains []hcmChain, tcpCh
 			port := fc.GetFilterChainMatch().GetDestinationPort().GetValue()
 			var netNames []string
 			isHTTP := false
+			tc := tcpChain{Listener: l.GetName(), Chain: fc.GetName(), Port: port}
 			for _, f := range fc.GetFilters() {
 				netNames = append(netNames, f.GetName())
+				if f.GetName() == tcpFilterName {
+					tc.sidelanes++
+					var r netrbacv3.RBAC
+					if err := f.GetTypedConfig().UnmarshalTo(&r); err != nil {
+						t.Fatalf("listener %s chain %s: sidelane network filter is not network RBAC (%s): %v", l.GetName(), fc.GetName(), f.GetTypedConfig().GetTypeUrl(), err)
+					}
+					tc.Sidelane = &r
+				}
 				if f.GetName() != wellknown.HTTPConnectionManager {
 					continue
 				}
@@ -78,11 +98,23 @@ func view(t *testing.T, ls []*listenerv3.Listener) (httpChains []hcmChain, tcpCh
 				httpChains = append(httpChains, c)
 			}
 			if !isHTTP {
-				tcpChains = append(tcpChains, tcpChain{Listener: l.GetName(), Chain: fc.GetName(), Port: port, Filters: netNames})
+				tc.Filters = netNames
+				tcpChains = append(tcpChains, tc)
 			}
 		}
 	}
 	return httpChains, tcpChains
+}
+
+// inboundTCP returns the virtualInbound TCP chains of port.
+func inboundTCP(chains []tcpChain, port uint32) []tcpChain {
+	var out []tcpChain
+	for _, c := range chains {
+		if c.Listener == virtualInbound && c.Port == port {
+			out = append(out, c)
+		}
+	}
+	return out
 }
 
 // inbound returns the virtualInbound HTTP chains of port.
