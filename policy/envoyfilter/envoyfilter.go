@@ -7,7 +7,12 @@
 // chains (which istiod builds for ports whose protocol it sniffs or that a
 // Service declares TCP): without it, a non-HTTP connection (or an mTLS
 // client choosing Istio's TCP ALPN) would reach the port untouched. On a
-// TCP chain only the rules without an http part can allow anything. The
+// TCP chain only the rules without an http part can allow anything. A
+// protected port that no Service declares has no chain of its own: its
+// traffic takes the inbound listener's catch-all chains (HTTP
+// virtualInbound-catchall-http, TCP virtualInbound), so those get one more
+// pair of filters whose rules apply to the protected ports only
+// (destination_port) and allow everything on every other port. The
 // rules match callers by the SPIFFE ID in their Istio mTLS peer
 // certificate (compile.IdentityPeerCertificate). Pure: no API calls.
 package envoyfilter
@@ -58,6 +63,12 @@ const (
 	rbacType          = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
 	networkRBACType   = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC"
 	networkStatPrefix = "sidelane_l7policy_tcp."
+	// Istio's inbound listener and its catch-all (passthrough) filter
+	// chains, for traffic to ports no Service declares.
+	virtualInbound         = "virtualInbound"
+	catchAllHTTPChain      = "virtualInbound-catchall-http"
+	catchAllTCPChain       = "virtualInbound"
+	unprotectedPortsPolicy = "sidelane/unprotected-ports"
 )
 
 // churnLabels change on every rollout; keeping them out of the workload
@@ -173,6 +184,31 @@ func render(g compile.Group, sel map[string]string, uids map[string]types.UID) (
 			}, tcpValue),
 		)
 	}
+	if len(g.Ports) > 0 {
+		catchHTTP, catchTCP := catchAll(g.Ports)
+		for _, c := range []proto.Message{catchHTTP, catchTCP} {
+			if err := c.(interface{ ValidateAll() error }).ValidateAll(); err != nil {
+				return nil, fmt.Errorf("catch-all chains: envoy rejects the rbac config: %w", err)
+			}
+		}
+		httpValue, err := filterValue(FilterName, rbacType, catchHTTP)
+		if err != nil {
+			return nil, fmt.Errorf("catch-all chains: %w", err)
+		}
+		tcpValue, err := filterValue(NetworkFilterName, networkRBACType, catchTCP)
+		if err != nil {
+			return nil, fmt.Errorf("catch-all chains: %w", err)
+		}
+		spec.ConfigPatches = append(spec.ConfigPatches,
+			catchAllPatch(networkingv1alpha3.EnvoyFilter_HTTP_FILTER, catchAllHTTPChain, &networkingv1alpha3.EnvoyFilter_ListenerMatch_FilterMatch{
+				Name:      "envoy.filters.network.http_connection_manager",
+				SubFilter: &networkingv1alpha3.EnvoyFilter_ListenerMatch_SubFilterMatch{Name: "envoy.filters.http.router"},
+			}, httpValue),
+			catchAllPatch(networkingv1alpha3.EnvoyFilter_NETWORK_FILTER, catchAllTCPChain, &networkingv1alpha3.EnvoyFilter_ListenerMatch_FilterMatch{
+				Name: "envoy.filters.network.tcp_proxy",
+			}, tcpValue),
+		)
+	}
 	specJSON, err := protojson.Marshal(spec)
 	if err != nil {
 		return nil, err
@@ -240,4 +276,59 @@ func networkRBAC(h *rbacfilterv3.RBAC) *netrbacv3.RBAC {
 		}
 	}
 	return &netrbacv3.RBAC{StatPrefix: networkStatPrefix, Rules: out}
+}
+
+// catchAllPatch inserts before filter in the named filter chain of the
+// inbound listener. No portNumber: on the virtual inbound listener istiod
+// would compare it with the chain's destination_port, which the catch-all
+// chains do not have.
+func catchAllPatch(to networkingv1alpha3.EnvoyFilter_ApplyTo, chain string, filter *networkingv1alpha3.EnvoyFilter_ListenerMatch_FilterMatch, value *structpb.Struct) *networkingv1alpha3.EnvoyFilter_EnvoyConfigObjectPatch {
+	return &networkingv1alpha3.EnvoyFilter_EnvoyConfigObjectPatch{
+		ApplyTo: to,
+		Match: &networkingv1alpha3.EnvoyFilter_EnvoyConfigObjectMatch{
+			Context: networkingv1alpha3.EnvoyFilter_SIDECAR_INBOUND,
+			ObjectTypes: &networkingv1alpha3.EnvoyFilter_EnvoyConfigObjectMatch_Listener{Listener: &networkingv1alpha3.EnvoyFilter_ListenerMatch{
+				Name:        virtualInbound,
+				FilterChain: &networkingv1alpha3.EnvoyFilter_ListenerMatch_FilterChainMatch{Name: chain, Filter: filter},
+			}},
+		},
+		Patch: &networkingv1alpha3.EnvoyFilter_Patch{Operation: networkingv1alpha3.EnvoyFilter_Patch_INSERT_BEFORE, Value: value},
+	}
+}
+
+// catchAll is the rules of the catch-all chains, which see every port: each
+// port's policies restricted to its destination_port, plus one policy that
+// allows anything on a port the group does not protect.
+func catchAll(ports []compile.Port) (*rbacfilterv3.RBAC, *netrbacv3.RBAC) {
+	httpRules := &rbacv3.RBAC{Action: rbacv3.RBAC_ALLOW, Policies: map[string]*rbacv3.Policy{}}
+	tcpRules := &rbacv3.RBAC{Action: rbacv3.RBAC_ALLOW, Policies: map[string]*rbacv3.Policy{}}
+	var protected []*rbacv3.Permission
+	for _, p := range ports {
+		port := &rbacv3.Permission{Rule: &rbacv3.Permission_DestinationPort{DestinationPort: uint32(p.Port)}}
+		protected = append(protected, port)
+		for name, pol := range p.RBAC.GetRules().GetPolicies() {
+			httpRules.Policies[name] = onPort(port, pol)
+		}
+		for name, pol := range networkRBAC(p.RBAC).GetRules().GetPolicies() {
+			tcpRules.Policies[name] = onPort(port, pol)
+		}
+	}
+	other := &rbacv3.Policy{
+		Permissions: []*rbacv3.Permission{{Rule: &rbacv3.Permission_NotRule{NotRule: &rbacv3.Permission{
+			Rule: &rbacv3.Permission_OrRules{OrRules: &rbacv3.Permission_Set{Rules: protected}}}}}},
+		Principals: []*rbacv3.Principal{{Identifier: &rbacv3.Principal_Any{Any: true}}},
+	}
+	httpRules.Policies[unprotectedPortsPolicy] = other
+	tcpRules.Policies[unprotectedPortsPolicy] = other
+	return &rbacfilterv3.RBAC{Rules: httpRules}, &netrbacv3.RBAC{StatPrefix: networkStatPrefix, Rules: tcpRules}
+}
+
+// onPort restricts pol to one destination port.
+func onPort(port *rbacv3.Permission, pol *rbacv3.Policy) *rbacv3.Policy {
+	return &rbacv3.Policy{
+		Permissions: []*rbacv3.Permission{{Rule: &rbacv3.Permission_AndRules{AndRules: &rbacv3.Permission_Set{Rules: []*rbacv3.Permission{
+			port, {Rule: &rbacv3.Permission_OrRules{OrRules: &rbacv3.Permission_Set{Rules: pol.GetPermissions()}}},
+		}}}}},
+		Principals: pol.GetPrincipals(),
+	}
 }

@@ -44,11 +44,19 @@ var (
 
 // Container ports of api-0: 8080 (Service port "http": HTTP), 9090
 // (Service port "metrics": protocol sniffed), 9091 ("http-admin": HTTP,
-// never protected).
+// never protected), 7070 (in no Service: istiod gives it no chain of its
+// own, its traffic takes the catch-all chains).
 const (
-	portHTTP    = 8080
-	portSniffed = 9090
-	portAdmin   = 9091
+	portHTTP      = 8080
+	portSniffed   = 9090
+	portAdmin     = 9091
+	portNoService = 7070
+)
+
+// Istio's catch-all (passthrough) chains of the inbound listener.
+const (
+	catchAllHTTP = "virtualInbound-catchall-http"
+	catchAllTCP  = "virtualInbound"
 )
 
 const policyV1 = `apiVersion: sidelane.io/v1alpha1
@@ -63,13 +71,18 @@ spec:
           http: [{method: GET, path: /items}]
 `
 
-// policyV2 changes 8080's rules and protects the sniffed port 9090.
+// policyV2 changes 8080's rules and protects the sniffed port 9090 and
+// the port no Service declares.
 const policyV2 = `apiVersion: sidelane.io/v1alpha1
 kind: L7Policy
 metadata: {name: api, namespace: shop}
 spec:
   podSelector: {matchLabels: {app: api}}
   ports:
+    - port: 7070
+      rules:
+        - from: [{serviceAccounts: [shop/web]}]
+          http: [{path: /internal}]
     - port: 8080
       rules:
         - from: [{namespaces: [ops]}]
@@ -159,7 +172,7 @@ func TestIstiodAppliesL7Policy(t *testing.T) {
 
 	// 2. Update: new rules on 8080, the sniffed port 9090 protected too.
 	e.apply(policyV2)
-	wantV2 := e.wantRBAC(portHTTP, portSniffed)
+	wantV2 := e.wantRBAC(portNoService, portHTTP, portSniffed)
 	if proto.Equal(wantV2.http[portHTTP], want.http[portHTTP]) {
 		t.Fatal("policy v2 compiled to the same rules as v1")
 	}
@@ -170,6 +183,13 @@ func TestIstiodAppliesL7Policy(t *testing.T) {
 	}
 	if got := wantV2.tcp[portHTTP].GetRules().GetPolicies(); len(got) != 0 {
 		t.Errorf("TCP rules for 8080 allow something: %s", protojson.Format(wantV2.tcp[portHTTP]))
+	}
+	// The catch-all chains carry every protected port's rules, each behind
+	// its destination_port, and allow the ports no policy lists.
+	catch := wantV2.catchHTTP.GetRules().GetPolicies()
+	if r := catch["shop/api/port-7070/rule-0"]; len(catch) != 4 || catch["sidelane/unprotected-ports"] == nil ||
+		r.GetPermissions()[0].GetAndRules().GetRules()[0].GetDestinationPort() != portNoService {
+		t.Errorf("catch-all HTTP rules: %s", protojson.Format(wantV2.catchHTTP))
 	}
 	chains, tcp := e.waitChains(apiPod, "updated sidelane filter", protectedOn(wantV2))
 	for _, ch := range inbound(chains, portSniffed) {
@@ -252,11 +272,15 @@ func (e *env) apply(doc string) {
 type rules struct {
 	http map[uint32]*rbacfilterv3.RBAC
 	tcp  map[uint32]*netrbacv3.RBAC
+	// catch-all chains (ports no Service declares)
+	catchHTTP *rbacfilterv3.RBAC
+	catchTCP  *netrbacv3.RBAC
 }
 
 // wantRBAC waits for sidelane's EnvoyFilter for the api policy to have an
 // HTTP and a network patch per port (each kind in the policy's port order)
-// and returns their configs by port. The ports come from the test, not from
+// plus one of each for the catch-all chains (matched by listener name), and
+// returns their configs. The ports come from the test, not from
 // the patches' match, so a wrong match shows up in istiod's output.
 func (e *env) wantRBAC(ports ...uint32) rules {
 	e.t.Helper()
@@ -277,6 +301,21 @@ func (e *env) wantRBAC(ports ...uint32) rules {
 			b, err := json.Marshal(typed)
 			if err != nil {
 				e.t.Fatal(err)
+			}
+			if name, _, _ := unstructured.NestedString(pm, "match", "listener", "name"); name != "" {
+				switch pm["applyTo"] {
+				case "HTTP_FILTER":
+					out.catchHTTP = &rbacfilterv3.RBAC{}
+					if err := protojson.Unmarshal(b, out.catchHTTP); err != nil {
+						e.t.Fatalf("catch-all HTTP_FILTER typed_config is not RBAC: %v", err)
+					}
+				case "NETWORK_FILTER":
+					out.catchTCP = &netrbacv3.RBAC{}
+					if err := protojson.Unmarshal(b, out.catchTCP); err != nil {
+						e.t.Fatalf("catch-all NETWORK_FILTER typed_config is not network RBAC: %v", err)
+					}
+				}
+				continue
 			}
 			switch pm["applyTo"] {
 			case "HTTP_FILTER":
@@ -299,8 +338,8 @@ func (e *env) wantRBAC(ports ...uint32) rules {
 				nTCP++
 			}
 		}
-		if nHTTP != len(ports) || nTCP != len(ports) {
-			last = fmt.Sprintf("%d HTTP and %d network patches, want %d of each", nHTTP, nTCP, len(ports))
+		if nHTTP != len(ports) || nTCP != len(ports) || out.catchHTTP == nil || out.catchTCP == nil {
+			last = fmt.Sprintf("%d HTTP and %d network patches, want %d of each, and the catch-all pair (present: %t, %t)", nHTTP, nTCP, len(ports), out.catchHTTP != nil, out.catchTCP != nil)
 			continue
 		}
 		return out
@@ -334,11 +373,43 @@ func (e *env) waitChains(p istiodharness.Proxy, what string, cond func([]hcmChai
 // protectedOn: sidelane's HTTP filter, with exactly the given rules, once
 // in every inbound HTTP chain of each given port, right before the router
 // and after all of Istio's own filters; sidelane's network RBAC filter once
-// in every inbound TCP chain of each port, right before tcp_proxy; neither
-// in any other chain of any listener.
+// in every inbound TCP chain of each port, right before tcp_proxy; both in
+// the catch-all chains with the catch-all rules; neither in any other chain
+// of any listener.
 func protectedOn(want rules) func([]hcmChain, []tcpChain) string {
 	return func(h []hcmChain, tc []tcpChain) string {
+		catchHTTP, catchTCP := 0, 0
+		for _, ch := range h {
+			if ch.Listener != virtualInbound || ch.Chain != catchAllHTTP {
+				continue
+			}
+			catchHTTP++
+			if ch.sidelanes != 1 || slices.Index(ch.Filters, envoyfilter.FilterName) != len(ch.Filters)-2 {
+				return fmt.Sprintf("catch-all %s: want %s once, right before the router", ch, envoyfilter.FilterName)
+			}
+			if !proto.Equal(ch.Sidelane, want.catchHTTP) {
+				return fmt.Sprintf("catch-all %s: rules %s, want %s", ch, protojson.Format(ch.Sidelane), protojson.Format(want.catchHTTP))
+			}
+		}
+		for _, ch := range tc {
+			if ch.Listener != virtualInbound || ch.Chain != catchAllTCP {
+				continue
+			}
+			catchTCP++
+			if ch.sidelanes != 1 || slices.Index(ch.Filters, tcpFilterName) != len(ch.Filters)-2 {
+				return fmt.Sprintf("catch-all TCP %s: want %s once, right before tcp_proxy", ch, tcpFilterName)
+			}
+			if !proto.Equal(ch.Sidelane, want.catchTCP) {
+				return fmt.Sprintf("catch-all TCP %s: rules %s, want %s", ch, protojson.Format(ch.Sidelane), protojson.Format(want.catchTCP))
+			}
+		}
+		if catchHTTP == 0 || catchTCP == 0 {
+			return fmt.Sprintf("%d catch-all HTTP and %d catch-all TCP chains", catchHTTP, catchTCP)
+		}
 		for port, r := range want.http {
+			if port == portNoService {
+				continue // no chain of its own: covered by the catch-all chains
+			}
 			chains := inbound(h, port)
 			if len(chains) == 0 {
 				return fmt.Sprintf("no inbound HTTP chain for port %d", port)
@@ -369,7 +440,7 @@ func protectedOn(want rules) func([]hcmChain, []tcpChain) string {
 			}
 		}
 		for _, ch := range h {
-			if _, ok := want.http[ch.Port]; ok && ch.Listener == virtualInbound {
+			if _, ok := want.http[ch.Port]; ok && ch.Listener == virtualInbound || ch.Listener == virtualInbound && ch.Chain == catchAllHTTP {
 				continue
 			}
 			if ch.sidelanes > 0 {
@@ -377,7 +448,7 @@ func protectedOn(want rules) func([]hcmChain, []tcpChain) string {
 			}
 		}
 		for _, ch := range tc {
-			if _, ok := want.http[ch.Port]; ok && ch.Listener == virtualInbound {
+			if _, ok := want.http[ch.Port]; ok && ch.Listener == virtualInbound || ch.Listener == virtualInbound && ch.Chain == catchAllTCP {
 				continue
 			}
 			if ch.sidelanes > 0 {
@@ -459,7 +530,7 @@ func createPod(ctx context.Context, t *testing.T, kube kubernetes.Interface, p i
 		ObjectMeta: metav1.ObjectMeta{Name: p.Pod, Namespace: p.Namespace, Labels: p.Labels},
 		Spec: corev1.PodSpec{ServiceAccountName: p.ServiceAccount, NodeName: "node-a", Containers: []corev1.Container{{
 			Name: "app", Image: "app",
-			Ports: []corev1.ContainerPort{{ContainerPort: portHTTP}, {ContainerPort: portSniffed}, {ContainerPort: portAdmin}},
+			Ports: []corev1.ContainerPort{{ContainerPort: portHTTP}, {ContainerPort: portSniffed}, {ContainerPort: portAdmin}, {ContainerPort: portNoService}},
 		}}},
 	}
 	created, err := kube.CoreV1().Pods(p.Namespace).Create(ctx, pod, metav1.CreateOptions{})
