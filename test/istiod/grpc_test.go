@@ -16,6 +16,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -74,11 +75,13 @@ var identities = map[string]string{
 	"stranger": "spiffe://other.example/ns/shop/sa/web",
 }
 
-// verdictsMTLS are agent/xds's verdicts for policyMTLS.
-var verdictsMTLS = []struct {
+type verdict struct {
 	from, method string
 	want         codes.Code
-}{
+}
+
+// verdictsMTLS are agent/xds's verdicts for policyMTLS.
+var verdictsMTLS = []verdict{
 	{"web", "/shop.Items/Get", codes.OK},
 	{"prom", "/shop.Items/Get", codes.PermissionDenied},
 	{"stranger", "/shop.Items/Get", codes.PermissionDenied}, // same ns/sa, other trust domain
@@ -95,10 +98,11 @@ const (
 	grpcTarget     = "backend"
 )
 
-// enforce serves rbac (taken from istiod's LDS) on a real grpc-go xDS
+// enforce serves rbac (taken from istiod's LDS), after the HTTP filters
+// before (Istio's own, also from istiod's LDS), on a real grpc-go xDS
 // server listener with mTLS (client certificate required, callers named by
-// the SPIFFE URI SAN as in Istio) and checks verdictsMTLS.
-func enforce(ctx context.Context, t *testing.T, rbac *rbacfilterv3.RBAC) {
+// the SPIFFE URI SAN as in Istio) and checks the verdicts.
+func enforce(ctx context.Context, t *testing.T, before []*hcmv3.HttpFilter, rbac *rbacfilterv3.RBAC, verdicts []verdict) {
 	providers := writeCerts(t)
 	srv, err := sidelanexds.NewServer(ctx, slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn})), prometheus.NewRegistry())
 	if err != nil {
@@ -173,6 +177,21 @@ func enforce(ctx context.Context, t *testing.T, rbac *rbacfilterv3.RBAC) {
 	for _, r := range rs[resource.ListenerType] {
 		for _, fc := range r.(*listenerv3.Listener).FilterChains {
 			fc.TransportSocket = &corev3.TransportSocket{Name: "envoy.transport_sockets.tls", ConfigType: &corev3.TransportSocket_TypedConfig{TypedConfig: downstream}}
+			if len(before) == 0 {
+				continue
+			}
+			for _, f := range fc.Filters {
+				var h hcmv3.HttpConnectionManager
+				if err := f.GetTypedConfig().UnmarshalTo(&h); err != nil {
+					t.Fatal(err)
+				}
+				h.HttpFilters = append(slices.Clone(before), h.HttpFilters...)
+				a, err := anypb.New(&h)
+				if err != nil {
+					t.Fatal(err)
+				}
+				f.ConfigType = &listenerv3.Filter_TypedConfig{TypedConfig: a}
+			}
 		}
 	}
 	v, err := srv.Set(ctx, grpcServerNode, rs)
@@ -218,7 +237,7 @@ func enforce(ctx context.Context, t *testing.T, rbac *rbacfilterv3.RBAC) {
 		t.Cleanup(func() { cc.Close() })
 		conns[id] = cc
 	}
-	for _, c := range verdictsMTLS {
+	for _, c := range verdicts {
 		t.Run(c.from+c.method, func(t *testing.T) {
 			cctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 			defer cancel()

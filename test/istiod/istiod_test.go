@@ -14,9 +14,11 @@ import (
 
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	rbacfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	netrbacv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/wellknown"
 	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	corev1 "k8s.io/api/core/v1"
@@ -99,6 +101,17 @@ spec:
   selector: {matchLabels: {app: api}}
   action: DENY
   rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+`
+
+// denyGet is an Istio DENY that disagrees with policyMTLS (which lets
+// shop/web call Items/Get).
+const denyGet = `apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-get, namespace: shop}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/shop.Items/Get"]}}]}]
 `
 
 // TestIstiodAppliesL7Policy: L7Policy -> sidelane's policy controller ->
@@ -227,10 +240,36 @@ func TestIstiodAppliesL7Policy(t *testing.T) {
 	wantMTLS := e.wantRBAC(portHTTP)
 	chains, _ = e.waitChains(apiPod, "mTLS policy", protectedOn(wantMTLS))
 	t.Run("grpc-go enforces istiod's RBAC", func(t *testing.T) {
-		enforce(ctx, t, inbound(chains, portHTTP)[0].Sidelane)
+		enforce(ctx, t, nil, inbound(chains, portHTTP)[0].Sidelane, verdictsMTLS)
 	})
 
-	// 5. Delete: the filter goes away everywhere.
+	// 5. An Istio DENY and the L7Policy on the same pod, enforced together
+	// as istiod chains them: a request passes only if both allow it, so
+	// Istio's DENY wins over an L7Policy allow, and an L7Policy deny wins
+	// over Istio's silence.
+	kubectl(t, c, "apply", "-f", "-", denyGet)
+	chains, _ = e.waitChains(apiPod, "mTLS policy + DENY", func(h []hcmChain, tc []tcpChain) string {
+		if msg := protectedOn(wantMTLS)(h, tc); msg != "" {
+			return msg
+		}
+		if inbound(h, portHTTP)[0].IstioRBAC == nil {
+			return "no Istio RBAC filter yet"
+		}
+		return ""
+	})
+	t.Run("grpc-go enforces Istio's DENY and sidelane's RBAC together", func(t *testing.T) {
+		ch := inbound(chains, portHTTP)[0]
+		enforce(ctx, t, []*hcmv3.HttpFilter{ch.IstioRBAC}, ch.Sidelane, []verdict{
+			{"web", "/shop.Items/Get", codes.PermissionDenied},              // L7Policy allows, Istio denies
+			{"web", "/shop.Items/Delete", codes.OK},                         // both allow
+			{"prom", "/grpc.health.v1.Health/Check", codes.OK},              // both allow
+			{"web", "/grpc.health.v1.Health/Check", codes.PermissionDenied}, // Istio allows, L7Policy denies
+			{"prom", "/shop.Items/Get", codes.PermissionDenied},             // both deny
+		})
+	})
+	kubectl(t, c, "delete", "authorizationpolicy", "-n", "shop", "deny-get")
+
+	// 6. Delete: the filter goes away everywhere.
 	if err := dyn.Resource(controller.L7PolicyGVR).Namespace("shop").Delete(ctx, "api", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}

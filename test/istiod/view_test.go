@@ -32,6 +32,8 @@ type hcmChain struct {
 	Filters   []string
 	Sidelane  *rbacfilterv3.RBAC // sidelane's filter config, nil when absent
 	sidelanes int
+	// IstioRBAC is Istio's own RBAC HTTP filter (AuthorizationPolicy), as sent.
+	IstioRBAC *hcmv3.HttpFilter
 }
 
 func (c hcmChain) String() string {
@@ -85,6 +87,9 @@ func view(t *testing.T, ls []*listenerv3.Listener) (httpChains []hcmChain, tcpCh
 				c := hcmChain{Listener: l.GetName(), Chain: fc.GetName(), Port: port, Transport: fc.GetFilterChainMatch().GetTransportProtocol()}
 				for _, hf := range h.GetHttpFilters() {
 					c.Filters = append(c.Filters, hf.GetName())
+					if hf.GetName() == wellknown.HTTPRoleBasedAccessControl {
+						c.IstioRBAC = hf
+					}
 					if hf.GetName() != envoyfilter.FilterName {
 						continue
 					}
