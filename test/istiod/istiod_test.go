@@ -3,6 +3,9 @@ package istiod
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"crypto/rsa"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"log/slog"
@@ -93,6 +96,33 @@ spec:
       rules:
         - from: [{serviceAccounts: [shop/web]}]
 `
+
+// jwtAuthnFilter is Envoy's JWT authentication filter, Istio's authn for
+// RequestAuthentication.
+const jwtAuthnFilter = "envoy.filters.http.jwt_authn"
+
+// requestAuthn makes Istio add its JWT authn filter to the inbound chains
+// (JWKS inline, so istiod fetches nothing).
+func requestAuthn(t *testing.T) string {
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	jwks, err := json.Marshal(map[string]any{"keys": []any{map[string]any{
+		"kty": "RSA", "kid": "test", "alg": "RS256", "use": "sig", "e": "AQAB",
+		"n": base64.RawURLEncoding.EncodeToString(key.PublicKey.N.Bytes()),
+	}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf(`apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: jwt, namespace: shop}
+spec:
+  selector: {matchLabels: {app: api}}
+  jwtRules: [{issuer: "https://issuer.example", jwks: %q}]
+`, jwks)
+}
 
 const denyAdmin = `apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -217,22 +247,24 @@ func TestIstiodAppliesL7Policy(t *testing.T) {
 	// 3. Istio's own DENY AuthorizationPolicy on the same pod: both filters,
 	// Istio's first.
 	kubectl(t, c, "apply", "-f", "-", denyAdmin)
-	chains, _ = e.waitChains(apiPod, "istio rbac and sidelane", func(h []hcmChain, tc []tcpChain) string {
+	kubectl(t, c, "apply", "-f", "-", requestAuthn(t))
+	chains, _ = e.waitChains(apiPod, "istio jwt authn, rbac and sidelane", func(h []hcmChain, tc []tcpChain) string {
 		if msg := protectedOn(wantV2)(h, tc); msg != "" {
 			return msg
 		}
 		for _, ch := range inbound(h, portHTTP) {
-			istio, ours := slices.Index(ch.Filters, wellknown.HTTPRoleBasedAccessControl), slices.Index(ch.Filters, envoyfilter.FilterName)
-			if istio < 0 || istio > ours {
-				return fmt.Sprintf("%s: want Istio's %s before %s", ch, wellknown.HTTPRoleBasedAccessControl, envoyfilter.FilterName)
+			authn, istio, ours := slices.Index(ch.Filters, jwtAuthnFilter), slices.Index(ch.Filters, wellknown.HTTPRoleBasedAccessControl), slices.Index(ch.Filters, envoyfilter.FilterName)
+			if authn < 0 || istio < 0 || authn > ours || istio > ours {
+				return fmt.Sprintf("%s: want Istio's %s and %s before %s", ch, jwtAuthnFilter, wellknown.HTTPRoleBasedAccessControl, envoyfilter.FilterName)
 			}
 		}
 		return ""
 	})
 	for _, ch := range inbound(chains, portHTTP) {
-		t.Logf("policy v2 + AuthorizationPolicy DENY: %s", ch)
+		t.Logf("policy v2 + AuthorizationPolicy DENY + RequestAuthentication: %s", ch)
 	}
 	kubectl(t, c, "delete", "authorizationpolicy", "-n", "shop", "deny-admin")
+	kubectl(t, c, "delete", "requestauthentication", "-n", "shop", "jwt")
 
 	// 4. Semantics: the RBAC istiod sends the sidecar, enforced by grpc-go,
 	// gives agent/xds's verdicts for the same policy.
