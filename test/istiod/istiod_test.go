@@ -45,7 +45,19 @@ var (
 	apiPod   = istiodharness.Proxy{IP: "10.10.0.10", Pod: "api-0", Namespace: "shop", ServiceAccount: "api", Labels: map[string]string{"app": "api"}}
 	webPod   = istiodharness.Proxy{IP: "10.10.0.11", Pod: "web-0", Namespace: "shop", ServiceAccount: "web", Labels: map[string]string{"app": "web"}}
 	otherPod = istiodharness.Proxy{IP: "10.10.1.10", Pod: "api-0", Namespace: "other", ServiceAccount: "api", Labels: map[string]string{"app": "api"}}
+	// gwPod is an Istio gateway that the policy's selector (and so the
+	// EnvoyFilter's workload selector) also catches.
+	gwPod = istiodharness.Proxy{Type: "router", IP: "10.10.0.20", Pod: "gw-0", Namespace: "shop", ServiceAccount: "gw", Labels: map[string]string{"app": "api", "istio": "ingressgateway"}}
 )
+
+// gateway gives gwPod an HTTP listener on 8080, the protected port number.
+const gateway = `apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: shop}
+spec:
+  selector: {istio: ingressgateway}
+  servers: [{port: {number: 8080, name: http, protocol: HTTP}, hosts: ["*"]}]
+`
 
 // Container ports of api-0: 8080 (Service port "http": HTTP), 9090
 // (Service port "metrics": protocol sniffed), 9091 ("http-admin": HTTP,
@@ -162,9 +174,10 @@ func TestIstiodAppliesL7Policy(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	for _, p := range []istiodharness.Proxy{apiPod, webPod, otherPod} {
+	for _, p := range []istiodharness.Proxy{apiPod, webPod, otherPod, gwPod} {
 		createPod(ctx, t, kube, p)
 	}
+	kubectl(t, c, "apply", "-f", "-", gateway)
 	createService(ctx, t, kube, "shop", "api", "api",
 		corev1.ServicePort{Name: "http", Port: 80, TargetPort: intstr.FromInt32(portHTTP)},
 		corev1.ServicePort{Name: "metrics", Port: 9090, TargetPort: intstr.FromInt32(portSniffed)},
@@ -212,6 +225,22 @@ func TestIstiodAppliesL7Policy(t *testing.T) {
 	}
 	e.checkAbsent(webPod, "a pod the selector does not match")
 	e.checkAbsent(otherPod, "a pod with the same labels in another namespace")
+	e.waitChains(gwPod, "a gateway the selector matches", func(h []hcmChain, tc []tcpChain) string {
+		if len(h) == 0 {
+			return "the gateway has no HTTP listener yet"
+		}
+		for _, ch := range h {
+			if ch.sidelanes > 0 {
+				return fmt.Sprintf("the gateway got the filter: %s", ch)
+			}
+		}
+		for _, ch := range tc {
+			if ch.sidelanes > 0 {
+				return fmt.Sprintf("the gateway got the network filter: %s", ch)
+			}
+		}
+		return ""
+	})
 
 	// 2. Update: new rules on 8080, the sniffed port 9090 protected too.
 	e.apply(policyV2)
