@@ -102,7 +102,9 @@ const (
 // before (Istio's own, also from istiod's LDS), on a real grpc-go xDS
 // server listener with mTLS (client certificate required, callers named by
 // the SPIFFE URI SAN as in Istio) and checks the verdicts.
-func enforce(ctx context.Context, t *testing.T, before []*hcmv3.HttpFilter, rbac *rbacfilterv3.RBAC, verdicts []verdict) {
+// appLis is the protected server's listener (nil: a new one on a free
+// loopback port).
+func enforce(ctx context.Context, t *testing.T, appLis net.Listener, before []*hcmv3.HttpFilter, rbac *rbacfilterv3.RBAC, verdicts []verdict) {
 	providers := writeCerts(t)
 	srv, err := sidelanexds.NewServer(ctx, slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn})), prometheus.NewRegistry())
 	if err != nil {
@@ -129,9 +131,10 @@ func enforce(ctx context.Context, t *testing.T, before []*hcmv3.HttpFilter, rbac
 		return b
 	}
 
-	appLis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	if appLis == nil {
+		if appLis, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+			t.Fatal(err)
+		}
 	}
 	appAddr := netip.MustParseAddrPort(appLis.Addr().String())
 	serverCreds, err := xdscreds.NewServerCredentials(xdscreds.ServerOptions{FallbackCreds: insecure.NewCredentials()})

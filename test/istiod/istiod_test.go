@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"net"
 	"os/exec"
 	"slices"
 	"strings"
@@ -69,6 +70,10 @@ const (
 	portAdmin     = 9091
 	portNoService = 7070
 )
+
+// servicePorts are the container ports a Service declares: only they get
+// filter chains of their own.
+var servicePorts = map[uint32]bool{portHTTP: true, portSniffed: true, portAdmin: true}
 
 // Istio's catch-all (passthrough) chains of the inbound listener.
 const (
@@ -301,7 +306,7 @@ func TestIstiodAppliesL7Policy(t *testing.T) {
 	wantMTLS := e.wantRBAC(portHTTP)
 	chains, _ = e.waitChains(apiPod, "mTLS policy", protectedOn(wantMTLS))
 	t.Run("grpc-go enforces istiod's RBAC", func(t *testing.T) {
-		enforce(ctx, t, nil, inbound(chains, portHTTP)[0].Sidelane, verdictsMTLS)
+		enforce(ctx, t, nil, nil, inbound(chains, portHTTP)[0].Sidelane, verdictsMTLS)
 	})
 
 	// 5. An Istio DENY and the L7Policy on the same pod, enforced together
@@ -320,7 +325,7 @@ func TestIstiodAppliesL7Policy(t *testing.T) {
 	})
 	t.Run("grpc-go enforces Istio's DENY and sidelane's RBAC together", func(t *testing.T) {
 		ch := inbound(chains, portHTTP)[0]
-		enforce(ctx, t, []*hcmv3.HttpFilter{ch.IstioRBAC}, ch.Sidelane, []verdict{
+		enforce(ctx, t, nil, []*hcmv3.HttpFilter{ch.IstioRBAC}, ch.Sidelane, []verdict{
 			{"web", "/shop.Items/Get", codes.PermissionDenied},              // L7Policy allows, Istio denies
 			{"web", "/shop.Items/Delete", codes.OK},                         // both allow
 			{"prom", "/grpc.health.v1.Health/Check", codes.OK},              // both allow
@@ -330,7 +335,28 @@ func TestIstiodAppliesL7Policy(t *testing.T) {
 	})
 	kubectl(t, c, "delete", "authorizationpolicy", "-n", "shop", "deny-get")
 
-	// 6. Delete: the filter goes away everywhere.
+	// 6. The catch-all chains' rules, enforced: the same policy on a port no
+	// Service declares (the grpc-go server's own port, so destination_port
+	// is what grpc-go sees), taken from istiod's virtualInbound-catchall-http.
+	appLis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	appPort := uint32(appLis.Addr().(*net.TCPAddr).Port)
+	e.apply(strings.Replace(policyMTLS, "port: 8080", fmt.Sprintf("port: %d", appPort), 1))
+	wantCatch := e.wantRBAC(appPort)
+	chains, _ = e.waitChains(apiPod, "catch-all rules for the grpc port", protectedOn(wantCatch))
+	t.Run("grpc-go enforces istiod's catch-all RBAC", func(t *testing.T) {
+		for _, ch := range chains {
+			if ch.Listener == virtualInbound && ch.Chain == catchAllHTTP {
+				enforce(ctx, t, appLis, nil, ch.Sidelane, verdictsMTLS)
+				return
+			}
+		}
+		t.Fatal("no catch-all chain")
+	})
+
+	// 7. Delete: the filter goes away everywhere.
 	if err := dyn.Resource(controller.L7PolicyGVR).Namespace("shop").Delete(ctx, "api", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -394,6 +420,7 @@ func (e *env) wantRBAC(ports ...uint32) rules {
 		patches, _, _ := unstructured.NestedSlice(ef.Object, "spec", "configPatches")
 		out := rules{http: map[uint32]*rbacfilterv3.RBAC{}, tcp: map[uint32]*netrbacv3.RBAC{}}
 		var nHTTP, nTCP int
+		stale := false
 		for _, p := range patches {
 			pm := p.(map[string]any)
 			typed, _, _ := unstructured.NestedMap(pm, "patch", "value", "typed_config")
@@ -425,6 +452,13 @@ func (e *env) wantRBAC(ports ...uint32) rules {
 				}
 				if nHTTP < len(ports) {
 					out.http[ports[nHTTP]] = &r
+					// The compiler names rules <ns>/<policy>/port-<n>/rule-<i>:
+					// a filter still naming another port is a stale one.
+					for name := range r.GetRules().GetPolicies() {
+						if !strings.Contains(name, fmt.Sprintf("/port-%d/", ports[nHTTP])) {
+							stale = true
+						}
+					}
 				}
 				nHTTP++
 			case "NETWORK_FILTER":
@@ -437,6 +471,10 @@ func (e *env) wantRBAC(ports ...uint32) rules {
 				}
 				nTCP++
 			}
+		}
+		if stale {
+			last = "the EnvoyFilter still has another policy version's rules"
+			continue
 		}
 		if nHTTP != len(ports) || nTCP != len(ports) || out.catchHTTP == nil || out.catchTCP == nil {
 			last = fmt.Sprintf("%d HTTP and %d network patches, want %d of each, and the catch-all pair (present: %t, %t)", nHTTP, nTCP, len(ports), out.catchHTTP != nil, out.catchTCP != nil)
@@ -507,7 +545,7 @@ func protectedOn(want rules) func([]hcmChain, []tcpChain) string {
 			return fmt.Sprintf("%d catch-all HTTP and %d catch-all TCP chains", catchHTTP, catchTCP)
 		}
 		for port, r := range want.http {
-			if port == portNoService {
+			if !servicePorts[port] {
 				continue // no chain of its own: covered by the catch-all chains
 			}
 			chains := inbound(h, port)
