@@ -31,9 +31,13 @@ import (
 	"testing"
 	"time"
 
+	admissionv1 "k8s.io/api/admission/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	k8sruntime "k8s.io/apimachinery/pkg/runtime"
+	k8stypes "k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/sidelane/sidelane/internal/kubeharness"
@@ -431,4 +435,56 @@ func repoRoot() (string, error) {
 		}
 	}
 	return "", errors.New("no hack/install-tools.sh above the source or working directory")
+}
+
+// Validate runs obj through istiod's own config validation (its validating
+// webhook, served on HTTPAddr since the TLS port is off), as the
+// kube-apiserver would on create. It returns whether istiod allows obj and
+// its message and warnings.
+func (i *Istiod) Validate(ctx context.Context, obj *unstructured.Unstructured) (allowed bool, message string, warnings []string, err error) {
+	raw, err := obj.MarshalJSON()
+	if err != nil {
+		return false, "", nil, err
+	}
+	gvk := obj.GroupVersionKind()
+	review := admissionv1.AdmissionReview{
+		TypeMeta: metav1.TypeMeta{APIVersion: "admission.k8s.io/v1", Kind: "AdmissionReview"},
+		Request: &admissionv1.AdmissionRequest{
+			UID:       k8stypes.UID("sidelane-" + obj.GetName()),
+			Kind:      metav1.GroupVersionKind{Group: gvk.Group, Version: gvk.Version, Kind: gvk.Kind},
+			Namespace: obj.GetNamespace(),
+			Name:      obj.GetName(),
+			Operation: admissionv1.Create,
+			Object:    k8sruntime.RawExtension{Raw: raw},
+		},
+	}
+	body, err := json.Marshal(review)
+	if err != nil {
+		return false, "", nil, err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+i.HTTPAddr+"/validate", bytes.NewReader(body))
+	if err != nil {
+		return false, "", nil, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return false, "", nil, fmt.Errorf("istiod validation: %w", err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return false, "", nil, fmt.Errorf("istiod validation: %w", err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return false, "", nil, fmt.Errorf("istiod validation: HTTP %d: %s", resp.StatusCode, b)
+	}
+	var out admissionv1.AdmissionReview
+	if err := json.Unmarshal(b, &out); err != nil || out.Response == nil {
+		return false, "", nil, fmt.Errorf("istiod validation: bad response %q: %v", b, err)
+	}
+	if out.Response.Result != nil {
+		message = out.Response.Result.Message
+	}
+	return out.Response.Allowed, message, out.Response.Warnings, nil
 }

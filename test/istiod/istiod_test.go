@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"os/exec"
 	"slices"
 	"strings"
@@ -172,6 +173,9 @@ func TestIstiodAppliesL7Policy(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
+	t.Run("istiod's validation accepts the generator's goldens", func(t *testing.T) {
+		validateGoldens(ctx, t, ist)
+	})
 	kube := kubernetes.NewForConfigOrDie(c.RESTConfig)
 	dyn := dynamic.NewForConfigOrDie(c.RESTConfig)
 	for _, ns := range []string{"shop", "other"} {
@@ -375,6 +379,65 @@ func TestIstiodAppliesL7Policy(t *testing.T) {
 	})
 }
 
+// validateGoldens runs every EnvoyFilter in policy/envoyfilter's golden
+// file through istiod's own validation, and a broken one (a patch without
+// a value) to show the validation is really applied.
+func validateGoldens(ctx context.Context, t *testing.T, ist *istiodharness.Istiod) {
+	b, err := os.ReadFile(testenv.RepoRoot(t) + "/policy/envoyfilter/testdata/envoyfilters.golden.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	var first *unstructured.Unstructured
+	for _, doc := range strings.Split(string(b), "---\n") {
+		if strings.TrimSpace(doc) == "" || strings.HasPrefix(doc, "# error") {
+			continue
+		}
+		var u unstructured.Unstructured
+		if err := yaml.Unmarshal([]byte(doc), &u.Object); err != nil {
+			t.Fatal(err)
+		}
+		n++
+		if first == nil {
+			first = u.DeepCopy()
+		}
+		validateEnvoyFilter(ctx, t, ist, &u)
+	}
+	if n == 0 {
+		t.Fatal("no EnvoyFilter in the golden file")
+	}
+	patches, _, _ := unstructured.NestedSlice(first.Object, "spec", "configPatches")
+	unstructured.RemoveNestedField(patches[0].(map[string]any), "patch", "value")
+	if err := unstructured.SetNestedSlice(first.Object, patches, "spec", "configPatches"); err != nil {
+		t.Fatal(err)
+	}
+	allowed, msg, _, err := ist.Validate(ctx, first)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if allowed {
+		t.Errorf("istiod allowed an INSERT_BEFORE patch without a value")
+	}
+	t.Logf("istiod on a patch without value: %s", msg)
+}
+
+// envoyFilterWarning is the warning istiod gives every EnvoyFilter.
+const envoyFilterWarning = "EnvoyFilter exposes internal implementation details that may change at any time."
+
+// validateEnvoyFilter: istiod's validation allows u, with no warning but
+// the one every EnvoyFilter gets.
+func validateEnvoyFilter(ctx context.Context, t *testing.T, ist *istiodharness.Istiod, u *unstructured.Unstructured) {
+	t.Helper()
+	allowed, msg, warnings, err := ist.Validate(ctx, u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	warnings = slices.DeleteFunc(warnings, func(w string) bool { return strings.HasPrefix(w, envoyFilterWarning) })
+	if !allowed || len(warnings) > 0 {
+		t.Errorf("istiod's validation of EnvoyFilter %s: allowed %t, %q, warnings %q", u.GetName(), allowed, msg, warnings)
+	}
+}
+
 type env struct {
 	t   *testing.T
 	ctx context.Context
@@ -417,6 +480,7 @@ func (e *env) wantRBAC(ports ...uint32) rules {
 			last = err.Error()
 			continue
 		}
+		validateEnvoyFilter(e.ctx, e.t, e.ist, ef)
 		patches, _, _ := unstructured.NestedSlice(ef.Object, "spec", "configPatches")
 		out := rules{http: map[uint32]*rbacfilterv3.RBAC{}, tcp: map[uint32]*netrbacv3.RBAC{}}
 		var nHTTP, nTCP int
