@@ -39,6 +39,7 @@ import (
 	"github.com/sidelane/sidelane/internal/testenv"
 	"github.com/sidelane/sidelane/policy/controller"
 	"github.com/sidelane/sidelane/policy/envoyfilter"
+	"github.com/sidelane/sidelane/policy/input"
 )
 
 // The pods of the test. api-0 is protected; web-0 (other labels) and
@@ -201,6 +202,7 @@ func TestIstiodAppliesL7Policy(t *testing.T) {
 	}
 	runCtx, stop := context.WithCancel(ctx)
 	done := make(chan struct{})
+	ctrl.Start(runCtx)
 	go func() {
 		defer close(done)
 		if err := ctrl.Run(runCtx); err != nil {
@@ -361,7 +363,7 @@ func TestIstiodAppliesL7Policy(t *testing.T) {
 	})
 
 	// 7. Delete: the filter goes away everywhere.
-	if err := dyn.Resource(controller.L7PolicyGVR).Namespace("shop").Delete(ctx, "api", metav1.DeleteOptions{}); err != nil {
+	if err := dyn.Resource(input.L7PolicyGVR).Namespace("shop").Delete(ctx, "api", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	e.waitChains(apiPod, "sidelane filter removed", func(h []hcmChain, tc []tcpChain) string {
@@ -451,7 +453,7 @@ func (e *env) apply(doc string) {
 	if err := yaml.Unmarshal([]byte(doc), &u.Object); err != nil {
 		e.t.Fatal(err)
 	}
-	if _, err := e.dyn.Resource(controller.L7PolicyGVR).Namespace(u.GetNamespace()).Apply(e.ctx, u.GetName(), &u, metav1.ApplyOptions{FieldManager: "test", Force: true}); err != nil {
+	if _, err := e.dyn.Resource(input.L7PolicyGVR).Namespace(u.GetNamespace()).Apply(e.ctx, u.GetName(), &u, metav1.ApplyOptions{FieldManager: "test", Force: true}); err != nil {
 		e.t.Fatal(err)
 	}
 }
