@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -37,6 +38,8 @@ import (
 	"github.com/sidelane/sidelane/internal/istiodharness"
 	"github.com/sidelane/sidelane/internal/kubeharness"
 	"github.com/sidelane/sidelane/internal/testenv"
+	"github.com/sidelane/sidelane/policy/api/v1alpha1"
+	"github.com/sidelane/sidelane/policy/compile"
 	"github.com/sidelane/sidelane/policy/controller"
 	"github.com/sidelane/sidelane/policy/envoyfilter"
 	"github.com/sidelane/sidelane/policy/input"
@@ -382,7 +385,8 @@ func TestIstiodAppliesL7Policy(t *testing.T) {
 }
 
 // validateGoldens runs every EnvoyFilter in policy/envoyfilter's golden
-// file through istiod's own validation, and a broken one (a patch without
+// file, and those rendered from policy/compile's test cases, through
+// istiod's own validation, and a broken one (a patch without
 // a value) to show the validation is really applied.
 func validateGoldens(ctx context.Context, t *testing.T, ist *istiodharness.Istiod) {
 	b, err := os.ReadFile(testenv.RepoRoot(t) + "/policy/envoyfilter/testdata/envoyfilters.golden.yaml")
@@ -408,6 +412,36 @@ func validateGoldens(ctx context.Context, t *testing.T, ist *istiodharness.Istio
 	if n == 0 {
 		t.Fatal("no EnvoyFilter in the golden file")
 	}
+	// The compiler's golden inputs (every field, combinations, default
+	// deny), rendered for sidecars.
+	cases, err := filepath.Glob(testenv.RepoRoot(t) + "/policy/compile/testdata/*.yaml")
+	if err != nil || len(cases) == 0 {
+		t.Fatalf("compiler test cases: %v", err)
+	}
+	for _, f := range cases {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var tc struct {
+			Options   compile.Options     `json:"options"`
+			Inventory compile.Inventory   `json:"inventory"`
+			Policies  []v1alpha1.L7Policy `json:"policies"`
+		}
+		if err := yaml.UnmarshalStrict(b, &tc); err != nil {
+			t.Fatalf("%s: %v", f, err)
+		}
+		res, err := compile.Compile(tc.Policies, tc.Inventory, compile.Options{Identity: compile.IdentityPeerCertificate, TrustDomain: "cluster.local"})
+		if err != nil {
+			t.Fatalf("%s: %v", f, err)
+		}
+		objs, _ := envoyfilter.Build(res, tc.Inventory.Pods, tc.Policies)
+		for _, o := range objs {
+			n++
+			validateEnvoyFilter(ctx, t, ist, o)
+		}
+	}
+	t.Logf("istiod validated %d EnvoyFilters", n)
 	patches, _, _ := unstructured.NestedSlice(first.Object, "spec", "configPatches")
 	unstructured.RemoveNestedField(patches[0].(map[string]any), "patch", "value")
 	if err := unstructured.SetNestedSlice(first.Object, patches, "spec", "configPatches"); err != nil {
