@@ -14,7 +14,7 @@ export SIDELANE_CACHE := $(CACHE)
 export SIDELANE_BIN   := $(CURDIR)/$(BIN)
 export PATH           := $(CACHE)/bin:$(PATH)
 
-.PHONY: help deps deps-check build generate verify lint unit conformance fuzz test chart e2e bench demo tools kube clean
+.PHONY: help deps deps-check build generate verify lint unit conformance fuzz test chart e2e bench demo tools kube istiod clean
 
 help: ## list targets
 	@awk -F':.*## ' '/^[a-z-]+:.*## /{printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -32,7 +32,7 @@ test unit conformance e2e chart bench: DEPS = test
 generate: DEPS = generate
 deps-check:
 	@$(if $(DEPS),hack/install-deps.sh $(DEPS))
-tools kube: | deps-check
+tools kube istiod: | deps-check
 
 build: ## build bin/sidelane-cni and bin/sidelane
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/sidelane-cni ./cmd/sidelane-cni
@@ -53,10 +53,13 @@ lint: ## gofmt, go vet, and no tracked file over 1 MiB but the generated BPF obj
 tools: ## build the reference CNI plugins, cnitool, the noop test plugin and Istio's pilot-agent into $(CACHE)/bin
 	hack/install-tools.sh cni istio
 
+istiod: ## build Istio's pilot-discovery (istiod) into $(CACHE)/bin for test/istiod (~17 min the first time on a busy machine)
+	hack/install-tools.sh istiod
+
 kube: ## build kube-apiserver and kubectl once into $(CACHE) (~14 min the first time)
 	hack/build-kube-apiserver.sh
 
-unit: deps-check build tools kube ## unit tests (privileged ones run as root; some compare with pilot-agent, some start etcd + kube-apiserver)
+unit: deps-check build tools kube istiod ## unit tests (privileged ones run as root; some compare with pilot-agent, some start etcd + kube-apiserver)
 	$(GO) test -count=1 $$($(GO) list ./... | grep -v -e /conformance -e /charts/ -e /test/e2e)
 
 conformance: deps-check build tools ## CNI and capture conformance in real network namespaces; ends with "N passed, N failed"

@@ -27,7 +27,7 @@ install() {
   echo "install-tools: ${name} took $(( $(date +%s) - start ))s"
 }
 
-want="${*:-cni istio helm}"
+want="${*:-cni istio istiod helm}"
 for group in ${want}; do
   case "${group}" in
     cni)
@@ -39,6 +39,11 @@ for group in ${want}; do
       ;;
     istio)
       install pilot-agent "istio.io/istio/pilot/cmd/pilot-agent@${ISTIO_VERSION}"
+      ;;
+    istiod)
+      # Istio's control plane, for tests that check what istiod makes of
+      # sidelane's EnvoyFilters (internal/istiodharness).
+      install pilot-discovery "istio.io/istio/pilot/cmd/pilot-discovery@${ISTIO_VERSION}"
       ;;
     istioctl)
       install istioctl "istio.io/istio/istioctl/cmd/istioctl@${ISTIO_VERSION}"

@@ -86,7 +86,8 @@ func TestE2E(t *testing.T) {
 		t.Errorf("unchanged EnvoyFilter was rewritten (resourceVersion %s -> %s, %v)", rv, ef.GetResourceVersion(), err)
 	}
 
-	// Update: a second port becomes a second patch.
+	// Update: a second port adds a second pair of patches (HTTP and TCP)
+	// to the first pair and the catch-all pair.
 	e.apply("api", "api", "    - port: 8080\n      rules: [{http: [{method: GET}]}]\n    - port: 9090\n")
 	e.eventually("EnvoyFilter updated", func() string {
 		ef, err := filters.Get(ctx, efName, metav1.GetOptions{})
@@ -94,7 +95,7 @@ func TestE2E(t *testing.T) {
 			return err.Error()
 		}
 		patches, _, _ := unstructured.NestedSlice(ef.Object, "spec", "configPatches")
-		if len(patches) != 2 {
+		if len(patches) != 6 {
 			return fmt.Sprintf("%d patches", len(patches))
 		}
 		return ""

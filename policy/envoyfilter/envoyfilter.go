@@ -2,9 +2,19 @@
 // resources for sidecar-mode pods: per group of pods selected by the same
 // policies, one EnvoyFilter whose workload selector picks exactly those pods
 // and whose patches insert the RBAC HTTP filter before the router in the
-// sidecar's inbound HTTP filter chain of every protected port. The rules
-// match callers by the SPIFFE ID in their Istio mTLS peer certificate
-// (compile.IdentityPeerCertificate). Pure: no API calls.
+// sidecar's inbound HTTP filter chain of every protected port, and a
+// network RBAC filter before the TCP proxy in the port's inbound TCP filter
+// chains (which istiod builds for ports whose protocol it sniffs or that a
+// Service declares TCP): without it, a non-HTTP connection (or an mTLS
+// client choosing Istio's TCP ALPN) would reach the port untouched. On a
+// TCP chain only the rules without an http part can allow anything. A
+// protected port that no Service declares has no chain of its own: its
+// traffic takes the inbound listener's catch-all chains (HTTP
+// virtualInbound-catchall-http, TCP virtualInbound), so those get one more
+// pair of filters whose rules apply to the protected ports only
+// (destination_port) and allow everything on every other port. The
+// rules match callers by the SPIFFE ID in their Istio mTLS peer
+// certificate (compile.IdentityPeerCertificate). Pure: no API calls.
 package envoyfilter
 
 import (
@@ -17,7 +27,11 @@ import (
 	"sort"
 	"strings"
 
+	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
+	rbacfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
+	netrbacv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/structpb"
 	networkingv1alpha3 "istio.io/api/networking/v1alpha3"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -44,7 +58,17 @@ const (
 	AnnotationPolicies = "sidelane.io/policies"
 	// FilterName is the inserted HTTP filter's name.
 	FilterName = "sidelane.l7policy"
-	rbacType   = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+	// NetworkFilterName is the network filter's name on TCP chains.
+	NetworkFilterName = "sidelane.l7policy.tcp"
+	rbacType          = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+	networkRBACType   = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC"
+	networkStatPrefix = "sidelane_l7policy_tcp."
+	// Istio's inbound listener and its catch-all (passthrough) filter
+	// chains, for traffic to ports no Service declares.
+	virtualInbound         = "virtualInbound"
+	catchAllHTTPChain      = "virtualInbound-catchall-http"
+	catchAllTCPChain       = "virtualInbound"
+	unprotectedPortsPolicy = "sidelane/unprotected-ports"
 )
 
 // churnLabels change on every rollout; keeping them out of the workload
@@ -134,37 +158,56 @@ func selector(g compile.Group, allPods []compile.Pod) (map[string]string, error)
 func render(g compile.Group, sel map[string]string, uids map[string]types.UID) (*unstructured.Unstructured, error) {
 	spec := &networkingv1alpha3.EnvoyFilter{WorkloadSelector: &networkingv1alpha3.WorkloadSelector{Labels: sel}}
 	for _, p := range g.Ports {
-		rules, err := protojson.MarshalOptions{UseProtoNames: true}.Marshal(p.RBAC)
+		httpValue, err := filterValue(FilterName, rbacType, p.RBAC)
 		if err != nil {
 			return nil, fmt.Errorf("port %d: %w", p.Port, err)
 		}
-		var typed map[string]any
-		if err := json.Unmarshal(rules, &typed); err != nil {
-			return nil, fmt.Errorf("port %d: %w", p.Port, err)
+		tcp := networkRBAC(p.RBAC)
+		if err := tcp.ValidateAll(); err != nil {
+			return nil, fmt.Errorf("port %d: envoy rejects the network rbac config: %w", p.Port, err)
 		}
-		typed["@type"] = rbacType
-		value, err := structpb.NewStruct(map[string]any{"name": FilterName, "typed_config": typed})
+		tcpValue, err := filterValue(NetworkFilterName, networkRBACType, tcp)
 		if err != nil {
 			return nil, fmt.Errorf("port %d: %w", p.Port, err)
 		}
-		spec.ConfigPatches = append(spec.ConfigPatches, &networkingv1alpha3.EnvoyFilter_EnvoyConfigObjectPatch{
-			ApplyTo: networkingv1alpha3.EnvoyFilter_HTTP_FILTER,
-			Match: &networkingv1alpha3.EnvoyFilter_EnvoyConfigObjectMatch{
-				Context: networkingv1alpha3.EnvoyFilter_SIDECAR_INBOUND,
-				ObjectTypes: &networkingv1alpha3.EnvoyFilter_EnvoyConfigObjectMatch_Listener{Listener: &networkingv1alpha3.EnvoyFilter_ListenerMatch{
-					PortNumber: uint32(p.Port),
-					FilterChain: &networkingv1alpha3.EnvoyFilter_ListenerMatch_FilterChainMatch{
-						Filter: &networkingv1alpha3.EnvoyFilter_ListenerMatch_FilterMatch{
-							Name:      "envoy.filters.network.http_connection_manager",
-							SubFilter: &networkingv1alpha3.EnvoyFilter_ListenerMatch_SubFilterMatch{Name: "envoy.filters.http.router"},
-						},
-					},
-				}},
-			},
+		spec.ConfigPatches = append(spec.ConfigPatches,
 			// Before the router: after Istio's own authn/authz filters,
 			// so Istio's AuthorizationPolicies still apply first.
-			Patch: &networkingv1alpha3.EnvoyFilter_Patch{Operation: networkingv1alpha3.EnvoyFilter_Patch_INSERT_BEFORE, Value: value},
-		})
+			inboundPatch(networkingv1alpha3.EnvoyFilter_HTTP_FILTER, p.Port, &networkingv1alpha3.EnvoyFilter_ListenerMatch_FilterMatch{
+				Name:      "envoy.filters.network.http_connection_manager",
+				SubFilter: &networkingv1alpha3.EnvoyFilter_ListenerMatch_SubFilterMatch{Name: "envoy.filters.http.router"},
+			}, httpValue),
+			// Before the TCP proxy of the port's TCP chains (none when the
+			// port is declared HTTP: then the patch matches nothing).
+			inboundPatch(networkingv1alpha3.EnvoyFilter_NETWORK_FILTER, p.Port, &networkingv1alpha3.EnvoyFilter_ListenerMatch_FilterMatch{
+				Name: "envoy.filters.network.tcp_proxy",
+			}, tcpValue),
+		)
+	}
+	if len(g.Ports) > 0 {
+		catchHTTP, catchTCP := catchAll(g.Ports)
+		for _, c := range []proto.Message{catchHTTP, catchTCP} {
+			if err := c.(interface{ ValidateAll() error }).ValidateAll(); err != nil {
+				return nil, fmt.Errorf("catch-all chains: envoy rejects the rbac config: %w", err)
+			}
+		}
+		httpValue, err := filterValue(FilterName, rbacType, catchHTTP)
+		if err != nil {
+			return nil, fmt.Errorf("catch-all chains: %w", err)
+		}
+		tcpValue, err := filterValue(NetworkFilterName, networkRBACType, catchTCP)
+		if err != nil {
+			return nil, fmt.Errorf("catch-all chains: %w", err)
+		}
+		spec.ConfigPatches = append(spec.ConfigPatches,
+			catchAllPatch(networkingv1alpha3.EnvoyFilter_HTTP_FILTER, catchAllHTTPChain, &networkingv1alpha3.EnvoyFilter_ListenerMatch_FilterMatch{
+				Name:      "envoy.filters.network.http_connection_manager",
+				SubFilter: &networkingv1alpha3.EnvoyFilter_ListenerMatch_SubFilterMatch{Name: "envoy.filters.http.router"},
+			}, httpValue),
+			catchAllPatch(networkingv1alpha3.EnvoyFilter_NETWORK_FILTER, catchAllTCPChain, &networkingv1alpha3.EnvoyFilter_ListenerMatch_FilterMatch{
+				Name: "envoy.filters.network.tcp_proxy",
+			}, tcpValue),
+		)
 	}
 	specJSON, err := protojson.Marshal(spec)
 	if err != nil {
@@ -191,4 +234,101 @@ func render(g compile.Group, sel map[string]string, uids map[string]types.UID) (
 	}
 	u.SetOwnerReferences(owners)
 	return u, nil
+}
+
+func inboundPatch(to networkingv1alpha3.EnvoyFilter_ApplyTo, port int32, filter *networkingv1alpha3.EnvoyFilter_ListenerMatch_FilterMatch, value *structpb.Struct) *networkingv1alpha3.EnvoyFilter_EnvoyConfigObjectPatch {
+	return &networkingv1alpha3.EnvoyFilter_EnvoyConfigObjectPatch{
+		ApplyTo: to,
+		Match: &networkingv1alpha3.EnvoyFilter_EnvoyConfigObjectMatch{
+			Context: networkingv1alpha3.EnvoyFilter_SIDECAR_INBOUND,
+			ObjectTypes: &networkingv1alpha3.EnvoyFilter_EnvoyConfigObjectMatch_Listener{Listener: &networkingv1alpha3.EnvoyFilter_ListenerMatch{
+				PortNumber:  uint32(port),
+				FilterChain: &networkingv1alpha3.EnvoyFilter_ListenerMatch_FilterChainMatch{Filter: filter},
+			}},
+		},
+		Patch: &networkingv1alpha3.EnvoyFilter_Patch{Operation: networkingv1alpha3.EnvoyFilter_Patch_INSERT_BEFORE, Value: value},
+	}
+}
+
+// filterValue is an EnvoyFilter patch value {name, typed_config}.
+func filterValue(name, typeURL string, cfg proto.Message) (*structpb.Struct, error) {
+	b, err := protojson.MarshalOptions{UseProtoNames: true}.Marshal(cfg)
+	if err != nil {
+		return nil, err
+	}
+	var typed map[string]any
+	if err := json.Unmarshal(b, &typed); err != nil {
+		return nil, err
+	}
+	typed["@type"] = typeURL
+	return structpb.NewStruct(map[string]any{"name": name, "typed_config": typed})
+}
+
+// networkRBAC is the TCP-level form of a port's HTTP rules: the policies
+// that allow any request (rules without an http part) allow the
+// connection; every other policy needs HTTP and is left out. No policy
+// left: every non-HTTP connection is denied.
+func networkRBAC(h *rbacfilterv3.RBAC) *netrbacv3.RBAC {
+	out := &rbacv3.RBAC{Action: rbacv3.RBAC_ALLOW, Policies: map[string]*rbacv3.Policy{}}
+	for name, p := range h.GetRules().GetPolicies() {
+		if len(p.GetPermissions()) > 0 && !slices.ContainsFunc(p.GetPermissions(), func(perm *rbacv3.Permission) bool { return !perm.GetAny() }) {
+			out.Policies[name] = p
+		}
+	}
+	return &netrbacv3.RBAC{StatPrefix: networkStatPrefix, Rules: out}
+}
+
+// catchAllPatch inserts before filter in the named filter chain of the
+// inbound listener. No portNumber: on the virtual inbound listener istiod
+// would compare it with the chain's destination_port, which the catch-all
+// chains do not have.
+func catchAllPatch(to networkingv1alpha3.EnvoyFilter_ApplyTo, chain string, filter *networkingv1alpha3.EnvoyFilter_ListenerMatch_FilterMatch, value *structpb.Struct) *networkingv1alpha3.EnvoyFilter_EnvoyConfigObjectPatch {
+	return &networkingv1alpha3.EnvoyFilter_EnvoyConfigObjectPatch{
+		ApplyTo: to,
+		Match: &networkingv1alpha3.EnvoyFilter_EnvoyConfigObjectMatch{
+			Context: networkingv1alpha3.EnvoyFilter_SIDECAR_INBOUND,
+			ObjectTypes: &networkingv1alpha3.EnvoyFilter_EnvoyConfigObjectMatch_Listener{Listener: &networkingv1alpha3.EnvoyFilter_ListenerMatch{
+				Name:        virtualInbound,
+				FilterChain: &networkingv1alpha3.EnvoyFilter_ListenerMatch_FilterChainMatch{Name: chain, Filter: filter},
+			}},
+		},
+		Patch: &networkingv1alpha3.EnvoyFilter_Patch{Operation: networkingv1alpha3.EnvoyFilter_Patch_INSERT_BEFORE, Value: value},
+	}
+}
+
+// catchAll is the rules of the catch-all chains, which see every port: each
+// port's policies restricted to its destination_port, plus one policy that
+// allows anything on a port the group does not protect.
+func catchAll(ports []compile.Port) (*rbacfilterv3.RBAC, *netrbacv3.RBAC) {
+	httpRules := &rbacv3.RBAC{Action: rbacv3.RBAC_ALLOW, Policies: map[string]*rbacv3.Policy{}}
+	tcpRules := &rbacv3.RBAC{Action: rbacv3.RBAC_ALLOW, Policies: map[string]*rbacv3.Policy{}}
+	var protected []*rbacv3.Permission
+	for _, p := range ports {
+		port := &rbacv3.Permission{Rule: &rbacv3.Permission_DestinationPort{DestinationPort: uint32(p.Port)}}
+		protected = append(protected, port)
+		for name, pol := range p.RBAC.GetRules().GetPolicies() {
+			httpRules.Policies[name] = onPort(port, pol)
+		}
+		for name, pol := range networkRBAC(p.RBAC).GetRules().GetPolicies() {
+			tcpRules.Policies[name] = onPort(port, pol)
+		}
+	}
+	other := &rbacv3.Policy{
+		Permissions: []*rbacv3.Permission{{Rule: &rbacv3.Permission_NotRule{NotRule: &rbacv3.Permission{
+			Rule: &rbacv3.Permission_OrRules{OrRules: &rbacv3.Permission_Set{Rules: protected}}}}}},
+		Principals: []*rbacv3.Principal{{Identifier: &rbacv3.Principal_Any{Any: true}}},
+	}
+	httpRules.Policies[unprotectedPortsPolicy] = other
+	tcpRules.Policies[unprotectedPortsPolicy] = other
+	return &rbacfilterv3.RBAC{Rules: httpRules}, &netrbacv3.RBAC{StatPrefix: networkStatPrefix, Rules: tcpRules}
+}
+
+// onPort restricts pol to one destination port.
+func onPort(port *rbacv3.Permission, pol *rbacv3.Policy) *rbacv3.Policy {
+	return &rbacv3.Policy{
+		Permissions: []*rbacv3.Permission{{Rule: &rbacv3.Permission_AndRules{AndRules: &rbacv3.Permission_Set{Rules: []*rbacv3.Permission{
+			port, {Rule: &rbacv3.Permission_OrRules{OrRules: &rbacv3.Permission_Set{Rules: pol.GetPermissions()}}},
+		}}}}},
+		Principals: pol.GetPrincipals(),
+	}
 }
