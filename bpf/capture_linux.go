@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
 	"syscall"
 
 	"github.com/cilium/ebpf"
@@ -40,7 +41,12 @@ type Config struct {
 type Capture struct {
 	cfg   Config
 	objs  captureObjects
+	cgID  uint64
+	atts  []attachment // what links[i] attaches
 	links []link.Link
+	// mu orders Repair against the per-pod calls that attach, detach or
+	// delete, so a repair never re-attaches a pod being deleted.
+	mu sync.Mutex
 }
 
 type attachment struct {
@@ -99,6 +105,7 @@ func Load(cfg Config) (*Capture, error) {
 		c.objs.Close()
 		return nil, fmt.Errorf("attach sk_msg to sock_pairs: %w", err)
 	}
+	c.cgID = cgID
 	for _, a := range []attachment{
 		{"connect4", c.objs.SidelaneConnect4, ebpf.AttachCGroupInet4Connect},
 		{"connect6", c.objs.SidelaneConnect6, ebpf.AttachCGroupInet6Connect},
@@ -117,6 +124,7 @@ func Load(cfg Config) (*Capture, error) {
 			c.Close()
 			return nil, err
 		}
+		c.atts = append(c.atts, a)
 		c.links = append(c.links, l)
 	}
 	if err := c.updateInbound(); err != nil {
@@ -379,6 +387,8 @@ func ignoreNotExist(err error) error {
 // config first (capture stops at once), then rules, counters and recorded
 // connections. Deleting an unknown netns is not an error.
 func (c *Capture) Delete(netns uint64) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	var errs []error
 	errs = append(errs, ignoreNotExist(c.objs.Pods.Delete(&netns)))
 	// A per-node pod's connections to the node proxy are keyed by the
