@@ -15,6 +15,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
 )
 
 // Config says where to attach and pin.
@@ -71,6 +72,9 @@ func Load(cfg Config) (*Capture, error) {
 		return nil, errors.New("cgroup: no attach point configured")
 	}
 	if err := checkCgroup2(cfg.Cgroup); err != nil {
+		return nil, err
+	}
+	if err := checkBPFFS(cfg.PinDir); err != nil {
 		return nil, err
 	}
 	if err := os.MkdirAll(cfg.PinDir, 0o700); err != nil {
@@ -231,6 +235,28 @@ func checkCgroup2(path string) error {
 	return nil
 }
 
+// checkBPFFS fails unless dir is on bpffs, or would be created on it (its
+// nearest existing ancestor is), so a wrong pin dir creates nothing: maps
+// pinned elsewhere could not be pinned at all, and a pin dir on a tmpfs
+// would not outlive the agent the way bpffs pins do.
+func checkBPFFS(dir string) error {
+	p := filepath.Clean(dir)
+	for {
+		var st syscall.Statfs_t
+		err := syscall.Statfs(p, &st)
+		if err == nil {
+			if st.Type != unix.BPF_FS_MAGIC {
+				return fmt.Errorf("pin dir %s: not on a bpf filesystem (%s is not bpffs; mount one with mount -t bpf bpf %s)", dir, p, p)
+			}
+			return nil
+		}
+		if !errors.Is(err, os.ErrNotExist) || p == filepath.Dir(p) {
+			return fmt.Errorf("pin dir %s: %w", dir, err)
+		}
+		p = filepath.Dir(p)
+	}
+}
+
 // cgroupID is the cgroup v2 id, which is the directory's inode number.
 func cgroupID(path string) (uint64, error) {
 	fi, err := os.Stat(path)
@@ -297,41 +323,108 @@ func (p Pod) portKeys(netns uint64) []capturePortKey {
 // exclusions are written first and the pod's config last: the programs
 // capture nothing for a netns without a config, so a pod is never captured
 // with half of its exclusions. On re-enroll, rules the pod no longer has are
-// removed after the new config is in place.
-func (c *Capture) Put(netns uint64, p Pod) error {
+// removed after the new config is in place. When a write fails before the
+// config is in place (a full map: ErrMapFull), every entry written is
+// removed and every value overwritten is put back, so the maps are as they
+// were: a new pod stays unenrolled, an enrolled one keeps its old state.
+func (c *Capture) Put(netns uint64, p Pod) (err error) {
 	if netns == 0 {
 		return errors.New("netns cookie: must not be 0")
 	}
+	var u undo
+	defer func() {
+		if err != nil {
+			if uerr := u.run(); uerr != nil {
+				err = fmt.Errorf("%w (undoing the partial write: %w)", err, uerr)
+			}
+		}
+	}()
 	one := uint8(1)
 	newCIDRs, vals := p.cidrKeys(netns)
 	for i, k := range newCIDRs {
-		if err := c.objs.Cidrs.Update(&k, &vals[i], ebpf.UpdateAny); err != nil {
-			return fmt.Errorf("write CIDR rule: %w", err)
+		if err := write(&u, c.objs.Cidrs, k, vals[i]); err != nil {
+			return mapErr(c.objs.Cidrs, "CIDR rules", fmt.Errorf("write CIDR rule: %w", err))
 		}
 	}
 	newPorts := p.portKeys(netns)
 	for _, k := range newPorts {
-		if err := c.objs.Ports.Update(&k, &one, ebpf.UpdateAny); err != nil {
-			return fmt.Errorf("write port rule: %w", err)
+		if err := write(&u, c.objs.Ports, k, one); err != nil {
+			return mapErr(c.objs.Ports, "port rules", fmt.Errorf("write port rule: %w", err))
 		}
 	}
 	newIPs := make([][16]byte, 0, len(p.IPs))
 	for _, ip := range p.IPs {
 		k := mapped(ip)
 		newIPs = append(newIPs, k)
-		if err := c.objs.PodIps.Update(&k, &netns, ebpf.UpdateAny); err != nil {
-			return fmt.Errorf("write pod IP %s: %w", ip, err)
+		if err := write(&u, c.objs.PodIps, k, netns); err != nil {
+			return mapErr(c.objs.PodIps, "pod IPs", fmt.Errorf("write pod IP %s: %w", ip, err))
 		}
 	}
 	zero := make([]captureCounters, ebpf.MustPossibleCPU())
-	if err := c.objs.PodCounters.Update(&netns, zero, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
-		return fmt.Errorf("create pod counters: %w", err)
+	switch err := c.objs.PodCounters.Update(&netns, zero, ebpf.UpdateNoExist); {
+	case err == nil:
+		u = append(u, func() error { return ignoreNotExist(c.objs.PodCounters.Delete(&netns)) })
+	case !errors.Is(err, ebpf.ErrKeyExist):
+		return mapErr(c.objs.PodCounters, "pods", fmt.Errorf("create pod counters: %w", err))
 	}
 	cfg := p.config()
 	if err := c.objs.Pods.Update(&netns, &cfg, ebpf.UpdateAny); err != nil {
-		return fmt.Errorf("write pod config: %w", err)
+		return mapErr(c.objs.Pods, "pods", fmt.Errorf("write pod config: %w", err))
 	}
+	u = nil // the pod's new state is in force
 	return c.deleteStale(netns, newCIDRs, newPorts, newIPs)
+}
+
+// undo reverts a partial Put, last write first.
+type undo []func() error
+
+func (u undo) run() error {
+	var errs []error
+	for i := len(u) - 1; i >= 0; i-- {
+		errs = append(errs, u[i]())
+	}
+	return errors.Join(errs...)
+}
+
+// write sets k to v in m and records how to revert that in u: delete a
+// new key, put an overwritten value back.
+func write[K, V comparable](u *undo, m *ebpf.Map, k K, v V) error {
+	err := m.Update(&k, &v, ebpf.UpdateNoExist)
+	if err == nil {
+		*u = append(*u, func() error { return ignoreNotExist(m.Delete(&k)) })
+		return nil
+	}
+	if !errors.Is(err, ebpf.ErrKeyExist) {
+		return err
+	}
+	var old V
+	if err := m.Lookup(&k, &old); err != nil {
+		return err
+	}
+	if old == v {
+		return nil
+	}
+	if err := m.Update(&k, &v, ebpf.UpdateAny); err != nil {
+		return err
+	}
+	*u = append(*u, func() error { return m.Update(&k, &old, ebpf.UpdateAny) })
+	return nil
+}
+
+// mapErr names the node's limit when err is m being full (hash maps
+// answer E2BIG, LPM tries ENOSPC).
+func mapErr(m *ebpf.Map, what string, err error) error {
+	if errors.Is(err, unix.E2BIG) || errors.Is(err, unix.ENOSPC) {
+		return fmt.Errorf("node limit of %d %s reached (map %s full): %w: %w", m.MaxEntries(), what, mapName(m), ErrMapFull, err)
+	}
+	return err
+}
+
+func mapName(m *ebpf.Map) string {
+	if info, err := m.Info(); err == nil {
+		return info.Name
+	}
+	return "?"
 }
 
 // deleteStale removes netns's rules that are not in the keep lists.
