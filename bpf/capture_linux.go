@@ -178,11 +178,13 @@ func (c *Capture) attach(a attachment, cgID uint64) (link.Link, error) {
 // Close releases this process's handles. Pinned maps and links stay, so
 // capture goes on (an agent restart drops nothing).
 func (c *Capture) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	var errs []error
 	for _, l := range c.links {
 		errs = append(errs, l.Close())
 	}
-	c.links = nil
+	c.links, c.atts = nil, nil
 	errs = append(errs, c.objs.Close())
 	return errors.Join(errs...)
 }

@@ -26,6 +26,9 @@ import (
 func (c *Capture) Repair(inbound []Inbound) ([]Repaired, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.atts == nil {
+		return nil, errors.New("repair: capture closed")
+	}
 	var done []Repaired
 	var errs []error
 	for i, a := range c.atts {
