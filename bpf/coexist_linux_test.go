@@ -16,6 +16,8 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"golang.org/x/sys/unix"
+
+	"github.com/sidelane/sidelane/istio/capture"
 )
 
 // The neighbour is another agent's program set on the same node, modelled
@@ -27,6 +29,8 @@ import (
 var (
 	serviceVIP  = netip.AddrPortFrom(netip.MustParseAddr("10.96.0.10"), 80)
 	backend     = netip.AddrPortFrom(remoteIP, 8080)
+	dnsVIP      = netip.AddrPortFrom(netip.MustParseAddr("10.96.0.10"), 53) // kube-dns
+	dnsBackend  = netip.AddrPortFrom(remoteIP, 53)
 	redirected4 = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), 15001)
 )
 
@@ -36,12 +40,14 @@ const (
 	sawRedirect        // connect4 saw sidelane's redirect to 127.0.0.1:15001
 	sawSockops         // sock_ops callbacks
 	sawTC              // tcx ingress packets
+	sawDNSVIP          // sendmsg4 saw the DNS VIP (and rewrote it)
 	nSlots
 )
 
 type neighbour struct {
 	counts   *ebpf.Map
 	connect4 *ebpf.Program
+	sendmsg4 *ebpf.Program
 	sockops  *ebpf.Program
 	tcx      *ebpf.Program
 }
@@ -103,6 +109,23 @@ func newNeighbour(t *testing.T) *neighbour {
 	c4 = append(c4, bump(counts, sawRedirect)...)
 	c4 = append(c4, asm.Mov.Imm(asm.R0, 1).WithSymbol("out"), asm.Return())
 
+	// sendmsg4: the same for UDP to the DNS VIP.
+	sm4 := asm.Instructions{
+		asm.Mov.Reg(asm.R6, asm.R1),
+		asm.LoadMem(asm.R7, asm.R6, 4, asm.Word),
+		asm.LoadMem(asm.R8, asm.R6, 24, asm.Word),
+		asm.JNE.Imm32(asm.R7, ip4(dnsVIP), "out"),
+		asm.JNE.Imm32(asm.R8, port(dnsVIP), "out"),
+	}
+	sm4 = append(sm4, bump(counts, sawDNSVIP)...)
+	sm4 = append(sm4,
+		asm.Mov.Imm32(asm.R1, ip4(dnsBackend)),
+		asm.StoreMem(asm.R6, 4, asm.R1, asm.Word),
+		asm.Mov.Imm32(asm.R1, port(dnsBackend)),
+		asm.StoreMem(asm.R6, 24, asm.R1, asm.Word),
+		asm.Mov.Imm(asm.R0, 1).WithSymbol("out"), asm.Return(),
+	)
+
 	so := append(bump(counts, sawSockops), asm.Mov.Imm(asm.R0, 1), asm.Return())
 	tc := append(bump(counts, sawTC), asm.Mov.Imm(asm.R0, -1), asm.Return()) // TCX_NEXT
 
@@ -113,6 +136,7 @@ func newNeighbour(t *testing.T) *neighbour {
 		insn asm.Instructions
 	}{
 		{&n.connect4, ebpf.CGroupSockAddr, ebpf.AttachCGroupInet4Connect, c4},
+		{&n.sendmsg4, ebpf.CGroupSockAddr, ebpf.AttachCGroupUDP4Sendmsg, sm4},
 		{&n.sockops, ebpf.SockOps, ebpf.AttachCGroupSockOps, so},
 		{&n.tcx, ebpf.SchedCLS, ebpf.AttachTCXIngress, tc},
 	} {
@@ -152,7 +176,7 @@ func (n *neighbour) attachCgroup(t *testing.T, dir string, legacy bool) {
 	for _, p := range []struct {
 		prog *ebpf.Program
 		at   ebpf.AttachType
-	}{{n.connect4, ebpf.AttachCGroupInet4Connect}, {n.sockops, ebpf.AttachCGroupSockOps}} {
+	}{{n.connect4, ebpf.AttachCGroupInet4Connect}, {n.sendmsg4, ebpf.AttachCGroupUDP4Sendmsg}, {n.sockops, ebpf.AttachCGroupSockOps}} {
 		if !legacy {
 			l, err := link.AttachCgroup(link.CgroupOptions{Path: dir, Attach: p.at, Program: p.prog})
 			if err != nil {
@@ -261,6 +285,7 @@ func TestCoexistCgroup(t *testing.T) {
 			}{
 				{ebpf.AttachCGroupInet4Connect, e.cap.objs.SidelaneConnect4, n.connect4},
 				{ebpf.AttachCGroupSockOps, e.cap.objs.SidelaneSockops, n.sockops},
+				{ebpf.AttachCGroupUDP4Sendmsg, e.cap.objs.SidelaneSendmsg4, n.sendmsg4},
 			} {
 				if got := effective(t, e.cgroup, at.at, at.sidelane, at.n); !slices.Equal(got, wantOrder) {
 					t.Errorf("%v run order for the pod = %v, want %v", at.at, got, wantOrder)
@@ -382,6 +407,71 @@ func TestCoexistTCX(t *testing.T) {
 			}
 			if !tt.before && got != 0 {
 				t.Errorf("neighbour attached after sidelane saw %d packets; sidelane ends the tcx chain today (update the README if capture.c now returns TCX_NEXT)", got)
+			}
+		})
+	}
+}
+
+// TestCoexistDNS: DNS capture (sendmsg4/recvmsg4 to the pod's DNS proxy)
+// next to a neighbour that rewrites the kube-dns VIP in sendmsg4, as
+// Cilium's socket LB does. Either way the query reaches the DNS proxy; the
+// reply's source is the address sidelane saw: the VIP when sidelane runs
+// first, the backend when the neighbour does. A resolver that checks the
+// reply's source against the server it asked drops the
+// latter, one more reason for Cilium's socketLB.hostNamespaceOnly.
+func TestCoexistDNS(t *testing.T) {
+	for _, tt := range []struct {
+		name          string
+		sidelaneFirst bool
+	}{{"neighbour on the parent cgroup", true}, {"neighbour on the same cgroup, attached first", false}} {
+		t.Run(tt.name, func(t *testing.T) {
+			e := newEnvOpts(t, envOpts{nested: true, noLoad: true})
+			n := newNeighbour(t)
+			if tt.sidelaneFirst {
+				n.attachCgroup(t, e.parent, false)
+			} else {
+				n.attachCgroup(t, e.cgroup, false)
+			}
+			e.load()
+			podNS, err := ns.GetNS(e.podPath)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer podNS.Close()
+			var pc net.PacketConn
+			if err := podNS.Do(func(ns.NetNS) error {
+				pc, err = net.ListenPacket("udp4", fmt.Sprintf("127.0.0.1:%d", capture.DNSPort))
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			defer pc.Close()
+			go func() {
+				buf := make([]byte, 100)
+				for {
+					k, from, err := pc.ReadFrom(buf)
+					if err != nil {
+						return
+					}
+					pc.WriteTo([]byte("proxied-"+string(buf[:k])), from)
+				}
+			}()
+			s := defaultSettings()
+			s.DNSCapture, s.DNSPort = true, capture.DNSPort
+			e.enroll(s)
+			out, err := e.app("udp", dnsVIP.String(), false).CombinedOutput()
+			if err != nil {
+				t.Fatalf("udp query to %s: %v: %s", dnsVIP, err, out)
+			}
+			from := dnsBackend
+			if tt.sidelaneFirst {
+				from = dnsVIP
+			}
+			if got, want := strings.TrimSpace(string(out)), "from="+from.String()+" data=proxied-query"; got != want {
+				t.Errorf("UDP DNS to the VIP: %q, want %q", got, want)
+			}
+			if got, want := n.count(t, sawDNSVIP), map[bool]uint32{true: 0, false: 1}[tt.sidelaneFirst]; got != want {
+				t.Errorf("neighbour rewrote the DNS VIP %d times, want %d", got, want)
 			}
 		})
 	}
