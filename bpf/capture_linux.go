@@ -34,6 +34,9 @@ type Config struct {
 	// the product must never make small writes slower than plain TCP.
 	EnableShortcut bool
 	Log            *slog.Logger
+
+	// spec replaces the embedded object (tests: another version's layout).
+	spec *ebpf.CollectionSpec
 }
 
 // Capture is the loaded and attached capture datapath. Closing it leaves
@@ -80,12 +83,22 @@ func Load(cfg Config) (*Capture, error) {
 	if err := os.MkdirAll(cfg.PinDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create pin dir: %w", err)
 	}
-	spec, err := loadCapture()
-	if err != nil {
-		return nil, fmt.Errorf("parse embedded BPF object: %w", err)
+	spec := cfg.spec
+	if spec == nil {
+		var err error
+		if spec, err = loadCapture(); err != nil {
+			return nil, fmt.Errorf("parse embedded BPF object: %w", err)
+		}
 	}
 	c := &Capture{cfg: cfg}
-	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: cfg.PinDir}}
+	// Pinned maps of an older layout are copied into maps of this one;
+	// they take the old pins only once every link runs the new programs.
+	mig, err := planMigration(spec, cfg.PinDir, cfg.Log)
+	if err != nil {
+		return nil, err
+	}
+	defer mig.abort()
+	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: cfg.PinDir}, MapReplacements: mig.replacements()}
 	if err := spec.LoadAndAssign(&c.objs, opts); err != nil {
 		if errors.Is(err, ebpf.ErrMapIncompatible) {
 			return nil, fmt.Errorf("maps pinned in %s do not match this version's layout: %w", cfg.PinDir, err)
@@ -134,6 +147,10 @@ func Load(cfg Config) (*Capture, error) {
 	if err := c.updateInbound(); err != nil {
 		c.Close()
 		return nil, fmt.Errorf("update pinned inbound links: %w", err)
+	}
+	if err := mig.commit(c.pinnedMaps()); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("migrate maps: %w", err)
 	}
 	return c, nil
 }
@@ -199,11 +216,13 @@ func (c *Capture) Uninstall() error {
 	errs = append(errs, link.RawDetachProgram(link.RawDetachProgramOptions{
 		Target: c.objs.SockPairs.FD(), Program: c.objs.SidelaneMsg, Attach: ebpf.AttachSkMsgVerdict,
 	}))
-	for _, m := range []*ebpf.Map{c.objs.Pods, c.objs.Cidrs, c.objs.Ports, c.objs.PodIps,
-		c.objs.OrigByCookie, c.objs.OrigByTuple, c.objs.PodCounters, c.objs.Settings,
-		c.objs.SockPairs, c.objs.PairCookies, c.objs.NodeProxyCfg, c.objs.NodeCounters, c.objs.Accepted} {
+	for name, m := range c.pinnedMaps() {
 		if m != nil {
 			errs = append(errs, m.Unpin())
+		}
+		// By name too: a migrated map's handle does not know its pin.
+		if err := os.Remove(filepath.Join(c.cfg.PinDir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
 		}
 	}
 	errs = append(errs, c.Close())
