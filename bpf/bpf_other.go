@@ -25,3 +25,8 @@ func (*Capture) Close() error { return nil }
 
 // Uninstall does nothing here.
 func (*Capture) Uninstall() error { return nil }
+
+// Repair needs Linux.
+func (*Capture) Repair([]Inbound) ([]Repaired, error) {
+	return nil, fmt.Errorf("repair: %w", ErrNotSupported)
+}

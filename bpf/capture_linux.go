@@ -10,10 +10,12 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
 	"syscall"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
 )
 
 // Config says where to attach and pin.
@@ -32,6 +34,9 @@ type Config struct {
 	// the product must never make small writes slower than plain TCP.
 	EnableShortcut bool
 	Log            *slog.Logger
+
+	// spec replaces the embedded object (tests: another version's layout).
+	spec *ebpf.CollectionSpec
 }
 
 // Capture is the loaded and attached capture datapath. Closing it leaves
@@ -40,7 +45,12 @@ type Config struct {
 type Capture struct {
 	cfg   Config
 	objs  captureObjects
+	cgID  uint64
+	atts  []attachment // what links[i] attaches
 	links []link.Link
+	// mu orders Repair against the per-pod calls that attach, detach or
+	// delete, so a repair never re-attaches a pod being deleted.
+	mu sync.Mutex
 }
 
 type attachment struct {
@@ -67,15 +77,28 @@ func Load(cfg Config) (*Capture, error) {
 	if err := checkCgroup2(cfg.Cgroup); err != nil {
 		return nil, err
 	}
+	if err := checkBPFFS(cfg.PinDir); err != nil {
+		return nil, err
+	}
 	if err := os.MkdirAll(cfg.PinDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create pin dir: %w", err)
 	}
-	spec, err := loadCapture()
-	if err != nil {
-		return nil, fmt.Errorf("parse embedded BPF object: %w", err)
+	spec := cfg.spec
+	if spec == nil {
+		var err error
+		if spec, err = loadCapture(); err != nil {
+			return nil, fmt.Errorf("parse embedded BPF object: %w", err)
+		}
 	}
 	c := &Capture{cfg: cfg}
-	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: cfg.PinDir}}
+	// Pinned maps of an older layout are copied into maps of this one;
+	// they take the old pins only once every link runs the new programs.
+	mig, err := planMigration(spec, cfg.PinDir, cfg.Log)
+	if err != nil {
+		return nil, err
+	}
+	defer mig.abort()
+	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: cfg.PinDir}, MapReplacements: mig.replacements()}
 	if err := spec.LoadAndAssign(&c.objs, opts); err != nil {
 		if errors.Is(err, ebpf.ErrMapIncompatible) {
 			return nil, fmt.Errorf("maps pinned in %s do not match this version's layout: %w", cfg.PinDir, err)
@@ -99,6 +122,7 @@ func Load(cfg Config) (*Capture, error) {
 		c.objs.Close()
 		return nil, fmt.Errorf("attach sk_msg to sock_pairs: %w", err)
 	}
+	c.cgID = cgID
 	for _, a := range []attachment{
 		{"connect4", c.objs.SidelaneConnect4, ebpf.AttachCGroupInet4Connect},
 		{"connect6", c.objs.SidelaneConnect6, ebpf.AttachCGroupInet6Connect},
@@ -117,11 +141,16 @@ func Load(cfg Config) (*Capture, error) {
 			c.Close()
 			return nil, err
 		}
+		c.atts = append(c.atts, a)
 		c.links = append(c.links, l)
 	}
 	if err := c.updateInbound(); err != nil {
 		c.Close()
 		return nil, fmt.Errorf("update pinned inbound links: %w", err)
+	}
+	if err := mig.commit(c.pinnedMaps()); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("migrate maps: %w", err)
 	}
 	return c, nil
 }
@@ -166,11 +195,13 @@ func (c *Capture) attach(a attachment, cgID uint64) (link.Link, error) {
 // Close releases this process's handles. Pinned maps and links stay, so
 // capture goes on (an agent restart drops nothing).
 func (c *Capture) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	var errs []error
 	for _, l := range c.links {
 		errs = append(errs, l.Close())
 	}
-	c.links = nil
+	c.links, c.atts = nil, nil
 	errs = append(errs, c.objs.Close())
 	return errors.Join(errs...)
 }
@@ -185,11 +216,13 @@ func (c *Capture) Uninstall() error {
 	errs = append(errs, link.RawDetachProgram(link.RawDetachProgramOptions{
 		Target: c.objs.SockPairs.FD(), Program: c.objs.SidelaneMsg, Attach: ebpf.AttachSkMsgVerdict,
 	}))
-	for _, m := range []*ebpf.Map{c.objs.Pods, c.objs.Cidrs, c.objs.Ports, c.objs.PodIps,
-		c.objs.OrigByCookie, c.objs.OrigByTuple, c.objs.PodCounters, c.objs.Settings,
-		c.objs.SockPairs, c.objs.PairCookies, c.objs.NodeProxyCfg, c.objs.NodeCounters, c.objs.Accepted} {
+	for name, m := range c.pinnedMaps() {
 		if m != nil {
 			errs = append(errs, m.Unpin())
+		}
+		// By name too: a migrated map's handle does not know its pin.
+		if err := os.Remove(filepath.Join(c.cfg.PinDir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
 		}
 	}
 	errs = append(errs, c.Close())
@@ -221,6 +254,28 @@ func checkCgroup2(path string) error {
 		return fmt.Errorf("cgroup %s: not on a cgroup v2 filesystem: %w", path, ErrNotSupported)
 	}
 	return nil
+}
+
+// checkBPFFS fails unless dir is on bpffs, or would be created on it (its
+// nearest existing ancestor is), so a wrong pin dir creates nothing: maps
+// pinned elsewhere could not be pinned at all, and a pin dir on a tmpfs
+// would not outlive the agent the way bpffs pins do.
+func checkBPFFS(dir string) error {
+	p := filepath.Clean(dir)
+	for {
+		var st syscall.Statfs_t
+		err := syscall.Statfs(p, &st)
+		if err == nil {
+			if st.Type != unix.BPF_FS_MAGIC {
+				return fmt.Errorf("pin dir %s: not on a bpf filesystem (%s is not bpffs; mount one with mount -t bpf bpf %s)", dir, p, p)
+			}
+			return nil
+		}
+		if !errors.Is(err, os.ErrNotExist) || p == filepath.Dir(p) {
+			return fmt.Errorf("pin dir %s: %w", dir, err)
+		}
+		p = filepath.Dir(p)
+	}
 }
 
 // cgroupID is the cgroup v2 id, which is the directory's inode number.
@@ -289,41 +344,108 @@ func (p Pod) portKeys(netns uint64) []capturePortKey {
 // exclusions are written first and the pod's config last: the programs
 // capture nothing for a netns without a config, so a pod is never captured
 // with half of its exclusions. On re-enroll, rules the pod no longer has are
-// removed after the new config is in place.
-func (c *Capture) Put(netns uint64, p Pod) error {
+// removed after the new config is in place. When a write fails before the
+// config is in place (a full map: ErrMapFull), every entry written is
+// removed and every value overwritten is put back, so the maps are as they
+// were: a new pod stays unenrolled, an enrolled one keeps its old state.
+func (c *Capture) Put(netns uint64, p Pod) (err error) {
 	if netns == 0 {
 		return errors.New("netns cookie: must not be 0")
 	}
+	var u undo
+	defer func() {
+		if err != nil {
+			if uerr := u.run(); uerr != nil {
+				err = fmt.Errorf("%w (undoing the partial write: %w)", err, uerr)
+			}
+		}
+	}()
 	one := uint8(1)
 	newCIDRs, vals := p.cidrKeys(netns)
 	for i, k := range newCIDRs {
-		if err := c.objs.Cidrs.Update(&k, &vals[i], ebpf.UpdateAny); err != nil {
-			return fmt.Errorf("write CIDR rule: %w", err)
+		if err := write(&u, c.objs.Cidrs, k, vals[i]); err != nil {
+			return mapErr(c.objs.Cidrs, "CIDR rules", fmt.Errorf("write CIDR rule: %w", err))
 		}
 	}
 	newPorts := p.portKeys(netns)
 	for _, k := range newPorts {
-		if err := c.objs.Ports.Update(&k, &one, ebpf.UpdateAny); err != nil {
-			return fmt.Errorf("write port rule: %w", err)
+		if err := write(&u, c.objs.Ports, k, one); err != nil {
+			return mapErr(c.objs.Ports, "port rules", fmt.Errorf("write port rule: %w", err))
 		}
 	}
 	newIPs := make([][16]byte, 0, len(p.IPs))
 	for _, ip := range p.IPs {
 		k := mapped(ip)
 		newIPs = append(newIPs, k)
-		if err := c.objs.PodIps.Update(&k, &netns, ebpf.UpdateAny); err != nil {
-			return fmt.Errorf("write pod IP %s: %w", ip, err)
+		if err := write(&u, c.objs.PodIps, k, netns); err != nil {
+			return mapErr(c.objs.PodIps, "pod IPs", fmt.Errorf("write pod IP %s: %w", ip, err))
 		}
 	}
 	zero := make([]captureCounters, ebpf.MustPossibleCPU())
-	if err := c.objs.PodCounters.Update(&netns, zero, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
-		return fmt.Errorf("create pod counters: %w", err)
+	switch err := c.objs.PodCounters.Update(&netns, zero, ebpf.UpdateNoExist); {
+	case err == nil:
+		u = append(u, func() error { return ignoreNotExist(c.objs.PodCounters.Delete(&netns)) })
+	case !errors.Is(err, ebpf.ErrKeyExist):
+		return mapErr(c.objs.PodCounters, "pods", fmt.Errorf("create pod counters: %w", err))
 	}
 	cfg := p.config()
 	if err := c.objs.Pods.Update(&netns, &cfg, ebpf.UpdateAny); err != nil {
-		return fmt.Errorf("write pod config: %w", err)
+		return mapErr(c.objs.Pods, "pods", fmt.Errorf("write pod config: %w", err))
 	}
+	u = nil // the pod's new state is in force
 	return c.deleteStale(netns, newCIDRs, newPorts, newIPs)
+}
+
+// undo reverts a partial Put, last write first.
+type undo []func() error
+
+func (u undo) run() error {
+	var errs []error
+	for i := len(u) - 1; i >= 0; i-- {
+		errs = append(errs, u[i]())
+	}
+	return errors.Join(errs...)
+}
+
+// write sets k to v in m and records how to revert that in u: delete a
+// new key, put an overwritten value back.
+func write[K, V comparable](u *undo, m *ebpf.Map, k K, v V) error {
+	err := m.Update(&k, &v, ebpf.UpdateNoExist)
+	if err == nil {
+		*u = append(*u, func() error { return ignoreNotExist(m.Delete(&k)) })
+		return nil
+	}
+	if !errors.Is(err, ebpf.ErrKeyExist) {
+		return err
+	}
+	var old V
+	if err := m.Lookup(&k, &old); err != nil {
+		return err
+	}
+	if old == v {
+		return nil
+	}
+	if err := m.Update(&k, &v, ebpf.UpdateAny); err != nil {
+		return err
+	}
+	*u = append(*u, func() error { return m.Update(&k, &old, ebpf.UpdateAny) })
+	return nil
+}
+
+// mapErr names the node's limit when err is m being full (hash maps
+// answer E2BIG, LPM tries ENOSPC).
+func mapErr(m *ebpf.Map, what string, err error) error {
+	if errors.Is(err, unix.E2BIG) || errors.Is(err, unix.ENOSPC) {
+		return fmt.Errorf("node limit of %d %s reached (map %s full): %w: %w", m.MaxEntries(), what, mapName(m), ErrMapFull, err)
+	}
+	return err
+}
+
+func mapName(m *ebpf.Map) string {
+	if info, err := m.Info(); err == nil {
+		return info.Name
+	}
+	return "?"
 }
 
 // deleteStale removes netns's rules that are not in the keep lists.
@@ -379,6 +501,8 @@ func ignoreNotExist(err error) error {
 // config first (capture stops at once), then rules, counters and recorded
 // connections. Deleting an unknown netns is not an error.
 func (c *Capture) Delete(netns uint64) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	var errs []error
 	errs = append(errs, ignoreNotExist(c.objs.Pods.Delete(&netns)))
 	// A per-node pod's connections to the node proxy are keyed by the

@@ -130,6 +130,7 @@ func chunk(i int) []byte {
 
 type env struct {
 	t       *testing.T
+	parent  string // with envOpts.nested: the test's cgroup above cgroup
 	cgroup  string
 	cgfd    int
 	pinDir  string
@@ -147,7 +148,21 @@ func run(t *testing.T, args ...string) {
 	}
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t *testing.T) *env { return newEnvOpts(t, envOpts{}) }
+
+// envOpts vary the topology for the coexistence tests.
+type envOpts struct {
+	// nested puts the pod's cgroup (where the programs attach and the
+	// processes run) one level below a parent cgroup of the test's, so
+	// another program set can attach "at the root" without touching the
+	// machine's.
+	nested bool
+	// noLoad leaves loading to the test (e.load), so it can attach
+	// something else first.
+	noLoad bool
+}
+
+func newEnvOpts(t *testing.T, o envOpts) *env {
 	testenv.Privileged(t)
 	e := &env{t: t}
 	mnt, err := CgroupV2Mount()
@@ -155,6 +170,13 @@ func newEnv(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	e.cgroup = testenv.Cgroup(t, mnt, "sidelane-test-")
+	if o.nested {
+		e.parent = e.cgroup
+		e.cgroup = filepath.Join(e.parent, "pod")
+		if err := os.Mkdir(e.cgroup, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
 	e.cgfd, err = unix.Open(e.cgroup, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -203,7 +225,9 @@ func newEnv(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.load()
+	if !o.noLoad {
+		e.load()
+	}
 	t.Cleanup(func() {
 		if e.cap != nil {
 			if err := e.cap.Uninstall(); err != nil {

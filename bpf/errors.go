@@ -7,6 +7,11 @@ import "errors"
 // the iptables backend on it.
 var ErrNotSupported = errors.New("eBPF datapath not supported")
 
+// ErrMapFull is wrapped by Put's error when a map has no room for the pod
+// (the node's limits: 16,384 pods, 1M CIDR rules, 256Ki port rules,
+// 65,536 pod IPs). Nothing of the pod is written then.
+var ErrMapFull = errors.New("map full")
+
 // Counters are one pod's totals since it was enrolled.
 type Counters struct {
 	RedirectedOutbound uint64 // connects sent to the outbound port

@@ -25,6 +25,12 @@ func (c *Capture) inboundPin(netns uint64, ifname string) string {
 // pinned, so it outlives the agent; it goes away with the netns or on
 // Delete. Attaching again updates the pinned link in place.
 func (c *Capture) AttachInbound(netnsPath string, netns uint64, ifname string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.attachInbound(netnsPath, netns, ifname)
+}
+
+func (c *Capture) attachInbound(netnsPath string, netns uint64, ifname string) error {
 	pin := c.inboundPin(netns, ifname)
 	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
 		defer l.Close()
@@ -77,6 +83,8 @@ func (c *Capture) inboundPins(netns uint64) ([]string, error) {
 // with cookie netns (its settings now exclude that interface). Nothing
 // attached there is not an error.
 func (c *Capture) DetachInbound(netns uint64, ifname string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	pin := c.inboundPin(netns, ifname)
 	if _, err := os.Stat(pin); errors.Is(err, os.ErrNotExist) {
 		return nil

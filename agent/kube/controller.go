@@ -19,6 +19,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
@@ -53,6 +54,9 @@ const (
 	// way that applies only to a new pod (classify.Live): its capture was
 	// fixed when it was created.
 	EventRestartRequired = "SidelaneRestartRequired"
+	// EventDatapathRepaired (on the node): the agent found one of its
+	// eBPF attachments detached, replaced or unpinned and put it back.
+	EventDatapathRepaired = "SidelaneDatapathRepaired"
 )
 
 // DefaultWait bounds how long Classify waits for a pod it has not seen yet.
@@ -449,4 +453,11 @@ func mapsEqual(a, b map[string]string) bool {
 		}
 	}
 	return true
+}
+
+// NodeEventf records a Warning Event on this agent's node (kubelet's
+// convention for node references: the UID is the node's name).
+func (c *Controller) NodeEventf(reason, format string, args ...any) {
+	ref := &corev1.ObjectReference{Kind: "Node", Name: c.cfg.NodeName, UID: types.UID(c.cfg.NodeName)}
+	c.recorder.Eventf(ref, corev1.EventTypeWarning, reason, format, args...)
 }

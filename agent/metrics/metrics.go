@@ -20,6 +20,7 @@ type Metrics struct {
 	transitions *prometheus.CounterVec
 	errors      *prometheus.CounterVec
 	cniLatency  *prometheus.HistogramVec
+	repairs     *prometheus.CounterVec
 }
 
 // PodCounter reports how many attachments are in each mode, read at scrape
@@ -49,8 +50,12 @@ func New(pods PodCounter) *Metrics {
 			Help:    "Time the agent took to answer one CNI plugin request, by operation and result.",
 			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
 		}, []string{"op", "result"}),
+		repairs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "datapath_repairs_total",
+			Help: "Datapath attachments the agent found broken by someone else and put back, by kind (cgroup_link, tc_link, sk_msg, pin).",
+		}, []string{"what"}),
 	}
-	reg.MustRegister(m.decisions, m.transitions, m.errors, m.cniLatency,
+	reg.MustRegister(m.decisions, m.transitions, m.errors, m.cniLatency, m.repairs,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if pods != nil {
 		reg.MustRegister(&podCollector{pods: pods, desc: prometheus.NewDesc(
@@ -85,6 +90,13 @@ func (m *Metrics) Transition(from, to string) {
 func (m *Metrics) Error(op string) {
 	if m != nil {
 		m.errors.WithLabelValues(op).Inc()
+	}
+}
+
+// DatapathRepair counts one attachment put back (what: bpf.RepairCgroupLink, ...).
+func (m *Metrics) DatapathRepair(what string) {
+	if m != nil {
+		m.repairs.WithLabelValues(what).Inc()
 	}
 }
 

@@ -24,6 +24,7 @@ import (
 	"github.com/sidelane/sidelane/agent/nodeproxy"
 	"github.com/sidelane/sidelane/agent/ops"
 	"github.com/sidelane/sidelane/agent/store"
+	"github.com/sidelane/sidelane/bpf"
 	"github.com/sidelane/sidelane/istio/classify"
 	"github.com/sidelane/sidelane/policy/compile"
 )
@@ -147,6 +148,13 @@ func runAgent(ctx context.Context, args []string) error {
 			return rerr
 		}
 		go bpfmetrics.WatchNodeProxy(ctx, log, dp.EBPF.ReportNodeProxy, 5*time.Second)
+		// Self-repair: put back links and pins another process removed.
+		go dp.EBPF.WatchRepairs(ctx, dpf.repair, a.Store().List, func(r bpf.Repaired) {
+			m.DatapathRepair(r.What)
+			if ctrl != nil {
+				ctrl.NodeEventf(kube.EventDatapathRepaired, "sidelane re-attached its eBPF datapath: %s", r)
+			}
+		})
 	}
 	if err != nil {
 		return err

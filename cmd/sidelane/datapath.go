@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"strings"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -25,6 +26,7 @@ type datapathFlags struct {
 	nodeProxyOut  uint
 	nodeProxyIn   uint
 	nodeProxyNS   string
+	repair        time.Duration
 }
 
 func (f *datapathFlags) register(fs *flag.FlagSet) {
@@ -36,6 +38,7 @@ func (f *datapathFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.nodeProxyAddr, "node-proxy-address", "", "per-node mode: comma-separated IPv4/IPv6 addresses of the node proxy's listeners in the host netns (e.g. the CNI bridge gateway); empty: per-node pods fail closed")
 	fs.UintVar(&f.nodeProxyOut, "node-proxy-outbound-port", 15001, "per-node mode: the node proxy's outbound listener port")
 	fs.UintVar(&f.nodeProxyIn, "node-proxy-inbound-port", 15006, "per-node mode: the port of the listener the node proxy opens in each per-node pod's netns")
+	fs.DurationVar(&f.repair, "repair-interval", ebpf.DefaultRepairInterval, "eBPF datapath: how often the agent checks that its cgroup links, tc links and pins are in place and re-attaches what another process detached (0: never)")
 	fs.StringVar(&f.nodeProxyNS, "node-proxy-netns", "", "per-node mode: path of the network namespace the node proxy runs in; its own connections there are never captured (default: the agent's own, i.e. the host netns of a hostNetwork agent)")
 }
 

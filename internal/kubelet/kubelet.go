@@ -329,7 +329,7 @@ func (n *Node) sync(ctx context.Context, pod *corev1.Pod) {
 	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	if _, ok := n.pods[uid]; ok || n.stopped || pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed {
+	if _, ok := n.pods[uid]; ok || n.stopped || ctx.Err() != nil || pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed {
 		return
 	}
 	sctx, cancel := context.WithCancel(ctx)
@@ -563,6 +563,43 @@ func (n *Node) Sandboxes() int {
 	defer n.mu.Unlock()
 	return len(n.pods)
 }
+
+// Crash stops the runtime as a power loss does: every sandbox's processes
+// are killed and its netns removed without CNI DEL (nothing runs at
+// shutdown), and the runtime forgets them. The node's own namespace,
+// bridge and IPAM state stay, as on disk. Restart brings the runtime back.
+func (n *Node) Crash() {
+	n.cancel() // informers stop; sync adds nothing from here on
+	n.mu.Lock()
+	sbs := make([]*sandbox, 0, len(n.pods))
+	for _, sb := range n.pods {
+		sbs = append(sbs, sb)
+	}
+	n.pods = map[string]*sandbox{}
+	n.mu.Unlock()
+	for _, sb := range sbs {
+		sb.cancel()
+		<-sb.done
+		for _, p := range sb.procs {
+			if p.Process != nil {
+				_ = syscall.Kill(-p.Process.Pid, syscall.SIGKILL)
+			}
+		}
+		if sb.cgroup != "" {
+			killCgroup(sb.cgroup)
+		}
+		if sb.netns != "" {
+			_ = run("ip", "netns", "del", sb.netns)
+		}
+	}
+	n.wg.Wait()
+	n.bcast.Shutdown()
+	n.log.Info("runtime crashed", "sandboxes", len(sbs))
+}
+
+// Restart starts the runtime after Crash: it creates a sandbox for every
+// pod bound to the node again, retrying CNI ADD until it succeeds.
+func (n *Node) Restart() { n.start() }
 
 // Stop tears down every pod, the node namespace (bridge and link with it)
 // and the Node object.

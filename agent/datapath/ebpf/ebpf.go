@@ -104,12 +104,25 @@ func (d *Datapath) Name() string { return "ebpf" }
 // mode to the node proxy (bpf.Capture.SetNodeProxy). Pods in neither are
 // left uncaptured (and any earlier capture of theirs removed). Writing over
 // an existing state is one in-place update (see Move).
+//
+// A failed first Enroll (e.g. the pod's netns disappeared between reading
+// its cookie and attaching tc) removes what it wrote under the new cookie,
+// so the maps are as before; the cookie stays recorded only if that
+// removal failed too, for the handler's Unenroll to finish.
 func (d *Datapath) Enroll(_ context.Context, e *store.Entry) error {
 	t, err := d.target(*e)
 	if err != nil {
 		return err
 	}
-	return d.apply(*e, e, t)
+	prev := e.NetnsCookie
+	err = d.apply(*e, e, t)
+	if err != nil && t.captured && prev != t.cookie {
+		if derr := d.pods.Delete(t.cookie); derr != nil {
+			return fmt.Errorf("%w (remove the partial enroll: %w)", err, derr)
+		}
+		e.NetnsCookie = prev
+	}
+	return err
 }
 
 // Move changes a running pod's capture from old to next in place: one Put

@@ -1,0 +1,202 @@
+//go:build linux
+
+package bpf
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+)
+
+// Repair checks that everything Load and AttachInbound set up is still in
+// place, as another root process may have changed it (detached a link by
+// its ID, attached another program to it, removed a pin), and puts back
+// what is not: a detached cgroup link is attached again, one moved to
+// another program is moved back, a missing pin is pinned again from this
+// process's handle (so a later agent restart still finds the maps), the
+// sk_msg program is re-attached to the sockhash, and the inbound tcx link
+// of each pod interface in inbound is re-attached (only while the pod is
+// enrolled; a pod whose netns is gone is skipped). It returns what it
+// repaired; the error joins what it could not.
+func (c *Capture) Repair(inbound []Inbound) ([]Repaired, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.atts == nil {
+		return nil, errors.New("repair: capture closed")
+	}
+	var done []Repaired
+	var errs []error
+	for i, a := range c.atts {
+		r, err := c.repairCgroup(i, a)
+		done = append(done, r...)
+		errs = append(errs, err)
+	}
+	for name, m := range c.pinnedMaps() {
+		pin := filepath.Join(c.cfg.PinDir, name)
+		if _, err := os.Stat(pin); !errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err := errors.Join(m.Unpin(), m.Pin(pin)); err != nil {
+			errs = append(errs, fmt.Errorf("pin map %s: %w", name, err))
+			continue
+		}
+		done = append(done, Repaired{RepairPin, name, "unpinned"})
+	}
+	r, err := c.repairSkMsg()
+	done = append(done, r...)
+	errs = append(errs, err)
+	for _, in := range inbound {
+		r, err := c.repairInbound(in)
+		done = append(done, r...)
+		errs = append(errs, err)
+	}
+	for _, r := range done {
+		c.cfg.Log.Warn("repaired eBPF datapath", "what", r.What, "name", r.Name, "reason", r.Reason)
+	}
+	return done, errors.Join(errs...)
+}
+
+func progID(p *ebpf.Program) (ebpf.ProgramID, error) {
+	info, err := p.Info()
+	if err != nil {
+		return 0, err
+	}
+	id, ok := info.ID()
+	if !ok {
+		return 0, errors.New("program has no ID")
+	}
+	return id, nil
+}
+
+func (c *Capture) repairCgroup(i int, a attachment) ([]Repaired, error) {
+	l := c.links[i]
+	want, err := progID(a.prog)
+	if err != nil {
+		return nil, fmt.Errorf("%s program: %w", a.name, err)
+	}
+	info, err := l.Info()
+	if err != nil {
+		return nil, fmt.Errorf("inspect %s link: %w", a.name, err)
+	}
+	pin := c.linkPin(a.name)
+	if cg := info.Cgroup(); cg == nil || cg.CgroupId != c.cgID {
+		// Detached (BPF_LINK_DETACH leaves the link with no cgroup): drop
+		// it and its pin, attach anew.
+		_ = l.Close()
+		if err := os.Remove(pin); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("remove pin of detached %s link: %w", a.name, err)
+		}
+		nl, err := c.attach(a, c.cgID)
+		if err != nil {
+			return nil, err
+		}
+		c.links[i] = nl
+		return []Repaired{{RepairCgroupLink, a.name, "detached"}}, nil
+	}
+	var done []Repaired
+	if info.Program != want {
+		if err := l.Update(a.prog); err != nil {
+			return nil, fmt.Errorf("move %s link back to sidelane's program: %w", a.name, err)
+		}
+		done = append(done, Repaired{RepairCgroupLink, a.name, "replaced"})
+	}
+	if _, err := os.Stat(pin); errors.Is(err, os.ErrNotExist) {
+		if err := errors.Join(l.Unpin(), l.Pin(pin)); err != nil {
+			return done, fmt.Errorf("pin %s link: %w", a.name, err)
+		}
+		done = append(done, Repaired{RepairPin, "link_" + a.name, "unpinned"})
+	}
+	return done, nil
+}
+
+func (c *Capture) repairSkMsg() ([]Repaired, error) {
+	want, err := progID(c.objs.SidelaneMsg)
+	if err != nil {
+		return nil, fmt.Errorf("sk_msg program: %w", err)
+	}
+	res, err := link.QueryPrograms(link.QueryOptions{Target: c.objs.SockPairs.FD(), Attach: ebpf.AttachSkMsgVerdict})
+	if err != nil {
+		return nil, fmt.Errorf("query sock_pairs programs: %w", err)
+	}
+	if slices.ContainsFunc(res.Programs, func(p link.AttachedProgram) bool { return p.ID == want }) {
+		return nil, nil
+	}
+	if err := link.RawAttachProgram(link.RawAttachProgramOptions{
+		Target: c.objs.SockPairs.FD(), Program: c.objs.SidelaneMsg, Attach: ebpf.AttachSkMsgVerdict,
+	}); err != nil {
+		return nil, fmt.Errorf("attach sk_msg to sock_pairs: %w", err)
+	}
+	return []Repaired{{RepairSkMsg, "sock_pairs", "detached"}}, nil
+}
+
+func (c *Capture) repairInbound(in Inbound) ([]Repaired, error) {
+	name := inboundName(in.Netns, in.IfName)
+	var cfg capturePodConfig
+	if err := c.objs.Pods.Lookup(&in.Netns, &cfg); err != nil {
+		return nil, nil // not enrolled (any more): nothing to keep attached
+	}
+	if _, err := os.Stat(in.NetnsPath); err != nil {
+		return nil, nil // the pod is going away
+	}
+	want, err := progID(c.objs.SidelaneInbound)
+	if err != nil {
+		return nil, fmt.Errorf("inbound program: %w", err)
+	}
+	pin := c.inboundPin(in.Netns, in.IfName)
+	reason := "unpinned"
+	l, err := link.LoadPinnedLink(pin, nil)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+	case err != nil:
+		return nil, fmt.Errorf("load %s: %w", pin, err)
+	default:
+		info, ierr := l.Info()
+		if ierr != nil {
+			l.Close()
+			return nil, fmt.Errorf("inspect inbound link %s: %w", name, ierr)
+		}
+		if tcx := info.TCX(); tcx != nil && tcx.Ifindex != 0 {
+			var uerr error
+			if info.Program != want {
+				uerr = l.Update(c.objs.SidelaneInbound)
+			}
+			l.Close()
+			if uerr != nil {
+				return nil, fmt.Errorf("move inbound link %s back to sidelane's program: %w", name, uerr)
+			}
+			if info.Program != want {
+				return []Repaired{{RepairTCLink, name, "replaced"}}, nil
+			}
+			return nil, nil
+		}
+		// Detached: its pin names a defunct link.
+		reason = "detached"
+		err := errors.Join(l.Unpin(), l.Close())
+		if err != nil {
+			return nil, fmt.Errorf("unpin detached inbound link %s: %w", name, err)
+		}
+	}
+	if err := c.attachInbound(in.NetnsPath, in.Netns, in.IfName); err != nil {
+		return nil, err
+	}
+	return []Repaired{{RepairTCLink, name, reason}}, nil
+}
+
+// pinnedMaps are the maps pinned by name under the pin dir.
+func (c *Capture) pinnedMaps() map[string]*ebpf.Map {
+	o := &c.objs
+	return map[string]*ebpf.Map{
+		"pods": o.Pods, "cidrs": o.Cidrs, "ports": o.Ports, "pod_ips": o.PodIps,
+		"orig_by_cookie": o.OrigByCookie, "orig_by_tuple": o.OrigByTuple, "pod_counters": o.PodCounters,
+		"settings": o.Settings, "sock_pairs": o.SockPairs, "pair_cookies": o.PairCookies,
+		"node_proxy_cfg": o.NodeProxyCfg, "node_counters": o.NodeCounters, "accepted": o.Accepted,
+	}
+}
+
+// inboundName names a pod interface in repair reports: "<netns cookie>/<ifname>".
+func inboundName(netns uint64, ifname string) string { return fmt.Sprintf("%d/%s", netns, ifname) }
