@@ -26,6 +26,7 @@ import (
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	"golang.org/x/sys/unix"
 )
 
 // TB is what podnet needs from its caller: *testing.T satisfies it, and so
@@ -260,7 +261,7 @@ func (s *NS) DialAsProto(uid, gid uint32, sotype int, addr netip.AddrPort, timeo
 			syscall.Close(fd)
 			return fmt.Errorf("set connect timeout: %w", err)
 		}
-		if err := syscall.Connect(fd, sa); err != nil {
+		if err := connectRetryingEINTR(fd, sa, timeout); err != nil {
 			syscall.Close(fd)
 			return fmt.Errorf("connect %s: %w", addr, err)
 		}
@@ -270,6 +271,43 @@ func (s *NS) DialAsProto(uid, gid uint32, sotype int, addr netip.AddrPort, timeo
 		return err
 	})
 	return conn, err
+}
+
+// connectRetryingEINTR is a blocking connect that survives a signal (Go's
+// runtime sends SIGURG to preempt goroutines): after EINTR the kernel goes
+// on connecting, so wait for the socket to become writable and read the
+// outcome from SO_ERROR instead of connecting again (EALREADY).
+func connectRetryingEINTR(fd int, sa syscall.Sockaddr, timeout time.Duration) error {
+	err := syscall.Connect(fd, sa)
+	if err != syscall.EINTR {
+		return err
+	}
+	deadline := time.Now().Add(timeout)
+	for {
+		left := time.Until(deadline)
+		if left <= 0 {
+			return syscall.ETIMEDOUT
+		}
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
+		n, err := unix.Poll(fds, int(left.Milliseconds())+1)
+		if err == syscall.EINTR {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			return syscall.ETIMEDOUT
+		}
+		soerr, err := syscall.GetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_ERROR)
+		if err != nil {
+			return err
+		}
+		if soerr != 0 {
+			return syscall.Errno(soerr)
+		}
+		return nil
+	}
 }
 
 // socketAs makes a TCP socket owned by uid/gid. setfsuid/setfsgid act on
