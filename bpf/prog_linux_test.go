@@ -55,7 +55,7 @@ func tcpPacket(src, dst netip.Addr, sport, dport uint16, flags byte, proto byte)
 }
 
 const (
-	tcActOK   = 0
+	tcNext   = 0xffffffff // sidelane's "left alone": TCX_NEXT (-1), the next tcx program runs
 	tcActShot = 2
 	tcpSYN    = 0x02
 	protoTCP  = 6
@@ -137,22 +137,22 @@ func TestInboundProgram(t *testing.T) {
 		pkt  []byte
 		want uint32
 	}{
-		{"UDP is not inbound-captured", tcpPacket(client, pod, 40000, 8080, 0, protoUDP), tcActOK},
-		{"Istio's excluded 15021 passes", tcpPacket(client, pod, 40000, 15021, tcpSYN, protoTCP), tcActOK},
-		{"the inbound port itself passes (the sidecar's own listener)", tcpPacket(client, pod, 40000, 15006, tcpSYN, protoTCP), tcActOK},
+		{"UDP is not inbound-captured", tcpPacket(client, pod, 40000, 8080, 0, protoUDP), tcNext},
+		{"Istio's excluded 15021 passes", tcpPacket(client, pod, 40000, 15021, tcpSYN, protoTCP), tcNext},
+		{"the inbound port itself passes (the sidecar's own listener)", tcpPacket(client, pod, 40000, 15006, tcpSYN, protoTCP), tcNext},
 		{"captured port without a listener is dropped", tcpPacket(client, pod, 40000, 8080, tcpSYN, protoTCP), tcActShot},
 		{"another address on the pod's interface is the pod too", tcpPacket(client, netip.MustParseAddr("10.77.0.9"), 40000, 8080, tcpSYN, protoTCP), tcActShot},
 		{"IPv6 captured port without a listener is dropped", ipv6TCP(client6, pod6, 8080, tcpSYN, nil, 0, protoTCP), tcActShot},
 		{"IPv6 link-local destination is the pod too", ipv6TCP(client6, linkLocal, 8080, tcpSYN, nil, 0, protoTCP), tcActShot},
 		{"TCP behind a hop-by-hop header is TCP", ipv6TCP(client6, pod6, 8080, tcpSYN, []byte{hop}, 0, protoTCP), tcActShot},
 		{"TCP behind hop-by-hop, routing and destination options", ipv6TCP(client6, pod6, 8080, tcpSYN, []byte{hop, routing, dstopts}, 0, protoTCP), tcActShot},
-		{"UDP behind destination options is not TCP", ipv6TCP(client6, pod6, 8080, 0, []byte{dstopts}, 0, protoUDP), tcActOK},
+		{"UDP behind destination options is not TCP", ipv6TCP(client6, pod6, 8080, 0, []byte{dstopts}, 0, protoUDP), tcNext},
 		{"more extension headers than walked: dropped", ipv6TCP(client6, pod6, 8080, tcpSYN, []byte{dstopts, dstopts, dstopts, dstopts, dstopts, dstopts, dstopts, dstopts, dstopts}, 0, protoTCP), tcActShot},
 		{"IPv6 fragmented SYN (first fragment): dropped", ipv6TCP(client6, pod6, 8080, tcpSYN, []byte{frag}, 1 /* M flag */, protoTCP), tcActShot},
-		{"IPv6 later fragment: no ports, passes", ipv6TCP(client6, pod6, 8080, tcpSYN, []byte{frag}, 8<<3, protoTCP), tcActOK},
+		{"IPv6 later fragment: no ports, passes", ipv6TCP(client6, pod6, 8080, tcpSYN, []byte{frag}, 8<<3, protoTCP), tcNext},
 		{"IPv4 fragmented SYN (first fragment): dropped", ipv4TCP(client, pod, 8080, tcpSYN, 0x2000, 20), tcActShot},
-		{"IPv4 fragmented SYN to an excluded port passes", ipv4TCP(client, pod, 15021, tcpSYN, 0x2000, 20), tcActOK},
-		{"IPv4 later fragment: no ports, passes", ipv4TCP(client, pod, 8080, tcpSYN, 0x2000|3, 20), tcActOK},
+		{"IPv4 fragmented SYN to an excluded port passes", ipv4TCP(client, pod, 15021, tcpSYN, 0x2000, 20), tcNext},
+		{"IPv4 later fragment: no ports, passes", ipv4TCP(client, pod, 8080, tcpSYN, 0x2000|3, 20), tcNext},
 		{"IPv4 TCP header cut short: dropped", ipv4TCP(client, pod, 8080, tcpSYN, 0x2000, 8), tcActShot},
 	}
 	for _, tt := range tests {
@@ -194,7 +194,7 @@ func TestInboundProgram(t *testing.T) {
 			want uint32
 		}{
 			{"SYN to the inbound port", tcpPacket(netip.MustParseAddr("10.77.0.5"), pod, 40000, 15006, tcpSYN, protoTCP), tcActShot},
-			{"from the node proxy's address: its own upstream leg", tcpPacket(gw, pod, 40000, 8080, tcpSYN, protoTCP), tcActOK},
+			{"from the node proxy's address: its own upstream leg", tcpPacket(gw, pod, 40000, 8080, tcpSYN, protoTCP), tcNext},
 			{"from another pod: to the in-pod listener (none here: dropped)", tcpPacket(netip.MustParseAddr("10.77.0.5"), pod, 40000, 8080, tcpSYN, protoTCP), tcActShot},
 		} {
 			ret, err := c.objs.SidelaneInbound.Run(&ebpf.RunOptions{Data: tt.pkt})
@@ -208,7 +208,7 @@ func TestInboundProgram(t *testing.T) {
 		t.Fatal(err)
 	}
 	ret, err := c.objs.SidelaneInbound.Run(&ebpf.RunOptions{Data: tests[3].pkt})
-	if err != nil || ret != tcActOK {
-		t.Errorf("after Delete: verdict %d (%v), want %d", ret, err, tcActOK)
+	if err != nil || ret != tcNext {
+		t.Errorf("after Delete: verdict %d (%v), want %d", ret, err, tcNext)
 	}
 }

@@ -691,6 +691,13 @@ static __always_inline int inbound_captured(__u64 netns, const struct pod_config
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1fff
 
+/* What tc inbound returns for a packet it leaves alone: TCX_NEXT, so a
+ * tcx program attached after sidelane's still sees it (TC_ACT_UNSPEC, the
+ * same "go on" for a cls_bpf filter). A packet handed to the proxy ends
+ * the chain (TC_ACT_OK) and a dropped one is dropped (TC_ACT_SHOT): no
+ * later program can undo either. */
+#define IN_NEXT (-1)
+
 #define IN_PASS 0
 #define IN_DROP 1
 #define IN_TCP 2
@@ -829,15 +836,15 @@ int sidelane_inbound(struct __sk_buff *skb)
 	__u64 netns = dev_netns_cookie(skb);
 	struct pod_config *pod = bpf_map_lookup_elem(&pods, &netns);
 	if (!pod)
-		return TC_ACT_OK;
+		return IN_NEXT;
 	struct inbound_pkt p = {};
 	int r = parse_inbound(skb, &p);
 	if (r == IN_PASS)
-		return TC_ACT_OK;
+		return IN_NEXT;
 	if (r == IN_DROP)
 		return drop_in(netns);
 	if ((pod->flags & POD_NO_IPV6) && p.tlen != sizeof(p.t.ipv4))
-		return TC_ACT_OK;
+		return IN_NEXT;
 	__u16 dport = p.dport;
 	int syn = (p.flags & 0x02) && !(p.flags & 0x10);
 	/* Per-node pods: the inbound port belongs to the node proxy's listener
@@ -847,7 +854,7 @@ int sidelane_inbound(struct __sk_buff *skb)
 	if ((pod->flags & POD_NODE) && dport == pod->inbound_port && syn)
 		return drop_in(netns);
 	if (!inbound_captured(netns, pod, dport))
-		return TC_ACT_OK;
+		return IN_NEXT;
 	/* Per-node pods: connections from the node proxy's address are the
 	 * proxy's own upstream legs, made from the host netns (Envoy opens
 	 * upstream connections in its own netns even for a listener inside the
@@ -859,7 +866,7 @@ int sidelane_inbound(struct __sk_buff *skb)
 	 * else (other nodes, other pods, sidecars) goes to the node proxy's
 	 * inbound listener in this pod's netns. */
 	if ((pod->flags & POD_NODE) && is_node_proxy(get_node_proxy(), p.src))
-		return TC_ACT_OK;
+		return IN_NEXT;
 
 	/* A packet of an existing connection (or handshake) goes where the
 	 * stack would send it. Except a SYN that finds a TIME_WAIT socket:
@@ -871,7 +878,7 @@ int sidelane_inbound(struct __sk_buff *skb)
 		__u32 state = sk->state;
 		bpf_sk_release(sk);
 		if (state != BPF_TCP_LISTEN && !(state == BPF_TCP_TIME_WAIT && syn))
-			return TC_ACT_OK;
+			return IN_NEXT;
 	}
 	if (p.fragment)
 		return drop_in(netns);
