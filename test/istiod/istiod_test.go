@@ -179,6 +179,7 @@ func TestIstiodAppliesL7Policy(t *testing.T) {
 	defer cancel()
 	t.Run("istiod's validation accepts the generator's goldens", func(t *testing.T) {
 		validateGoldens(ctx, t, ist)
+		validateRandom(ctx, t, ist)
 	})
 	kube := kubernetes.NewForConfigOrDie(c.RESTConfig)
 	dyn := dynamic.NewForConfigOrDie(c.RESTConfig)
