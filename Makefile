@@ -14,10 +14,10 @@ export SIDELANE_CACHE := $(CACHE)
 export SIDELANE_BIN   := $(CURDIR)/$(BIN)
 export PATH           := $(CACHE)/bin:$(PATH)
 
-.PHONY: help deps deps-check build generate verify lint unit conformance fuzz test chart e2e bench demo tools kube clean
+.PHONY: help deps deps-check build generate verify lint unit conformance fuzz test chart e2e bench demo tools kube image node-e2e clean
 
 help: ## list targets
-	@awk -F':.*## ' '/^[a-z-]+:.*## /{printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk -F':.*## ' '/^[a-z0-9-]+:.*## /{printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 deps: ## install the apt packages (Debian 12) and mount the bpffs that the tests, the demo and generate need (root; otherwise prints the command)
 	hack/install-deps.sh all
@@ -30,6 +30,8 @@ DEPS ?=
 demo: DEPS = demo
 test unit conformance e2e chart bench: DEPS = test
 generate: DEPS = generate
+image: DEPS = image
+node-e2e: DEPS = node
 deps-check:
 	@$(if $(DEPS),hack/install-deps.sh $(DEPS))
 tools kube: | deps-check
@@ -84,6 +86,13 @@ demo: deps-check build tools kube ## the whole product on one machine: local kub
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/sidelane-demo ./cmd/sidelane-demo
 	$(if $(BENCH),CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/sidelane-bench ./cmd/sidelane-bench)
 	$(BIN)/sidelane-demo -bin $(BIN) -tools $(CACHE)/bin $(if $(BENCH),-bench)
+
+image: deps-check build ## build the Dockerfile without a Docker daemon (mmdebstrap + podman) into $(CACHE)/sidelane-image.tar, tagged as the chart's default image
+	VERSION=$(VERSION) hack/build-image.sh
+
+node-e2e: deps-check build tools image ## a real node (kubelet, containerd, runc, controller-manager, scheduler, kube-proxy) in network namespaces; helm install of the chart (root)
+	hack/build-kube-apiserver.sh node
+	$(GO) test -count=1 -v -timeout 20m ./test/node/ 2>&1 | tee $(BIN)/node-e2e.log | grep -E '^(=== RUN|\s*--- (PASS|FAIL|SKIP)|FAIL|ok|PASS)' ; test $${PIPESTATUS[0]} -eq 0
 
 clean: ## remove build outputs
 	rm -rf $(BIN)
