@@ -92,6 +92,7 @@ image: deps-check build ## build the Dockerfile without a Docker daemon (mmdebst
 
 node-e2e: deps-check build tools image ## a real node (kubelet, containerd, runc, controller-manager, scheduler, kube-proxy) in network namespaces; helm install of the chart (root)
 	hack/build-kube-apiserver.sh node
+	hack/build-node-images.sh
 	$(GO) test -count=1 -v -timeout 20m ./test/node/ 2>&1 | tee $(BIN)/node-e2e.log | grep -E '^(=== RUN|\s*--- (PASS|FAIL|SKIP)|FAIL|ok|PASS)' ; test $${PIPESTATUS[0]} -eq 0
 
 clean: ## remove build outputs
