@@ -59,6 +59,8 @@ type Node struct {
 	// there and into CNIBinDir.
 	CNIConfDir, CNIBinDir string
 	Kubeconfig            string // for commands run with Exec
+	// BPFFS is a bpffs instance of the node's own (pins vanish with it).
+	BPFFS string
 	ContainerdSock        string
 	tools                 Tools
 
@@ -93,6 +95,7 @@ func Start(t testing.TB, tools Tools, taints []string) *Node {
 	n.CNIConfDir = filepath.Join(dir, "cni", "net.d")
 	n.CNIBinDir = filepath.Join(dir, "cni", "bin")
 	n.Kubeconfig = filepath.Join(dir, "kubeconfig")
+	n.BPFFS = filepath.Join(dir, "bpffs")
 	n.ContainerdSock = filepath.Join(dir, "containerd", "containerd.sock")
 	n.stopSig = make(chan os.Signal, 1)
 	signal.Notify(n.stopSig, syscall.SIGINT, syscall.SIGTERM)
@@ -156,6 +159,7 @@ func (n *Node) start(taints []string) error {
 		"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
 		"--service-account-key-file="+k.saKey, "--service-account-signing-key-file="+k.saKey,
 		"--service-cluster-ip-range="+ServiceCIDR, "--allow-privileged=true",
+		"--kubelet-preferred-address-types=InternalIP",
 		"--profiling=false"); err != nil {
 		return err
 	}
@@ -173,6 +177,17 @@ func (n *Node) start(taints []string) error {
 	}
 	if err := n.run("kube-scheduler", kube("kube-scheduler"),
 		"--kubeconfig="+n.Kubeconfig, "--leader-elect=false", "--profiling=false"); err != nil {
+		return err
+	}
+	// kube-proxy: in-cluster clients reach the API server through the
+	// kubernetes Service as on a real cluster. conntrack-max-per-core=0
+	// leaves the machine-wide nf_conntrack_max alone.
+	if err := n.run("kube-proxy", kube("kube-proxy"),
+		"--kubeconfig="+n.Kubeconfig, "--hostname-override="+n.Name, "--proxy-mode=iptables",
+		"--cluster-cidr="+n.PodCIDR, "--conntrack-max-per-core=0",
+		"--conntrack-tcp-timeout-established=0", "--conntrack-tcp-timeout-close-wait=0",
+		"--metrics-bind-address=127.0.0.1:10249", "--healthz-bind-address=127.0.0.1:10256",
+		"--profiling=false"); err != nil {
 		return err
 	}
 	if err := n.run("containerd", "containerd", "--config="+filepath.Join(n.Dir, "containerd.toml")); err != nil {
@@ -301,6 +316,9 @@ func (n *Node) makeNetNS() error {
 		{"netns", "add", n.Name},
 		{"-n", n.Name, "link", "set", "lo", "up"},
 		{"-n", n.Name, "addr", "add", n.NodeIP + "/32", "dev", "lo"},
+		// No default route: the Service CIDR needs one for kube-proxy's
+		// DNAT of locally made connections to apply.
+		{"-n", n.Name, "route", "add", ServiceCIDR, "dev", "lo", "src", n.NodeIP},
 	} {
 		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
 			return fmt.Errorf("ip %s: %w: %s", strings.Join(args, " "), err, out)
@@ -311,13 +329,18 @@ func (n *Node) makeNetNS() error {
 
 // hostDirs get a tmpfs of the node's own inside its mount namespace:
 // paths containerd and kubelet use whatever their configuration says.
-var hostDirs = []string{"/run/containerd", "/var/log/pods", "/var/log/containers"}
+// /run/sidelane: the agent socket the chart puts there; /run/netns: containerd's pod netns mounts (the node's own netns file is
+// opened by nsenter from the host side); /var/lib/cni: libcni's cache.
+var hostDirs = []string{"/run/containerd", "/run/netns", "/run/sidelane", "/var/lib/cni", "/var/log/pods", "/var/log/containers"}
 
 // startHolder starts the process that holds the node's mount namespace:
 // private to the node, / shared inside it (mount propagation for
 // containerd), tmpfs over hostDirs. The namespace, and every mount made in
 // it, goes away when its last process does.
 func (n *Node) startHolder() error {
+	if err := os.Mkdir(n.BPFFS, 0o700); err != nil {
+		return err
+	}
 	for _, d := range hostDirs {
 		if _, err := os.Stat(d); errors.Is(err, os.ErrNotExist) {
 			if err := os.MkdirAll(d, 0o755); err != nil {
@@ -328,7 +351,7 @@ func (n *Node) startHolder() error {
 	}
 	ready := filepath.Join(n.Dir, "mountns-ready")
 	script := "set -e; mount --make-rshared /; for d in " + strings.Join(hostDirs, " ") +
-		"; do mount -t tmpfs -o mode=0755 nodeharness \"$d\"; done; : > " + ready + "; exec sleep 2147483647"
+		"; do mount -t tmpfs -o mode=0755 nodeharness \"$d\"; done; mount -t bpf bpf " + n.BPFFS + "; : > " + ready + "; exec sleep 2147483647"
 	cmd := exec.Command("unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script)
 	p, err := n.startProc("mount-namespace", cmd)
 	if err != nil {
@@ -400,7 +423,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   # sandbox fails with "can't get final child's PID from pipe: EOF".
   restrict_oom_score_adj = true
   disable_apparmor = true
-  netns_mounts_under_state_dir = true
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = %q
     conf_dir = %q

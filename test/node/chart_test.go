@@ -1,0 +1,136 @@
+package node
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sidelane/sidelane/internal/nodeharness"
+	"github.com/sidelane/sidelane/internal/testenv"
+)
+
+const (
+	releaseNS = "sidelane-system"
+	taint     = "sidelane.io/agent-not-ready=true:NoSchedule"
+)
+
+// helmInstallArgs is what the README's "Install on a cluster" tells a
+// user, plus what this node differs in: its CNI dirs, cgroup2 subtree and
+// bpffs are its own, the image is imported (pullPolicy Never), and the
+// sandbox forbids CAP_SYS_RESOURCE (only kernels < 5.11 need it).
+func helmInstallArgs(n *nodeharness.Node) []string {
+	return []string{
+		"--namespace", releaseNS, "--create-namespace",
+		"--set", "image.pullPolicy=Never",
+		"--set", "cni.confDir=" + n.CNIConfDir,
+		"--set", "cni.binDir=" + n.CNIBinDir,
+		"--set", "agent.cgroupRoot=" + n.CgroupV2,
+		"--set", "agent.bpffs=" + n.BPFFS,
+		"--set", "agent.capabilities={BPF,PERFMON,NET_ADMIN,NET_RAW,SYS_ADMIN}",
+		"--set", "controller.enabled=false",
+	}
+}
+
+func helm(t *testing.T, n *nodeharness.Node, args ...string) string {
+	t.Helper()
+	out, err := n.Exec(testenv.RequireTool(t, "helm"), args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("helm %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// TestChartOnRealNode: `helm install` of charts/sidelane with the image
+// make image built, on a real node: install-cni chains sidelane-cni into
+// the runtime's real conf dir, the agent comes up on eBPF on the node's
+// cgroup root and removes the node's taint, and pods then start through
+// the chain (primary bridge + sidelane-cni).
+func TestChartOnRealNode(t *testing.T) {
+	testenv.Privileged(t)
+	image := imageArchive(t)
+	n := nodeharness.Start(t, tools(t), []string{taint})
+	if err := n.ImportImage(image); err != nil {
+		t.Fatal(err)
+	}
+	if out, _ := n.Kubectl("get", "node", n.Name, "-o", "jsonpath={.spec.taints}"); !strings.Contains(out, "sidelane.io/agent-not-ready") {
+		t.Fatalf("node registered without the taint: %s", out)
+	}
+	chart := filepath.Join(testenv.RepoRoot(t), "charts", "sidelane")
+	helm(t, n, append([]string{"install", "sidelane", chart}, helmInstallArgs(n)...)...)
+
+	t.Run("agent ready, taint removed", func(t *testing.T) {
+		if out, err := n.Kubectl("-n", releaseNS, "rollout", "status", "daemonset/sidelane", "--timeout=180s"); err != nil {
+			pods, _ := n.Kubectl("-n", releaseNS, "describe", "pods")
+			logs, _ := n.Kubectl("-n", releaseNS, "logs", "daemonset/sidelane", "--all-containers", "--tail=50")
+			t.Fatalf("agent DaemonSet not ready: %v\n%s\n%s\n%s", err, out, pods, logs)
+		}
+		waitFor(t, "taint "+taint+" removed", func() string {
+			out, _ := n.Kubectl("get", "node", n.Name, "-o", "jsonpath={.spec.taints}")
+			if strings.Contains(out, "sidelane.io/agent-not-ready") {
+				return "taints: " + out
+			}
+			return ""
+		})
+		// The agent is on the node's network (hostNetwork), /metrics on 127.0.0.1.
+		metrics, err := n.HTTPGet(t.Context(), "http://127.0.0.1:15190/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(metrics, `sidelane_datapath_info{backend="ebpf"`) {
+			t.Errorf("the agent does not run the eBPF datapath:\n%s", grepLines(metrics, "sidelane_datapath_info"))
+		}
+	})
+
+	t.Run("sidelane-cni chained in the runtime's conf dir", func(t *testing.T) {
+		b, err := os.ReadFile(filepath.Join(n.CNIConfDir, "10-bridge.conflist"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(string(b), `"type": "bridge"`) || !strings.Contains(string(b), `"sidelane-cni"`) {
+			t.Fatalf("conflist does not chain sidelane-cni after the bridge:\n%s", b)
+		}
+		if _, err := os.Stat(filepath.Join(n.CNIBinDir, "sidelane-cni")); err != nil {
+			t.Fatalf("plugin binary not installed: %v", err)
+		}
+	})
+
+	t.Run("plain pod through the chain", func(t *testing.T) {
+		apply(t, n, podManifest("plain", ""))
+		ip := waitPodRunning(t, n, "default", "plain")
+		if out := get(t, n, ip+":8080"); out != "plain" {
+			t.Fatalf("GET the pod from the node: %q", out)
+		}
+		// The runtime called sidelane-cni after the bridge: the agent saw the ADD.
+		logs, err := n.Kubectl("-n", releaseNS, "logs", "daemonset/sidelane", "-c", "agent")
+		if err != nil || !strings.Contains(logs, `"pod added"`) || !strings.Contains(logs, "default/plain") {
+			t.Fatalf("the agent logged no ADD of default/plain (%v):\n%s", err, logs)
+		}
+	})
+}
+
+func waitFor(t *testing.T, what string, cond func() string) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		msg := cond()
+		if msg == "" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: still %s", what, msg)
+		}
+		time.Sleep(time.Second)
+	}
+}
+
+func grepLines(s, substr string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, substr) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
