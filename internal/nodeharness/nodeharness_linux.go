@@ -60,9 +60,9 @@ type Node struct {
 	CNIConfDir, CNIBinDir string
 	Kubeconfig            string // for commands run with Exec
 	// BPFFS is a bpffs instance of the node's own (pins vanish with it).
-	BPFFS string
-	ContainerdSock        string
-	tools                 Tools
+	BPFFS          string
+	ContainerdSock string
+	tools          Tools
 
 	mu        sync.Mutex
 	stopped   bool
