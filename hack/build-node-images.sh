@@ -3,6 +3,9 @@
 # busybox-static, without a registry or a Docker daemon:
 #   sidelane.local/pause:2    the sandbox (pause) image: busybox sleep
 #   sidelane.local/busybox:1  test pods: busybox with its applets installed
+#   sidelane.local/proxyv2:1  stands in for Istio's proxyv2 in injected pods:
+#                             Istio's real pilot-agent (istio-validation init
+#                             container) and busybox; no Envoy (none exists here)
 # into $SIDELANE_CACHE/node-images/*.tar (docker-archive, for ctr import).
 # Cached: rebuilt only when an archive is missing.
 set -euo pipefail
@@ -15,6 +18,9 @@ busybox=/bin/busybox
 [[ -x "${busybox}" ]] && file -L "${busybox}" 2>/dev/null | grep -q static || busybox=$(dpkg -L busybox-static 2>/dev/null | grep -m1 '/busybox$' || true)
 [[ -x "${busybox}" ]] || { echo "build-node-images: busybox-static missing; install it with: hack/install-deps.sh node" >&2; exit 1; }
 
+pilot_agent="${CACHE}/bin/pilot-agent"
+[[ -x "${pilot_agent}" ]] || { echo "build-node-images: ${pilot_agent} missing; run make tools" >&2; exit 1; }
+
 mkdir -p "${out}"
 build() { # name dockerfile-body
   local name="$1" body="$2" file="${out}/${1//[:\/]/_}.tar"
@@ -22,6 +28,7 @@ build() { # name dockerfile-body
   local ctx
   ctx=$(mktemp -d)
   cp "${busybox}" "${ctx}/busybox"
+  [[ "${body}" != *pilot-agent* ]] || cp "${pilot_agent}" "${ctx}/pilot-agent"
   printf '%s\n' "${body}" > "${ctx}/Dockerfile"
   "${podman[@]}" build --quiet --pull=never -t "${name}" "${ctx}" >/dev/null
   rm -rf "${ctx}"
@@ -39,3 +46,9 @@ build sidelane.local/busybox:1 'FROM scratch
 COPY busybox /bin/busybox
 RUN ["/bin/busybox", "--install", "-s", "/bin"]
 ENTRYPOINT ["/bin/sh"]'
+
+build sidelane.local/proxyv2:1 'FROM scratch
+COPY busybox /bin/busybox
+RUN ["/bin/busybox", "--install", "-s", "/bin"]
+COPY pilot-agent /usr/local/bin/pilot-agent
+ENTRYPOINT ["/usr/local/bin/pilot-agent"]'

@@ -31,7 +31,9 @@ const (
 	// PauseImage and BusyboxImage are built by hack/build-node-images.sh.
 	PauseImage   = "sidelane.local/pause:2"
 	BusyboxImage = "sidelane.local/busybox:1"
-	apiPort      = "6443"
+	// ProxyImage stands in for Istio's proxyv2: the real pilot-agent, no Envoy.
+	ProxyImage = "sidelane.local/proxyv2:1"
+	apiPort    = "6443"
 )
 
 // kernelSettings are the sysctls kubelet changes at start; Stop puts
@@ -199,7 +201,7 @@ func (n *Node) start(taints []string) error {
 	}); err != nil {
 		return err
 	}
-	for _, img := range []string{PauseImage, BusyboxImage} {
+	for _, img := range []string{PauseImage, BusyboxImage, ProxyImage} {
 		if err := n.ImportImage(filepath.Join(n.tools.ImageDir, strings.NewReplacer("/", "_", ":", "_").Replace(img)+".tar")); err != nil {
 			return err
 		}

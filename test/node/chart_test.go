@@ -108,6 +108,8 @@ func TestChartOnRealNode(t *testing.T) {
 			t.Fatalf("the agent logged no ADD of default/plain (%v):\n%s", err, logs)
 		}
 	})
+
+	t.Run("injected pods: istio-validation under eBPF capture", func(t *testing.T) { testInjectedPods(t, n) })
 }
 
 func waitFor(t *testing.T, what string, cond func() string) {
