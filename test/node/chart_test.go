@@ -1,7 +1,9 @@
 package node
 
 import (
+	"encoding/json"
 	"os"
+	"reflect"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -57,6 +59,11 @@ func TestChartOnRealNode(t *testing.T) {
 	if out, _ := n.Kubectl("get", "node", n.Name, "-o", "jsonpath={.spec.taints}"); !strings.Contains(out, "sidelane.io/agent-not-ready") {
 		t.Fatalf("node registered without the taint: %s", out)
 	}
+	primaryConf := filepath.Join(n.CNIConfDir, "10-bridge.conflist")
+	primaryBefore, err := os.ReadFile(primaryConf)
+	if err != nil {
+		t.Fatal(err)
+	}
 	chart := filepath.Join(testenv.RepoRoot(t), "charts", "sidelane")
 	helm(t, n, append([]string{"install", "sidelane", chart}, helmInstallArgs(n)...)...)
 
@@ -110,6 +117,68 @@ func TestChartOnRealNode(t *testing.T) {
 	})
 
 	t.Run("injected pods: istio-validation under eBPF capture", func(t *testing.T) { testInjectedPods(t, n) })
+
+	t.Run("no iptables rule in any pod netns", func(t *testing.T) {
+		// containerd's pod netns mounts are in the node's mount namespace.
+		out, err := n.Exec("sh", "-c", `set -e; n=0; for f in /run/netns/cni-*; do n=$((n+1)); echo "== $f"; nsenter --net=$f iptables-save; nsenter --net=$f nft list ruleset; done; echo "netns=$n"`).CombinedOutput()
+		if err != nil {
+			t.Fatalf("%v\n%s", err, out)
+		}
+		if !strings.Contains(string(out), "netns=") || strings.Contains(string(out), "netns=0") {
+			t.Fatalf("no pod netns found:\n%s", out)
+		}
+		for _, l := range strings.Split(string(out), "\n") {
+			if strings.HasPrefix(l, "-A ") || strings.Contains(l, " rule ") || strings.HasPrefix(strings.TrimSpace(l), "chain ") {
+				t.Fatalf("a pod netns has netfilter rules:\n%s", out)
+			}
+		}
+	})
+
+	t.Run("sidelane explain in the agent pod", func(t *testing.T) {
+		out, err := n.Kubectl("-n", releaseNS, "exec", "daemonset/sidelane", "-c", "agent", "--", "/usr/local/bin/sidelane", "explain", "shop/web")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(out, "sidecar") {
+			t.Fatalf("explain shop/web does not say sidecar mode:\n%s", out)
+		}
+		t.Logf("sidelane explain shop/web:\n%s", out)
+	})
+
+	t.Run("helm uninstall, then install-cni --uninstall as the README says", func(t *testing.T) {
+		helm(t, n, "uninstall", "sidelane", "--namespace", releaseNS, "--wait")
+		// cni.cleanupOnExit false (the default) keeps the entry: pods fail closed until it is removed.
+		out, err := n.Exec(filepath.Join(testenv.SidelaneBin(t), "sidelane"), "install-cni", "--uninstall",
+			"--cni-conf-dir="+n.CNIConfDir, "--cni-bin-dir="+n.CNIBinDir, "--cni-cache-dir=/var/lib/cni").CombinedOutput()
+		if err != nil {
+			t.Fatalf("install-cni --uninstall: %v\n%s", err, out)
+		}
+		after, err := os.ReadFile(primaryConf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Same config; install-cni rewrites a .conflist it chained into in
+		// its own formatting (only a converted .conf/.json comes back byte
+		// for byte, see README).
+		var want, got any
+		if err := json.Unmarshal(primaryBefore, &want); err != nil {
+			t.Fatal(err)
+		}
+		if err := json.Unmarshal(after, &got); err != nil {
+			t.Fatalf("conflist after uninstall: %v\n%s", err, after)
+		}
+		if !reflect.DeepEqual(got, want) {
+			t.Fatalf("conf dir not back to the primary's config:\n--- before\n%s\n--- after\n%s", primaryBefore, after)
+		}
+		if entries, _ := os.ReadDir(n.CNIConfDir); len(entries) != 1 {
+			t.Errorf("conf dir holds %d files after uninstall, want the primary's only", len(entries))
+		}
+		apply(t, n, podManifest("after-uninstall", ""))
+		ip := waitPodRunning(t, n, "default", "after-uninstall")
+		if out := get(t, n, ip+":8080"); out != "after-uninstall" {
+			t.Fatalf("GET the pod started after uninstall: %q", out)
+		}
+	})
 }
 
 func waitFor(t *testing.T, what string, cond func() string) {
