@@ -28,7 +28,8 @@ deps: ## install the apt packages (Debian 12) and mount the bpffs that the tests
 # Debian. `make tools` or `make kube` alone checks nothing.
 DEPS ?=
 demo: DEPS = demo
-test unit conformance e2e chart bench: DEPS = test
+unit conformance e2e chart bench: DEPS = test
+test: DEPS = test node
 generate: DEPS = generate
 image: DEPS = image
 node-e2e: DEPS = node
@@ -59,7 +60,7 @@ kube: ## build kube-apiserver and kubectl once into $(CACHE) (~14 min the first 
 	hack/build-kube-apiserver.sh
 
 unit: deps-check build tools kube ## unit tests (privileged ones run as root; some compare with pilot-agent, some start etcd + kube-apiserver)
-	$(GO) test -count=1 $$($(GO) list ./... | grep -v -e /conformance -e /charts/ -e /test/e2e)
+	$(GO) test -count=1 $$($(GO) list ./... | grep -v -e /conformance -e /charts/ -e /test/e2e -e /test/node)
 
 conformance: deps-check build tools ## CNI and capture conformance in real network namespaces; ends with "N passed, N failed"
 	$(GO) test -count=1 -json -timeout 30m ./conformance/ | tee $(BIN)/conformance.json | $(GO) run ./hack/testsummary
@@ -67,7 +68,7 @@ conformance: deps-check build tools ## CNI and capture conformance in real netwo
 fuzz: ## a short, count-based run of every fuzz target in the module (FUZZTIME=100000x)
 	FUZZTIME=$(FUZZTIME) hack/fuzz.sh
 
-test: deps-check lint unit conformance e2e fuzz chart ## everything CI runs
+test: deps-check lint unit conformance e2e node-e2e fuzz chart ## everything CI runs
 	@echo "make test: all passed"
 
 chart: deps-check ## helm lint, golden templates, schema and server-side strict dry-run of charts/sidelane
