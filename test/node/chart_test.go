@@ -2,6 +2,7 @@ package node
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -32,6 +33,9 @@ func helmInstallArgs(n *nodeharness.Node) []string {
 		"--set", "agent.bpffs=" + n.BPFFS,
 		"--set", "agent.capabilities={BPF,PERFMON,NET_ADMIN,NET_RAW,SYS_ADMIN}",
 		"--set", "controller.enabled=false",
+		// Every node address, not only 127.0.0.1: the test reads /metrics
+		// through the API server's pod proxy, as a Prometheus would.
+		"--set", "agent.httpBindAddress=",
 	}
 }
 
@@ -143,6 +147,58 @@ func TestChartOnRealNode(t *testing.T) {
 			t.Fatalf("explain shop/web does not say sidecar mode:\n%s", out)
 		}
 		t.Logf("sidelane explain shop/web:\n%s", out)
+	})
+
+	t.Run("ambient label moves a running pod and back; events and metrics through the API", func(t *testing.T) {
+		apply(t, n, "apiVersion: v1\nkind: Namespace\nmetadata: {name: amb}\n")
+		apply(t, n, strings.Replace(podManifest("app", ""), "namespace: default", "namespace: amb", 1))
+		waitPodRunning(t, n, "amb", "app")
+		before, _ := n.Kubectl("get", "pod", "-n", "amb", "app", "-o", "jsonpath={.status.containerStatuses[0].containerID}")
+		mode := func(want string) func() string {
+			return func() string {
+				out, err := n.Kubectl("-n", releaseNS, "exec", "daemonset/sidelane", "-c", "agent", "--", "/usr/local/bin/sidelane", "explain", "-o", "json", "amb/app")
+				if err != nil {
+					return err.Error()
+				}
+				// The mode in force is the attachment's (the datapath's state).
+				var e struct{ Attachments []struct{ Mode string } }
+				if err := json.Unmarshal([]byte(out), &e); err != nil {
+					return fmt.Sprintf("%v: %s", err, out)
+				}
+				if len(e.Attachments) != 1 || e.Attachments[0].Mode != want {
+					return fmt.Sprintf("attachments %+v, want one in mode %s", e.Attachments, want)
+				}
+				return ""
+			}
+		}
+		waitFor(t, "amb/app in mode none", mode("none"))
+		if _, err := n.Kubectl("label", "namespace", "amb", "istio.io/dataplane-mode=ambient"); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "amb/app moved to mode node", mode("node"))
+		if _, err := n.Kubectl("label", "namespace", "amb", "istio.io/dataplane-mode-"); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "amb/app moved back to mode none", mode("none"))
+		after, _ := n.Kubectl("get", "pod", "-n", "amb", "app", "-o", "jsonpath={.status.containerStatuses[0].containerID}")
+		if before == "" || before != after {
+			t.Errorf("the pod's container changed (%q -> %q): it was restarted", before, after)
+		}
+		waitFor(t, "SidelaneModeChanged events on amb/app", func() string {
+			out, err := n.Kubectl("get", "events", "-n", "amb", "--field-selector", "involvedObject.name=app,reason=SidelaneModeChanged", "-o", "jsonpath={range .items[*]}{.message}{\"\\n\"}{end}")
+			if err != nil || !strings.Contains(out, "to node mode") || !strings.Contains(out, "to none mode") {
+				return fmt.Sprintf("events %q %v", out, err)
+			}
+			return ""
+		})
+		agentPod, err := n.Kubectl("-n", releaseNS, "get", "pods", "-l", "app.kubernetes.io/component=agent", "-o", "jsonpath={.items[0].metadata.name}")
+		if err != nil {
+			t.Fatal(err)
+		}
+		metrics, err := n.Kubectl("get", "--raw", "/api/v1/namespaces/"+releaseNS+"/pods/"+agentPod+":15190/proxy/metrics")
+		if err != nil || !strings.Contains(metrics, "sidelane_datapath_info") {
+			t.Fatalf("agent /metrics through the API server: %v\n%s", err, metrics)
+		}
 	})
 
 	t.Run("helm uninstall, then install-cni --uninstall as the README says", func(t *testing.T) {
