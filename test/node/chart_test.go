@@ -201,6 +201,59 @@ func TestChartOnRealNode(t *testing.T) {
 		}
 	})
 
+	t.Run("a pod created while the agent is away never runs uncaptured", func(t *testing.T) {
+		// The agent pod goes away (a node selector no node matches) while
+		// install-cni's entry stays (cni.cleanupOnExit false), as in a
+		// rollout between the old pod's exit and the new one's start.
+		if _, err := n.Kubectl("-n", releaseNS, "patch", "daemonset", "sidelane", "-p", `{"spec":{"template":{"spec":{"nodeSelector":{"sidelane.test/away":"x"}}}}}`); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "agent pod gone", func() string {
+			out, _ := n.Kubectl("-n", releaseNS, "get", "pods", "-l", "app.kubernetes.io/component=agent", "-o", "name")
+			return strings.TrimSpace(out)
+		})
+		// The agent taints its node when it stops: the scheduler keeps a new
+		// pod off the node. A pod bound to the node directly (as DaemonSet
+		// and static pods are) gets there anyway: its sandbox's ADD fails
+		// closed (cni.failPolicy) and kubelet retries it.
+		apply(t, n, istioNamespace("shop"))
+		apply(t, n, injectedPod(t, "sidecar-classic.yaml", "web-restart", true))
+		apply(t, n, strings.Replace(injectedPod(t, "sidecar-classic.yaml", "web-bound", true), "\nspec:\n", "\nspec:\n  nodeName: "+n.Name+"\n", 1))
+		waitFor(t, "the node tainted while the agent is away", func() string {
+			out, _ := n.Kubectl("get", "node", n.Name, "-o", "jsonpath={.spec.taints}")
+			if !strings.Contains(out, "sidelane.io/agent-not-ready") {
+				return "taints: " + out
+			}
+			return ""
+		})
+		waitFor(t, "the sandbox of shop/web-bound refused", func() string {
+			out, _ := n.Kubectl("get", "events", "-n", "shop", "--field-selector", "involvedObject.name=web-bound,reason=FailedCreatePodSandBox", "-o", "jsonpath={.items[*].message}")
+			if !strings.Contains(out, "sidelane") {
+				desc, _ := n.Kubectl("describe", "pod", "-n", "shop", "web-bound")
+				return fmt.Sprintf("no FailedCreatePodSandBox naming sidelane yet: %q\n%s", out, desc)
+			}
+			t.Logf("web-bound sandbox refused while the agent is away: %.300s", out)
+			return ""
+		})
+		for _, name := range []string{"web-restart", "web-bound"} {
+			if out, _ := n.Kubectl("get", "pod", "-n", "shop", name, "-o", "jsonpath={.status.phase} {.status.initContainerStatuses[0].state}"); !strings.HasPrefix(out, "Pending") || strings.Contains(out, "running") || strings.Contains(out, "terminated") {
+				t.Fatalf("pod %s started while no agent ran: %s", name, out)
+			}
+		}
+		if _, err := n.Kubectl("-n", releaseNS, "patch", "daemonset", "sidelane", "--type=json", "-p", `[{"op":"remove","path":"/spec/template/spec/nodeSelector/sidelane.test~1away"}]`); err != nil {
+			t.Fatal(err)
+		}
+		if out, err := n.Kubectl("-n", releaseNS, "rollout", "status", "daemonset/sidelane", "--timeout=180s"); err != nil {
+			t.Fatalf("agent back: %v\n%s", err, out)
+		}
+		for _, name := range []string{"web-restart", "web-bound"} {
+			if code := validationExit(t, n, "shop", name); code != "0" {
+				t.Fatalf("istio-validation of %s, created while the agent was away, exited %s: it started uncaptured", name, code)
+			}
+			waitPodRunning(t, n, "shop", name)
+		}
+	})
+
 	t.Run("helm uninstall, then install-cni --uninstall as the README says", func(t *testing.T) {
 		helm(t, n, "uninstall", "sidelane", "--namespace", releaseNS, "--wait")
 		// cni.cleanupOnExit false (the default) keeps the entry: pods fail closed until it is removed.
