@@ -287,6 +287,31 @@ func TestChartOnRealNode(t *testing.T) {
 		if out := get(t, n, ip+":8080"); out != "after-uninstall" {
 			t.Fatalf("GET the pod started after uninstall: %q", out)
 		}
+
+		// The plugin binary stays while libcni's cache holds pods whose
+		// cached config chains sidelane-cni (their DEL still runs it).
+		if _, err := os.Stat(filepath.Join(n.CNIBinDir, "sidelane-cni")); err != nil {
+			t.Fatalf("plugin binary removed while pods made through it still run: %v", err)
+		}
+		for _, ns := range []string{"shop", "amb"} {
+			if _, err := n.Kubectl("delete", "pods", "--all", "-n", ns, "--wait=true", "--timeout=120s"); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, err := n.Kubectl("delete", "pod", "plain", "-n", "default", "--wait=true", "--timeout=120s"); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "plugin binary removed once no cached attachment uses it", func() string {
+			out, err := n.Exec(filepath.Join(testenv.SidelaneBin(t), "sidelane"), "install-cni", "--uninstall",
+				"--cni-conf-dir="+n.CNIConfDir, "--cni-bin-dir="+n.CNIBinDir, "--cni-cache-dir=/var/lib/cni").CombinedOutput()
+			if err != nil {
+				return fmt.Sprintf("install-cni --uninstall: %v\n%s", err, out)
+			}
+			if _, err := os.Stat(filepath.Join(n.CNIBinDir, "sidelane-cni")); err == nil {
+				return "sidelane-cni still in the bin dir: " + string(out)
+			}
+			return ""
+		})
 	})
 }
 
