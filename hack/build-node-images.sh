@@ -3,9 +3,11 @@
 # busybox-static, without a registry or a Docker daemon:
 #   sidelane.local/pause:2    the sandbox (pause) image: busybox sleep
 #   sidelane.local/busybox:1  test pods: busybox with its applets installed
-#   sidelane.local/proxyv2:1  stands in for Istio's proxyv2 in injected pods:
+#   sidelane.local/proxyv2:2  stands in for Istio's proxyv2 in injected pods:
 #                             Istio's real pilot-agent (istio-validation init
-#                             container) and busybox; no Envoy (none exists here)
+#                             container) and Debian's haproxy playing Envoy (no
+#                             Envoy exists here), on a bookworm rootfs with
+#                             haproxy from mmdebstrap (cached like the image's)
 # into $SIDELANE_CACHE/node-images/*.tar (docker-archive, for ctr import).
 # Cached: rebuilt only when an archive is missing.
 set -euo pipefail
@@ -47,8 +49,17 @@ COPY busybox /bin/busybox
 RUN ["/bin/busybox", "--install", "-s", "/bin"]
 ENTRYPOINT ["/bin/sh"]'
 
-build sidelane.local/proxyv2:1 'FROM scratch
-COPY busybox /bin/busybox
-RUN ["/bin/busybox", "--install", "-s", "/bin"]
+if [[ ! -s "${out}/sidelane.local_proxyv2_2.tar" ]]; then
+  if [[ ! -s "${dir}/proxy-base.tar" ]]; then
+    rm -f "${dir}/proxy-base.tmp.tar"
+    mmdebstrap --quiet --variant=minbase --include=haproxy bookworm "${dir}/proxy-base.tmp.tar"
+    mv "${dir}/proxy-base.tmp.tar" "${dir}/proxy-base.tar"
+  fi
+  "${podman[@]}" image exists sidelane.local/proxy-base:bookworm ||
+    "${podman[@]}" import --quiet "${dir}/proxy-base.tar" sidelane.local/proxy-base:bookworm >/dev/null
+fi
+build sidelane.local/proxyv2:2 'FROM sidelane.local/proxy-base:bookworm
+COPY busybox /usr/local/bin/busybox
+RUN ["/usr/local/bin/busybox", "ln", "-s", "busybox", "/usr/local/bin/nc"]
 COPY pilot-agent /usr/local/bin/pilot-agent
 ENTRYPOINT ["/usr/local/bin/pilot-agent"]'

@@ -31,8 +31,8 @@ const (
 	// PauseImage and BusyboxImage are built by hack/build-node-images.sh.
 	PauseImage   = "sidelane.local/pause:2"
 	BusyboxImage = "sidelane.local/busybox:1"
-	// ProxyImage stands in for Istio's proxyv2: the real pilot-agent, no Envoy.
-	ProxyImage = "sidelane.local/proxyv2:1"
+	// ProxyImage stands in for Istio's proxyv2: the real pilot-agent and haproxy playing Envoy (none exists here).
+	ProxyImage = "sidelane.local/proxyv2:2"
 	apiPort    = "6443"
 )
 

@@ -11,6 +11,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/sidelane/sidelane/internal/nodeharness"
+	"github.com/sidelane/sidelane/internal/podnet"
 	"github.com/sidelane/sidelane/internal/testenv"
 )
 
@@ -18,7 +19,7 @@ import (
 // istioctl kube-inject output) with its images swapped for local ones:
 // the app serves its name with busybox httpd on its port; istio-validation
 // keeps its real args and runs Istio's real pilot-agent; istio-proxy is a
-// stand-in that answers the readiness probe only (no Envoy exists here).
+// haproxy standing in for Envoy (none exists here).
 // name renames the pod; keepStatus false drops the sidecar.istio.io/status
 // annotation, which makes the pod uninjected to sidelane: the control whose
 // capture is missing.
@@ -49,9 +50,16 @@ func injectedPod(t *testing.T, fixture, name string, keepStatus bool) string {
 		c.ImagePullPolicy = corev1.PullNever
 		switch c.Name {
 		case "istio-proxy":
+			// haproxy as Envoy: 15001 outbound, 15006 inbound, each
+			// upstream to the original destination (SO_ORIGINAL_DST, which
+			// sidelane's getsockopt hook answers), every connection logged.
+			cfg := podnet.HAProxyConfig(podnet.Sidecar{UID: 1337, GID: 1337, OutPort: 15001, InPort: 15006, LogConnections: true})
+			cfg = strings.Replace(cfg, "  uid 1337\n  gid 1337\n", "", 1) // the container already runs as 1337
+			cfg += "frontend health\n  mode http\n  bind 0.0.0.0:15021\n  monitor-uri /healthz/ready\n"
 			c.Image = nodeharness.ProxyImage
-			c.Command = []string{"sh", "-c", "d=/var/lib/istio/data/www; mkdir -p $d/healthz && echo ok > $d/healthz/ready && exec httpd -f -p 15021 -h $d"}
+			c.Command = []string{"sh", "-c", `printf '%s' "$HAPROXY_CFG" > /var/lib/istio/data/haproxy.cfg && exec haproxy -db -f /var/lib/istio/data/haproxy.cfg`}
 			c.Args = nil
+			c.Env = append(c.Env, corev1.EnvVar{Name: "HAPROXY_CFG", Value: cfg})
 		default:
 			c.Image = nodeharness.BusyboxImage
 			c.Command = []string{"sh", "-c", "mkdir -p /www && echo " + name + " > /www/index.html && exec httpd -f -p 8080 -h /www"}
@@ -119,6 +127,20 @@ func testInjectedPods(t *testing.T, n *nodeharness.Node) {
 	ip := waitPodRunning(t, n, "shop", "web")
 	if ip == "" {
 		t.Fatal("no pod IP")
+	}
+	// app -> app across two injected pods: through web-client's sidecar
+	// (outbound) and web's (inbound), the original destination intact.
+	apply(t, n, injectedPod(t, "sidecar-classic.yaml", "web-client", true))
+	waitPodRunning(t, n, "shop", "web-client")
+	out, err := n.Kubectl("exec", "-n", "shop", "web-client", "-c", "app", "--", "sh", "-c", `printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 5 `+ip+` 8080`)
+	if err != nil || !strings.Contains(out, "\nweb\n") {
+		t.Fatalf("web-client app -> web %s:8080: %v\n%q", ip, err, out)
+	}
+	for pod, want := range map[string]string{"web-client": "conn outbound ", "web": "conn inbound "} {
+		logs, err := n.Kubectl("logs", "-n", "shop", pod, "-c", "istio-proxy")
+		if err != nil || !strings.Contains(logs, want) || !strings.Contains(logs, ip+":8080") {
+			t.Errorf("%s's sidecar did not carry the connection to %s:8080 (%q): %v\n%s", pod, ip, want, err, logs)
+		}
 	}
 	code := validationExit(t, n, "shop", "web-uncaptured")
 	if code == "0" {
