@@ -14,10 +14,10 @@ export SIDELANE_CACHE := $(CACHE)
 export SIDELANE_BIN   := $(CURDIR)/$(BIN)
 export PATH           := $(CACHE)/bin:$(PATH)
 
-.PHONY: help deps deps-check build generate verify lint unit conformance fuzz test chart e2e bench demo tools kube istiod clean
+.PHONY: help deps deps-check build generate verify lint unit conformance fuzz test chart e2e bench demo tools kube istiod image node-e2e clean
 
 help: ## list targets
-	@awk -F':.*## ' '/^[a-z-]+:.*## /{printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk -F':.*## ' '/^[a-z0-9-]+:.*## /{printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 deps: ## install the apt packages (Debian 12) and mount the bpffs that the tests, the demo and generate need (root; otherwise prints the command)
 	hack/install-deps.sh all
@@ -28,8 +28,11 @@ deps: ## install the apt packages (Debian 12) and mount the bpffs that the tests
 # Debian. `make tools` or `make kube` alone checks nothing.
 DEPS ?=
 demo: DEPS = demo
-test unit conformance e2e chart bench: DEPS = test
+unit conformance e2e chart bench: DEPS = test
+test: DEPS = test node
 generate: DEPS = generate
+image: DEPS = image
+node-e2e: DEPS = node
 deps-check:
 	@$(if $(DEPS),hack/install-deps.sh $(DEPS))
 tools kube istiod: | deps-check
@@ -60,7 +63,7 @@ kube: ## build kube-apiserver and kubectl once into $(CACHE) (~14 min the first 
 	hack/build-kube-apiserver.sh
 
 unit: deps-check build tools kube istiod ## unit tests (privileged ones run as root; some compare with pilot-agent, some start etcd + kube-apiserver)
-	$(GO) test -count=1 $$($(GO) list ./... | grep -v -e /conformance -e /charts/ -e /test/e2e)
+	$(GO) test -count=1 $$($(GO) list ./... | grep -v -e /conformance -e /charts/ -e /test/e2e -e /test/node)
 
 conformance: deps-check build tools ## CNI and capture conformance in real network namespaces; ends with "N passed, N failed"
 	$(GO) test -count=1 -json -timeout 30m ./conformance/ | tee $(BIN)/conformance.json | $(GO) run ./hack/testsummary
@@ -68,7 +71,7 @@ conformance: deps-check build tools ## CNI and capture conformance in real netwo
 fuzz: ## a short, count-based run of every fuzz target in the module (FUZZTIME=100000x)
 	FUZZTIME=$(FUZZTIME) hack/fuzz.sh
 
-test: deps-check lint unit conformance e2e fuzz chart ## everything CI runs
+test: deps-check lint unit conformance e2e node-e2e fuzz chart ## everything CI runs
 	@echo "make test: all passed"
 
 chart: deps-check ## helm lint, golden templates, schema and server-side strict dry-run of charts/sidelane
@@ -87,6 +90,14 @@ demo: deps-check build tools kube ## the whole product on one machine: local kub
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/sidelane-demo ./cmd/sidelane-demo
 	$(if $(FAST),,CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/sidelane-bench ./cmd/sidelane-bench)
 	$(BIN)/sidelane-demo -bin $(BIN) -tools $(CACHE)/bin $(if $(FAST),-no-bench)
+
+image: deps-check build ## build the Dockerfile without a Docker daemon (mmdebstrap + podman) into $(CACHE)/sidelane-image.tar, tagged as the chart's default image
+	VERSION=$(VERSION) hack/build-image.sh
+
+node-e2e: deps-check build tools image ## a real node (kubelet, containerd, runc, controller-manager, scheduler, kube-proxy) in network namespaces; helm install of the chart (root)
+	hack/build-kube-apiserver.sh node
+	hack/build-node-images.sh
+	$(GO) test -count=1 -v -timeout 20m ./test/node/ 2>&1 | tee $(BIN)/node-e2e.log | grep -E '^(=== RUN|\s*--- (PASS|FAIL|SKIP)|FAIL|ok|PASS)' ; test $${PIPESTATUS[0]} -eq 0
 
 clean: ## remove build outputs
 	rm -rf $(BIN)

@@ -9,8 +9,9 @@
 #   hack/install-deps.sh [--check] [--list] [GROUP...]
 #
 # GROUP is demo (`make demo`), test (`make test`, a superset of demo),
-# generate (`make generate` / `make verify`: clang for bpf2go) or all
-# (the default: what .ci/run needs). --check never installs or mounts.
+# generate (`make generate` / `make verify`: clang for bpf2go), image
+# (`make image`: the image without a Docker daemon), node (`make node-e2e`:
+# a real node, also image) or all (the default: what .ci/run needs). --check never installs or mounts.
 # --list prints each package, why it is needed, the version Debian 12
 # ships (the one tested) and the installed version.
 # (INSTALL_DEPS_MOUNTS replaces /proc/mounts for hack/scripts_test.go.)
@@ -32,6 +33,11 @@ clang        1:14.0-55.7~deb12u1 generate   bpf2go compiles bpf/*.c
 llvm         1:14.0-55.7~deb12u1 generate   llvm-strip for bpf2go
 libbpf-dev   1:1.1.2-0+deb12u1   generate   bpf_helpers.h and friends
 bpftool      7.1.0+6.1.192-3     generate   not run by a target: inspecting loaded programs and maps while working on bpf/
+mmdebstrap   1.3.5-7             image,node the debian:bookworm-slim image base, from the Debian archive (make image)
+podman       4.3.1+ds1-8+deb12u1+b3 image,node podman import/build/save of the Dockerfile, no daemon (make image)
+containerd   1.6.20~ds1-1+deb12u3 node      the real node runtime (CRI) and ctr (image import)
+runc         1.1.5+ds1-1+deb12u1 node       the OCI runtime under containerd
+busybox-static 1:1.35.0-4+deb12u1+b1 node   the pause image of the node and the test pod tools
 '
 
 check_only=0 list=0 groups=()
@@ -39,10 +45,11 @@ for a in "$@"; do
   case "$a" in
     --check) check_only=1 ;;
     --list) list=1 ;;
-    demo|test|generate) groups+=("$a") ;;
-    all) groups+=(demo test generate) ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "install-deps: unknown argument $a (groups: demo test generate all)" >&2; exit 2 ;;
+    demo|test|generate|image) groups+=("$a") ;;
+    node) groups+=(node image) ;;
+    all) groups+=(demo test generate image node) ;;
+    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "install-deps: unknown argument $a (groups: demo test generate image node all)" >&2; exit 2 ;;
   esac
 done
 ((${#groups[@]})) || groups=(demo test generate)

@@ -196,7 +196,7 @@ func TestInstallDeps(t *testing.T) {
 // tools and kube-apiserver (~15 min on a fresh machine), so a missing
 // package stops them at once instead of after the builds.
 func TestDepsCheckedBeforeLongBuilds(t *testing.T) {
-	for target, group := range map[string]string{"demo": "demo", "test": "test", "unit": "test", "e2e": "test", "conformance": "test", "chart": "test", "generate": "generate"} {
+	for target, group := range map[string]string{"demo": "demo", "test": "test node", "node-e2e": "node", "image": "image", "unit": "test", "e2e": "test", "conformance": "test", "chart": "test", "generate": "generate"} {
 		out, err := run(t, "..", nil, "make", "-n", target)
 		if err != nil {
 			t.Fatalf("make -n %s: %v\n%s", target, err, out)
