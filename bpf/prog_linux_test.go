@@ -55,7 +55,7 @@ func tcpPacket(src, dst netip.Addr, sport, dport uint16, flags byte, proto byte)
 }
 
 const (
-	tcNext   = 0xffffffff // sidelane's "left alone": TCX_NEXT (-1), the next tcx program runs
+	tcNext    = 0xffffffff // sidelane's "left alone": TCX_NEXT (-1), the next tcx program runs
 	tcActShot = 2
 	tcpSYN    = 0x02
 	protoTCP  = 6

@@ -21,8 +21,8 @@ const (
 
 // helmInstallArgs is what the README's "Install on a cluster" tells a
 // user, plus what this node differs in: its CNI dirs, cgroup2 subtree and
-// bpffs are its own, the image is imported (pullPolicy Never), and the
-// sandbox forbids CAP_SYS_RESOURCE (only kernels < 5.11 need it).
+// bpffs are its own, and the image is imported (pullPolicy Never). The
+// agent's capabilities are the chart's defaults.
 func helmInstallArgs(n *nodeharness.Node) []string {
 	return []string{
 		"--namespace", releaseNS, "--create-namespace",
@@ -31,7 +31,6 @@ func helmInstallArgs(n *nodeharness.Node) []string {
 		"--set", "cni.binDir=" + n.CNIBinDir,
 		"--set", "agent.cgroupRoot=" + n.CgroupV2,
 		"--set", "agent.bpffs=" + n.BPFFS,
-		"--set", "agent.capabilities={BPF,PERFMON,NET_ADMIN,NET_RAW,SYS_ADMIN}",
 		"--set", "controller.enabled=false",
 		// Every node address, not only 127.0.0.1: the test reads /metrics
 		// through the API server's pod proxy, as a Prometheus would.
