@@ -406,10 +406,10 @@ current-context: node
   "name": "nodeharness",
   "plugins": [
     {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false, "hairpinMode": true,
-     "ipam": {"type": "host-local", "ranges": [[{"subnet": %q}]], "dataDir": %q}}
+     "ipam": {"type": "host-local", "ranges": [[{"subnet": %q}]], "routes": [{"dst": %q}], "dataDir": %q}}
   ]
 }
-`, n.PodCIDR, filepath.Join(n.Dir, "cni", "ipam"))
+`, n.PodCIDR, ServiceCIDR, filepath.Join(n.Dir, "cni", "ipam"))
 	cd := filepath.Join(n.Dir, "containerd")
 	containerd := fmt.Sprintf(`version = 2
 root = %q

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"reflect"
 	"strings"
@@ -31,7 +32,6 @@ func helmInstallArgs(n *nodeharness.Node) []string {
 		"--set", "cni.binDir=" + n.CNIBinDir,
 		"--set", "agent.cgroupRoot=" + n.CgroupV2,
 		"--set", "agent.bpffs=" + n.BPFFS,
-		"--set", "controller.enabled=false",
 		// Every node address, not only 127.0.0.1: the test reads /metrics
 		// through the API server's pod proxy, as a Prometheus would.
 		"--set", "agent.httpBindAddress=",
@@ -68,6 +68,20 @@ func TestChartOnRealNode(t *testing.T) {
 		t.Fatal(err)
 	}
 	chart := filepath.Join(testenv.RepoRoot(t), "charts", "sidelane")
+	// Istio's CRDs (EnvoyFilter), as an Istio install has them: the chart's
+	// controller writes EnvoyFilters.
+	istioAPI, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "istio.io/api").Output()
+	if err != nil {
+		t.Fatalf("locate istio.io/api: %v", err)
+	}
+	for _, args := range [][]string{
+		{"apply", "--server-side", "-f", strings.TrimSpace(string(istioAPI)) + "/kubernetes/customresourcedefinitions.gen.yaml"},
+		{"wait", "--for=condition=Established", "--timeout=120s", "crd/envoyfilters.networking.istio.io"},
+	} {
+		if out, err := n.Kubectl(args...); err != nil {
+			t.Fatalf("kubectl %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
 	helm(t, n, append([]string{"install", "sidelane", chart}, helmInstallArgs(n)...)...)
 
 	t.Run("agent ready, taint removed", func(t *testing.T) {
@@ -120,6 +134,39 @@ func TestChartOnRealNode(t *testing.T) {
 	})
 
 	t.Run("injected pods: istio-validation under eBPF capture", func(t *testing.T) { testInjectedPods(t, n) })
+
+	t.Run("controller Deployment writes EnvoyFilters", func(t *testing.T) {
+		if out, err := n.Kubectl("-n", releaseNS, "rollout", "status", "deployment/sidelane-controller", "--timeout=180s"); err != nil {
+			logs, _ := n.Kubectl("-n", releaseNS, "logs", "deployment/sidelane-controller", "--tail=40")
+			t.Fatalf("controller Deployment not ready: %v\n%s\n%s", err, out, logs)
+		}
+		apply(t, n, `apiVersion: sidelane.io/v1alpha1
+kind: L7Policy
+metadata: {name: health-only, namespace: shop}
+spec:
+  podSelector: {}
+  ports:
+    - port: 8080
+      rules: [{http: [{method: GET, path: /healthz}]}]
+`)
+		waitFor(t, "an EnvoyFilter for L7Policy shop/health-only", func() string {
+			out, err := n.Kubectl("get", "envoyfilters", "-n", "shop", "-o", "jsonpath={.items[*].metadata.name}")
+			if err != nil || strings.TrimSpace(out) == "" {
+				return fmt.Sprintf("envoyfilters: %q %v", out, err)
+			}
+			return ""
+		})
+		waitFor(t, "policy status Enforced", func() string {
+			out, _ := n.Kubectl("get", "l7policy", "health-only", "-n", "shop", "-o", `jsonpath={.status.conditions[?(@.type=="Enforced")].status}`)
+			if strings.TrimSpace(out) != "True" {
+				return "Enforced=" + out
+			}
+			return ""
+		})
+		if out, err := n.Kubectl("delete", "l7policy", "health-only", "-n", "shop", "--wait=true"); err != nil {
+			t.Fatalf("delete L7Policy: %v\n%s", err, out)
+		}
+	})
 
 	t.Run("no iptables rule in any pod netns", func(t *testing.T) {
 		// containerd's pod netns mounts are in the node's mount namespace.
