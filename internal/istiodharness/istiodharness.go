@@ -16,7 +16,6 @@ import (
 	"context"
 	"debug/buildinfo"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -86,7 +85,7 @@ func Binary() (string, error) {
 	if isExecutable(bin) {
 		return bin, nil
 	}
-	root, err := repoRoot()
+	root, err := kubeharness.RepoRoot()
 	if err != nil {
 		return "", fmt.Errorf("pilot-discovery not in %s and hack/install-tools.sh cannot be found: %w", filepath.Dir(bin), err)
 	}
@@ -410,31 +409,6 @@ func freePorts(n int) ([]int, error) {
 func isExecutable(p string) bool {
 	fi, err := os.Stat(p)
 	return err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0
-}
-
-// repoRoot finds the module root from this source file or the working
-// directory.
-func repoRoot() (string, error) {
-	var starts []string
-	if _, file, _, ok := runtime.Caller(0); ok && filepath.IsAbs(file) {
-		starts = append(starts, filepath.Dir(file))
-	}
-	if wd, err := os.Getwd(); err == nil {
-		starts = append(starts, wd)
-	}
-	for _, dir := range starts {
-		for {
-			if _, err := os.Stat(filepath.Join(dir, "hack", "install-tools.sh")); err == nil {
-				return dir, nil
-			}
-			parent := filepath.Dir(dir)
-			if parent == dir {
-				break
-			}
-			dir = parent
-		}
-	}
-	return "", errors.New("no hack/install-tools.sh above the source or working directory")
 }
 
 // Validate runs obj through istiod's own config validation (its validating

@@ -5,13 +5,15 @@ import (
 	"path/filepath"
 	"regexp"
 	"testing"
+
+	"github.com/sidelane/sidelane/internal/kubeharness"
 )
 
 // TestBinaryIsThePinnedIstio: the cached pilot-discovery is the Istio
 // version hack/install-tools.sh pins (the one pilot-agent is built from),
 // and its module has the CRD file the harness applies.
 func TestBinaryIsThePinnedIstio(t *testing.T) {
-	root, err := repoRoot()
+	root, err := kubeharness.RepoRoot()
 	if err != nil {
 		t.Fatal(err)
 	}

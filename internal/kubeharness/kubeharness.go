@@ -188,7 +188,7 @@ func binaries() (binPaths, error) {
 	if isExecutable(b.apiserver) && isExecutable(b.kubectl) {
 		return b, nil
 	}
-	root, err := repoRoot()
+	root, err := RepoRoot()
 	if err != nil {
 		return binPaths{}, fmt.Errorf("kube-apiserver not in %s and the build script cannot be found: %w", dir, err)
 	}
@@ -208,9 +208,9 @@ func isExecutable(p string) bool {
 	return err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0
 }
 
-// repoRoot finds the module root from this source file (normal builds) or
+// RepoRoot finds the module root from this source file (normal builds) or
 // the working directory (tests always run inside the module).
-func repoRoot() (string, error) {
+func RepoRoot() (string, error) {
 	var starts []string
 	if _, file, _, ok := runtime.Caller(0); ok && filepath.IsAbs(file) {
 		starts = append(starts, filepath.Dir(file))
