@@ -195,12 +195,12 @@ func cachedBinaries() (binPaths, error) {
 	dir := BinDir()
 	b := binPaths{etcd: etcd, apiserver: filepath.Join(dir, "kube-apiserver"), kubectl: filepath.Join(dir, "kubectl")}
 	if !isExecutable(b.apiserver) || !isExecutable(b.kubectl) {
-		return b, fmt.Errorf("kube-apiserver or kubectl not in %s (make kube): %w", dir, errNotBuilt)
+		return b, fmt.Errorf("%w: no kube-apiserver or kubectl in %s (make kube)", errNotBuilt, dir)
 	}
 	return b, nil
 }
 
-var errNotBuilt = errors.New("not built")
+var errNotBuilt = errors.New("kube-apiserver not built")
 
 // binaries finds etcd and the cached Kubernetes binaries, building the
 // latter once if needed.
