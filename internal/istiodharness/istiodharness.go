@@ -2,7 +2,8 @@
 // (pilot-discovery, built by `hack/install-tools.sh istiod`), next to a
 // kubeharness kube-apiserver, so tests can see what istiod makes of
 // sidelane's EnvoyFilters: they connect as a pod's sidecar over plaintext
-// ADS and read the listeners istiod computes for it.
+// ADS and read the listeners istiod computes for it. Start is for tests,
+// Run for the benchmarks (bench/run's policy_to_istiod).
 //
 // istiod runs with its CA, certificate provider and injector off
 // (ENABLE_CA_SERVER=false, PILOT_CERT_PROVIDER=none, INJECT_ENABLED=false),
