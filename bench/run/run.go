@@ -25,6 +25,9 @@ type Config struct {
 	SidelaneBin string // dir with sidelane and sidelane-cni
 	ToolBin     string // dir with the reference CNI plugins, pilot-agent
 	BenchBin    string // sidelane-bench itself, started inside pods
+
+	// Only lists the scenarios to run (-only); empty: all.
+	Only []string
 }
 
 // Runner runs one benchmark session.
@@ -77,8 +80,12 @@ func (r *Runner) Run(ctx context.Context) error {
 		{"cni_sequential_20", func(ctx context.Context) error { return r.cniBurst(ctx, "cni_sequential_20", 20, 1) }},
 		{"footprint", func(ctx context.Context) error { return r.footprint(ctx, footprintCounts) }},
 		{"policy_update", r.policyUpdate},
+		{scenarioIstiod, r.policyToIstiod},
 	}
 	for _, s := range scenarios {
+		if !selected(r.cfg.Only, s.name) {
+			continue
+		}
 		r.log.Info("scenario", "name", s.name)
 		t0 := time.Now()
 		err := guard(func() error { return s.run(ctx) })

@@ -2,7 +2,7 @@
 // the traffic tool the benchmark starts inside pod network namespaces (and
 // cgroups); the traffic subcommands print one JSON object on stdout:
 //
-//	sidelane-bench run [-quick] [-out bench/out]
+//	sidelane-bench run [-quick] [-out bench/out] [-only a,b]
 //	sidelane-bench serve -listen ADDR
 //	sidelane-bench rr -addr ADDR -size N -count N
 //	sidelane-bench stream -addr ADDR -size N -duration D
@@ -94,6 +94,7 @@ func runBench(ctx context.Context, args []string) error {
 	quick := fs.Bool("quick", false, "short runs (under 3 minutes)")
 	out := fs.String("out", "bench/out", "output directory")
 	bin := fs.String("bin", "bin", "directory of the sidelane binaries")
+	only := fs.String("only", "", "comma-separated scenarios to run (traffic, cni_burst_100, cni_sequential_20, footprint, policy_update, policy_to_istiod); empty: all")
 	tools := fs.String("tools", filepath.Join(os.Getenv("HOME"), ".cache", "sidelane", "bin"), "directory of the reference CNI plugins and pilot-agent")
 	_ = fs.Parse(args)
 	if os.Geteuid() != 0 {
@@ -105,5 +106,5 @@ func runBench(ctx context.Context, args []string) error {
 	}
 	abs := func(p string) string { a, _ := filepath.Abs(p); return a }
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-	return run.New(run.Config{Quick: *quick, OutDir: abs(*out), SidelaneBin: abs(*bin), ToolBin: abs(*tools), BenchBin: self}, log).Run(ctx)
+	return run.New(run.Config{Quick: *quick, OutDir: abs(*out), SidelaneBin: abs(*bin), ToolBin: abs(*tools), BenchBin: self, Only: run.ParseOnly(*only)}, log).Run(ctx)
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
@@ -104,4 +105,79 @@ func ListenerNames(ls []*listenerv3.Listener) string {
 		names[i] = l.GetName()
 	}
 	return strings.Join(names, ",")
+}
+
+// ListenerWatch is one long-lived ADS stream to istiod as a proxy,
+// subscribed to every listener, as a real sidecar holds it: istiod pushes
+// a new LDS whenever the proxy's listeners change, and Next ACKs each.
+type ListenerWatch struct {
+	cc     *grpc.ClientConn
+	stream discoveryv3.AggregatedDiscoveryService_StreamAggregatedResourcesClient
+	cancel context.CancelFunc
+	node   *corev3.Node
+}
+
+// Push is one LDS response and when it arrived.
+type Push struct {
+	At        time.Time
+	Version   string
+	Listeners []*listenerv3.Listener
+}
+
+// WatchListeners opens the stream and sends the first LDS request; call
+// Next for istiod's answers and Close when done.
+func (i *Istiod) WatchListeners(ctx context.Context, p Proxy) (*ListenerWatch, error) {
+	node, err := p.node(i.ProxyVersion)
+	if err != nil {
+		return nil, err
+	}
+	cc, err := grpc.NewClient(i.XDSAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, fmt.Errorf("dial istiod %s: %w", i.XDSAddr, err)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	stream, err := discoveryv3.NewAggregatedDiscoveryServiceClient(cc).StreamAggregatedResources(ctx)
+	if err == nil {
+		err = stream.Send(&discoveryv3.DiscoveryRequest{Node: node, TypeUrl: resource.ListenerType})
+	}
+	if err != nil {
+		cancel()
+		cc.Close()
+		return nil, fmt.Errorf("lds stream for %s: %w", p.NodeID(), err)
+	}
+	return &ListenerWatch{cc: cc, stream: stream, cancel: cancel, node: node}, nil
+}
+
+// Next blocks for istiod's next LDS push, ACKs it and returns it, stamped
+// with the time it was received (before decoding).
+func (w *ListenerWatch) Next() (Push, error) {
+	for {
+		resp, err := w.stream.Recv()
+		at := time.Now()
+		if err != nil {
+			return Push{}, fmt.Errorf("lds for %s: %w", w.node.GetId(), err)
+		}
+		if resp.TypeUrl != resource.ListenerType {
+			continue
+		}
+		ack := &discoveryv3.DiscoveryRequest{TypeUrl: resource.ListenerType, VersionInfo: resp.VersionInfo, ResponseNonce: resp.Nonce}
+		if err := w.stream.Send(ack); err != nil {
+			return Push{}, fmt.Errorf("ack lds for %s: %w", w.node.GetId(), err)
+		}
+		out := Push{At: at, Version: resp.VersionInfo, Listeners: make([]*listenerv3.Listener, 0, len(resp.Resources))}
+		for _, a := range resp.Resources {
+			var l listenerv3.Listener
+			if err := a.UnmarshalTo(&l); err != nil {
+				return Push{}, fmt.Errorf("lds for %s: listener: %w", w.node.GetId(), err)
+			}
+			out.Listeners = append(out.Listeners, &l)
+		}
+		return out, nil
+	}
+}
+
+// Close ends the stream.
+func (w *ListenerWatch) Close() {
+	w.cancel()
+	w.cc.Close()
 }

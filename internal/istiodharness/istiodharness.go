@@ -2,7 +2,8 @@
 // (pilot-discovery, built by `hack/install-tools.sh istiod`), next to a
 // kubeharness kube-apiserver, so tests can see what istiod makes of
 // sidelane's EnvoyFilters: they connect as a pod's sidecar over plaintext
-// ADS and read the listeners istiod computes for it.
+// ADS and read the listeners istiod computes for it. Start is for tests,
+// Run for the benchmarks (bench/run's policy_to_istiod).
 //
 // istiod runs with its CA, certificate provider and injector off
 // (ENABLE_CA_SERVER=false, PILOT_CERT_PROVIDER=none, INJECT_ENABLED=false),
@@ -67,24 +68,20 @@ type Istiod struct {
 	// CRDs is the path of the Istio CRD file that was applied.
 	CRDs string
 
-	log  string
-	cmd  *exec.Cmd
-	done chan struct{}
-	err  error
+	log       string
+	cmd       *exec.Cmd
+	done      chan struct{}
+	err       error
+	removeDir string // Run's directory, removed by Stop
 }
 
 // Binary is the cached pilot-discovery ($SIDELANE_CACHE/bin, default
 // ~/.cache/sidelane/bin), built with hack/install-tools.sh istiod if missing.
 func Binary() (string, error) {
-	cache := os.Getenv("SIDELANE_CACHE")
-	if cache == "" {
-		home, _ := os.UserHomeDir()
-		cache = filepath.Join(home, ".cache", "sidelane")
-	}
-	bin := filepath.Join(cache, "bin", "pilot-discovery")
-	if isExecutable(bin) {
+	if bin, err := CachedBinary(); err == nil {
 		return bin, nil
 	}
+	bin := filepath.Join(cacheDir(), "bin", "pilot-discovery")
 	root, err := kubeharness.RepoRoot()
 	if err != nil {
 		return "", fmt.Errorf("pilot-discovery not in %s and hack/install-tools.sh cannot be found: %w", filepath.Dir(bin), err)
@@ -98,6 +95,15 @@ func Binary() (string, error) {
 		return "", fmt.Errorf("hack/install-tools.sh istiod finished but %s is missing", bin)
 	}
 	return bin, nil
+}
+
+// cacheDir is $SIDELANE_CACHE, by default ~/.cache/sidelane.
+func cacheDir() string {
+	if cache := os.Getenv("SIDELANE_CACHE"); cache != "" {
+		return cache
+	}
+	home, _ := os.UserHomeDir()
+	return filepath.Join(home, ".cache", "sidelane")
 }
 
 // ModuleDir returns the istio.io/istio module directory and version the
@@ -136,12 +142,32 @@ func ModuleDir(bin string) (dir, version string, err error) {
 	return m.Dir, version, nil
 }
 
+// CachedBinary is the cached pilot-discovery, or an error naming where it
+// is missing; unlike Binary it never builds it (a build takes many
+// minutes), for callers that skip instead, like the benchmarks.
+func CachedBinary() (string, error) {
+	bin := filepath.Join(cacheDir(), "bin", "pilot-discovery")
+	if !isExecutable(bin) {
+		return "", fmt.Errorf("pilot-discovery not in %s (make istiod)", filepath.Dir(bin))
+	}
+	return bin, nil
+}
+
+// Options configure Run.
+type Options struct {
+	// Binary is the pilot-discovery to run; empty: Binary(), which builds
+	// it if it is missing.
+	Binary string
+	// Env adds or overrides istiod environment variables (feature flags).
+	Env []string
+}
+
 // Start applies Istio's CRDs to c, starts istiod against it, waits for its
 // /ready, and stops it in t.Cleanup (its log is printed if the test failed).
 // env adds or overrides istiod environment variables (feature flags).
 func Start(t testing.TB, c *kubeharness.Cluster, env ...string) *Istiod {
 	t.Helper()
-	i, err := start(t.TempDir(), c, env)
+	i, err := start(t.TempDir(), c, Options{Env: env})
 	if err != nil {
 		t.Fatalf("istiodharness: %v", err)
 	}
@@ -154,10 +180,30 @@ func Start(t testing.TB, c *kubeharness.Cluster, env ...string) *Istiod {
 	return i
 }
 
-func start(dir string, c *kubeharness.Cluster, env []string) (*Istiod, error) {
-	bin, err := Binary()
+// Run is Start for callers that are not tests (benchmarks): istiod's files
+// go to a new temporary directory, and the caller must call Stop, which
+// also removes it.
+func Run(c *kubeharness.Cluster, opts Options) (*Istiod, error) {
+	dir, err := os.MkdirTemp("", "istiodharness-")
 	if err != nil {
 		return nil, err
+	}
+	i, err := start(dir, c, opts)
+	if err != nil {
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	i.removeDir = dir
+	return i, nil
+}
+
+func start(dir string, c *kubeharness.Cluster, opts Options) (*Istiod, error) {
+	bin := opts.Binary
+	if bin == "" {
+		var err error
+		if bin, err = Binary(); err != nil {
+			return nil, err
+		}
 	}
 	mod, version, err := ModuleDir(bin)
 	if err != nil {
@@ -230,7 +276,7 @@ func start(dir string, c *kubeharness.Cluster, env []string) (*Istiod, error) {
 			"PILOT_ENABLE_GATEWAY_API_DEPLOYMENT_CONTROLLER=false",
 			"VALIDATION_WEBHOOK_CONFIG_NAME=",
 		)
-		environ = append(environ, env...)
+		environ = append(environ, opts.Env...)
 		if err := i.run(bin, args, environ); err != nil {
 			return nil, fmt.Errorf("start pilot-discovery: %w", err)
 		}
@@ -335,8 +381,17 @@ func (i *Istiod) Metrics(ctx context.Context) (string, error) {
 	return string(b), nil
 }
 
-// Stop sends SIGTERM and, after 15 s, SIGKILL. It is idempotent.
+// Stop sends SIGTERM and, after 15 s, SIGKILL, and removes Run's
+// directory. It is idempotent.
 func (i *Istiod) Stop() {
+	i.stopProcess()
+	if i.removeDir != "" {
+		os.RemoveAll(i.removeDir)
+		i.removeDir = ""
+	}
+}
+
+func (i *Istiod) stopProcess() {
 	if i.cmd == nil || i.cmd.Process == nil {
 		return
 	}

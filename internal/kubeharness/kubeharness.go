@@ -176,18 +176,40 @@ func start(dir string, removeDir bool) (_ *Cluster, err error) {
 
 type binPaths struct{ etcd, apiserver, kubectl string }
 
-// binaries finds etcd and the cached Kubernetes binaries, building the
-// latter once if needed.
-func binaries() (binPaths, error) {
+// Installed reports whether etcd and the cached kube-apiserver and kubectl
+// are there, without building anything (Start and Run build them, which
+// takes minutes): callers that must not wait for a build, like the
+// benchmarks, check it first and skip.
+func Installed() error {
+	_, err := cachedBinaries()
+	return err
+}
+
+// cachedBinaries finds etcd and the cached Kubernetes binaries. Its error
+// wraps errNotBuilt when only the latter are missing.
+func cachedBinaries() (binPaths, error) {
 	etcd, err := exec.LookPath("etcd")
 	if err != nil {
 		return binPaths{}, fmt.Errorf("etcd not installed (apt-get install etcd-server): %w", err)
 	}
 	dir := BinDir()
 	b := binPaths{etcd: etcd, apiserver: filepath.Join(dir, "kube-apiserver"), kubectl: filepath.Join(dir, "kubectl")}
-	if isExecutable(b.apiserver) && isExecutable(b.kubectl) {
-		return b, nil
+	if !isExecutable(b.apiserver) || !isExecutable(b.kubectl) {
+		return b, fmt.Errorf("%w: no kube-apiserver or kubectl in %s (make kube)", errNotBuilt, dir)
 	}
+	return b, nil
+}
+
+var errNotBuilt = errors.New("kube-apiserver not built")
+
+// binaries finds etcd and the cached Kubernetes binaries, building the
+// latter once if needed.
+func binaries() (binPaths, error) {
+	b, err := cachedBinaries()
+	if err == nil || !errors.Is(err, errNotBuilt) {
+		return b, err
+	}
+	dir := BinDir()
 	root, err := RepoRoot()
 	if err != nil {
 		return binPaths{}, fmt.Errorf("kube-apiserver not in %s and the build script cannot be found: %w", dir, err)
