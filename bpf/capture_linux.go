@@ -601,6 +601,7 @@ func (c *Capture) Counters(netns uint64) (Counters, error) {
 		s.ShortcutMessages += p.ShortcutMsgs
 		s.ShortcutBytes += p.ShortcutBytes
 		s.DroppedInbound += p.DroppedIn
+		s.ShortcutToTCP += p.ShortcutToTcp
 	}
 	return s, nil
 }
