@@ -358,3 +358,37 @@ func abortClient(addr string, seed uint64) error {
 	c.SetLinger(0)
 	return c.Close()
 }
+
+// The stream-run setting shares settings[0] with the shortcut switch:
+// each setter keeps the other's bits, and a run too large is refused.
+func TestShortcutSettings(t *testing.T) {
+	e := newEnv(t)
+	if err := e.cap.SetShortcutStreamRun(1 << 24); err == nil {
+		t.Error("stream run 1<<24 accepted, want an error")
+	}
+	if err := e.cap.SetShortcutStreamRun(5); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.cap.SetShortcut(false); err != nil {
+		t.Fatal(err)
+	}
+	var zero, v uint32
+	if err := e.cap.objs.Settings.Lookup(&zero, &v); err != nil {
+		t.Fatal(err)
+	}
+	if v != 5<<settingRunShift {
+		t.Errorf("settings = %#x after run 5 and shortcut off, want %#x", v, 5<<settingRunShift)
+	}
+	if err := e.cap.SetShortcut(true); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.cap.SetShortcutStreamRun(0); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.cap.objs.Settings.Lookup(&zero, &v); err != nil {
+		t.Fatal(err)
+	}
+	if v != settingShortcut {
+		t.Errorf("settings = %#x after shortcut on and run 0, want %#x", v, settingShortcut)
+	}
+}

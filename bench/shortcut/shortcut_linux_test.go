@@ -2,12 +2,19 @@
 
 // Package shortcut measures the sockmap shortcut on its own: one enrolled
 // pod (netns + cgroup subtree made by the test), a client and a server on
-// its loopback, the same connection kinds with the shortcut on and off,
-// interleaved, so the ratio is read from one run on a shared machine. It
-// asserts correctness only (the shortcut carried bytes when on, none when
-// off); the numbers are logged. Run it with
+// its loopback, the same connection kinds under each design, interleaved
+// (rotating order per repetition), so ratios are read from one run on a
+// shared machine: "off" (plain loopback TCP), "sticky16" (the shipped
+// design: redirect until 16 sends in a row, then TCP for good) and "always"
+// (redirect every send). Per scenario it logs the median result and, per
+// unit of work (a round trip, a MB, a connection), the cgroup's CPU time
+// and the client's and the server's context switches. It asserts only that
+// the shortcut carried bytes when on and none when off. Run it with
 //
 //	SIDELANE_SHORTCUT_BENCH=1 go test ./bench/shortcut -run TestShortcutAB -v
+//
+// and SIDELANE_SHORTCUT_REPS (default 5), SIDELANE_SHORTCUT_SCEN (e.g.
+// "stream1024,rr64"), SIDELANE_SHORTCUT_VARIANTS (e.g. "off,always").
 package shortcut
 
 import (
@@ -22,6 +29,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -120,7 +128,7 @@ func newPod(t *testing.T) *pod {
 	return &pod{ns: n, cgroup: cg, cap: c, cookie: cookie}
 }
 
-func (p *pod) run(t *testing.T, args ...string) result {
+func (p *pod) run(t *testing.T, args ...string) (result, int64) {
 	t.Helper()
 	self, _ := os.Executable()
 	cmd := p.ns.Command(context.Background(), self, args[1:]...)
@@ -138,7 +146,28 @@ func (p *pod) run(t *testing.T, args ...string) result {
 	if err := json.Unmarshal(out, &r); err != nil {
 		t.Fatalf("%v: %q: %v", args, out, err)
 	}
-	return r
+	ru, _ := cmd.ProcessState.SysUsage().(*syscall.Rusage)
+	var sw int64
+	if ru != nil {
+		sw = ru.Nvcsw + ru.Nivcsw
+	}
+	return r, sw
+}
+
+// switches sums the context switches of every thread of pid.
+func switches(pid int) int64 {
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/status", pid))
+	var n int64
+	for _, f := range tasks {
+		b, _ := os.ReadFile(f)
+		for _, l := range strings.Split(string(b), "\n") {
+			if f := strings.Fields(l); len(f) == 2 && strings.HasSuffix(f[0], "ctxt_switches:") {
+				x, _ := strconv.ParseInt(f[1], 10, 64)
+				n += x
+			}
+		}
+	}
+	return n
 }
 
 func TestShortcutAB(t *testing.T) {
@@ -178,49 +207,83 @@ func TestShortcutAB(t *testing.T) {
 		}
 		scen = keep
 	}
+	type variant struct {
+		name string
+		on   bool
+		run  uint32 // sends in a row before a socket goes TCP
+	}
+	variants := []variant{{"off", false, 0}, {"sticky16", true, 16}, {"always", true, 1<<24 - 1}}
+	if v := os.Getenv("SIDELANE_SHORTCUT_VARIANTS"); v != "" {
+		var keep []variant
+		for _, x := range variants {
+			if strings.Contains(v, x.name) {
+				keep = append(keep, x)
+			}
+		}
+		variants = keep
+	}
 	for _, sc := range scen {
-		var ratios []float64
-		var ons, offs []float64
+		vals := map[string][]float64{}
+		cpus := map[string][]float64{}
+		csws, ssws := map[string][]float64{}, map[string][]float64{}
 		for i := range reps {
-			val := map[bool]float64{}
-			order := []bool{true, false}
-			if i%2 == 1 {
-				order = []bool{false, true}
-			}
-			if o := os.Getenv("SIDELANE_SHORTCUT_ONLY"); o != "" {
-				order = []bool{o == "on", o == "on"}
-			}
-			for _, on := range order {
-				if err := p.cap.SetShortcut(on); err != nil {
+			for j := range variants {
+				v := variants[(i+j)%len(variants)]
+				if err := p.cap.SetShortcut(v.on); err != nil {
+					t.Fatal(err)
+				}
+				if err := p.cap.SetShortcutStreamRun(v.run); err != nil {
 					t.Fatal(err)
 				}
 				before, _ := p.cap.Counters(p.cookie)
-				r := p.run(t, sc.mode, addr, sc.size)
+				u0, s0 := cpuUsec(t, p.cgroup), switches(srv.Process.Pid)
+				r, csw := p.run(t, sc.mode, addr, sc.size)
+				u1, s1 := cpuUsec(t, p.cgroup), switches(srv.Process.Pid)
 				after, _ := p.cap.Counters(p.cookie)
 				moved := after.ShortcutBytes - before.ShortcutBytes
-				if on != (moved > 0) && sc.mode != "crr" {
-					t.Errorf("%s %s shortcut=%v moved %d bytes", sc.mode, sc.size, on, moved)
+				if v.on != (moved > 0) && sc.mode != "crr" {
+					t.Errorf("%s %s %s moved %d bytes", sc.mode, sc.size, v.name, moved)
 				}
+				var x, work float64
 				switch sc.mode {
 				case "rr":
-					val[on] = float64(r.P50Ns) / 1000
+					x, work = float64(r.P50Ns)/1000, 5500
 				case "stream":
-					val[on] = r.BytesPerSec / 1e6
+					x, work = r.BytesPerSec/1e6, r.BytesPerSec/1e6
 				case "crr":
-					val[on] = r.PerSec
+					x, work = r.PerSec, r.PerSec
 				}
-			}
-			ons, offs = append(ons, val[true]), append(offs, val[false])
-			// ratio > 1 means the shortcut is better
-			if sc.mode == "rr" {
-				ratios = append(ratios, val[false]/val[true])
-			} else {
-				ratios = append(ratios, val[true]/val[false])
+				vals[v.name] = append(vals[v.name], x)
+				cpus[v.name] = append(cpus[v.name], float64(u1-u0)/work)
+				csws[v.name] = append(csws[v.name], float64(csw)/work)
+				ssws[v.name] = append(ssws[v.name], float64(s1-s0)/work)
 			}
 		}
-		sort.Float64s(ratios)
-		t.Logf("%-6s %6s on=%v off=%v  better-ratio median %.3f (min %.3f max %.3f)", sc.mode, sc.size, round(ons), round(offs), ratios[len(ratios)/2], ratios[0], ratios[len(ratios)-1])
+		for _, v := range variants {
+			t.Logf("%-6s %6s %-9s median %9.1f  per unit: cpu %8.2f us, client switches %7.2f, server switches %7.2f  all %v",
+				sc.mode, sc.size, v.name, med(vals[v.name]), med(cpus[v.name]), med(csws[v.name]), med(ssws[v.name]), round(vals[v.name]))
+		}
 	}
+}
+
+func med(v []float64) float64 {
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	return s[len(s)/2]
+}
+
+func cpuUsec(t *testing.T, cg string) int64 {
+	b, err := os.ReadFile(filepath.Join(cg, "cpu.stat"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(l); len(f) == 2 && f[0] == "usage_usec" {
+			n, _ := strconv.ParseInt(f[1], 10, 64)
+			return n
+		}
+	}
+	return 0
 }
 
 func round(v []float64) []float64 {
