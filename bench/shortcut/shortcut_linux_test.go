@@ -26,6 +26,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -201,7 +202,7 @@ func TestShortcutAB(t *testing.T) {
 	if s := os.Getenv("SIDELANE_SHORTCUT_SCEN"); s != "" {
 		var keep []struct{ mode, size string }
 		for _, sc := range scen {
-			if strings.Contains(s, sc.mode+sc.size) {
+			if slices.Contains(strings.Split(s, ","), sc.mode+sc.size) {
 				keep = append(keep, sc)
 			}
 		}
@@ -216,7 +217,7 @@ func TestShortcutAB(t *testing.T) {
 	if v := os.Getenv("SIDELANE_SHORTCUT_VARIANTS"); v != "" {
 		var keep []variant
 		for _, x := range variants {
-			if strings.Contains(v, x.name) {
+			if slices.Contains(strings.Split(v, ","), x.name) {
 				keep = append(keep, x)
 			}
 		}
