@@ -34,6 +34,7 @@ type captureCounters struct {
 	ShortcutMsgs    uint64
 	ShortcutBytes   uint64
 	DroppedIn       uint64
+	ShortcutToTcp   uint64
 }
 
 type captureNodeProxy struct {
@@ -105,6 +106,8 @@ const (
 	captureMapOrigByCookie          = "orig_by_cookie"
 	captureMapOrigByTuple           = "orig_by_tuple"
 	captureMapPairCookies           = "pair_cookies"
+	captureMapPairMode              = "pair_mode"
+	captureMapPairRuns              = "pair_runs"
 	captureMapPodCounters           = "pod_counters"
 	captureMapPodIps                = "pod_ips"
 	captureMapPods                  = "pods"
@@ -194,6 +197,8 @@ type captureMapSpecs struct {
 	OrigByCookie *ebpf.MapSpec `ebpf:"orig_by_cookie"`
 	OrigByTuple  *ebpf.MapSpec `ebpf:"orig_by_tuple"`
 	PairCookies  *ebpf.MapSpec `ebpf:"pair_cookies"`
+	PairMode     *ebpf.MapSpec `ebpf:"pair_mode"`
+	PairRuns     *ebpf.MapSpec `ebpf:"pair_runs"`
 	PodCounters  *ebpf.MapSpec `ebpf:"pod_counters"`
 	PodIps       *ebpf.MapSpec `ebpf:"pod_ips"`
 	Pods         *ebpf.MapSpec `ebpf:"pods"`
@@ -235,6 +240,8 @@ type captureMaps struct {
 	OrigByCookie *ebpf.Map `ebpf:"orig_by_cookie"`
 	OrigByTuple  *ebpf.Map `ebpf:"orig_by_tuple"`
 	PairCookies  *ebpf.Map `ebpf:"pair_cookies"`
+	PairMode     *ebpf.Map `ebpf:"pair_mode"`
+	PairRuns     *ebpf.Map `ebpf:"pair_runs"`
 	PodCounters  *ebpf.Map `ebpf:"pod_counters"`
 	PodIps       *ebpf.Map `ebpf:"pod_ips"`
 	Pods         *ebpf.Map `ebpf:"pods"`
@@ -252,6 +259,8 @@ func (m *captureMaps) Close() error {
 		m.OrigByCookie,
 		m.OrigByTuple,
 		m.PairCookies,
+		m.PairMode,
+		m.PairRuns,
 		m.PodCounters,
 		m.PodIps,
 		m.Pods,

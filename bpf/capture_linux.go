@@ -234,10 +234,40 @@ func (c *Capture) Uninstall() error {
 
 // SetShortcut turns the sockmap shortcut on or off for new connections.
 func (c *Capture) SetShortcut(on bool) error {
-	var zero, v uint32
-	if on {
-		v = 1 // SETTING_SHORTCUT
+	return c.updateSettings(func(v uint32) uint32 {
+		if on {
+			return v | settingShortcut
+		}
+		return v &^ settingShortcut
+	})
+}
+
+// SetShortcutStreamRun sets after how many sends in a row without a reply
+// a shortcut socket counts as streaming and goes back to TCP for good
+// (0: the built-in 16; at most 1<<24-1, which in practice means "always
+// redirect"). Not a user setting: the shortcut benchmark compares designs
+// with it in one run.
+func (c *Capture) SetShortcutStreamRun(n uint32) error {
+	if n >= 1<<(32-settingRunShift) {
+		return fmt.Errorf("stream run %d: at most %d", n, 1<<(32-settingRunShift)-1)
 	}
+	return c.updateSettings(func(v uint32) uint32 {
+		return v&(1<<settingRunShift-1) | n<<settingRunShift
+	})
+}
+
+// settings[0] bits, as capture.c's SETTING_*.
+const (
+	settingShortcut = 0x1
+	settingRunShift = 8
+)
+
+func (c *Capture) updateSettings(f func(uint32) uint32) error {
+	var zero, v uint32
+	if err := c.objs.Settings.Lookup(&zero, &v); err != nil {
+		return fmt.Errorf("read settings: %w", err)
+	}
+	v = f(v)
 	if err := c.objs.Settings.Update(&zero, &v, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("write settings: %w", err)
 	}
@@ -601,6 +631,7 @@ func (c *Capture) Counters(netns uint64) (Counters, error) {
 		s.ShortcutMessages += p.ShortcutMsgs
 		s.ShortcutBytes += p.ShortcutBytes
 		s.DroppedInbound += p.DroppedIn
+		s.ShortcutToTCP += p.ShortcutToTcp
 	}
 	return s, nil
 }

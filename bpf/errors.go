@@ -22,6 +22,7 @@ type Counters struct {
 	ShortcutMessages   uint64 // sends moved socket-to-socket by the shortcut
 	ShortcutBytes      uint64 // bytes in those sends
 	DroppedInbound     uint64 // inbound packets dropped to fail closed (unparsable, fragmented SYN, no listener)
+	ShortcutToTCP      uint64 // shortcut sockets that went back to TCP for good (streaming, or no peer)
 }
 
 // NodeCounters are the per-node mode totals of the node (all per-node pods).

@@ -324,6 +324,7 @@ func CounterMap(c bpf.Counters) map[string]uint64 {
 		"orig_dst_answered":   c.OrigDstAnswered,
 		"shortcut_messages":   c.ShortcutMessages,
 		"shortcut_bytes":      c.ShortcutBytes,
+		"shortcut_to_tcp":     c.ShortcutToTCP,
 		"dropped_inbound":     c.DroppedInbound,
 	}
 }

@@ -175,10 +175,14 @@ struct counters {
 	__u64 shortcut_msgs;
 	__u64 shortcut_bytes;
 	__u64 dropped_in; /* inbound packets dropped to fail closed (see sidelane_inbound) */
+	__u64 shortcut_to_tcp; /* shortcut sockets that went back to TCP for good (streaming, or no peer) */
 };
 
 /* settings[0] bits. */
 #define SETTING_SHORTCUT 0x1
+/* Bits 8-31, if not 0, replace STREAM_RUN (benchmarks compare designs in one
+ * run with it: a huge value is "always redirect"). */
+#define SETTING_RUN_SHIFT 8
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -307,6 +311,39 @@ struct {
 	__type(key, struct tuple_key);
 	__type(value, __u64);
 } pair_cookies SEC(".maps");
+
+/* Per-socket shortcut mode, created by sock_ops when a socket joins
+ * sock_pairs, freed with the socket. Once a socket's send went the TCP way
+ * it never redirects again: bytes it already queued on TCP could still be
+ * unread (or in flight) on the peer, and the peer reads its redirect queue
+ * first, so a later redirect would overtake them. The other way round is
+ * safe: a redirect lands in the peer's queue before sendmsg returns, and the
+ * peer drains that queue before it reads TCP. */
+#define MODE_TCP 0x1
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u32);
+} pair_mode SEC(".maps");
+
+/* Sends in a row from the socket of this tuple since its peer last sent.
+ * A socket that sends more than STREAM_RUN messages without hearing back is
+ * streaming: measured, a redirect costs more per message than loopback TCP
+ * (a lock on the peer and a wakeup for every message, where TCP coalesces),
+ * so it goes back to TCP for good. Request/response keeps the shortcut. LRU:
+ * losing an entry only restarts a count. */
+#define STREAM_RUN 16
+
+struct {
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct tuple_key);
+	__type(value, __u32);
+} pair_runs SEC(".maps");
 
 enum verdict {
 	PASS = 0,
@@ -1279,6 +1316,11 @@ static __always_inline void maybe_shortcut(struct bpf_sock_ops *skops, struct tu
 		return;
 	k->netns = pair_netns(k, netns);
 	__u64 cookie = bpf_get_socket_cookie(skops);
+	/* No mode storage, no shortcut: sk_msg could not remember that the
+	 * socket went TCP. */
+	struct bpf_sock *sk = skops->sk;
+	if (!sk || !bpf_sk_storage_get(&pair_mode, sk, 0, BPF_SK_STORAGE_GET_F_CREATE))
+		return;
 	if (bpf_sock_hash_update(skops, &sock_pairs, k, BPF_ANY) == 0) {
 		bpf_map_update_elem(&pair_cookies, k, &cookie, BPF_ANY);
 		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
@@ -1355,14 +1397,33 @@ int sidelane_sockops(struct bpf_sock_ops *skops)
 		bpf_map_delete_elem(&orig_by_tuple, &m);
 		k.netns = pair_netns(&k, netns);
 		bpf_map_delete_elem(&pair_cookies, &k);
+		bpf_map_delete_elem(&pair_runs, &k);
 		break;
 	}
 	return 1;
 }
 
+/* to_tcp sends this message, and every later one of the socket, the TCP
+ * way (see pair_mode). */
+static __always_inline int to_tcp(__u32 *mode, __u64 netns)
+{
+	*mode |= MODE_TCP;
+	struct counters *c = bpf_map_lookup_elem(&pod_counters, &netns);
+	if (c)
+		c->shortcut_to_tcp++;
+	return SK_PASS;
+}
+
 SEC("sk_msg")
 int sidelane_msg(struct sk_msg_md *msg)
 {
+	struct bpf_sock *sk = msg->sk;
+	if (!sk)
+		return SK_PASS;
+	__u32 *mode = bpf_sk_storage_get(&pair_mode, sk, 0, 0);
+	if (!mode || (*mode & MODE_TCP))
+		return SK_PASS;
+
 	struct tuple_key self = {}, peer = {};
 	__u64 netns = bpf_get_netns_cookie(msg);
 	__u32 family = READ(msg->family);
@@ -1382,18 +1443,38 @@ int sidelane_msg(struct sk_msg_md *msg)
 	peer.dport = self.sport;
 	peer.netns = self.netns;
 
+	/* No peer yet (or the guard): this message goes TCP, so all later
+	 * ones must too. */
 	__u64 *own = bpf_map_lookup_elem(&pair_cookies, &self);
 	__u64 *other = bpf_map_lookup_elem(&pair_cookies, &peer);
 	if (!own || !other || *own == *other)
-		return SK_PASS;
+		return to_tcp(mode, netns);
+
+	/* This send answers the peer: its run ends. */
+	__u32 *prun = bpf_map_lookup_elem(&pair_runs, &peer);
+	if (prun)
+		*prun = 0;
+	__u32 zero = 0, limit = STREAM_RUN;
+	__u32 *set = bpf_map_lookup_elem(&settings, &zero);
+	if (set && (*set >> SETTING_RUN_SHIFT))
+		limit = *set >> SETTING_RUN_SHIFT;
+	__u32 *run = bpf_map_lookup_elem(&pair_runs, &self);
+	if (run) {
+		if (++*run > limit)
+			return to_tcp(mode, netns);
+	} else {
+		__u32 one = 1;
+		bpf_map_update_elem(&pair_runs, &self, &one, BPF_ANY);
+	}
 	/* On failure (the peer just closed) the helper leaves no redirect and
-	 * SK_PASS sends the bytes the normal way: never drop. */
-	if (bpf_msg_redirect_hash(msg, &sock_pairs, &peer, BPF_F_INGRESS) == SK_PASS) {
-		struct counters *c = bpf_map_lookup_elem(&pod_counters, &netns);
-		if (c) {
-			c->shortcut_msgs++;
-			c->shortcut_bytes += msg->size;
-		}
+	 * SK_PASS sends the bytes the normal way: never drop, and never
+	 * redirect after that. */
+	if (bpf_msg_redirect_hash(msg, &sock_pairs, &peer, BPF_F_INGRESS) != SK_PASS)
+		return to_tcp(mode, netns);
+	struct counters *c = bpf_map_lookup_elem(&pod_counters, &netns);
+	if (c) {
+		c->shortcut_msgs++;
+		c->shortcut_bytes += msg->size;
 	}
 	return SK_PASS;
 }

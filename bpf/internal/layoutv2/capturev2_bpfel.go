@@ -34,6 +34,7 @@ type capturev2Counters struct {
 	ShortcutMsgs    uint64
 	ShortcutBytes   uint64
 	DroppedIn       uint64
+	ShortcutToTcp   uint64
 }
 
 type capturev2NodeProxy struct {
@@ -105,6 +106,8 @@ const (
 	capturev2MapOrigByCookie          = "orig_by_cookie"
 	capturev2MapOrigByTuple           = "orig_by_tuple"
 	capturev2MapPairCookies           = "pair_cookies"
+	capturev2MapPairMode              = "pair_mode"
+	capturev2MapPairRuns              = "pair_runs"
 	capturev2MapPodCounters           = "pod_counters"
 	capturev2MapPodIps                = "pod_ips"
 	capturev2MapPods                  = "pods"
@@ -194,6 +197,8 @@ type capturev2MapSpecs struct {
 	OrigByCookie *ebpf.MapSpec `ebpf:"orig_by_cookie"`
 	OrigByTuple  *ebpf.MapSpec `ebpf:"orig_by_tuple"`
 	PairCookies  *ebpf.MapSpec `ebpf:"pair_cookies"`
+	PairMode     *ebpf.MapSpec `ebpf:"pair_mode"`
+	PairRuns     *ebpf.MapSpec `ebpf:"pair_runs"`
 	PodCounters  *ebpf.MapSpec `ebpf:"pod_counters"`
 	PodIps       *ebpf.MapSpec `ebpf:"pod_ips"`
 	Pods         *ebpf.MapSpec `ebpf:"pods"`
@@ -235,6 +240,8 @@ type capturev2Maps struct {
 	OrigByCookie *ebpf.Map `ebpf:"orig_by_cookie"`
 	OrigByTuple  *ebpf.Map `ebpf:"orig_by_tuple"`
 	PairCookies  *ebpf.Map `ebpf:"pair_cookies"`
+	PairMode     *ebpf.Map `ebpf:"pair_mode"`
+	PairRuns     *ebpf.Map `ebpf:"pair_runs"`
 	PodCounters  *ebpf.Map `ebpf:"pod_counters"`
 	PodIps       *ebpf.Map `ebpf:"pod_ips"`
 	Pods         *ebpf.Map `ebpf:"pods"`
@@ -252,6 +259,8 @@ func (m *capturev2Maps) Close() error {
 		m.OrigByCookie,
 		m.OrigByTuple,
 		m.PairCookies,
+		m.PairMode,
+		m.PairRuns,
 		m.PodCounters,
 		m.PodIps,
 		m.Pods,
