@@ -1,12 +1,14 @@
 // Package store keeps the agent's record of every pod attachment it was told
-// about at CNI ADD. It is persisted to a file on every change so an agent
-// restart (crash or upgrade) neither forgets pods nor needs CNI to replay.
+// about at CNI ADD. Each attachment is persisted to its own file on every
+// change, so an agent restart (crash or upgrade) neither forgets pods nor
+// needs CNI to replay, and a change costs the same at 10 or 1,000 pods.
 package store
 
 import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -56,6 +58,8 @@ type Entry struct {
 	Added    time.Time `json:"added"`
 }
 
+// fileFormat is the legacy single state file (state.json) of agents
+// before per-attachment records; Open migrates it.
 type fileFormat struct {
 	Version int     `json:"version"`
 	Entries []Entry `json:"entries"`
@@ -63,37 +67,131 @@ type fileFormat struct {
 
 const fileVersion = 1
 
-// Store is safe for concurrent use.
-type Store struct {
-	path string
-
-	mu      sync.Mutex
-	entries map[Key]Entry
+// recordFormat is one attachment's file in the records directory.
+type recordFormat struct {
+	Version int   `json:"version"`
+	Entry   Entry `json:"entry"`
 }
 
-// Open loads the store from path, or starts empty when the file does not
-// exist. A corrupt file is an error: silently starting empty would forget
-// pods that are still captured.
+const recordVersion = 1
+
+// tmpPrefix starts the names of records being written (left behind only by
+// an agent killed between create and rename; Open removes them).
+const tmpPrefix = ".tmp-"
+
+// Store is safe for concurrent use. Every attachment is one small file in
+// the records directory, written to a temp file and renamed over the old
+// one, so a change costs the same whatever the node's pod count, and an
+// agent killed at any point leaves each record either old or new, never
+// half. Changes to different attachments write different files and do not
+// wait for each other; changes to one attachment are ordered by its lock
+// stripe.
+type Store struct {
+	legacy string // the pre-records state file, migrated at Open
+	dir    string // one file per attachment
+
+	// stripes order the file write and the memory update of changes to
+	// one key (two racing Puts of a key must leave file and memory agreeing).
+	stripes [64]sync.Mutex
+
+	mu          sync.Mutex
+	entries     map[Key]Entry
+	byContainer map[string]map[Key]struct{}
+	// written counts record bytes written (tests: a change costs O(1)).
+	written int64
+}
+
+// RecordsDir is where the store at path keeps its per-attachment records:
+// "state.json" -> "state.d".
+func RecordsDir(path string) string {
+	return strings.TrimSuffix(path, filepath.Ext(path)) + ".d"
+}
+
+// Open loads the store kept at path: the records in RecordsDir(path) and,
+// when a legacy single state file exists at path (an older agent's), its
+// entries, which are then written as records and the file removed. It
+// starts empty when neither exists. A corrupt record or file is an error:
+// silently starting empty would forget pods that are still captured.
 func Open(path string) (*Store, error) {
-	s := &Store{path: path, entries: map[Key]Entry{}}
-	data, err := os.ReadFile(path)
+	s := &Store{legacy: path, dir: RecordsDir(path), entries: map[Key]Entry{}, byContainer: map[string]map[Key]struct{}{}}
+	if err := s.loadRecords(); err != nil {
+		return nil, err
+	}
+	if err := s.migrateLegacy(); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *Store) loadRecords() error {
+	des, err := os.ReadDir(s.dir)
 	if errors.Is(err, os.ErrNotExist) {
-		return s, nil
+		return nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("read state %s: %w", path, err)
+		return fmt.Errorf("read state dir %s: %w", s.dir, err)
+	}
+	for _, de := range des {
+		name := de.Name()
+		p := filepath.Join(s.dir, name)
+		if strings.HasPrefix(name, tmpPrefix) {
+			_ = os.Remove(p) // a write cut short: its rename never happened
+			continue
+		}
+		if !strings.HasSuffix(name, ".json") {
+			continue
+		}
+		data, err := os.ReadFile(p)
+		if err != nil {
+			return fmt.Errorf("read state %s: %w", p, err)
+		}
+		var r recordFormat
+		if err := json.Unmarshal(data, &r); err != nil {
+			return fmt.Errorf("parse state %s: %w", p, err)
+		}
+		if r.Version != recordVersion {
+			return fmt.Errorf("state %s: unsupported version %d", p, r.Version)
+		}
+		if want := recordName(r.Entry.Key); name != want {
+			return fmt.Errorf("state %s: holds attachment %s, whose record is %s", p, r.Entry.Key, want)
+		}
+		s.setLocked(r.Entry)
+	}
+	return nil
+}
+
+// migrateLegacy moves an older agent's single state file into records.
+// The file goes only once every entry is a record, so an agent killed
+// half-way migrates again at its next start (records already written
+// win: they can only be newer).
+func (s *Store) migrateLegacy() error {
+	data, err := os.ReadFile(s.legacy)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("read state %s: %w", s.legacy, err)
 	}
 	var f fileFormat
 	if err := json.Unmarshal(data, &f); err != nil {
-		return nil, fmt.Errorf("parse state %s: %w", path, err)
+		return fmt.Errorf("parse state %s: %w", s.legacy, err)
 	}
 	if f.Version != fileVersion {
-		return nil, fmt.Errorf("state %s: unsupported version %d", path, f.Version)
+		return fmt.Errorf("state %s: unsupported version %d", s.legacy, f.Version)
 	}
 	for _, e := range f.Entries {
-		s.entries[e.Key] = e
+		if _, ok := s.entries[e.Key]; ok {
+			continue
+		}
+		if err := s.writeRecord(e); err != nil {
+			return fmt.Errorf("migrate state %s: %w", s.legacy, err)
+		}
+		s.setLocked(e)
 	}
-	return s, nil
+	if err := os.Remove(s.legacy); err != nil {
+		return fmt.Errorf("migrate state %s: %w", s.legacy, err)
+	}
+	return nil
 }
 
 // Get returns the entry for k.
@@ -104,37 +202,43 @@ func (s *Store) Get(k Key) (Entry, bool) {
 	return e, ok
 }
 
-// Put adds or replaces an entry and persists the store.
+// Put adds or replaces an entry and persists it (its record only). On
+// error nothing changed, in memory or on disk.
 func (s *Store) Put(e Entry) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	old, had := s.entries[e.Key]
-	s.entries[e.Key] = e
-	if err := s.saveLocked(); err != nil {
-		if had {
-			s.entries[e.Key] = old
-		} else {
-			delete(s.entries, e.Key)
-		}
+	st := s.stripe(e.Key)
+	st.Lock()
+	defer st.Unlock()
+	if err := s.writeRecord(e); err != nil {
 		return err
 	}
+	s.mu.Lock()
+	s.setLocked(e)
+	s.mu.Unlock()
 	return nil
 }
 
-// Delete removes k and persists the store. Deleting a missing key is not an
+// Delete removes k and its record. Deleting a missing key is not an
 // error: CNI DEL must be idempotent.
 func (s *Store) Delete(k Key) (Entry, bool, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	e, ok := s.entries[k]
+	st := s.stripe(k)
+	st.Lock()
+	defer st.Unlock()
+	e, ok := s.Get(k)
 	if !ok {
 		return Entry{}, false, nil
 	}
-	delete(s.entries, k)
-	if err := s.saveLocked(); err != nil {
-		s.entries[k] = e
-		return Entry{}, false, err
+	if err := os.Remove(filepath.Join(s.dir, recordName(k))); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return Entry{}, false, fmt.Errorf("remove state of %s: %w", k, err)
 	}
+	s.mu.Lock()
+	delete(s.entries, k)
+	if c := s.byContainer[k.ContainerID]; c != nil {
+		delete(c, k)
+		if len(c) == 0 {
+			delete(s.byContainer, k.ContainerID)
+		}
+	}
+	s.mu.Unlock()
 	return e, true, nil
 }
 
@@ -142,33 +246,93 @@ func (s *Store) Delete(k Key) (Entry, bool, error) {
 func (s *Store) List() []Entry {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.listLocked()
-}
-
-func (s *Store) listLocked() []Entry {
 	out := make([]Entry, 0, len(s.entries))
 	for _, e := range s.entries {
 		out = append(out, e)
 	}
-	slices.SortFunc(out, func(a, b Entry) int { return strings.Compare(a.Key.String(), b.Key.String()) })
+	sortEntries(out)
 	return out
 }
 
-// saveLocked writes the whole store to a temp file and renames it over the
-// old one, so an agent crash leaves either the old or the new state, never
+// Container returns the entries of one sandbox (container ID), sorted by
+// key: the attachments a meta-plugin such as Multus made for it. Its cost
+// does not grow with the node's pod count.
+func (s *Store) Container(id string) []Entry {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	keys := s.byContainer[id]
+	out := make([]Entry, 0, len(keys))
+	for k := range keys {
+		out = append(out, s.entries[k])
+	}
+	sortEntries(out)
+	return out
+}
+
+// Written is the number of record bytes the store wrote so far.
+func (s *Store) Written() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.written
+}
+
+func sortEntries(es []Entry) {
+	slices.SortFunc(es, func(a, b Entry) int { return strings.Compare(a.Key.String(), b.Key.String()) })
+}
+
+func (s *Store) setLocked(e Entry) {
+	s.entries[e.Key] = e
+	c := s.byContainer[e.ContainerID]
+	if c == nil {
+		c = map[Key]struct{}{}
+		s.byContainer[e.ContainerID] = c
+	}
+	c[e.Key] = struct{}{}
+}
+
+func (s *Store) stripe(k Key) *sync.Mutex {
+	h := fnv.New32a()
+	h.Write([]byte(k.String()))
+	return &s.stripes[h.Sum32()%uint32(len(s.stripes))]
+}
+
+// RecordPath is the file holding k's record.
+func (s *Store) RecordPath(k Key) string { return filepath.Join(s.dir, recordName(k)) }
+
+// recordName is k's record file: its fields escaped and joined by "~",
+// readable for the usual names and never a path separator.
+func recordName(k Key) string {
+	return escapeName(k.Network) + "~" + escapeName(k.ContainerID) + "~" + escapeName(k.IfName) + ".json"
+}
+
+func escapeName(v string) string {
+	var b strings.Builder
+	for i := 0; i < len(v); i++ {
+		c := v[i]
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '-', c == '_', c == '.' && i > 0:
+			b.WriteByte(c)
+		default:
+			fmt.Fprintf(&b, "%%%02X", c)
+		}
+	}
+	return b.String()
+}
+
+// writeRecord writes e's record to a temp file and renames it over the old
+// one, so an agent crash leaves either the old or the new record, never
 // half. No fsync: the state lives on /var/run (tmpfs), which a node crash
 // wipes together with the pods it describes, and fsync on every CNI ADD
 // would put disk latency on the pod-start path.
-func (s *Store) saveLocked() error {
-	data, err := json.Marshal(fileFormat{Version: fileVersion, Entries: s.listLocked()})
+func (s *Store) writeRecord(e Entry) error {
+	data, err := json.Marshal(recordFormat{Version: recordVersion, Entry: e})
 	if err != nil {
 		return fmt.Errorf("encode state: %w", err)
 	}
-	dir := filepath.Dir(s.path)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := os.MkdirAll(s.dir, 0o700); err != nil {
 		return fmt.Errorf("create state dir: %w", err)
 	}
-	tmp, err := os.CreateTemp(dir, ".state-*")
+	tmp, err := os.CreateTemp(s.dir, tmpPrefix+"*")
 	if err != nil {
 		return fmt.Errorf("write state: %w", err)
 	}
@@ -180,8 +344,12 @@ func (s *Store) saveLocked() error {
 	if err := tmp.Close(); err != nil {
 		return fmt.Errorf("write state: %w", err)
 	}
-	if err := os.Rename(tmp.Name(), s.path); err != nil {
-		return fmt.Errorf("replace state %s: %w", s.path, err)
+	p := filepath.Join(s.dir, recordName(e.Key))
+	if err := os.Rename(tmp.Name(), p); err != nil {
+		return fmt.Errorf("replace state %s: %w", p, err)
 	}
+	s.mu.Lock()
+	s.written += int64(len(data))
+	s.mu.Unlock()
 	return nil
 }
