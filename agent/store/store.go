@@ -76,8 +76,12 @@ type recordFormat struct {
 const recordVersion = 1
 
 // tmpPrefix starts the names of records being written (left behind only by
-// an agent killed between create and rename; Open removes them).
+// an agent killed between create and rename; Open removes old ones).
 const tmpPrefix = ".tmp-"
+
+// staleTmp is the age after which Open removes a temp record: no write
+// takes that long, so its writer is gone.
+const staleTmp = time.Minute
 
 // Store is safe for concurrent use. Every attachment is one small file in
 // the records directory, written to a temp file and renamed over the old
@@ -135,7 +139,12 @@ func (s *Store) loadRecords() error {
 		name := de.Name()
 		p := filepath.Join(s.dir, name)
 		if strings.HasPrefix(name, tmpPrefix) {
-			_ = os.Remove(p) // a write cut short: its rename never happened
+			// A write cut short (its rename never happened), or one
+			// in flight when another process reads the store (tests,
+			// tools): only an old one is removed.
+			if fi, err := de.Info(); err == nil && time.Since(fi.ModTime()) > staleTmp {
+				_ = os.Remove(p)
+			}
 			continue
 		}
 		if !strings.HasSuffix(name, ".json") {

@@ -138,14 +138,21 @@ func TestStoreMigratesLegacyFile(t *testing.T) {
 }
 
 // A record write cut short (agent killed between create and rename)
-// leaves a temp file: it is not a record, and Open removes it.
+// leaves a temp file: it is not a record, and Open removes it once old.
 func TestStoreIgnoresCutShortWrite(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "state.json")
 	if err := os.MkdirAll(RecordsDir(path), 0o700); err != nil {
 		t.Fatal(err)
 	}
-	tmp := filepath.Join(RecordsDir(path), tmpPrefix+"123")
-	if err := os.WriteFile(tmp, []byte(`{"version":1,"en`), 0o600); err != nil {
+	old := filepath.Join(RecordsDir(path), tmpPrefix+"123")
+	fresh := filepath.Join(RecordsDir(path), tmpPrefix+"456")
+	for _, p := range []string{old, fresh} {
+		if err := os.WriteFile(p, []byte(`{"version":1,"en`), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	long := time.Now().Add(-2 * staleTmp)
+	if err := os.Chtimes(old, long, long); err != nil {
 		t.Fatal(err)
 	}
 	s, err := Open(path)
@@ -155,8 +162,13 @@ func TestStoreIgnoresCutShortWrite(t *testing.T) {
 	if n := len(s.List()); n != 0 {
 		t.Fatalf("%d entries from a temp file", n)
 	}
-	if _, err := os.Stat(tmp); !os.IsNotExist(err) {
-		t.Fatalf("temp file left: %v", err)
+	if _, err := os.Stat(old); !os.IsNotExist(err) {
+		t.Fatalf("old temp file left: %v", err)
+	}
+	// A fresh one may be a write in flight in the agent while another
+	// process reads the store: it stays.
+	if _, err := os.Stat(fresh); err != nil {
+		t.Fatalf("fresh temp file removed: %v", err)
 	}
 }
 
