@@ -163,6 +163,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	err := <-served
 	a.SetReady(false, "shutting down")
+	// For a rollback to a version before per-attachment records (O(pods),
+	// once, off the ADD path); this version's next start takes it back.
+	if serr := a.store.WriteLegacy(); serr != nil {
+		a.cfg.Log.Error("write the state snapshot for older agents", "error", serr)
+	}
 	return err
 }
 

@@ -169,10 +169,13 @@ func (s *Store) loadRecords() error {
 	return nil
 }
 
-// migrateLegacy moves an older agent's single state file into records.
-// The file goes only once every entry is a record, so an agent killed
-// half-way migrates again at its next start (records already written
-// win: they can only be newer).
+// migrateLegacy moves a single state file into records. The file is the
+// newest truth when it exists: an older agent wrote it after this one's
+// records (a rollback, then this agent again), or this agent wrote it as
+// its shutdown snapshot (WriteLegacy), or a migration was cut short (the
+// records then match it). So its entries overwrite the records, records
+// it lacks go, and the file goes last, once the records say what it says:
+// an agent killed half-way migrates again at its next start.
 func (s *Store) migrateLegacy() error {
 	data, err := os.ReadFile(s.legacy)
 	if errors.Is(err, os.ErrNotExist) {
@@ -188,17 +191,57 @@ func (s *Store) migrateLegacy() error {
 	if f.Version != fileVersion {
 		return fmt.Errorf("state %s: unsupported version %d", s.legacy, f.Version)
 	}
+	keep := map[Key]bool{}
 	for _, e := range f.Entries {
-		if _, ok := s.entries[e.Key]; ok {
-			continue
-		}
+		keep[e.Key] = true
 		if err := s.writeRecord(e); err != nil {
 			return fmt.Errorf("migrate state %s: %w", s.legacy, err)
 		}
 		s.setLocked(e)
 	}
+	for k := range s.entries {
+		if keep[k] {
+			continue
+		}
+		if err := os.Remove(s.RecordPath(k)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("migrate state %s: %w", s.legacy, err)
+		}
+		s.unsetLocked(k)
+	}
 	if err := os.Remove(s.legacy); err != nil {
 		return fmt.Errorf("migrate state %s: %w", s.legacy, err)
+	}
+	return nil
+}
+
+// WriteLegacy writes every entry to the single state file of older agents
+// (temp file + rename), so that an agent rolled back to a version before
+// records still finds every pod. The agent calls it on shutdown, never on
+// the ADD path (it costs O(pods)); the next Open of this version migrates
+// the file back (it is the newest truth then, see migrateLegacy).
+func (s *Store) WriteLegacy() error {
+	data, err := json.Marshal(fileFormat{Version: fileVersion, Entries: s.List()})
+	if err != nil {
+		return fmt.Errorf("encode state: %w", err)
+	}
+	dir := filepath.Dir(s.legacy)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create state dir: %w", err)
+	}
+	tmp, err := os.CreateTemp(dir, ".state-*")
+	if err != nil {
+		return fmt.Errorf("write state: %w", err)
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return fmt.Errorf("write state: %w", err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("write state: %w", err)
+	}
+	if err := os.Rename(tmp.Name(), s.legacy); err != nil {
+		return fmt.Errorf("replace state %s: %w", s.legacy, err)
 	}
 	return nil
 }
@@ -240,6 +283,12 @@ func (s *Store) Delete(k Key) (Entry, bool, error) {
 		return Entry{}, false, fmt.Errorf("remove state of %s: %w", k, err)
 	}
 	s.mu.Lock()
+	s.unsetLocked(k)
+	s.mu.Unlock()
+	return e, true, nil
+}
+
+func (s *Store) unsetLocked(k Key) {
 	delete(s.entries, k)
 	if c := s.byContainer[k.ContainerID]; c != nil {
 		delete(c, k)
@@ -247,8 +296,6 @@ func (s *Store) Delete(k Key) (Entry, bool, error) {
 			delete(s.byContainer, k.ContainerID)
 		}
 	}
-	s.mu.Unlock()
-	return e, true, nil
 }
 
 // List returns all entries sorted by key.

@@ -99,24 +99,29 @@ func TestStoreRejectsCorruptFile(t *testing.T) {
 	})
 }
 
-// An older agent's single state file becomes records at Open, once; a
-// record already there (a migration cut short, then a change) wins.
+// A single state file (an older agent's, or this one's shutdown
+// snapshot) becomes records at Open, once, and is the newest truth: it
+// overwrites records and removes those it lacks (an older agent ran after
+// this one's records: rollback, then roll forward).
 func TestStoreMigratesLegacyFile(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "state.json")
 	a := Entry{Key: Key{Network: "n", ContainerID: "a", IfName: "eth0"}, Mode: "sidecar"}
 	b := Entry{Key: Key{Network: "n", ContainerID: "b", IfName: "eth0"}, Mode: "none"}
+	gone := Entry{Key: Key{Network: "n", ContainerID: "gone", IfName: "eth0"}, Mode: "sidecar"}
 	data, _ := json.Marshal(fileFormat{Version: fileVersion, Entries: []Entry{a, b}})
 	if err := os.WriteFile(path, data, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	newer := b
-	newer.Mode = "node"
+	older := b
+	older.Mode = "node"
 	if err := os.MkdirAll(RecordsDir(path), 0o700); err != nil {
 		t.Fatal(err)
 	}
-	rec, _ := json.Marshal(recordFormat{Version: recordVersion, Entry: newer})
-	if err := os.WriteFile(filepath.Join(RecordsDir(path), recordName(b.Key)), rec, 0o600); err != nil {
-		t.Fatal(err)
+	for _, e := range []Entry{older, gone} {
+		rec, _ := json.Marshal(recordFormat{Version: recordVersion, Entry: e})
+		if err := os.WriteFile(filepath.Join(RecordsDir(path), recordName(e.Key)), rec, 0o600); err != nil {
+			t.Fatal(err)
+		}
 	}
 	s, err := Open(path)
 	if err != nil {
@@ -125,15 +130,38 @@ func TestStoreMigratesLegacyFile(t *testing.T) {
 	if _, err := os.Stat(path); !os.IsNotExist(err) {
 		t.Fatalf("legacy file still there after migration: %v", err)
 	}
-	if got, _ := s.Get(b.Key); got.Mode != "node" {
-		t.Fatalf("b mode %q after migration, want the record's node", got.Mode)
+	if got, _ := s.Get(b.Key); got.Mode != "none" {
+		t.Fatalf("b mode %q after migration, want the file's none", got.Mode)
+	}
+	if _, ok := s.Get(gone.Key); ok {
+		t.Fatal("a record the file lacks survived the migration")
+	}
+	if n := len(s.Container("gone")); n != 0 {
+		t.Fatalf("Container(gone) = %d entries", n)
 	}
 	again, err := Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := again.List(); len(got) != 2 || got[0].Mode != "sidecar" || got[1].Mode != "node" {
+	if got := again.List(); len(got) != 2 || got[0].Mode != "sidecar" || got[1].Mode != "none" {
 		t.Fatalf("after reopen: %+v", got)
+	}
+
+	// The shutdown snapshot round-trips: an older agent reads every pod
+	// from it, and this version's next Open takes it back.
+	if err := again.WriteLegacy(); err != nil {
+		t.Fatal(err)
+	}
+	var f fileFormat
+	if data, err := os.ReadFile(path); err != nil || json.Unmarshal(data, &f) != nil || len(f.Entries) != 2 || f.Version != fileVersion {
+		t.Fatalf("snapshot: %+v, %v", f, err)
+	}
+	back, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := len(back.List()); n != 2 {
+		t.Fatalf("%d entries after the snapshot's migration, want 2", n)
 	}
 }
 
