@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"path/filepath"
 	"reflect"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -61,10 +60,11 @@ type Agent struct {
 	server *cnirpc.Server
 	ready  atomic.Bool
 	reason atomic.Value // string
-	// mu serializes changes to an attachment's datapath state and store
-	// entry: CNI ADD/DEL/GC and live mode moves must not interleave, or a
-	// move could re-enroll an attachment DEL just removed.
-	mu *sync.Mutex
+	// locks order changes to an attachment's datapath state and store
+	// entry: CNI ADD/DEL/GC and live mode moves of one sandbox must not
+	// interleave, or a move could re-enroll an attachment DEL just
+	// removed. Different sandboxes change in parallel.
+	locks *attachLocks
 }
 
 // New loads the persisted state and prepares the socket server.
@@ -89,8 +89,8 @@ func New(cfg Config) (*Agent, error) {
 		return nil, fmt.Errorf("open pod state: %w", err)
 	}
 	// Several attachments of one netns (Multus) share its datapath state.
-	cfg.Datapath = netnsgroup.New(cfg.Datapath, st.List)
-	a := &Agent{cfg: cfg, store: st, mu: &sync.Mutex{}}
+	cfg.Datapath = netnsgroup.New(cfg.Datapath, st.Container)
+	a := &Agent{cfg: cfg, store: st, locks: newAttachLocks()}
 	a.reason.Store("starting")
 	a.server = &cnirpc.Server{
 		Socket:  cfg.Socket,
@@ -107,7 +107,7 @@ func New(cfg Config) (*Agent, error) {
 			l7:         cfg.L7,
 			readiness:  a,
 			now:        time.Now,
-			mu:         a.mu,
+			locks:      a.locks,
 			metrics:    cfg.Metrics,
 		},
 	}
@@ -163,6 +163,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	err := <-served
 	a.SetReady(false, "shutting down")
+	// For a rollback to a version before per-attachment records (O(pods),
+	// once, off the ADD path); this version's next start takes it back.
+	if serr := a.store.WriteLegacy(); serr != nil {
+		a.cfg.Log.Error("write the state snapshot for older agents", "error", serr)
+	}
 	return err
 }
 
@@ -179,8 +184,7 @@ func (a *Agent) Datapath() datapath.Datapath { return a.cfg.Datapath }
 // (sidelane_errors_total{op="move"}; op="move_not_restored" when the old
 // state could not be put back either, which the next move repairs).
 func (a *Agent) SetMode(ctx context.Context, k store.Key, dec Decision) (old store.Entry, changed bool, err error) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
+	defer a.locks.sandbox(k.ContainerID)()
 	e, ok := a.store.Get(k)
 	if !ok {
 		return store.Entry{}, false, fmt.Errorf("attachment %s: %w", k, ErrUnknownAttachment)
@@ -233,8 +237,7 @@ func (a *Agent) moveFailed(from, to store.Entry, err error, msg string) {
 // Forget unenrolls and removes an attachment whose pod no longer exists
 // (deleted while the agent was down, so its DEL was lost).
 func (a *Agent) Forget(ctx context.Context, k store.Key) error {
-	a.mu.Lock()
-	defer a.mu.Unlock()
+	defer a.locks.sandbox(k.ContainerID)()
 	e, ok := a.store.Get(k)
 	if !ok {
 		return nil

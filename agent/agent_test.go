@@ -281,9 +281,9 @@ func TestSetModeErrorPaths(t *testing.T) {
 			dp.take()
 			dp.failMove = tt.failMove
 			if tt.brokenStore {
-				// The state file's path turns into a non-empty directory:
-				// replacing it fails.
-				state := filepath.Join(dir, "state.json")
+				// The attachment's record turns into a non-empty
+				// directory: replacing it fails.
+				state := a.Store().RecordPath(k)
 				if err := os.Remove(state); err != nil {
 					t.Fatal(err)
 				}
@@ -321,7 +321,7 @@ func TestSetModeErrorPaths(t *testing.T) {
 			// repairs whatever the failed one left.
 			dp.failMove = nil
 			if tt.brokenStore {
-				if err := os.RemoveAll(filepath.Join(dir, "state.json")); err != nil {
+				if err := os.RemoveAll(a.Store().RecordPath(k)); err != nil {
 					t.Fatal(err)
 				}
 			}

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"sync"
 	"time"
 
 	"github.com/sidelane/sidelane/agent/cnirpc"
@@ -61,7 +60,7 @@ type cniHandler struct {
 	classifier Classifier
 	readiness  Readiness
 	now        func() time.Time
-	mu         *sync.Mutex // shared with Agent; see Agent.mu
+	locks      *attachLocks // shared with Agent; see Agent.locks
 	l7         func(namespace, name string) *cnirpc.ExplainedL7
 	metrics    *metrics.Metrics
 }
@@ -91,18 +90,32 @@ func keyOf(req *cnirpc.Request) store.Key {
 	return store.Key{Network: req.Network, ContainerID: req.ContainerID, IfName: req.IfName}
 }
 
+// The phases of an ADD inside the agent (sidelane_cni_add_phase_seconds);
+// datapaths report their own (e.g. ebpf_put) through datapath.Phase.
+const (
+	phaseNetns      = "netns"
+	phaseClassify   = "classify"
+	phaseLockWait   = "lock_wait"
+	phaseEnroll     = "enroll"
+	phaseStateWrite = "state_write"
+)
+
 func (h *cniHandler) add(ctx context.Context, req *cnirpc.Request) (*cnirpc.Reply, error) {
 	if ready, reason := h.readiness.Ready(); !ready {
 		return nil, fmt.Errorf("agent not ready: %s: %w", reason, cnirpc.ErrRetry)
 	}
+	ctx = datapath.WithPhases(ctx, h.metrics.CNIAddPhase)
+	t := time.Now()
 	netnsDev, netnsIno, err := podNetns(req.Netns)
 	if err != nil {
 		return nil, err
 	}
+	t = datapath.Phase(ctx, phaseNetns, t)
 	dec, err := h.classifier.Classify(ctx, req.Pod)
 	if err != nil {
 		return nil, fmt.Errorf("classify pod %s/%s: %w", req.Pod.Namespace, req.Pod.Name, err)
 	}
+	t = datapath.Phase(ctx, phaseClassify, t)
 	e := store.Entry{
 		Key:          keyOf(req),
 		Netns:        req.Netns,
@@ -120,8 +133,8 @@ func (h *cniHandler) add(ctx context.Context, req *cnirpc.Request) (*cnirpc.Repl
 		NetnsIno: netnsIno,
 		Added:    h.now().UTC(),
 	}
-	h.mu.Lock()
-	defer h.mu.Unlock()
+	defer h.locks.sandbox(req.ContainerID)()
+	t = datapath.Phase(ctx, phaseLockWait, t)
 	if err := h.datapath.Enroll(ctx, &e); err != nil {
 		// Nothing half-applied: undo whatever Enroll managed before failing.
 		if uerr := h.datapath.Unenroll(ctx, e); uerr != nil {
@@ -129,18 +142,19 @@ func (h *cniHandler) add(ctx context.Context, req *cnirpc.Request) (*cnirpc.Repl
 		}
 		return nil, fmt.Errorf("enroll pod %s/%s in %s datapath: %w", req.Pod.Namespace, req.Pod.Name, h.datapath.Name(), err)
 	}
+	t = datapath.Phase(ctx, phaseEnroll, t)
 	if err := h.store.Put(e); err != nil {
 		_ = h.datapath.Unenroll(ctx, e)
 		return nil, fmt.Errorf("record attachment: %w", err)
 	}
+	datapath.Phase(ctx, phaseStateWrite, t)
 	h.log.Info("pod added", "attachment", e.Key.String(), "pod", req.Pod.Namespace+"/"+req.Pod.Name, "mode", dec.Mode)
 	return &cnirpc.Reply{Mode: dec.Mode}, nil
 }
 
 func (h *cniHandler) del(ctx context.Context, req *cnirpc.Request) (*cnirpc.Reply, error) {
 	k := keyOf(req)
-	h.mu.Lock()
-	defer h.mu.Unlock()
+	defer h.locks.sandbox(k.ContainerID)()
 	e, ok := h.store.Get(k)
 	if !ok {
 		// DEL for an attachment we never saw (or already removed) succeeds.
@@ -173,8 +187,7 @@ func (h *cniHandler) gc(ctx context.Context, req *cnirpc.Request) (*cnirpc.Reply
 	for _, a := range req.ValidAttachments {
 		valid[store.Key{Network: req.Network, ContainerID: a.ContainerID, IfName: a.IfName}] = true
 	}
-	h.mu.Lock()
-	defer h.mu.Unlock()
+	defer h.locks.every()()
 	var errs []error
 	removed := 0
 	for _, e := range h.store.List() {

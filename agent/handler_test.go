@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -53,7 +52,7 @@ func newHandler(t *testing.T, ready bool) (*cniHandler, *fakeDatapath) {
 	return &cniHandler{
 		log: slog.New(slog.DiscardHandler), store: st, datapath: dp,
 		classifier: StaticClassifier{Mode: ModeSidecar, Reason: "test"},
-		readiness:  readyFlag(ready), now: time.Now, mu: &sync.Mutex{},
+		readiness:  readyFlag(ready), now: time.Now, locks: newAttachLocks(),
 	}, dp
 }
 

@@ -51,6 +51,8 @@ type Capture struct {
 	// mu orders Repair against the per-pod calls that attach, detach or
 	// delete, so a repair never re-attaches a pod being deleted.
 	mu sync.Mutex
+	// rules finds each pod's rule keys without walking the maps.
+	rules ruleIndex
 }
 
 type attachment struct {
@@ -392,21 +394,26 @@ func (c *Capture) Put(netns uint64, p Pod) (err error) {
 	}()
 	one := uint8(1)
 	newCIDRs, vals := p.cidrKeys(netns)
+	newPorts := p.portKeys(netns)
+	newIPs := make([][16]byte, 0, len(p.IPs))
+	for _, ip := range p.IPs {
+		newIPs = append(newIPs, mapped(ip))
+	}
+	if err := c.rules.add(c, netns, newCIDRs, newPorts, newIPs); err != nil {
+		return err
+	}
 	for i, k := range newCIDRs {
 		if err := write(&u, c.objs.Cidrs, k, vals[i]); err != nil {
 			return mapErr(c.objs.Cidrs, "CIDR rules", fmt.Errorf("write CIDR rule: %w", err))
 		}
 	}
-	newPorts := p.portKeys(netns)
 	for _, k := range newPorts {
 		if err := write(&u, c.objs.Ports, k, one); err != nil {
 			return mapErr(c.objs.Ports, "port rules", fmt.Errorf("write port rule: %w", err))
 		}
 	}
-	newIPs := make([][16]byte, 0, len(p.IPs))
-	for _, ip := range p.IPs {
-		k := mapped(ip)
-		newIPs = append(newIPs, k)
+	for i, ip := range p.IPs {
+		k := newIPs[i]
 		if err := write(&u, c.objs.PodIps, k, netns); err != nil {
 			return mapErr(c.objs.PodIps, "pod IPs", fmt.Errorf("write pod IP %s: %w", ip, err))
 		}
@@ -478,21 +485,6 @@ func mapName(m *ebpf.Map) string {
 	return "?"
 }
 
-// deleteStale removes netns's rules that are not in the keep lists.
-func (c *Capture) deleteStale(netns uint64, cidrs []captureCidrKey, ports []capturePortKey, ips [][16]byte) error {
-	lo, hi := splitCookie(netns)
-	keepC, keepP := setOf(cidrs), setOf(ports)
-	err := errors.Join(
-		deleteWhere(c.objs.Cidrs, func(k captureCidrKey, _ uint8) bool { return k.NetnsLo == lo && k.NetnsHi == hi && !keepC[k] }),
-		deleteWhere(c.objs.Ports, func(k capturePortKey, _ uint8) bool { return k.NetnsLo == lo && k.NetnsHi == hi && !keepP[k] }),
-		deleteWhere(c.objs.PodIps, func(k [16]byte, owner uint64) bool { return owner == netns && !slices.Contains(ips, k) }),
-	)
-	if err != nil {
-		return fmt.Errorf("remove stale rules: %w", err)
-	}
-	return nil
-}
-
 // deleteWhere removes the entries of m that match, collecting the keys
 // first (deleting while iterating would restart the walk).
 func deleteWhere[K, V any](m *ebpf.Map, match func(K, V) bool) error {
@@ -538,16 +530,8 @@ func (c *Capture) Delete(netns uint64) error {
 	// A per-node pod's connections to the node proxy are keyed by the
 	// proxy's netns, not the pod's: find them by the pod's addresses,
 	// read before deleteStale removes them.
-	var ik [16]byte
-	var owner uint64
-	podIPs := map[[16]byte]bool{}
-	ipIt := c.objs.PodIps.Iterate()
-	for ipIt.Next(&ik, &owner) {
-		if owner == netns {
-			podIPs[ik] = true
-		}
-	}
-	errs = append(errs, ipIt.Err())
+	podIPs, err := c.ownIPs(netns)
+	errs = append(errs, err)
 	errs = append(errs, c.detachInbound(netns))
 	errs = append(errs, c.deleteStale(netns, nil, nil, nil))
 	errs = append(errs, ignoreNotExist(c.objs.PodCounters.Delete(&netns)))

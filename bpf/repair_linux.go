@@ -23,11 +23,41 @@ import (
 // of each pod interface in inbound is re-attached (only while the pod is
 // enrolled; a pod whose netns is gone is skipped). It returns what it
 // repaired; the error joins what it could not.
+//
+// The lock is taken for the node-wide part and then once per pod, never
+// across the whole pass: a pod's ADD (AttachInbound) or DEL waits for one
+// pod's check at most, not for a pass over every pod on the node.
 func (c *Capture) Repair(inbound []Inbound) ([]Repaired, error) {
+	done, errs, err := c.repairNode()
+	if err != nil {
+		return nil, err
+	}
+	for _, in := range inbound {
+		r, err := c.repairOne(in)
+		done = append(done, r...)
+		errs = append(errs, err)
+	}
+	for _, r := range done {
+		c.cfg.Log.Warn("repaired eBPF datapath", "what", r.What, "name", r.Name, "reason", r.Reason)
+	}
+	return done, errors.Join(errs...)
+}
+
+func (c *Capture) repairOne(in Inbound) ([]Repaired, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.atts == nil {
 		return nil, errors.New("repair: capture closed")
+	}
+	return c.repairInbound(in)
+}
+
+// repairNode repairs the cgroup links, map pins and sk_msg.
+func (c *Capture) repairNode() ([]Repaired, []error, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.atts == nil {
+		return nil, nil, errors.New("repair: capture closed")
 	}
 	var done []Repaired
 	var errs []error
@@ -50,15 +80,7 @@ func (c *Capture) Repair(inbound []Inbound) ([]Repaired, error) {
 	r, err := c.repairSkMsg()
 	done = append(done, r...)
 	errs = append(errs, err)
-	for _, in := range inbound {
-		r, err := c.repairInbound(in)
-		done = append(done, r...)
-		errs = append(errs, err)
-	}
-	for _, r := range done {
-		c.cfg.Log.Warn("repaired eBPF datapath", "what", r.What, "name", r.Name, "reason", r.Reason)
-	}
-	return done, errors.Join(errs...)
+	return done, errs, nil
 }
 
 func progID(p *ebpf.Program) (ebpf.ProgramID, error) {

@@ -5,6 +5,7 @@ package datapath
 import (
 	"context"
 	"errors"
+	"time"
 
 	"github.com/sidelane/sidelane/agent/store"
 )
@@ -52,4 +53,27 @@ func (Noop) Move(context.Context, store.Entry, *store.Entry) error { return nil 
 // (e.g. eBPF map counters); `sidelane explain` shows them.
 type CounterReader interface {
 	Counters(ctx context.Context, e store.Entry) (map[string]uint64, error)
+}
+
+// PhaseFunc receives how long one phase of a CNI ADD took (see WithPhases).
+type PhaseFunc func(phase string, d time.Duration)
+
+type phaseKey struct{}
+
+// WithPhases returns ctx carrying f: backends report the phases of their
+// Enroll to it (Phase), so the agent can break an ADD's time down
+// (sidelane_cni_add_phase_seconds{phase}) without the Datapath interface
+// knowing about metrics.
+func WithPhases(ctx context.Context, f PhaseFunc) context.Context {
+	return context.WithValue(ctx, phaseKey{}, f)
+}
+
+// Phase reports that phase ran from start until now, when ctx carries a
+// PhaseFunc; it returns now, the next phase's start.
+func Phase(ctx context.Context, phase string, start time.Time) time.Time {
+	now := time.Now()
+	if f, ok := ctx.Value(phaseKey{}).(PhaseFunc); ok && f != nil {
+		f(phase, now.Sub(start))
+	}
+	return now
 }

@@ -20,6 +20,7 @@ type Metrics struct {
 	transitions *prometheus.CounterVec
 	errors      *prometheus.CounterVec
 	cniLatency  *prometheus.HistogramVec
+	addPhases   *prometheus.HistogramVec
 	repairs     *prometheus.CounterVec
 }
 
@@ -50,12 +51,17 @@ func New(pods PodCounter) *Metrics {
 			Help:    "Time the agent took to answer one CNI plugin request, by operation and result.",
 			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
 		}, []string{"op", "result"}),
+		addPhases: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: namespace, Name: "cni_add_phase_seconds",
+			Help:    "Time one CNI ADD spent in each phase inside the agent: netns (identity of the pod's netns), classify, lock_wait (waiting for the sandbox's lock), enroll (the whole datapath enroll; the eBPF backend also reports its parts ebpf_netns_cookie, ebpf_routes, ebpf_put, ebpf_inbound_attach), state_write.",
+			Buckets: []float64{.00005, .0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1},
+		}, []string{"phase"}),
 		repairs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "datapath_repairs_total",
 			Help: "Datapath attachments the agent found broken by someone else and put back, by kind (cgroup_link, tc_link, sk_msg, pin).",
 		}, []string{"what"}),
 	}
-	reg.MustRegister(m.decisions, m.transitions, m.errors, m.cniLatency, m.repairs,
+	reg.MustRegister(m.decisions, m.transitions, m.errors, m.cniLatency, m.addPhases, m.repairs,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if pods != nil {
 		reg.MustRegister(&podCollector{pods: pods, desc: prometheus.NewDesc(
@@ -111,6 +117,13 @@ func (m *Metrics) CNIRequest(op string, d time.Duration, err error) {
 		m.errors.WithLabelValues(op).Inc()
 	}
 	m.cniLatency.WithLabelValues(op, result).Observe(d.Seconds())
+}
+
+// CNIAddPhase records how long one phase of a CNI ADD took.
+func (m *Metrics) CNIAddPhase(phase string, d time.Duration) {
+	if m != nil {
+		m.addPhases.WithLabelValues(phase).Observe(d.Seconds())
+	}
 }
 
 type podCollector struct {

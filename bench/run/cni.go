@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/sidelane/sidelane/bench/loadgen"
 	"github.com/sidelane/sidelane/bench/report"
+	"github.com/sidelane/sidelane/bpf"
 	"github.com/sidelane/sidelane/internal/agentproc"
 )
 
@@ -63,16 +65,46 @@ type chain struct {
 	cni          *libcni.CNIConfig
 	exec         *timingExec
 	agent        *agentproc.Proc
+	// metrics is the agent's /metrics URL.
+	metrics string
 }
 
+// chainOpts choose the chain's agent.
+type chainOpts struct {
+	// ebpf runs the agent with the real eBPF datapath (attached to a
+	// cgroup subtree of its own, pins under a unique dir) and every pod in
+	// sidecar mode with Istio's default capture, so ADD enrolls for real
+	// (netns cookie, map writes, tc attach). Otherwise: the no-op datapath.
+	ebpf bool
+}
+
+// newChain is a chain whose agent runs the no-op datapath.
 func (r *Runner) newChain(ctx context.Context, subnet netip.Prefix) (*chain, error) {
+	return r.newChainWith(ctx, subnet, chainOpts{})
+}
+
+func (r *Runner) newChainWith(ctx context.Context, subnet netip.Prefix, o chainOpts) (*chain, error) {
 	dir, err := os.MkdirTemp("", "sidelane-bench-cni-")
 	if err != nil {
 		return nil, err
 	}
 	r.cleanup(func() { os.RemoveAll(dir) })
 	c := &chain{name: uniqueName("slbench-"), bridge: uniqueName("slbb"), exec: newTimingExec()}
-	c.agent = agentproc.New(filepath.Join(r.cfg.SidelaneBin, "sidelane"), filepath.Join(dir, "agent"))
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	c.metrics = fmt.Sprintf("http://127.0.0.1:%d/metrics", port)
+	// The agent's defaults (info), not agentproc's debug logging.
+	args := []string{"--log-level", "info", "--metrics-addr", fmt.Sprintf("127.0.0.1:%d", port)}
+	if o.ebpf {
+		eargs, err := r.ebpfNode()
+		if err != nil {
+			return nil, err
+		}
+		args = append(args, eargs...)
+	}
+	c.agent = agentproc.New(filepath.Join(r.cfg.SidelaneBin, "sidelane"), filepath.Join(dir, "agent"), args...)
 	if err := c.agent.Start(ctx); err != nil {
 		return nil, err
 	}
@@ -100,6 +132,36 @@ func (r *Runner) newChain(ctx context.Context, subnet netip.Prefix) (*chain, err
 	return c, nil
 }
 
+// ebpfNode makes a cgroup subtree and a pin dir for one agent's eBPF
+// datapath and returns the agent's flags for them. The cleanups (run after
+// the agent stopped) remove what the agent left pinned and the cgroup.
+func (r *Runner) ebpfNode() ([]string, error) {
+	mnt, err := bpf.CgroupV2Mount()
+	if err != nil {
+		return nil, err
+	}
+	cg := filepath.Join(mnt, uniqueName("sidelane-bench-cni-"))
+	if err := os.Mkdir(cg, 0o755); err != nil {
+		return nil, fmt.Errorf("create cgroup: %w", err)
+	}
+	r.cleanup(func() { removeCgroup(cg) })
+	pin := filepath.Join("/sys/fs/bpf", uniqueName("sidelane-bench-cni-"))
+	// Removing the pins drops the last reference to the agent's links
+	// (it has exited by then), which detaches them.
+	r.cleanup(func() { _ = os.RemoveAll(pin) })
+	return []string{"--datapath", "ebpf", "--cgroup-root", cg, "--bpf-pin-dir", pin,
+		"--standalone", "--standalone-mode", "sidecar"}, nil
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
 func (c *chain) rt(id string, n ns.NetNS) *libcni.RuntimeConf {
 	return &libcni.RuntimeConf{ContainerID: id, NetNS: n.Path(), IfName: "eth0",
 		Args: [][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAMESPACE", "bench"}, {"K8S_POD_NAME", id}}}
@@ -108,7 +170,7 @@ func (c *chain) rt(id string, n ns.NetNS) *libcni.RuntimeConf {
 // cniBurst adds n pods with parallelism p, then deletes them, recording
 // whole-chain and sidelane-only latencies under scenario s.
 func (r *Runner) cniBurst(ctx context.Context, s string, n, p int) error {
-	c, err := r.newChain(ctx, netip.MustParsePrefix("10.213.0.0/16"))
+	c, err := r.newChainWith(ctx, netip.MustParsePrefix("10.213.0.0/16"), chainOpts{ebpf: true})
 	if err != nil {
 		return err
 	}
@@ -154,6 +216,9 @@ func (r *Runner) cniBurst(ctx context.Context, s string, n, p int) error {
 	if err != nil {
 		return err
 	}
+	if err := r.addPhases(ctx, s, c, nil); err != nil {
+		r.log.Warn("read the agent's ADD phases", "scenario", s, "error", err)
+	}
 	del, err := measure("DEL", func(i int) error {
 		return c.cni.DelNetworkList(ctx, c.list, c.rt(fmt.Sprintf("burst%03d", i), nss[i]))
 	})
@@ -171,6 +236,11 @@ func (r *Runner) cniBurst(ctx context.Context, s string, n, p int) error {
 	r.res.Add(s, report.Sidelane, "addP99ms", ms(sa.P99us), "ms")
 	r.res.Add(s, report.Sidelane, "delP50ms", ms(sd.P50us), "ms")
 	r.res.Add(s, report.Sidelane, "delP99ms", ms(sd.P99us), "ms")
+	if v, err := r.execVersion(ctx, 20); err == nil {
+		// Starting the plugin process alone (CNI_COMMAND=VERSION): the
+		// floor of sidelane-cni's share, whatever the agent does.
+		r.res.Add(s, report.Sidelane, "execVersionP50ms", ms(v.P50us), "ms")
+	}
 	r.log.Info("cni burst", "pods", n, "parallel", p, "chainAddP99ms", ms(pa.P99us), "sidelaneAddP99ms", ms(sa.P99us))
 	return nil
 }

@@ -78,6 +78,7 @@ func (r *Runner) Run(ctx context.Context) error {
 		// One pod at a time: the plugin's own cost without CPU contention
 		// (the burst's p99 on a 2-core machine is mostly processes queueing).
 		{"cni_sequential_20", func(ctx context.Context) error { return r.cniBurst(ctx, "cni_sequential_20", 20, 1) }},
+		{"cni_add_scale", r.cniAddScaleRun},
 		{"footprint", func(ctx context.Context) error { return r.footprint(ctx, footprintCounts) }},
 		{"policy_update", r.policyUpdate},
 		{scenarioIstiod, r.policyToIstiod},

@@ -25,6 +25,7 @@ import (
 	"github.com/sidelane/sidelane/agent/ops"
 	"github.com/sidelane/sidelane/agent/store"
 	"github.com/sidelane/sidelane/bpf"
+	"github.com/sidelane/sidelane/istio/capture"
 	"github.com/sidelane/sidelane/istio/classify"
 	"github.com/sidelane/sidelane/policy/compile"
 )
@@ -47,7 +48,8 @@ func runAgent(ctx context.Context, args []string) error {
 	agentLabel := fs.String("agent-pod-label", classify.AgentLabelDefault+"="+classify.AgentLabelValue, "key=value label identifying the agent's own pods, never captured")
 	podWait := fs.Duration("pod-wait", kube.DefaultWait, "how long ADD waits for a pod the agent's cache has not seen yet")
 	taint := fs.Bool("manage-taint", true, "remove the "+kube.TaintKey+" node taint when ready and re-add it on shutdown")
-	standalone := fs.Bool("standalone", false, "run without Kubernetes: every pod gets mode none (default when there is no --kubeconfig and no in-cluster config)")
+	standalone := fs.Bool("standalone", false, "run without Kubernetes: every pod gets --standalone-mode (default when there is no --kubeconfig and no in-cluster config)")
+	standaloneMode := fs.String("standalone-mode", agent.ModeNone, "mode of every pod when standalone: none, or sidecar with Istio's default capture settings (benchmarks and tests of the enroll path without Kubernetes)")
 	var dpf datapathFlags
 	dpf.register(fs)
 	trustDomain := fs.String("trust-domain", "cluster.local", "the mesh's SPIFFE trust domain, for L7 policy principals")
@@ -62,6 +64,11 @@ func runAgent(ctx context.Context, args []string) error {
 		return fmt.Errorf("--log-level: %w", err)
 	}
 	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	// Bad flags fail before the datapath is opened.
+	standaloneCls, err := standaloneClassifier(*standaloneMode)
+	if err != nil {
+		return err
+	}
 
 	var st *agent.Agent
 	m := metrics.New(func() map[string]int { return countModes(st) })
@@ -80,10 +87,12 @@ func runAgent(ctx context.Context, args []string) error {
 	var ctrl *kube.Controller
 	startNodeProxyFeed := func(func() []store.Entry) {}
 	if !*standalone && *kubeconfig == "" && os.Getenv("KUBERNETES_SERVICE_HOST") == "" {
-		log.Warn("no --kubeconfig and not running in a pod: standalone, every pod gets mode none")
+		log.Warn("no --kubeconfig and not running in a pod: standalone, every pod gets --standalone-mode", "mode", *standaloneMode)
 		*standalone = true
 	}
-	if !*standalone {
+	if *standalone {
+		cfg.Classifier = standaloneCls
+	} else {
 		ccfg := classify.DefaultConfig()
 		var err error
 		if ccfg.ExcludedNamespaces, err = classify.ParseNamespaces(*excluded); err != nil {
@@ -175,6 +184,18 @@ func runAgent(ctx context.Context, args []string) error {
 		}()
 	}
 	return a.Run(ctx)
+}
+
+// standaloneClassifier gives every pod the mode --standalone-mode names.
+func standaloneClassifier(mode string) (agent.Classifier, error) {
+	switch mode {
+	case agent.ModeNone:
+		return agent.StaticClassifier{Mode: agent.ModeNone, Reason: "standalone (--standalone-mode none)"}, nil
+	case agent.ModeSidecar:
+		s := capture.Defaults()
+		return agent.StaticClassifier{Mode: agent.ModeSidecar, Reason: "standalone (--standalone-mode sidecar)", Capture: &s}, nil
+	}
+	return nil, fmt.Errorf("--standalone-mode %q: want %s or %s", mode, agent.ModeNone, agent.ModeSidecar)
 }
 
 func restConfig(kubeconfig string) (*rest.Config, error) {

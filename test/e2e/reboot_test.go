@@ -59,8 +59,12 @@ func TestNodeReboot(t *testing.T) {
 			if err := os.RemoveAll(e.pinDirs[nodeA.Name]); err != nil {
 				t.Fatal(err)
 			}
-			if err := os.Remove(filepath.Join(nodeA.StateDir, "state.json")); err != nil && !os.IsNotExist(err) {
-				t.Fatal(err)
+			// A reboot wipes the agent's tmpfs state (records and any
+			// legacy single file).
+			for _, p := range []string{"state.json", "state.d"} {
+				if err := os.RemoveAll(filepath.Join(nodeA.StateDir, p)); err != nil {
+					t.Fatal(err)
+				}
 			}
 			if n := len(netnsOf(nodeA)); n != 0 {
 				t.Fatalf("%d sandboxes survived the power-off", n)

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
+	"time"
 
 	"github.com/sidelane/sidelane/agent/datapath"
 	"github.com/sidelane/sidelane/agent/store"
@@ -21,6 +22,15 @@ import (
 const (
 	modeSidecar = "sidecar" // the pod's own Envoy captures
 	modeNode    = "node"    // sidecar-free: the node proxy captures
+)
+
+// The parts of an enroll this backend reports to datapath.Phase
+// (sidelane_cni_add_phase_seconds{phase}).
+const (
+	PhaseNetnsCookie   = "ebpf_netns_cookie"   // open the pod's netns, read its cookie
+	PhaseRoutes        = "ebpf_routes"         // read its routes (excludeInterfaces only)
+	PhasePut           = "ebpf_put"            // write its map entries
+	PhaseInboundAttach = "ebpf_inbound_attach" // attach (or update) its tc inbound link
 )
 
 // DefaultNodeInboundPort is where the node proxy listens inside each
@@ -109,13 +119,13 @@ func (d *Datapath) Name() string { return "ebpf" }
 // its cookie and attaching tc) removes what it wrote under the new cookie,
 // so the maps are as before; the cookie stays recorded only if that
 // removal failed too, for the handler's Unenroll to finish.
-func (d *Datapath) Enroll(_ context.Context, e *store.Entry) error {
-	t, err := d.target(*e)
+func (d *Datapath) Enroll(ctx context.Context, e *store.Entry) error {
+	t, err := d.target(ctx, *e)
 	if err != nil {
 		return err
 	}
 	prev := e.NetnsCookie
-	err = d.apply(*e, e, t)
+	err = d.apply(ctx, *e, e, t)
 	if err != nil && t.captured && prev != t.cookie {
 		if derr := d.pods.Delete(t.cookie); derr != nil {
 			return fmt.Errorf("%w (remove the partial enroll: %w)", err, derr)
@@ -133,12 +143,12 @@ func (d *Datapath) Enroll(_ context.Context, e *store.Entry) error {
 // state. Any failure re-applies old the same way (datapath.ErrNotRestored
 // when that fails too); bad settings or an unreadable netns fail before
 // anything is written.
-func (d *Datapath) Move(_ context.Context, old store.Entry, next *store.Entry) error {
-	t, err := d.target(*next)
+func (d *Datapath) Move(ctx context.Context, old store.Entry, next *store.Entry) error {
+	t, err := d.target(ctx, *next)
 	if err != nil {
 		return err
 	}
-	err = d.apply(old, next, t)
+	err = d.apply(ctx, old, next, t)
 	if err == nil {
 		return nil
 	}
@@ -150,11 +160,11 @@ func (d *Datapath) Move(_ context.Context, old store.Entry, next *store.Entry) e
 	}
 	back := old
 	rerr := func() error {
-		ot, err := d.target(old)
+		ot, err := d.target(ctx, old)
 		if err != nil {
 			return err
 		}
-		return d.apply(now, &back, ot)
+		return d.apply(ctx, now, &back, ot)
 	}()
 	if rerr != nil {
 		d.log.Error("restore pod capture after a failed move", "attachment", old.Key.String(), "mode", old.Mode, "error", rerr)
@@ -173,7 +183,7 @@ type target struct {
 
 // target resolves e's capture: settings planned, netns cookie and (for
 // excluded interfaces) routes read. It writes nothing.
-func (d *Datapath) target(e store.Entry) (target, error) {
+func (d *Datapath) target(ctx context.Context, e store.Entry) (target, error) {
 	p, ok, err := d.plan(e)
 	if err != nil || !ok {
 		return target{}, err
@@ -183,16 +193,19 @@ func (d *Datapath) target(e store.Entry) (target, error) {
 	if err := e.CheckNetns(); err != nil {
 		return target{}, err
 	}
+	start := time.Now()
 	cookie, err := d.cookie(e.Netns)
 	if err != nil {
 		return target{}, err
 	}
+	start = datapath.Phase(ctx, PhaseNetnsCookie, start)
 	if e.Mode == modeSidecar && len(e.Capture.ExcludeInterfaces) > 0 {
 		routes, err := d.routes(e.Netns, e.Capture.ExcludeInterfaces)
 		if err != nil {
 			return target{}, err
 		}
 		p = p.WithRoutes(routes)
+		datapath.Phase(ctx, PhaseRoutes, start)
 	}
 	return target{captured: true, cookie: cookie, pod: p}, nil
 }
@@ -200,7 +213,7 @@ func (d *Datapath) target(e store.Entry) (target, error) {
 // apply moves the maps from the state written for from to t (next's),
 // recording next's cookie before writing anything under it, so an
 // Unenroll(next) after a failed Enroll removes what was half-written.
-func (d *Datapath) apply(from store.Entry, next *store.Entry, t target) error {
+func (d *Datapath) apply(ctx context.Context, from store.Entry, next *store.Entry, t target) error {
 	if !t.captured {
 		if from.NetnsCookie != 0 {
 			if err := d.pods.Delete(from.NetnsCookie); err != nil {
@@ -211,14 +224,17 @@ func (d *Datapath) apply(from store.Entry, next *store.Entry, t target) error {
 		return nil
 	}
 	next.NetnsCookie = t.cookie
+	start := time.Now()
 	if err := d.pods.Put(t.cookie, t.pod); err != nil {
 		return fmt.Errorf("enroll netns %s: %w", next.Netns, err)
 	}
+	start = datapath.Phase(ctx, PhasePut, start)
 	switch {
 	case inboundOn(*next):
 		if err := d.pods.AttachInbound(next.Netns, t.cookie, next.IfName); err != nil {
 			return err
 		}
+		datapath.Phase(ctx, PhaseInboundAttach, start)
 	case from.NetnsCookie == t.cookie && inboundOn(from):
 		// The new settings exclude the interface.
 		if err := d.pods.DetachInbound(t.cookie, from.IfName); err != nil {

@@ -26,12 +26,15 @@ import (
 // modeNone is agent.ModeNone (not imported: the agent imports this).
 const modeNone = "none"
 
-// Entries lists the agent's recorded attachments (store.Store.List).
-type Entries func() []store.Entry
+// Entries lists the agent's recorded attachments of one sandbox (container
+// ID; store.Store.Container), so finding an attachment's siblings costs
+// the same whatever the node's pod count.
+type Entries func(containerID string) []store.Entry
 
 // Datapath is a datapath.Datapath (and datapath.CounterReader when the
 // backend is one) over a backend that keys pods by netns. The agent
-// serializes the calls (its mutex), and the entries it lists are the store
+// serializes the calls of one sandbox (its per-sandbox lock: siblings share
+// the container ID), and the entries it lists are the store
 // as it is before the call: the attachment being added is not in it yet,
 // the one being removed still is.
 type Datapath struct {
@@ -53,7 +56,7 @@ func (d *Datapath) Name() string { return d.inner.Name() }
 // (container ID) and netns path, another CNI key, a mode other than none.
 func (d *Datapath) siblings(e store.Entry) []store.Entry {
 	var out []store.Entry
-	for _, o := range d.entries() {
+	for _, o := range d.entries(e.ContainerID) {
 		if o.Key != e.Key && o.ContainerID == e.ContainerID && o.Netns == e.Netns && o.Mode != modeNone {
 			out = append(out, o)
 		}

@@ -54,10 +54,12 @@ func TestEBPFTwoAttachments(t *testing.T) {
 			Mode: "sidecar", Capture: &s, IPs: []netip.Prefix{netip.MustParsePrefix(ip)}}
 	}
 	recorded := map[store.Key]store.Entry{}
-	d := New(ebpf.New(c, nil), func() []store.Entry {
+	d := New(ebpf.New(c, nil), func(containerID string) []store.Entry {
 		var out []store.Entry
 		for _, e := range recorded {
-			out = append(out, e)
+			if e.ContainerID == containerID {
+				out = append(out, e)
+			}
 		}
 		return out
 	})

@@ -50,10 +50,12 @@ func (b *backend) Verify(_ context.Context, e store.Entry) error {
 
 type entries struct{ m map[store.Key]store.Entry }
 
-func (s *entries) list() []store.Entry {
+func (s *entries) list(containerID string) []store.Entry {
 	var out []store.Entry
 	for _, e := range s.m {
-		out = append(out, e)
+		if e.ContainerID == containerID {
+			out = append(out, e)
+		}
 	}
 	slices.SortFunc(out, func(a, b store.Entry) int { return cmpString(a.IfName, b.IfName) })
 	return out
