@@ -110,12 +110,6 @@ type capCase struct {
 	// fallback (capture.ParseOrDefaults) with Istio's defaults for the
 	// same pod (its proxy uid/gid and env kept).
 	rejects string
-	// istioNFTRefuses says why Istio's nftables backend (istio-iptables
-	// --native-nftables) fails this pod although its iptables backend
-	// accepts it; the istio-nftables reference checks that it fails and
-	// leaves no table, and runs no probe. sidelane follows the iptables
-	// backend.
-	istioNFTRefuses string
 	// istioCNIRefuses says why istio-cni's NewRedirect refuses this pod
 	// (its ADD fails) although sidelane accepts it on purpose; the case's
 	// comment says what sidelane does instead. The references check the
@@ -643,7 +637,6 @@ type capPod struct {
 	spec            capture.Pod
 	kube            *corev1.Pod // the injected pod
 	rejects         string      // capCase.rejects
-	istioNFTRefuses string      // capCase.istioNFTRefuses
 	istioCNIRefuses string      // capCase.istioCNIRefuses
 	proxyUID        uint32
 	proxyGID        uint32
@@ -657,7 +650,7 @@ func (w *captureWorld) newPod(t *testing.T, c capCase, sidecar bool) *capPod {
 	if c.ipv6Only {
 		ns = w.net.AddIPv6Only
 	}
-	p := &capPod{ns: ns("pnp"), rejects: c.rejects, istioNFTRefuses: c.istioNFTRefuses, istioCNIRefuses: c.istioCNIRefuses}
+	p := &capPod{ns: ns("pnp"), rejects: c.rejects, istioCNIRefuses: c.istioCNIRefuses}
 	spec := c.pod
 	spec.Annotations = map[string]string{}
 	for k, v := range c.pod.Annotations {
@@ -884,7 +877,7 @@ func TestCapture(t *testing.T) {
 					ref, _ := b.(*istioCNIReference)
 					nftRef := ref != nil && ref.backend == istiocni.NFTables
 					_, isEBPF := b.(*sidelaneEBPF)
-					if nftRef && c.istioNFTRefuses != "" || ref != nil && c.istioCNIRefuses != "" {
+					if ref != nil && c.istioCNIRefuses != "" {
 						return // install checked that Istio refuses the pod
 					}
 					for _, p := range c.probes {
