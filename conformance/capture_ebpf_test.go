@@ -14,7 +14,6 @@ import (
 
 	dpebpf "github.com/sidelane/sidelane/agent/datapath/ebpf"
 	"github.com/sidelane/sidelane/bpf"
-	"github.com/sidelane/sidelane/internal/istioref"
 	"github.com/sidelane/sidelane/internal/testenv"
 	"github.com/sidelane/sidelane/istio/capture"
 )
@@ -64,7 +63,7 @@ func (s *sidelaneEBPF) setup(t *testing.T) {
 
 func (s *sidelaneEBPF) install(t *testing.T, pod *capPod) {
 	enroll(t, s.dp, pod)
-	if istioref.EnvBool(pod.spec, capture.EnvInvalidDrop) {
+	if pod.spec.ProxyEnv[capture.EnvInvalidDrop] == "true" {
 		checkNoNetfilter(t, pod)
 	}
 }

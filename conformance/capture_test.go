@@ -15,10 +15,13 @@ import (
 	"time"
 	"unsafe"
 
-	"github.com/sidelane/sidelane/internal/istioref"
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/sidelane/sidelane/internal/istiocni"
 	"github.com/sidelane/sidelane/internal/podnet"
 	"github.com/sidelane/sidelane/internal/testenv"
 	"github.com/sidelane/sidelane/istio/capture"
+	capturekube "github.com/sidelane/sidelane/istio/capture/kube"
 )
 
 // The capture conformance table: one table of pods (Istio capture knobs)
@@ -107,12 +110,11 @@ type capCase struct {
 	// fallback (capture.ParseOrDefaults) with Istio's defaults for the
 	// same pod (its proxy uid/gid and env kept).
 	rejects string
-	// istioNFTRefuses says why Istio's nftables backend (istio-iptables
-	// --native-nftables) fails this pod although its iptables backend
-	// accepts it; the istio-nftables reference checks that it fails and
-	// leaves no table, and runs no probe. sidelane follows the iptables
-	// backend.
-	istioNFTRefuses string
+	// istioCNIRefuses says why istio-cni's NewRedirect refuses this pod
+	// (its ADD fails) although sidelane accepts it on purpose; the case's
+	// comment says what sidelane does instead. The references check the
+	// refusal and run no probe.
+	istioCNIRefuses string
 	probes          []capProbe
 }
 
@@ -153,8 +155,10 @@ func local(ipv6 bool, uid uint32, port uint16, want string) capProbe {
 var dualStack = map[string]string{capture.EnvDualStack: "true"}
 
 // captureCases is the table. Outcomes are Istio's (istio-cni's defaults
-// and istio-iptables' rules); the reference backend checks the table
-// itself against Istio.
+// and rules); the reference backends (istio-cni's own code) check the
+// table itself against Istio. A case's pod is what the test injects
+// (istiocni.Inject): proxyMetadata becomes istio-proxy env, and an unset
+// uid/gid the injector's 1337.
 var captureCases = []capCase{
 	{name: "defaults", probes: []capProbe{
 		out(false, appUID, "a", 80, wantOut),
@@ -227,10 +231,21 @@ var captureCases = []capCase{
 		out(true, appUID, "b", 80, wantDirect),
 		in(false, 80, wantIn),
 	}},
-	// Istio's nftables backend hands "8000:8100" to nft, which wants
-	// "8000-8100" and refuses the whole transaction; sidelane's nftables
-	// backend writes the range as nft wants it.
-	{name: "include-outbound-ports-only", istioNFTRefuses: "nft refuses the port range 8000:8100", pod: capture.Pod{Annotations: map[string]string{
+	{name: "include-outbound-ports-only", pod: capture.Pod{Annotations: map[string]string{
+		capture.AnnotationIncludeOutboundIPRanges: "",
+		capture.AnnotationIncludeOutboundPorts:    "3306,8080",
+	}}, probes: []capProbe{
+		out(false, appUID, "a", 3306, wantOut),
+		out(false, appUID, "b", 8080, wantOut),
+		out(false, appUID, "a", 80, wantDirect),
+		out(false, proxyUID, "a", 3306, wantDirect),
+	}},
+	// istio-cni takes single ports only here (NewRedirect refuses
+	// "8000:8100", so its ADD fails; past it Istio's nftables backend
+	// would hand nft a range it refuses). sidelane accepts first:last
+	// ranges, as Istio's istio-init iptables (which gets this annotation
+	// unvalidated) does: the probes are that behaviour.
+	{name: "include-outbound-port-range", istioCNIRefuses: "includeOutboundPorts range 8000:8100", pod: capture.Pod{Annotations: map[string]string{
 		capture.AnnotationIncludeOutboundIPRanges: "",
 		capture.AnnotationIncludeOutboundPorts:    "3306,8000:8100",
 	}}, probes: []capProbe{
@@ -491,7 +506,77 @@ var captureCases = []capCase{
 		in(false, 15021, wantDirect),
 		inOOW(80, wantIn), // the INVALID segment is dropped
 	}},
-	{name: "interception-none", pod: capture.Pod{Annotations: map[string]string{
+	// From Istio's own tests (cni/pkg/plugin, istio-iptables goldens):
+	// istio-cni trims interface names when it validates them, then hands
+	// the list on as written.
+	{name: "exclude-interfaces-with-space", pod: capture.Pod{Annotations: map[string]string{
+		capture.AnnotationExcludeInterfaces: "net1, eth0",
+	}}, probes: []capProbe{
+		out(false, appUID, "a", 80, wantDirect),
+		in(false, 80, wantDirect),
+		self(false, proxyUID, 80, wantIn),
+	}},
+	{name: "rejected-wildcard-exclude-outbound-ports", rejects: capture.AnnotationExcludeOutboundPorts, pod: capture.Pod{
+		Annotations: map[string]string{capture.AnnotationExcludeOutboundPorts: "*"},
+	}, probes: []capProbe{
+		out(false, appUID, "a", 80, wantOut),
+		out(false, appUID, "a", 15020, wantDirect), // the default 15020, not "*"
+	}},
+	// A custom uid and a different gid, and a knob Istio rejects: the
+	// defaults keep both ids exempt.
+	{name: "rejected-custom-uid-gid", rejects: capture.AnnotationIncludeOutboundIPRanges, pod: capture.Pod{
+		Annotations: map[string]string{capture.AnnotationIncludeOutboundIPRanges: "10.0.0.0/33"},
+		ProxyUID:    ptr64(1500), ProxyGID: ptr64(1600),
+	}, probes: []capProbe{
+		out(false, 1500, "a", 80, wantDirect),
+		withGID(out(false, appUID, "a", 80, wantDirect), 1600),
+		out(false, appUID, "a", 80, wantOut),
+		out(false, proxyUID, "a", 80, wantOut),
+		self(false, 1500, 80, wantIn),
+	}},
+	{name: "dns-custom-uid-gid", pod: capture.Pod{
+		ProxyEnv: map[string]string{capture.EnvDNSCapture: "true"},
+		ProxyUID: ptr64(1500), ProxyGID: ptr64(1600),
+	}, probes: []capProbe{
+		out(false, appUID, "a", 53, wantDNS),
+		outUDP(false, appUID, 53, wantDNS),
+		outUDP(false, 1500, 53, wantDirect),
+		out(false, 1500, "a", 53, wantDirect),
+		out(false, proxyUID, "a", 53, wantDNS),
+	}},
+	{name: "ipv6-only-include-ranges", ipv6Only: true, pod: capture.Pod{Annotations: map[string]string{
+		capture.AnnotationIncludeOutboundIPRanges: "{A6}/128",
+	}}, probes: []capProbe{
+		out(true, appUID, "a", 80, wantOut),
+		out(true, appUID, "b", 80, wantDirect),
+		in(true, 80, wantIn),
+	}},
+	{name: "no-inbound-dual-stack", pod: capture.Pod{
+		Annotations: map[string]string{capture.AnnotationIncludeInboundPorts: ""},
+		ProxyEnv:    dualStack,
+	}, probes: []capProbe{
+		in(true, 80, wantDirect),
+		in(false, 80, wantDirect),
+		out(true, appUID, "a", 80, wantOut),
+		self(true, proxyUID, 80, wantIn),
+	}},
+	{name: "include-and-exclude-same-cidr-ipv6", pod: capture.Pod{
+		Annotations: map[string]string{
+			capture.AnnotationIncludeOutboundIPRanges: "{A6}/128,{B6}/128",
+			capture.AnnotationExcludeOutboundIPRanges: "{A6}/128",
+		},
+		ProxyEnv: dualStack,
+	}, probes: []capProbe{
+		out(true, appUID, "a", 80, wantDirect),
+		out(true, appUID, "b", 80, wantOut),
+		out(false, appUID, "a", 80, wantDirect),
+	}},
+	// istio-cni's NewRedirect refuses NONE ("interceptionMode invalid",
+	// it accepts REDIRECT and TPROXY only), so with istio-cni such a pod
+	// fails its ADD. sidelane captures nothing for it instead, like
+	// Istio's injector without istio-cni (no istio-init for NONE): the
+	// annotation's documented meaning, and what the pod asks for.
+	{name: "interception-none", istioCNIRefuses: "interceptionMode NONE", pod: capture.Pod{Annotations: map[string]string{
 		capture.AnnotationInterceptionMode: capture.ModeNone,
 	}}, probes: []capProbe{
 		out(false, appUID, "a", 80, wantDirect),
@@ -501,6 +586,14 @@ var captureCases = []capCase{
 }
 
 func ptr64(v int64) *int64 { return &v }
+
+// proxyID is the uid/gid the injected pod runs istio-proxy as.
+func proxyID(id *int64) uint32 {
+	if id == nil || *id <= 0 {
+		return capture.DefaultProxyUID
+	}
+	return uint32(*id)
+}
 
 // remotePorts and podPorts are where the test's listeners are.
 var (
@@ -542,8 +635,9 @@ func (w *captureWorld) expand(s string) string {
 type capPod struct {
 	ns              *podnet.NS
 	spec            capture.Pod
-	rejects         string // capCase.rejects
-	istioNFTRefuses string // capCase.istioNFTRefuses
+	kube            *corev1.Pod // the injected pod
+	rejects         string      // capCase.rejects
+	istioCNIRefuses string      // capCase.istioCNIRefuses
 	proxyUID        uint32
 	proxyGID        uint32
 }
@@ -556,12 +650,20 @@ func (w *captureWorld) newPod(t *testing.T, c capCase, sidecar bool) *capPod {
 	if c.ipv6Only {
 		ns = w.net.AddIPv6Only
 	}
-	p := &capPod{ns: ns("pnp"), spec: c.pod, rejects: c.rejects, istioNFTRefuses: c.istioNFTRefuses}
-	p.spec.Annotations = map[string]string{}
+	p := &capPod{ns: ns("pnp"), rejects: c.rejects, istioCNIRefuses: c.istioCNIRefuses}
+	spec := c.pod
+	spec.Annotations = map[string]string{}
 	for k, v := range c.pod.Annotations {
-		p.spec.Annotations[k] = w.expand(v)
+		spec.Annotations[k] = w.expand(v)
 	}
-	p.proxyUID, p.proxyGID = istioref.ProxyID(c.pod.ProxyUID), istioref.ProxyID(c.pod.ProxyGID)
+	kube, err := istiocni.Inject(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Both sides read the injected pod: istio-cni with ExtractPodInfo,
+	// sidelane with what its agent reads (capture/kube.Pod).
+	p.kube, p.spec = kube, capturekube.Pod(kube)
+	p.proxyUID, p.proxyGID = proxyID(p.spec.ProxyUID), proxyID(p.spec.ProxyGID)
 	for _, port := range podPorts {
 		go serveEcho(p.ns.Listen(t, "tcp", fmt.Sprintf(":%d", port)))
 	}
@@ -747,7 +849,7 @@ type captureBackend interface {
 
 func captureBackends() []captureBackend {
 	return []captureBackend{
-		&istioReference{}, &istioNFTReference{},
+		&istioCNIReference{backend: istiocni.IPTables}, &istioCNIReference{backend: istiocni.NFTables},
 		&sidelaneIPTables{}, &sidelaneNFTables{}, &sidelaneEBPF{},
 		&sidelaneFallback{}, &sidelaneAutoNFTables{},
 	}
@@ -772,10 +874,11 @@ func TestCapture(t *testing.T) {
 				t.Run(c.name, func(t *testing.T) {
 					pod := w.newPod(t, c, true)
 					b.install(t, pod)
-					_, nftRef := b.(*istioNFTReference)
+					ref, _ := b.(*istioCNIReference)
+					nftRef := ref != nil && ref.backend == istiocni.NFTables
 					_, isEBPF := b.(*sidelaneEBPF)
-					if nftRef && c.istioNFTRefuses != "" {
-						return // install checked that Istio's nftables backend refuses the pod
+					if ref != nil && c.istioCNIRefuses != "" {
+						return // install checked that Istio refuses the pod
 					}
 					for _, p := range c.probes {
 						got, dst, err := w.probe(p, pod)
@@ -817,10 +920,10 @@ func TestCapture(t *testing.T) {
 func runIstioValidation(t *testing.T, pod *capPod, extra ...string) {
 	t.Helper()
 	pa := testenv.RequireTool(t, "pilot-agent")
+	// The injected istio-validation init container's args.
 	args := append([]string{"--reuid", strconv.Itoa(int(pod.proxyUID)), "--regid", strconv.Itoa(int(pod.proxyGID)), "--clear-groups",
-		pa, "istio-iptables"}, istioFlags(pod)...)
+		pa}, istiocni.ValidationArgs(pod.kube)...)
 	args = append(args, extra...)
-	args = append(args, "--run-validation", "--skip-rule-apply")
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	out, err := pod.ns.Command(ctx, "setpriv", args...).CombinedOutput()

@@ -15,7 +15,15 @@ var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
 func ptr(v int64) *int64 { return &v }
 
 // ruleCases are pods whose rule sets are golden-tested here and compared
-// with istio-iptables' own in the privileged test.
+// with istio-cni's own in the privileged test (but where istio-cni
+// refuses the pod: istioCNIRefuses).
+// istioCNIRefuses are the ruleCases istio-cni's NewRedirect refuses, and
+// why sidelane accepts them.
+var istioCNIRefuses = map[string]string{
+	"all-knobs":         "istio-cni takes single ports only in includeOutboundPorts; sidelane also accepts first:last ranges, as istio-init's iptables does",
+	"interception-none": "istio-cni accepts REDIRECT and TPROXY only; sidelane installs nothing for NONE, as the injector without istio-cni",
+}
+
 var ruleCases = []struct {
 	name string
 	pod  capture.Pod
@@ -28,6 +36,21 @@ var ruleCases = []struct {
 			capture.AnnotationIncludeInboundPorts:     "8080,9090",
 			capture.AnnotationExcludeInboundPorts:     "9091",
 			capture.AnnotationIncludeOutboundPorts:    "3306,8000:8100",
+			capture.AnnotationExcludeOutboundPorts:    "5432,6379",
+			capture.AnnotationExcludeInterfaces:       "net1,eth2",
+		},
+		ProxyEnv: map[string]string{capture.EnvDualStack: "true"},
+		ProxyUID: ptr(2000),
+		ProxyGID: ptr(3000),
+	}},
+	// all-knobs without the port range, which istio-cni refuses.
+	{"all-knobs-no-range", capture.Pod{
+		Annotations: map[string]string{
+			capture.AnnotationIncludeOutboundIPRanges: "10.96.0.0/12,fd00:10:96::/112",
+			capture.AnnotationExcludeOutboundIPRanges: "10.96.0.10/32,fd00:10:96::a/128",
+			capture.AnnotationIncludeInboundPorts:     "8080,9090",
+			capture.AnnotationExcludeInboundPorts:     "9091",
+			capture.AnnotationIncludeOutboundPorts:    "3306",
 			capture.AnnotationExcludeOutboundPorts:    "5432,6379",
 			capture.AnnotationExcludeInterfaces:       "net1,eth2",
 		},

@@ -8,11 +8,10 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/sidelane/sidelane/agent/datapath"
 	"github.com/sidelane/sidelane/agent/store"
-	"github.com/sidelane/sidelane/internal/istioref"
+	"github.com/sidelane/sidelane/internal/istiocni"
 	"github.com/sidelane/sidelane/internal/podnet"
 	"github.com/sidelane/sidelane/internal/testenv"
 	"github.com/sidelane/sidelane/istio/capture"
@@ -56,42 +55,36 @@ func entryFor(t *testing.T, ns *podnet.NS, pod capture.Pod) store.Entry {
 	}
 }
 
-// istioFlags are istio-cni's flags for pod, with its nftables backend.
-func istioFlags(pod capture.Pod) []string {
-	flags := append(istioref.Flags(pod), "--native-nftables")
-	if pod.ProxyEnv[capture.EnvInvalidDrop] == "true" {
-		flags = append(flags, "--drop-invalid")
-	}
-	return flags
-}
-
-// TestSameTablesAsIstio applies Istio's nftables backend (`pilot-agent
-// istio-iptables --native-nftables`) in one namespace and this backend in
+// TestSameTablesAsIstio applies istio-cni's own nftables rules (its
+// NftablesInterceptRuleMgr, in process) in one namespace and this backend in
 // another, for each case, and compares the tables as nft lists them. It
 // then checks that enrolling again changes nothing, that Verify passes,
 // and that Unenroll removes both sets.
 func TestSameTablesAsIstio(t *testing.T) {
 	testenv.Privileged(t)
-	pa := testenv.RequireTool(t, "pilot-agent")
+	testenv.RequireTool(t, "nft")
 	n := podnet.New(t)
 	b := New(nil)
 	ctx := context.Background()
 	for _, tc := range ruleCases {
 		t.Run(tc.name, func(t *testing.T) {
 			ref, ours := n.Add("nfr"), n.Add("nfo")
+			// istio-cni refuses NONE (NewRedirect accepts REDIRECT and
+			// TPROXY only); sidelane installs nothing for it.
 			if tc.pod.Annotations[capture.AnnotationInterceptionMode] != capture.ModeNone {
-				cctx, cancel := context.WithTimeout(ctx, time.Minute)
-				defer cancel()
-				out, err := ref.Command(cctx, pa, append([]string{"istio-iptables"}, istioFlags(tc.pod)...)...).CombinedOutput()
+				// istio-cni's own code: its ADD with its nftables rule
+				// manager, in process.
+				err := istiocni.Apply(istiocni.NFTables, tc.pod, ref.Name, ref.Path)
 				switch {
 				case tc.istioRefuses && err == nil:
-					t.Fatalf("the case says Istio's nftables backend refuses this pod, but it accepted it")
+					t.Fatalf("the case says Istio refuses this pod, but istio-cni accepted it")
 				case tc.istioRefuses:
+					t.Logf("istio-cni refuses the pod as the case says: %v", err)
 					if got := list(t, ref); len(got) != 0 {
-						t.Fatalf("istio-iptables --native-nftables failed but left tables: %v", got)
+						t.Fatalf("istio-cni failed but left tables: %v", got)
 					}
 				case err != nil:
-					t.Fatalf("istio-iptables --native-nftables: %v\n%s", err, out)
+					t.Fatal(err)
 				}
 			}
 			e := entryFor(t, ours, tc.pod)

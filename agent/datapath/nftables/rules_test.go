@@ -20,9 +20,10 @@ func ptr(v int64) *int64 { return &v }
 var ruleCases = []struct {
 	name string
 	pod  capture.Pod
-	// istioRefuses: Istio's nftables backend fails on this pod (nft
-	// refuses its "first:last" port range); sidelane follows Istio's
-	// iptables backend and captures the range.
+	// istioRefuses: Istio refuses this pod: istio-cni's NewRedirect takes
+	// single ports only in includeOutboundPorts (and past it Istio's
+	// nftables backend would hand nft a "first:last" range it refuses);
+	// sidelane accepts the range, as istio-init's iptables does.
 	istioRefuses bool
 }{
 	{name: "defaults"},
