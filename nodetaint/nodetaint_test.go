@@ -97,4 +97,3 @@ func TestDecide(t *testing.T) {
 }
 
 func contains(s, sub string) bool { return strings.Contains(s, sub) }
-
