@@ -74,6 +74,7 @@ type Node struct {
 	createdOn []string // host directories Start created (tmpfs mount points)
 	sysctls   map[string]string
 	stopSig   chan os.Signal
+	boots     int // Reboot count
 }
 
 // Start brings up a node for t and stops it at cleanup (and on SIGINT/SIGTERM).
@@ -214,11 +215,15 @@ func (n *Node) start(taints []string) error {
 
 // runtimeCgroup holds containerd, its shims and kubelet (the pods are in
 // kubelet's cgroupRoot): what Reboot kills, apart from the control plane.
-const runtimeCgroup = "runtime"
+// Each boot gets a new one: this kernel SIGKILLs a process cloned
+// (CLONE_INTO_CGROUP) into a cgroup that cgroup.kill was once written to
+// (the fork's kill sequence is read from the parent's cgroup, not the
+// target's; "new containerd exited: signal: killed" before it logged).
+func (n *Node) runtimeCgroup() string { return fmt.Sprintf("runtime-%d", n.boots) }
 
 func (n *Node) startContainerd() error {
 	cmd := n.Exec("containerd", "--config="+filepath.Join(n.Dir, "containerd.toml"))
-	if _, err := n.startProcIn("containerd", runtimeCgroup, cmd); err != nil {
+	if _, err := n.startProcIn("containerd", n.runtimeCgroup(), cmd); err != nil {
 		return err
 	}
 	return n.waitFor("containerd", time.Minute, func() error {
@@ -232,7 +237,7 @@ func (n *Node) startKubelet() error {
 		"--config="+filepath.Join(n.Dir, "kubelet.yaml"), "--kubeconfig="+n.Kubeconfig,
 		"--root-dir="+filepath.Join(n.Dir, "kubelet"), "--hostname-override="+n.Name,
 		"--node-ip="+n.NodeIP, "--v=1")
-	_, err := n.startProcIn("kubelet", runtimeCgroup, cmd)
+	_, err := n.startProcIn("kubelet", n.runtimeCgroup(), cmd)
 	return err
 }
 
@@ -256,7 +261,7 @@ func (n *Node) Reboot() error {
 			procs = append(procs, p)
 		}
 	}
-	for _, dir := range []string{filepath.Join(n.CgroupV2, runtimeCgroup), filepath.Join(n.CgroupV2, "kubepods")} {
+	for _, dir := range []string{filepath.Join(n.CgroupV2, n.runtimeCgroup()), filepath.Join(n.CgroupV2, "kubepods")} {
 		if _, err := os.Stat(dir); err == nil {
 			if err := killCgroup(dir); err != nil {
 				return err
@@ -269,6 +274,7 @@ func (n *Node) Reboot() error {
 		}
 	}
 	n.procs = procs
+	n.boots++
 	// Unmount, deepest first, everything the runtime mounted under the
 	// node's directory (bpffs included) and the tmpfs of /run, then give
 	// /run and the bpffs fresh empty instances.
@@ -278,13 +284,12 @@ func (n *Node) Reboot() error {
 			runDirs = append(runDirs, d)
 		}
 	}
+	// A lazy unmount of a /run tmpfs takes every mount inside it along
+	// (mountinfo also lists the host's mounts the tmpfs hides: untouched).
 	script := `set -e
-for m in $(awk -v dir="$1" '{ if (index($5, dir "/") == 1) print $5 }' /proc/self/mountinfo | sort -r); do umount -l "$m"; done
+for m in $(awk -v dir="$1" '{ if (index($5, dir "/") == 1) print $5 }' /proc/self/mountinfo | sort -r); do umount -l "$m" 2>/dev/null || true; done
 shift
-for d in "$@"; do
-  for m in $(awk -v dir="$d" '{ if (index($5, dir "/") == 1) print $5 }' /proc/self/mountinfo | sort -r); do umount -l "$m"; done
-  umount -l "$d"; mount -t tmpfs -o mode=0755 nodeharness "$d"
-done
+for d in "$@"; do umount -l "$d"; mount -t tmpfs -o mode=0755 nodeharness "$d"; done
 rm -rf "$STATE"; mkdir -p "$STATE"
 mount -t bpf bpf "$BPFFS"
 `

@@ -105,6 +105,11 @@ data:
 // has finished once and returns its exit code.
 func validationExit(t *testing.T, n *nodeharness.Node, ns, name string) string {
 	t.Helper()
+	// The check is only as good as the init container being there and
+	// first: a pod without it would start whatever its capture.
+	if out, err := n.Kubectl("get", "pod", "-n", ns, name, "-o", "jsonpath={.spec.initContainers[0].name}"); err != nil || out != "istio-validation" {
+		t.Fatalf("pod %s/%s does not run istio-validation as its first init container (%q %v): nothing checks its capture", ns, name, out, err)
+	}
 	deadline := time.Now().Add(3 * time.Minute)
 	for {
 		out, _ := n.Kubectl("get", "pod", "-n", ns, name, "-o",

@@ -49,13 +49,14 @@ func podSize(t *testing.T, n *nodeharness.Node, pod, file string) int {
 // chunks to the server through both sidecars, keeping a copy in
 // /tmp/sent, and in parallel opens a new connection to web every 0.3 s
 // (one line per attempt, ok or fail, in /tmp/loop.log), both until
-// /tmp/stop.
+// /tmp/stop. (busybox nc stops reading the socket at EOF on its stdin:
+// the server's stdin is a pipe that never ends.)
 func streamPods(t *testing.T, n *nodeharness.Node, webIP string) (serverIP string) {
 	t.Helper()
 	apply(t, n, injectedPodCmd(t, "sidecar-classic.yaml", "stream-server", true,
-		`nc -l -p 9000 > /tmp/recv; echo "nc exit $?" > /tmp/recv.done; exec sleep 2147483647`))
+		`mkdir -p /tmp; sleep 2147483647 | nc -l -p 9000 > /tmp/recv; echo "nc exit $?" > /tmp/recv.done; exec sleep 2147483647`))
 	serverIP = waitPodRunning(t, n, "shop", "stream-server")
-	apply(t, n, injectedPodCmd(t, "sidecar-classic.yaml", "stream-client", true, `
+	apply(t, n, injectedPodCmd(t, "sidecar-classic.yaml", "stream-client", true, `mkdir -p /tmp
 head -c 16384 /dev/urandom > /tmp/chunk
 until [ -e /tmp/go ]; do sleep 0.2; done
 (i=0; while [ ! -e /tmp/stop ]; do i=$((i+1))
