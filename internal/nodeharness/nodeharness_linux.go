@@ -246,7 +246,8 @@ func (n *Node) startKubelet() error {
 // are SIGKILLed at once (no graceful stop, so the agent re-adds no taint);
 // what lives in memory vanishes: the bpffs (every sidelane pin), /run
 // (sidelane's state dir, containerd's state, the pod netns mounts) and
-// every mount the runtime made (container root file systems, volumes).
+// every mount the runtime made (container root file systems, volumes);
+// the new bpffs holds only the kernel's own maps.debug and progs.debug.
 // What is on disk stays: containerd's images and metadata, kubelet's root
 // dir, the CNI conf and bin dirs and libcni's cache. The control plane
 // (another machine on a real cluster) keeps running. Then containerd and
@@ -292,6 +293,7 @@ shift
 for d in "$@"; do umount -l "$d"; mount -t tmpfs -o mode=0755 nodeharness "$d"; done
 rm -rf "$STATE"; mkdir -p "$STATE"
 mount -t bpf bpf "$BPFFS"
+left=$(ls -A "$BPFFS" | grep -v -x -e maps.debug -e progs.debug || true); [ -z "$left" ] || { echo "bpffs not empty after the remount: $left"; exit 1; }
 `
 	cmd := n.Exec("sh", append([]string{"-c", script, "reboot", n.Dir}, runDirs...)...)
 	cmd.Env = append(cmd.Env, "STATE="+filepath.Join(n.Dir, "containerd", "state"), "BPFFS="+n.BPFFS)

@@ -262,9 +262,6 @@ func testReboot(t *testing.T, n *nodeharness.Node) {
 	if err := n.Reboot(); err != nil {
 		t.Fatal(err)
 	}
-	if out, err := n.Exec("sh", "-c", "ls -A "+n.BPFFS+" | wc -l").CombinedOutput(); err != nil || strings.TrimSpace(string(out)) != "0" {
-		t.Fatalf("bpffs not empty after the reboot: %q %v", out, err)
-	}
 	apply(t, n, injectedPod(t, "sidecar-classic.yaml", "web-reboot", true))
 	pods = append(pods, "web-reboot")
 	waitFor(t, "the agent pod recreated and Ready", func() string {
