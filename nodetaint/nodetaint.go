@@ -11,9 +11,11 @@
 // Istio's former taint controller (istio/istio cni/pkg/taint) worked the
 // same way: it watched nodes and the "critical" DaemonSet pods, tainted a
 // node when one of them was not Ready and untainted it once all were.
-// Unlike that one, a node with no agent pod at all is left alone: a node
-// the DaemonSet does not select is not sidelane's, and during a graceful
-// stop the agent has already tainted it.
+// Unlike that one, a node with no agent pod at all is left alone (a node
+// the DaemonSet does not select is not sidelane's), and so is one whose
+// agent pod is terminating: a graceful stop taints the node itself, and
+// `helm uninstall` deletes the DaemonSet, after which a taint would keep
+// every pod off the node.
 package nodetaint
 
 import (
@@ -48,12 +50,24 @@ func (a Action) String() string {
 // the agent pods bound to it (others are ignored), and why.
 func Decide(node *corev1.Node, agents []*corev1.Pod, key string, effect corev1.TaintEffect) (Action, string) {
 	var bound []*corev1.Pod
+	terminating := 0
 	for _, p := range agents {
-		if p.Spec.NodeName == node.Name {
-			bound = append(bound, p)
+		if p.Spec.NodeName != node.Name {
+			continue
 		}
+		// A terminating agent is stopping gracefully and taints the node
+		// itself (or is being uninstalled with its DaemonSet: then a taint
+		// would keep every pod off a node that is leaving sidelane).
+		if p.DeletionTimestamp != nil {
+			terminating++
+			continue
+		}
+		bound = append(bound, p)
 	}
 	if len(bound) == 0 {
+		if terminating > 0 {
+			return None, "the agent pod is terminating (its graceful stop taints the node)"
+		}
 		return None, "no agent pod on the node"
 	}
 	has := slices.ContainsFunc(node.Spec.Taints, func(t corev1.Taint) bool { return t.Key == key && t.Effect == effect })
@@ -75,12 +89,8 @@ func Decide(node *corev1.Node, agents []*corev1.Pod, key string, effect corev1.T
 	return Add, reason
 }
 
-// podReady is the pod's Ready condition; a terminating pod is not ready
-// (its agent is stopping or has stopped), whatever its last status says.
+// podReady is the pod's Ready condition.
 func podReady(p *corev1.Pod) (bool, string) {
-	if p.DeletionTimestamp != nil {
-		return false, "is terminating"
-	}
 	if p.Status.Phase != corev1.PodRunning {
 		return false, "is " + strings.ToLower(string(p.Status.Phase))
 	}

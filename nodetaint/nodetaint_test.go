@@ -75,13 +75,14 @@ func TestDecide(t *testing.T) {
 		{"crashed agent (SIGKILL)", node(false), []*corev1.Pod{agentPod("a", "n1", crashed)}, Add, "container agent terminated (Error, exit 137)"},
 		{"restarted agent not ready yet", node(false), []*corev1.Pod{agentPod("a", "n1", restarting)}, Add, "running, not ready (restarts 1)"},
 		{"crashed agent, already tainted", node(true), []*corev1.Pod{agentPod("a", "n1", crashed)}, None, "terminated"},
-		{"terminating agent with a stale Ready status", node(false), []*corev1.Pod{agentPod("a", "n1", terminating)}, Add, "is terminating"},
+		{"terminating agent (graceful stop or uninstall): left to the agent", node(false), []*corev1.Pod{agentPod("a", "n1", terminating)}, None, "is terminating"},
+		{"terminating agent, tainted: left alone", node(true), []*corev1.Pod{agentPod("a", "n1", terminating, crashed)}, None, "is terminating"},
 		{"pending agent (new node, after a reboot)", node(false), []*corev1.Pod{agentPod("a", "n1", pending)}, Add, "is pending"},
 		{"no agent pod on the node: not sidelane's", node(false), nil, None, "no agent pod"},
 		{"no agent pod on the node, tainted: left alone", node(true), []*corev1.Pod{agentPod("a", "n2", crashed)}, None, "no agent pod"},
 		{"another node's crashed agent does not count", node(false), []*corev1.Pod{agentPod("a", "n1"), agentPod("b", "n2", crashed)}, None, "is ready"},
 		{"rolling: old one terminating, new one ready", node(true), []*corev1.Pod{agentPod("old", "n1", terminating), agentPod("new", "n1")}, Remove, "new is ready"},
-		{"rolling: old one terminating, new one pending", node(false), []*corev1.Pod{agentPod("old", "n1", terminating), agentPod("new", "n1", pending)}, Add, "old is terminating; agent pod sidelane-system/new is pending"},
+		{"rolling: old one terminating, new one pending", node(false), []*corev1.Pod{agentPod("old", "n1", terminating), agentPod("new", "n1", pending)}, Add, "agent pod sidelane-system/new is pending"},
 		{"same key with another effect is not ours", node(false, otherEffect, dedicated), []*corev1.Pod{agentPod("a", "n1", crashed)}, Add, "terminated"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

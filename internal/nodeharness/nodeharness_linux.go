@@ -252,8 +252,9 @@ func (n *Node) startKubelet() error {
 // dir, the CNI conf and bin dirs and libcni's cache. The control plane
 // (another machine on a real cluster) keeps running. Then containerd and
 // kubelet start again; kubelet recreates every pod's sandbox, the agent's
-// among them.
-func (n *Node) Reboot() error {
+// among them. beforeKubelet, if not nil, runs once containerd is up and
+// before kubelet starts (e.g. to hold the agent back by removing its image).
+func (n *Node) Reboot(beforeKubelet func() error) error {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	var procs []*proc
@@ -302,6 +303,11 @@ left=$(ls -A "$BPFFS" | grep -v -x -e maps.debug -e progs.debug || true); [ -z "
 	}
 	if err := n.startContainerd(); err != nil {
 		return err
+	}
+	if beforeKubelet != nil {
+		if err := beforeKubelet(); err != nil {
+			return fmt.Errorf("reboot: %w", err)
+		}
 	}
 	return n.startKubelet()
 }

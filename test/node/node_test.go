@@ -119,7 +119,7 @@ func TestRealNodeReboot(t *testing.T) {
 	apply(t, n, podManifest("plain", ""))
 	waitPodRunning(t, n, "default", "plain")
 	before, _ := n.Kubectl("get", "pod", "plain", "-o", "jsonpath={.status.containerStatuses[0].containerID}")
-	if err := n.Reboot(); err != nil {
+	if err := n.Reboot(nil); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, "plain running again in a new container", func() string {

@@ -259,11 +259,40 @@ func testReboot(t *testing.T, n *nodeharness.Node) {
 		out, _ := n.Kubectl("get", "pod", "-n", "shop", p, "-o", "jsonpath={.status.initContainerStatuses[0].containerID}")
 		oldInit[p] = out
 	}
-	if err := n.Reboot(); err != nil {
+	// The agent comes back last: its image is gone when kubelet starts
+	// (ErrImageNeverPull) and returns once the other sandboxes have been
+	// refused. (Left alone, the agent here usually wins the race.)
+	agentImage, err := n.Kubectl("-n", releaseNS, "get", "daemonset", "sidelane", "-o", "jsonpath={.spec.template.spec.containers[0].image}")
+	if err != nil || agentImage == "" {
+		t.Fatalf("agent image: %q %v", agentImage, err)
+	}
+	archive := imageArchive(t)
+	if strings.HasSuffix(agentImage, "-upgrade") {
+		archive, _ = upgradeArchive(t)
+	}
+	if err := n.Reboot(func() error {
+		_, err := n.Ctr("images", "rm", agentImage)
+		return err
+	}); err != nil {
 		t.Fatal(err)
 	}
 	apply(t, n, injectedPod(t, "sidecar-classic.yaml", "web-reboot", true))
 	pods = append(pods, "web-reboot")
+	waitFor(t, "sandboxes refused while the agent is not back", func() string {
+		out, _ := n.Kubectl("get", "events", "-n", "shop", "--field-selector", "involvedObject.name=web,reason=FailedCreatePodSandBox", "-o", "jsonpath={.items[*].message}")
+		if !strings.Contains(out, "sidelane") {
+			return fmt.Sprintf("no FailedCreatePodSandBox naming sidelane for shop/web yet: %.300q", out)
+		}
+		return ""
+	})
+	for _, p := range pods {
+		if out, _ := n.Kubectl("get", "pod", "-n", "shop", p, "-o", "jsonpath={.status.initContainerStatuses[0].containerID}"); out != oldInit[p] && out != "" {
+			t.Fatalf("%s's istio-validation ran again (%s) before the agent was back", p, out)
+		}
+	}
+	if err := n.ImportImage(archive); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "the agent pod recreated and Ready", func() string {
 		out, err := n.Kubectl("-n", releaseNS, "wait", "pod", "-l", "app.kubernetes.io/component=agent", "--for=condition=Ready", "--timeout=5s")
 		if err != nil {
