@@ -97,7 +97,8 @@ image: deps-check build ## build the Dockerfile without a Docker daemon (mmdebst
 node-e2e: deps-check build tools image ## a real node (kubelet, containerd, runc, controller-manager, scheduler, kube-proxy) in network namespaces; helm install of the chart (root)
 	hack/build-kube-apiserver.sh node
 	hack/build-node-images.sh
-	$(GO) test -count=1 -v -timeout 20m ./test/node/ 2>&1 | tee $(BIN)/node-e2e.log | grep -E '^(=== RUN|\s*--- (PASS|FAIL|SKIP)|FAIL|ok|PASS)' ; test $${PIPESTATUS[0]} -eq 0
+	VERSION=$(VERSION)-upgrade TAG_SUFFIX=-upgrade OUT=$(CACHE)/sidelane-image-upgrade.tar hack/build-image.sh
+	$(GO) test -count=1 -v -timeout 30m ./test/node/ 2>&1 | tee $(BIN)/node-e2e.log | grep -E '^(=== RUN|\s*--- (PASS|FAIL|SKIP)|FAIL|ok|PASS)' ; test $${PIPESTATUS[0]} -eq 0
 
 clean: ## remove build outputs
 	rm -rf $(BIN)

@@ -11,12 +11,15 @@
 #    which `ctr -n k8s.io images import` and `docker load` read.
 # podman keeps its storage under $SIDELANE_CACHE/image/podman, not in the
 # machine's /var/lib/containers. REBUILD_BASE=1 remakes the base rootfs.
+# An archive whose inputs (Dockerfile, both binaries, IMAGE, VERSION) are
+# unchanged is kept (its $OUT.inputs records them). TAG_SUFFIX is appended
+# to the default tag (make node-e2e's second image for helm upgrade).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CACHE="${SIDELANE_CACHE:-${HOME}/.cache/sidelane}"
 appversion=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' charts/sidelane/Chart.yaml)
-IMAGE="${IMAGE:-ghcr.io/sidelane/sidelane:${appversion}}"
+IMAGE="${IMAGE:-ghcr.io/sidelane/sidelane:${appversion}${TAG_SUFFIX:-}}"
 VERSION="${VERSION:-$(git describe --tags --always --dirty 2>/dev/null || echo dev)}"
 OUT="${OUT:-${CACHE}/sidelane-image.tar}"
 BASE_NAME=$(sed -n 's/^FROM \([^ ]*\).*/\1/p' Dockerfile | head -1)
@@ -30,6 +33,11 @@ for b in sidelane sidelane-cni; do
   [[ -x "bin/${b}" ]] || { echo "build-image: bin/${b} missing; run make build first" >&2; exit 1; }
 done
 mkdir -p "${dir}"
+inputs=$(printf '%s %s\n' "${IMAGE}" "${VERSION}"; sha256sum Dockerfile bin/sidelane bin/sidelane-cni)
+if [[ -s "${OUT}" && -f "${OUT}.inputs" && "$(cat "${OUT}.inputs")" == "${inputs}" ]]; then
+  echo "build-image: ${IMAGE} (version ${VERSION}) unchanged in ${OUT}"
+  exit 0
+fi
 
 if [[ -n "${REBUILD_BASE:-}" || ! -s "${dir}/base.tar" ]]; then
   echo "build-image: base rootfs (mmdebstrap bookworm minbase + iptables, nftables)"
@@ -48,4 +56,5 @@ fi
 rm -f "${OUT}.tmp"
 "${podman[@]}" save --quiet --format docker-archive -o "${OUT}.tmp" "${IMAGE}"
 mv "${OUT}.tmp" "${OUT}"
+printf '%s\n' "${inputs}" > "${OUT}.inputs"
 echo "build-image: ${IMAGE} (version ${VERSION}) -> ${OUT}"

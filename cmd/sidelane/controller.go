@@ -13,10 +13,13 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/sidelane/sidelane/agent/kube"
 	"github.com/sidelane/sidelane/agent/ops"
+	"github.com/sidelane/sidelane/nodetaint"
 	"github.com/sidelane/sidelane/policy/controller"
 )
 
@@ -35,6 +38,8 @@ func runController(ctx context.Context, args []string) error {
 	namespace := fs.String("namespace", envOr("POD_NAMESPACE", "sidelane-system"), "namespace of the leader election Lease "+controller.LeaseName+" ($POD_NAMESPACE when set)")
 	identity := fs.String("identity", os.Getenv("POD_NAME"), "this replica's unique leader election identity (default $POD_NAME, else hostname plus a random suffix)")
 	trustDomain := fs.String("trust-domain", "cluster.local", "the mesh's SPIFFE trust domain, for L7 policy principals")
+	taints := fs.Bool("manage-node-taints", true, "add the "+kube.TaintKey+" taint to a node whose agent pod is not ready (crashed, restarting) and remove it once the pod is ready")
+	agentSelector := fs.String("agent-selector", "app.kubernetes.io/name=sidelane,app.kubernetes.io/component=agent", "label selector of the agent DaemonSet's pods (in --namespace), for --manage-node-taints")
 	var e controller.Election
 	fs.DurationVar(&e.LeaseDuration, "lease-duration", 15*time.Second, "how long a Lease holds without renewal")
 	fs.DurationVar(&e.RenewDeadline, "renew-deadline", 10*time.Second, "a leader that cannot renew within this stops writing (less than --lease-duration)")
@@ -79,12 +84,23 @@ func runController(ctx context.Context, args []string) error {
 		return err
 	}
 
+	var nt *nodetaint.Controller
+	if *taints {
+		sel, err := labels.Parse(*agentSelector)
+		if err != nil {
+			return fmt.Errorf("--agent-selector: %w", err)
+		}
+		if nt, err = nodetaint.New(log, nodetaint.Config{Client: cs, Namespace: *namespace, Selector: sel, Key: kube.TaintKey, Effect: kube.TaintEffect}, reg); err != nil {
+			return err
+		}
+	}
+
 	var apisServed atomic.Bool
 	ready := func() (bool, string) {
 		switch {
 		case !apisServed.Load():
 			return false, "waiting for the L7Policy and EnvoyFilter APIs"
-		case !c.Synced():
+		case !c.Synced(), nt != nil && !nt.Synced():
 			return false, "informer caches not synced"
 		}
 		return true, ""
@@ -101,8 +117,16 @@ func runController(ctx context.Context, args []string) error {
 	}
 	apisServed.Store(true)
 	c.Start(ctx)
-	log.Info("l7 policy controller started", "identity", e.Identity, "leaseNamespace", e.Namespace)
+	if nt != nil {
+		nt.Start(ctx)
+	}
+	log.Info("l7 policy controller started", "identity", e.Identity, "leaseNamespace", e.Namespace, "manageNodeTaints", nt != nil)
 	return controller.RunLeader(ctx, log, cs, e, func(ctx context.Context) {
+		if nt != nil {
+			done := make(chan struct{})
+			go func() { defer close(done); nt.Run(ctx) }()
+			defer func() { <-done }()
+		}
 		if err := c.Run(ctx); err != nil && ctx.Err() == nil {
 			log.Error("l7 policy controller stopped", "error", err)
 		}

@@ -74,6 +74,7 @@ type Node struct {
 	createdOn []string // host directories Start created (tmpfs mount points)
 	sysctls   map[string]string
 	stopSig   chan os.Signal
+	boots     int // Reboot count
 }
 
 // Start brings up a node for t and stops it at cleanup (and on SIGINT/SIGTERM).
@@ -116,6 +117,9 @@ func Start(t testing.TB, tools Tools, taints []string) *Node {
 		}
 		if err := n.Stop(); err != nil {
 			t.Errorf("stop node %s: %v", n.Name, err)
+		}
+		for _, l := range n.leftovers() {
+			t.Errorf("node %s left behind: %s", n.Name, l)
 		}
 	})
 	if err := n.start(taints); err != nil {
@@ -192,13 +196,7 @@ func (n *Node) start(taints []string) error {
 		"--profiling=false"); err != nil {
 		return err
 	}
-	if err := n.run("containerd", "containerd", "--config="+filepath.Join(n.Dir, "containerd.toml")); err != nil {
-		return err
-	}
-	if err := n.waitFor("containerd", time.Minute, func() error {
-		_, err := n.ctr("version")
-		return err
-	}); err != nil {
+	if err := n.startContainerd(); err != nil {
 		return err
 	}
 	for _, img := range []string{PauseImage, BusyboxImage, ProxyImage} {
@@ -206,16 +204,112 @@ func (n *Node) start(taints []string) error {
 			return err
 		}
 	}
-	if err := n.run("kubelet", kube("kubelet"),
-		"--config="+filepath.Join(n.Dir, "kubelet.yaml"), "--kubeconfig="+n.Kubeconfig,
-		"--root-dir="+filepath.Join(n.Dir, "kubelet"), "--hostname-override="+n.Name,
-		"--node-ip="+n.NodeIP, "--v=1"); err != nil {
+	if err := n.startKubelet(); err != nil {
 		return err
 	}
 	return n.waitFor("node Ready", 3*time.Minute, func() error {
 		_, err := n.Kubectl("wait", "--for=condition=Ready", "node/"+n.Name, "--timeout=5s")
 		return err
 	})
+}
+
+// runtimeCgroup holds containerd, its shims and kubelet (the pods are in
+// kubelet's cgroupRoot): what Reboot kills, apart from the control plane.
+// Each boot gets a new one: this kernel SIGKILLs a process cloned
+// (CLONE_INTO_CGROUP) into a cgroup that cgroup.kill was once written to
+// (the fork's kill sequence is read from the parent's cgroup, not the
+// target's; "new containerd exited: signal: killed" before it logged).
+func (n *Node) runtimeCgroup() string { return fmt.Sprintf("runtime-%d", n.boots) }
+
+func (n *Node) startContainerd() error {
+	cmd := n.Exec("containerd", "--config="+filepath.Join(n.Dir, "containerd.toml"))
+	if _, err := n.startProcIn("containerd", n.runtimeCgroup(), cmd); err != nil {
+		return err
+	}
+	return n.waitFor("containerd", time.Minute, func() error {
+		_, err := n.ctr("version")
+		return err
+	})
+}
+
+func (n *Node) startKubelet() error {
+	cmd := n.Exec(filepath.Join(n.tools.KubeDir, "kubelet"),
+		"--config="+filepath.Join(n.Dir, "kubelet.yaml"), "--kubeconfig="+n.Kubeconfig,
+		"--root-dir="+filepath.Join(n.Dir, "kubelet"), "--hostname-override="+n.Name,
+		"--node-ip="+n.NodeIP, "--v=1")
+	_, err := n.startProcIn("kubelet", n.runtimeCgroup(), cmd)
+	return err
+}
+
+// Reboot does to the node what a power cycle does, and starts it again:
+// kubelet, containerd, its shims and every container (the agent's too)
+// are SIGKILLed at once (no graceful stop, so the agent re-adds no taint);
+// what lives in memory vanishes: the bpffs (every sidelane pin), /run
+// (sidelane's state dir, containerd's state, the pod netns mounts) and
+// every mount the runtime made (container root file systems, volumes);
+// the new bpffs holds only the kernel's own maps.debug and progs.debug.
+// What is on disk stays: containerd's images and metadata, kubelet's root
+// dir, the CNI conf and bin dirs and libcni's cache. The control plane
+// (another machine on a real cluster) keeps running. Then containerd and
+// kubelet start again; kubelet recreates every pod's sandbox, the agent's
+// among them. beforeKubelet, if not nil, runs once containerd is up and
+// before kubelet starts (e.g. to hold the agent back by removing its image).
+func (n *Node) Reboot(beforeKubelet func() error) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	var procs []*proc
+	for _, p := range n.procs {
+		if p.name != "kubelet" && p.name != "containerd" {
+			procs = append(procs, p)
+		}
+	}
+	for _, dir := range []string{filepath.Join(n.CgroupV2, n.runtimeCgroup()), filepath.Join(n.CgroupV2, "kubepods")} {
+		if _, err := os.Stat(dir); err == nil {
+			if err := killCgroup(dir); err != nil {
+				return err
+			}
+		}
+	}
+	for _, p := range n.procs {
+		if p.name == "kubelet" || p.name == "containerd" {
+			<-p.done
+		}
+	}
+	n.procs = procs
+	n.boots++
+	// Unmount, deepest first, everything the runtime mounted under the
+	// node's directory (bpffs included) and the tmpfs of /run, then give
+	// /run and the bpffs fresh empty instances.
+	var runDirs []string
+	for _, d := range hostDirs {
+		if strings.HasPrefix(d, "/run/") {
+			runDirs = append(runDirs, d)
+		}
+	}
+	// A lazy unmount of a /run tmpfs takes every mount inside it along
+	// (mountinfo also lists the host's mounts the tmpfs hides: untouched).
+	script := `set -e
+for m in $(awk -v dir="$1" '{ if (index($5, dir "/") == 1) print $5 }' /proc/self/mountinfo | sort -r); do umount -l "$m" 2>/dev/null || true; done
+shift
+for d in "$@"; do umount -l "$d"; mount -t tmpfs -o mode=0755 nodeharness "$d"; done
+rm -rf "$STATE"; mkdir -p "$STATE"
+mount -t bpf bpf "$BPFFS"
+left=$(ls -A "$BPFFS" | grep -v -x -e maps.debug -e progs.debug || true); [ -z "$left" ] || { echo "bpffs not empty after the remount: $left"; exit 1; }
+`
+	cmd := n.Exec("sh", append([]string{"-c", script, "reboot", n.Dir}, runDirs...)...)
+	cmd.Env = append(cmd.Env, "STATE="+filepath.Join(n.Dir, "containerd", "state"), "BPFFS="+n.BPFFS)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("reboot: wipe memory: %w: %s", err, out)
+	}
+	if err := n.startContainerd(); err != nil {
+		return err
+	}
+	if beforeKubelet != nil {
+		if err := beforeKubelet(); err != nil {
+			return fmt.Errorf("reboot: %w", err)
+		}
+	}
+	return n.startKubelet()
 }
 
 // Exec is cmd run on the node: in its network and mount namespaces, with
@@ -530,6 +624,33 @@ func (n *Node) Stop() error {
 	return errors.Join(errs...)
 }
 
+// leftovers lists what Stop should have removed and did not: the netns,
+// the cgroups, the directory, any mount of the node's seen from here.
+func (n *Node) leftovers() []string {
+	var left []string
+	if os.Getenv("NODEHARNESS_KEEP") == "" {
+		if _, err := os.Stat(n.Dir); err == nil {
+			left = append(left, "directory "+n.Dir)
+		}
+	}
+	if _, err := os.Stat(n.NetNS); err == nil {
+		left = append(left, "netns "+n.NetNS)
+	}
+	for _, d := range n.cgroups {
+		if _, err := os.Stat(d); err == nil {
+			left = append(left, "cgroup "+d)
+		}
+	}
+	if b, err := os.ReadFile("/proc/self/mountinfo"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.Contains(l, n.Name) {
+				left = append(left, "mount "+l)
+			}
+		}
+	}
+	return left
+}
+
 // killCgroup kills every process in a cgroup2 subtree and waits until it
 // is empty.
 func killCgroup(dir string) error {
@@ -579,6 +700,11 @@ type proc struct {
 // It forks from a locked OS thread: the parent-death signal fires when
 // the thread that forked exits.
 func (n *Node) startProc(name string, cmd *exec.Cmd) (*proc, error) {
+	return n.startProcIn(name, "node", cmd)
+}
+
+// startProcIn is startProc into the cgroup2 child cgroup of the node's subtree.
+func (n *Node) startProcIn(name, cgroup string, cmd *exec.Cmd) (*proc, error) {
 	logPath := filepath.Join(n.Dir, "logs", name+".log")
 	if err := os.MkdirAll(filepath.Dir(logPath), 0o755); err != nil {
 		return nil, err
@@ -587,7 +713,11 @@ func (n *Node) startProc(name string, cmd *exec.Cmd) (*proc, error) {
 	if err != nil {
 		return nil, err
 	}
-	cg, err := os.Open(filepath.Join(n.CgroupV2, "node"))
+	if err := os.MkdirAll(filepath.Join(n.CgroupV2, cgroup), 0o755); err != nil {
+		f.Close()
+		return nil, err
+	}
+	cg, err := os.Open(filepath.Join(n.CgroupV2, cgroup))
 	if err != nil {
 		f.Close()
 		return nil, err
@@ -692,3 +822,6 @@ func (n *Node) HTTPGet(ctx context.Context, url string) (string, error) {
 	}
 	return string(b), nil
 }
+
+// Ctr runs ctr against the node's containerd (namespace k8s.io).
+func (n *Node) Ctr(args ...string) (string, error) { return n.ctr(args...) }

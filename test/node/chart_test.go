@@ -247,6 +247,12 @@ spec:
 		}
 	})
 
+	t.Run("a crashed agent: the controller re-taints the node until it is Ready", func(t *testing.T) { testCrashedAgentRetaints(t, n) })
+
+	t.Run("helm upgrade to a second image under a running stream", func(t *testing.T) { testUpgradeUnderStream(t, n, chart) })
+
+	t.Run("node reboot: nothing runs uncaptured, every pod captured again", func(t *testing.T) { testReboot(t, n) })
+
 	t.Run("a pod created while the agent is away never runs uncaptured", func(t *testing.T) {
 		// The agent pod goes away (a node selector no node matches) while
 		// install-cni's entry stays (cni.cleanupOnExit false), as in a

@@ -1,6 +1,7 @@
 package node
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -24,6 +25,13 @@ import (
 // annotation, which makes the pod uninjected to sidelane: the control whose
 // capture is missing.
 func injectedPod(t *testing.T, fixture, name string, keepStatus bool) string {
+	t.Helper()
+	return injectedPodCmd(t, fixture, name, keepStatus, "")
+}
+
+// injectedPodCmd is injectedPod with appCmd (sh -c) as the app
+// container's command instead of the httpd.
+func injectedPodCmd(t *testing.T, fixture, name string, keepStatus bool, appCmd string) string {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join(testenv.RepoRoot(t), "istio", "classify", "testdata", "pods", fixture))
 	if err != nil {
@@ -63,6 +71,9 @@ func injectedPod(t *testing.T, fixture, name string, keepStatus bool) string {
 		default:
 			c.Image = nodeharness.BusyboxImage
 			c.Command = []string{"sh", "-c", "mkdir -p /www && echo " + name + " > /www/index.html && exec httpd -f -p 8080 -h /www"}
+			if appCmd != "" {
+				c.Command = []string{"sh", "-c", appCmd}
+			}
 		}
 	}
 	out, err := yaml.Marshal(&pod)
@@ -94,6 +105,11 @@ data:
 // has finished once and returns its exit code.
 func validationExit(t *testing.T, n *nodeharness.Node, ns, name string) string {
 	t.Helper()
+	// The check is only as good as the init container being there and
+	// first: a pod without it would start whatever its capture.
+	if out, err := n.Kubectl("get", "pod", "-n", ns, name, "-o", "jsonpath={.spec.initContainers[0].name}"); err != nil || out != "istio-validation" {
+		t.Fatalf("pod %s/%s does not run istio-validation as its first init container (%q %v): nothing checks its capture", ns, name, out, err)
+	}
 	deadline := time.Now().Add(3 * time.Minute)
 	for {
 		out, _ := n.Kubectl("get", "pod", "-n", ns, name, "-o",
@@ -136,15 +152,99 @@ func testInjectedPods(t *testing.T, n *nodeharness.Node) {
 	if err != nil || !strings.Contains(out, "\nweb\n") {
 		t.Fatalf("web-client app -> web %s:8080: %v\n%q", ip, err, out)
 	}
-	for pod, want := range map[string]string{"web-client": "conn outbound ", "web": "conn inbound "} {
-		logs, err := n.Kubectl("logs", "-n", "shop", pod, "-c", "istio-proxy")
-		if err != nil || !strings.Contains(logs, want) || !strings.Contains(logs, ip+":8080") {
-			t.Errorf("%s's sidecar did not carry the connection to %s:8080 (%q): %v\n%s", pod, ip, want, err, logs)
-		}
+	if err := carried(t, n, "web-client", ip+":8080", sidecarCounts{}, 1); err != nil {
+		t.Error(err)
 	}
 	code := validationExit(t, n, "shop", "web-uncaptured")
 	if code == "0" {
 		t.Fatal("istio-validation passed in a pod sidelane does not capture: the check proves nothing")
 	}
 	t.Logf("istio-validation: captured pod exit 0, uncaptured control exit %s", code)
+
+	// Negative control of the bypass detector: an app whose connections
+	// go around its sidecar (shop/web-bypass: injected, but without the
+	// status annotation sidelane enrolls by, so nothing redirects them;
+	// its init container is dropped, since the validation would fail)
+	// reaches web directly; carried must flag it.
+	bypass := injectedPodCmd(t, "sidecar-classic.yaml", "web-bypass", false, "exec sleep 2147483647")
+	bypass = dropInitContainers(t, bypass)
+	apply(t, n, bypass)
+	waitPodRunning(t, n, "shop", "web-bypass")
+	before := sidecarConnCounts(t, n, "web-bypass", ip+":8080")
+	out, err = n.Kubectl("exec", "-n", "shop", "web-bypass", "-c", "app", "--", "sh", "-c", `printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 5 `+ip+` 8080`)
+	if err != nil || !strings.Contains(out, "\nweb\n") {
+		t.Fatalf("web-bypass app -> web %s:8080 (uncaptured, must still connect): %v\n%q", ip, err, out)
+	}
+	err = carried(t, n, "web-bypass", ip+":8080", before, 1)
+	if err == nil {
+		t.Fatal("the bypass detector did not flag web-bypass's connection around its sidecar")
+	}
+	t.Logf("bypass detector on the negative control: %v", err)
+	if _, err := n.Kubectl("delete", "pod", "-n", "shop", "web-bypass", "--wait=true"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// sidecarCounts are connections a pod's sidecar logged to one destination.
+type sidecarCounts struct{ outbound, inbound int }
+
+// sidecarConnCounts counts the connections to dst (ip:port) that pod's
+// sidecar carried outbound, and dst's pod's sidecar carried inbound
+// (haproxy logs "conn <frontend> <client> <server ip:port>" per connection).
+func sidecarConnCounts(t *testing.T, n *nodeharness.Node, pod, dst string) sidecarCounts {
+	t.Helper()
+	var c sidecarCounts
+	count := func(p, dir string) int {
+		logs, err := n.Kubectl("logs", "-n", "shop", p, "-c", "istio-proxy")
+		if err != nil {
+			t.Fatalf("logs of %s's sidecar: %v", p, err)
+		}
+		k := 0
+		for _, l := range strings.Split(logs, "\n") {
+			if strings.HasPrefix(l, "conn "+dir+" ") && strings.HasSuffix(strings.TrimSpace(l), " "+dst) {
+				k++
+			}
+		}
+		return k
+	}
+	c.outbound = count(pod, "outbound")
+	dstPod, err := n.Kubectl("get", "pods", "-n", "shop", "--field-selector", "status.podIP="+strings.Split(dst, ":")[0], "-o", "jsonpath={.items[0].metadata.name}")
+	if err != nil || dstPod == "" {
+		t.Fatalf("the pod of %s: %q %v", dst, dstPod, err)
+	}
+	c.inbound = count(dstPod, "inbound")
+	return c
+}
+
+// carried is the bypass detector: an error unless pod's sidecar carried
+// at least want more connections to dst outbound than in before, and the
+// destination's sidecar as many inbound. An app connection that goes
+// around a sidecar reaches the server without a log line there.
+func carried(t *testing.T, n *nodeharness.Node, pod, dst string, before sidecarCounts, want int) error {
+	t.Helper()
+	var now sidecarCounts
+	// haproxy logs when a connection ends; give the logs a moment.
+	for range 10 {
+		now = sidecarConnCounts(t, n, pod, dst)
+		if now.outbound-before.outbound >= want && now.inbound-before.inbound >= want {
+			return nil
+		}
+		time.Sleep(time.Second)
+	}
+	return fmt.Errorf("connections to %s bypassed a sidecar: %d made, %s's sidecar carried %d outbound, the destination's %d inbound",
+		dst, want, pod, now.outbound-before.outbound, now.inbound-before.inbound)
+}
+
+func dropInitContainers(t *testing.T, manifest string) string {
+	t.Helper()
+	var pod corev1.Pod
+	if err := yaml.Unmarshal([]byte(manifest), &pod); err != nil {
+		t.Fatal(err)
+	}
+	pod.Spec.InitContainers = nil
+	out, err := yaml.Marshal(&pod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(out)
 }

@@ -110,3 +110,28 @@ func get(t *testing.T, n *nodeharness.Node, addr string) string {
 	t.Fatalf("GET http://%s/ from the node: %v: %s", addr, err, out)
 	return ""
 }
+
+// TestRealNodeReboot: the harness's power cycle (nodeharness.Reboot) on a
+// node without sidelane: kubelet brings the pod back in a new sandbox.
+func TestRealNodeReboot(t *testing.T) {
+	testenv.Privileged(t)
+	n := nodeharness.Start(t, tools(t), nil)
+	apply(t, n, podManifest("plain", ""))
+	waitPodRunning(t, n, "default", "plain")
+	before, _ := n.Kubectl("get", "pod", "plain", "-o", "jsonpath={.status.containerStatuses[0].containerID}")
+	if err := n.Reboot(nil); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "plain running again in a new container", func() string {
+		out, _ := n.Kubectl("get", "pod", "plain", "-o", "jsonpath={.status.phase} {.status.containerStatuses[0].containerID} {.status.containerStatuses[0].ready}")
+		f := strings.Fields(out)
+		if len(f) != 3 || f[0] != "Running" || f[1] == before || f[2] != "true" {
+			return out
+		}
+		return ""
+	})
+	ip := waitPodRunning(t, n, "default", "plain")
+	if out := get(t, n, ip+":8080"); out != "plain" {
+		t.Fatalf("GET the pod after the reboot: %q", out)
+	}
+}

@@ -178,10 +178,15 @@ func TestRBACIsLeast(t *testing.T) {
 		{"list", "", "pods", "", "", agent | controller},
 		{"watch", "", "pods", "", "", agent | controller},
 		{"watch", "", "namespaces", "", "", agent | controller},
-		{"get", "", "nodes", "", "", agent},
-		{"patch", "", "nodes", "", "", agent},
-		{"create", "", "events", "", "default", agent},
-		{"patch", "events.k8s.io", "events", "", "default", agent},
+		// The not-ready taint: the agent on its node, the controller on a
+		// node whose agent is not Ready (both narrowed to that taint by the
+		// admission policy, TestAgentNodePatchesLimited).
+		{"get", "", "nodes", "", "", agent | controller},
+		{"patch", "", "nodes", "", "", agent | controller},
+		{"list", "", "nodes", "", "", controller},
+		{"watch", "", "nodes", "", "", controller},
+		{"create", "", "events", "", "default", agent | controller},
+		{"patch", "events.k8s.io", "events", "", "default", agent | controller},
 		{"watch", "sidelane.io", "l7policies", "", "", agent | controller},
 		// The cluster-wide writes: the controller's alone.
 		{"get", "networking.istio.io", "envoyfilters", "", "default", controller},

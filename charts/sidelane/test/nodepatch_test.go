@@ -45,9 +45,9 @@ func TestAgentNodePatchesLimited(t *testing.T) {
 	}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	client := func(tokenArgs ...string) kubernetes.Interface {
+	client := func(sa string, tokenArgs ...string) kubernetes.Interface {
 		t.Helper()
-		token := strings.TrimSpace(admin.must(append([]string{"create", "token", release, "-n", namespace}, tokenArgs...)...))
+		token := strings.TrimSpace(admin.must(append([]string{"create", "token", sa, "-n", namespace}, tokenArgs...)...))
 		ca := c.RESTConfig.CAData
 		if len(ca) == 0 && c.RESTConfig.CAFile != "" {
 			var err error
@@ -69,8 +69,11 @@ func TestAgentNodePatchesLimited(t *testing.T) {
 		}
 		return kubernetes.NewForConfigOrDie(rc)
 	}
-	agent := client("--bound-object-kind", "Pod", "--bound-object-name", "agent-a")
-	unbound := client()
+	agent := client(release, "--bound-object-kind", "Pod", "--bound-object-name", "agent-a")
+	unbound := client(release)
+	// The controller re-taints any node whose agent is not Ready: no node
+	// in its token, only the taint.
+	ctrl := client(release + "-controller")
 
 	// The agent's own taint code sends a merge patch of the whole taint
 	// list; these build the same kind of patch.
@@ -117,12 +120,18 @@ func TestAgentNodePatchesLimited(t *testing.T) {
 		{"label its own node", agent, "node-a", map[string]any{"metadata": map[string]any{"labels": map[string]any{"secure": "true"}}}, false},
 		{"cordon its own node", agent, "node-a", map[string]any{"spec": map[string]any{"unschedulable": true}}, false},
 		{"a token bound to no pod", unbound, "node-a", spec(taints("node-a", ours)), false},
+		{"controller: our taint on any node", ctrl, "node-b", spec(taints("node-b", ours)), true},
+		{"controller: remove our taint", ctrl, "node-b", spec(taints("node-b")), true},
+		{"controller: another taint", ctrl, "node-b", spec(taints("node-b", corev1.Taint{Key: "evil", Effect: corev1.TaintEffectNoExecute})), false},
+		{"controller: drop a foreign taint", ctrl, "node-b", spec(nil), false},
+		{"controller: label a node", ctrl, "node-b", map[string]any{"metadata": map[string]any{"labels": map[string]any{"secure": "true"}}}, false},
+		{"controller: cordon a node", ctrl, "node-b", map[string]any{"spec": map[string]any{"unschedulable": true}}, false},
 	}
 	for _, tc := range tests {
 		err := patch(tc.k, tc.node, tc.body)
 		if got := err == nil; got != tc.allowed {
 			t.Errorf("%s: allowed %v (%v), want %v", tc.name, got, err, tc.allowed)
-		} else if err != nil && !strings.Contains(err.Error(), "sidelane agent may change only") {
+		} else if err != nil && !strings.Contains(err.Error(), "may change only") {
 			t.Errorf("%s: denied, but not by sidelane's policy: %v", tc.name, err)
 		}
 	}
