@@ -89,9 +89,26 @@ func header(mode byte, size int) []byte {
 	return h
 }
 
+// Window marks the measured part of a run (after connecting and warming
+// up, until the last byte is confirmed), e.g. to read CPU counters there;
+// nil funcs are skipped.
+type Window struct{ Begin, End func() }
+
+func (w Window) begin() {
+	if w.Begin != nil {
+		w.Begin()
+	}
+}
+
+func (w Window) end() {
+	if w.End != nil {
+		w.End()
+	}
+}
+
 // RR measures round trips of size-byte messages on one persistent
 // connection: warmup round trips first (not recorded), then count.
-func RR(ctx context.Context, addr string, size, warmup, count int) ([]time.Duration, error) {
+func RR(ctx context.Context, addr string, size, warmup, count int, w Window) ([]time.Duration, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
@@ -104,6 +121,9 @@ func RR(ctx context.Context, addr string, size, warmup, count int) ([]time.Durat
 	buf := make([]byte, size)
 	out := make([]time.Duration, 0, count)
 	for i := range warmup + count {
+		if i == warmup {
+			w.begin()
+		}
 		start := time.Now()
 		if _, err := c.Write(buf); err != nil {
 			return nil, fmt.Errorf("round trip %d: %w", i, err)
@@ -118,12 +138,13 @@ func RR(ctx context.Context, addr string, size, warmup, count int) ([]time.Durat
 			return nil, ctx.Err()
 		}
 	}
+	w.end()
 	return out, nil
 }
 
 // Stream writes writeSize-byte chunks for d and returns the bytes per
 // second the server confirmed receiving.
-func Stream(ctx context.Context, addr string, writeSize int, d time.Duration) (float64, error) {
+func Stream(ctx context.Context, addr string, writeSize int, d time.Duration, w Window) (float64, error) {
 	var dialer net.Dialer
 	c, err := dialer.DialContext(ctx, "tcp", addr)
 	if err != nil {
@@ -134,6 +155,7 @@ func Stream(ctx context.Context, addr string, writeSize int, d time.Duration) (f
 		return 0, err
 	}
 	buf := make([]byte, writeSize)
+	w.begin()
 	start := time.Now()
 	for time.Since(start) < d {
 		if _, err := c.Write(buf); err != nil {
@@ -147,6 +169,7 @@ func Stream(ctx context.Context, addr string, writeSize int, d time.Duration) (f
 	if _, err := io.ReadFull(c, n[:]); err != nil {
 		return 0, fmt.Errorf("read byte count: %w", err)
 	}
+	w.end()
 	return float64(binary.BigEndian.Uint64(n[:])) / time.Since(start).Seconds(), nil
 }
 
@@ -160,10 +183,11 @@ type CRRResult struct {
 
 // CRR runs parallel clients for d, each opening a connection, doing one
 // size-byte request/response and closing.
-func CRR(ctx context.Context, addr string, size, parallel int, d time.Duration) (CRRResult, error) {
+func CRR(ctx context.Context, addr string, size, parallel int, d time.Duration, w Window) (CRRResult, error) {
 	var mu sync.Mutex
 	var res CRRResult
 	var wg sync.WaitGroup
+	w.begin()
 	deadline := time.Now().Add(d)
 	start := time.Now()
 	for range parallel {
@@ -188,6 +212,7 @@ func CRR(ctx context.Context, addr string, size, parallel int, d time.Duration) 
 		}()
 	}
 	wg.Wait()
+	w.end()
 	res.Conns = len(res.Latencies)
 	res.PerSecond = float64(res.Conns) / time.Since(start).Seconds()
 	if res.Conns == 0 {

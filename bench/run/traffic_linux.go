@@ -5,6 +5,7 @@ package run
 import (
 	"context"
 	"fmt"
+	"maps"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -15,37 +16,69 @@ import (
 	"github.com/sidelane/sidelane/istio/capture"
 )
 
-// sizes are the traffic scenarios' lengths.
+// sizes are the traffic scenarios' lengths: reps interleaved rounds (every
+// contender once per round, the order rotated each round, see roundOrder),
+// each round a short run per contender. Many short rounds beat few long
+// ones on a shared machine: a burst of someone else's work spoils one
+// round of every contender alike instead of one contender's whole figure,
+// and the spread between rounds is what the intervals are made of. See the
+// README (Performance) for how the counts were chosen.
 type sizes struct {
 	reps        int
-	rrCount     int
+	rrCount     int // round trips per round (rr_64k: a quarter)
 	stream, crr time.Duration
+	exclReps    int
 	connects    int
 	exclusions  []int
 }
 
 func (r *Runner) sizes() sizes {
 	if r.cfg.Quick {
-		return sizes{reps: 3, rrCount: 1000, stream: 250 * time.Millisecond, crr: 300 * time.Millisecond,
-			connects: 200, exclusions: []int{10, 1000, 10000}}
+		return sizes{reps: 6, rrCount: 400, stream: 100 * time.Millisecond, crr: 100 * time.Millisecond,
+			exclReps: 3, connects: 200, exclusions: []int{10, 1000, 10000}}
 	}
-	return sizes{reps: 5, rrCount: 10000, stream: 2 * time.Second, crr: 2 * time.Second,
-		connects: 2000, exclusions: []int{10, 1000, 10000}}
+	return sizes{reps: 24, rrCount: 2000, stream: 300 * time.Millisecond, crr: 300 * time.Millisecond,
+		exclReps: 8, connects: 1000, exclusions: []int{10, 1000, 10000}}
 }
 
-// traffic builds every contender's pods on one node and runs the traffic
-// scenarios, alternating contenders inside each repetition (and rotating
-// who goes first), so slow drifts of a noisy machine hit all of them alike.
+// roundOrder is the order of n contenders in round rep: rotated by one
+// each round, so over n rounds every contender runs once in every
+// position (first after a pause, last, ...).
+func roundOrder(n, rep int) []int {
+	out := make([]int, n)
+	for i := range out {
+		out[i] = (i + rep) % n
+	}
+	return out
+}
+
+// traffic builds every contender's pods on one node (and cross-node
+// clients on a second) and runs the traffic scenarios, interleaving
+// contenders inside each round (roundOrder), so slow drifts of a noisy
+// machine hit all of them alike; every figure keeps its per-round values
+// for the intervals, and CPU time per transaction of the contender's
+// cgroups.
 func (r *Runner) traffic(ctx context.Context) error {
 	tb := benchTB{r}
 	sz := r.sizes()
-	m := NewMesh(tb, MeshConfig{BenchBin: r.cfg.BenchBin, PilotAgent: filepath.Join(r.cfg.ToolBin, "pilot-agent"), Log: r.log})
+	shortcut, err := AgentBoolDefault(ctx, filepath.Join(r.cfg.SidelaneBin, "sidelane"), ShortcutFlag)
+	if err != nil {
+		return err
+	}
+	alt := AltEBPF(shortcut)
+	r.res.Alternatives = []string{alt}
+	r.res.Machine["sidelane-ebpf"] = fmt.Sprintf("the agent's defaults (--%s=%v, read from `sidelane agent -h`); %s is the other setting", ShortcutFlag, shortcut, alt)
+	m := NewMesh(tb, MeshConfig{BenchBin: r.cfg.BenchBin, PilotAgent: filepath.Join(r.cfg.ToolBin, "pilot-agent"), Shortcut: shortcut, Log: r.log})
 	var pairs []*Pair
 	for _, c := range m.Contenders {
-		pr := m.NewPair(c)
-		if err := m.CheckCaptured(ctx, pr); err != nil {
-			m.Pending[c.Name] = "capture check failed, not measured: " + err.Error()
-			r.log.Error("capture check", "contender", c.Name, "error", err)
+		var pr *Pair
+		err := guard(func() error { pr = m.NewPair(c); return nil })
+		if err == nil {
+			err = m.CheckCaptured(ctx, pr)
+		}
+		if err != nil {
+			m.Pending[c.Name] = "set up or capture check failed, not measured: " + err.Error()
+			r.log.Error("contender setup", "contender", c.Name, "error", err)
 			continue
 		}
 		pairs = append(pairs, pr)
@@ -54,13 +87,13 @@ func (r *Runner) traffic(ctx context.Context) error {
 	// on the second node.
 	var remotes []*Pair
 	for _, pr := range pairs {
-		if pr.C.noRemote != "" {
-			r.res.Skip("rr_1k_cross_node", pr.C.Name, pr.C.noRemote)
-			continue
+		var rp *Pair
+		err := guard(func() error { rp = m.NewRemoteClient(pr); return nil })
+		if err == nil {
+			err = m.CheckCaptured(ctx, rp)
 		}
-		rp := m.NewRemoteClient(pr)
-		if err := m.CheckCaptured(ctx, rp); err != nil {
-			r.res.Skip("rr_1k_cross_node", pr.C.Name, "capture check failed, not measured: "+err.Error())
+		if err != nil {
+			r.res.Skip("rr_1k_cross_node", pr.C.Name, "set up or capture check failed, not measured: "+err.Error())
 			continue
 		}
 		remotes = append(remotes, rp)
@@ -89,79 +122,96 @@ func (r *Runner) traffic(ctx context.Context) error {
 		r.res.Skip(scenario, "", "failed: "+err.Error())
 		r.log.Error("scenario failed", "name", scenario, "error", err)
 	}
-
-	// each runs f for every pair, reps times, rotating the order.
-	each := func(pairs []*Pair, f func(rep int, pr *Pair) error) error {
+	// each runs f for every pair in every round, in roundOrder.
+	each := func(pairs []*Pair, f func(pr *Pair) error) error {
 		for rep := range sz.reps {
-			for i := range pairs {
-				pr := pairs[(i+rep)%len(pairs)]
-				if err := f(rep, pr); err != nil {
+			for _, i := range roundOrder(len(pairs), rep) {
+				if err := f(pairs[i]); err != nil {
 					return err
 				}
 			}
 		}
 		return nil
 	}
+	// reps collects per-round values: contender -> metric -> values.
+	type reps map[string]map[string][]float64
+	add := func(v reps, contender, metric string, x float64) {
+		if v[contender] == nil {
+			v[contender] = map[string][]float64{}
+		}
+		v[contender][metric] = append(v[contender][metric], x)
+	}
+	record := func(scenario string, v reps, pairs []*Pair, units map[string]string) {
+		for _, pr := range pairs {
+			for _, metric := range slices.Sorted(maps.Keys(units)) {
+				if vals := v[pr.C.Name][metric]; len(vals) > 0 {
+					r.res.AddReps(scenario, pr.C.Name, metric, vals, units[metric])
+				}
+			}
+		}
+		r.log.Info("scenario done", "name", scenario)
+	}
+	latUnits := map[string]string{"p50us": "us", "p90us": "us", "p99us": "us", report.MetricCPU: "us/round trip"}
 
 	for _, s := range []struct {
 		name  string
 		size  int
 		pairs []*Pair
 	}{{"rr_64", 64, pairs}, {"rr_1k", 1024, pairs}, {"rr_64k", 65536, pairs}, {"rr_1k_cross_node", 1024, remotes}} {
-		lat := map[string][]time.Duration{}
-		err := each(s.pairs, func(_ int, pr *Pair) error {
-			res, err := client(s.name, pr, pr.Client, "rr", "-addr", pr.ServerAddr(), "-size", strconv.Itoa(s.size), "-count", strconv.Itoa(sz.rrCount))
-			lat[pr.C.Name] = append(lat[pr.C.Name], durations(res.LatNs)...)
-			return err
+		count := sz.rrCount
+		if s.size > 4096 {
+			count /= 4
+		}
+		v := reps{}
+		err := each(s.pairs, func(pr *Pair) error {
+			res, err := client(s.name, pr, pr.Client, "rr", "-addr", pr.ServerAddr(), "-size", strconv.Itoa(s.size), "-count", strconv.Itoa(count))
+			if err != nil {
+				return err
+			}
+			p := loadgen.Summarize(durations(res.LatNs))
+			add(v, pr.C.Name, "p50us", p.P50us)
+			add(v, pr.C.Name, "p90us", p.P90us)
+			add(v, pr.C.Name, "p99us", p.P99us)
+			if res.CPUUsec > 0 && len(res.LatNs) > 0 {
+				add(v, pr.C.Name, report.MetricCPU, res.CPUUsec/float64(len(res.LatNs)))
+			}
+			return nil
 		})
 		if err != nil {
 			failed(s.name, err)
 			continue
 		}
-		for _, pr := range s.pairs {
-			p := loadgen.Summarize(lat[pr.C.Name])
-			r.res.Add(s.name, pr.C.Name, "p50us", p.P50us, "us")
-			r.res.Add(s.name, pr.C.Name, "p90us", p.P90us, "us")
-			r.res.Add(s.name, pr.C.Name, "p99us", p.P99us, "us")
-		}
-		r.log.Info("scenario done", "name", s.name)
+		record(s.name, v, s.pairs, latUnits)
 	}
 
 	for _, s := range []struct {
 		name string
 		size int
 	}{{"stream_1k", 1024}, {"stream_64k", 65536}} {
-		bps := map[string][]float64{}
-		err := each(pairs, func(_ int, pr *Pair) error {
+		v := reps{}
+		err := each(pairs, func(pr *Pair) error {
 			res, err := client(s.name, pr, pr.Client, "stream", "-addr", pr.ServerAddr(), "-size", strconv.Itoa(s.size), "-duration", sz.stream.String())
-			bps[pr.C.Name] = append(bps[pr.C.Name], res.BytesPerSec)
-			return err
+			if err != nil {
+				return err
+			}
+			add(v, pr.C.Name, "MBps", res.BytesPerSec/1e6)
+			if mb := res.BytesPerSec * res.WindowSec / 1e6; res.CPUUsec > 0 && mb > 0 {
+				add(v, pr.C.Name, report.MetricCPU, res.CPUUsec/mb)
+			}
+			return nil
 		})
 		if err != nil {
 			failed(s.name, err)
 			continue
 		}
-		for _, pr := range pairs {
-			r.res.Add(s.name, pr.C.Name, "MBps", median(bps[pr.C.Name])/1e6, "MB/s")
-		}
-		r.log.Info("scenario done", "name", s.name)
+		record(s.name, v, pairs, map[string]string{"MBps": "MB/s", report.MetricCPU: "us/MB"})
 	}
 
 	for _, par := range []int{1, 8} {
 		name := fmt.Sprintf("crr_%d", par)
-		type acc struct {
-			lat       []time.Duration
-			conns     int
-			seconds   float64
-			conntrack int
-		}
-		accs := map[string]*acc{}
-		err := each(pairs, func(_ int, pr *Pair) error {
-			a := accs[pr.C.Name]
-			if a == nil {
-				a = &acc{}
-				accs[pr.C.Name] = a
-			}
+		v := reps{}
+		conntrack, conns := map[string]int{}, map[string]int{}
+		err := each(pairs, func(pr *Pair) error {
 			ct0, err := conntrackTotal(pr)
 			if err != nil {
 				return err
@@ -174,24 +224,28 @@ func (r *Runner) traffic(ctx context.Context) error {
 			if err != nil {
 				return err
 			}
-			a.lat = append(a.lat, durations(res.LatNs)...)
-			a.conns += len(res.LatNs)
-			a.seconds += res.Seconds
-			a.conntrack += ct1 - ct0
+			n := len(res.LatNs)
+			secs := res.WindowSec
+			if secs == 0 {
+				secs = res.Seconds
+			}
+			add(v, pr.C.Name, "connsPerSec", float64(n)/secs)
+			add(v, pr.C.Name, "p99us", loadgen.Summarize(durations(res.LatNs)).P99us)
+			if res.CPUUsec > 0 && n > 0 {
+				add(v, pr.C.Name, report.MetricCPU, res.CPUUsec/float64(n))
+			}
+			conntrack[pr.C.Name] += ct1 - ct0
+			conns[pr.C.Name] += n
 			return nil
 		})
 		if err != nil {
 			failed(name, err)
 			continue
 		}
+		record(name, v, pairs, map[string]string{"connsPerSec": "conn/s", "p99us": "us", report.MetricCPU: "us/conn"})
 		for _, pr := range pairs {
-			a := accs[pr.C.Name]
-			p := loadgen.Summarize(a.lat)
-			r.res.Add(name, pr.C.Name, "connsPerSec", float64(a.conns)/a.seconds, "conn/s")
-			r.res.Add(name, pr.C.Name, "p99us", p.P99us, "us")
-			r.res.Add(name, pr.C.Name, "conntrackPerConn", float64(max(a.conntrack, 0))/float64(a.conns), "entries")
+			r.res.Add(name, pr.C.Name, "conntrackPerConn", float64(max(conntrack[pr.C.Name], 0))/float64(max(conns[pr.C.Name], 1)), "entries")
 		}
-		r.log.Info("scenario done", "name", name)
 	}
 
 	r.exclusions(ctx, m, pairs, sz)
@@ -238,10 +292,10 @@ func (r *Runner) exclusions(ctx context.Context, m *Mesh, pairs []*Pair, sz size
 			runs = append(runs, run{scenario, pr, c})
 		}
 	}
-	lat := map[run][]time.Duration{}
-	for rep := range sz.reps {
-		for i := range runs {
-			x := runs[(i+rep)%len(runs)]
+	p50, p99 := map[run][]float64{}, map[run][]float64{}
+	for rep := range sz.exclReps {
+		for _, i := range roundOrder(len(runs), rep) {
+			x := runs[i]
 			if failed[x.scenario] {
 				continue
 			}
@@ -257,16 +311,17 @@ func (r *Runner) exclusions(ctx context.Context, m *Mesh, pairs []*Pair, sz size
 				r.log.Error("scenario failed", "name", x.scenario, "error", err)
 				continue
 			}
-			lat[x] = append(lat[x], durations(res.LatNs)...)
+			p := loadgen.Summarize(durations(res.LatNs))
+			p50[x] = append(p50[x], p.P50us)
+			p99[x] = append(p99[x], p.P99us)
 		}
 	}
 	for _, x := range runs {
 		if failed[x.scenario] {
 			continue
 		}
-		p := loadgen.Summarize(lat[x])
-		r.res.Add(x.scenario, x.pr.C.Name, "connectP50us", p.P50us, "us")
-		r.res.Add(x.scenario, x.pr.C.Name, "connectP99us", p.P99us, "us")
+		r.res.AddReps(x.scenario, x.pr.C.Name, "connectP50us", p50[x], "us")
+		r.res.AddReps(x.scenario, x.pr.C.Name, "connectP99us", p99[x], "us")
 	}
 	r.log.Info("scenario done", "name", "exclusions")
 }
@@ -279,13 +334,4 @@ func conntrackTotal(pr *Pair) (int, error) {
 	}
 	b, err := conntrackCount(pr.Server)
 	return a + b, err
-}
-
-func median(v []float64) float64 {
-	if len(v) == 0 {
-		return 0
-	}
-	s := slices.Clone(v)
-	slices.Sort(s)
-	return s[len(s)/2]
 }

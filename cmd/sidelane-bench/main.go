@@ -4,9 +4,9 @@
 //
 //	sidelane-bench run [-quick] [-out bench/out]
 //	sidelane-bench serve -listen ADDR
-//	sidelane-bench rr -addr ADDR -size N -count N
-//	sidelane-bench stream -addr ADDR -size N -duration D
-//	sidelane-bench crr -addr ADDR -size N -parallel N -duration D
+//	sidelane-bench rr -addr ADDR -size N -count N [-cpu-fds N]
+//	sidelane-bench stream -addr ADDR -size N -duration D [-cpu-fds N]
+//	sidelane-bench crr -addr ADDR -size N -parallel N -duration D [-cpu-fds N]
 //	sidelane-bench connect -addr ADDR -count N
 package main
 
@@ -55,9 +55,28 @@ func traffic(ctx context.Context, cmd string, args []string) error {
 	count := fs.Int("count", 1000, "round trips or connections")
 	parallel := fs.Int("parallel", 1, "parallel clients (crr)")
 	duration := fs.Duration("duration", time.Second, "how long to run (stream, crr)")
+	cpuFDs := fs.Int("cpu-fds", 0, "the runner passes this many open cgroup cpu.stat files as fds 3, 4, ...: report their CPU time during the measured window")
 	_ = fs.Parse(args)
 	var res run.ClientResult
 	var err error
+	var meter run.CPUMeter
+	for i := range *cpuFDs {
+		meter.Files = append(meter.Files, os.NewFile(uintptr(3+i), fmt.Sprintf("cpu.stat fd %d", 3+i)))
+	}
+	var cpu0 int64
+	var t0 time.Time
+	var cpuErr error
+	w := loadgen.Window{
+		Begin: func() { cpu0, cpuErr = meter.Read(); t0 = time.Now() },
+		End: func() {
+			res.WindowSec = time.Since(t0).Seconds()
+			cpu1, err := meter.Read()
+			if cpuErr == nil {
+				cpuErr = err
+			}
+			res.CPUUsec = float64(cpu1 - cpu0)
+		},
+	}
 	switch cmd {
 	case "serve":
 		var ln net.Listener
@@ -67,14 +86,14 @@ func traffic(ctx context.Context, cmd string, args []string) error {
 		return loadgen.Serve(ctx, ln)
 	case "rr":
 		var lat []time.Duration
-		lat, err = loadgen.RR(ctx, *addr, *size, *count/10, *count)
+		lat, err = loadgen.RR(ctx, *addr, *size, *count/10, *count, w)
 		res.LatNs = run.Nanos(lat)
 	case "stream":
-		res.BytesPerSec, err = loadgen.Stream(ctx, *addr, *size, *duration)
+		res.BytesPerSec, err = loadgen.Stream(ctx, *addr, *size, *duration, w)
 	case "crr":
 		start := time.Now()
 		var c loadgen.CRRResult
-		c, err = loadgen.CRR(ctx, *addr, *size, *parallel, *duration)
+		c, err = loadgen.CRR(ctx, *addr, *size, *parallel, *duration, w)
 		res.LatNs, res.Errors, res.Seconds = run.Nanos(c.Latencies), c.Errors, time.Since(start).Seconds()
 	case "connect":
 		var lat []time.Duration
@@ -82,6 +101,9 @@ func traffic(ctx context.Context, cmd string, args []string) error {
 		res.LatNs = run.Nanos(lat)
 	default:
 		return fmt.Errorf("unknown subcommand %q", cmd)
+	}
+	if err == nil {
+		err = cpuErr
 	}
 	if err != nil {
 		return err
