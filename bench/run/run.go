@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"time"
 
@@ -20,7 +21,10 @@ import (
 
 // Config says what to run and where things are.
 type Config struct {
-	Quick       bool
+	Quick bool
+	// Only, if set, names the scenarios to run (e.g. "traffic"); the
+	// others are reported as not run.
+	Only        []string
 	OutDir      string
 	SidelaneBin string // dir with sidelane and sidelane-cni
 	ToolBin     string // dir with the reference CNI plugins, pilot-agent
@@ -79,6 +83,10 @@ func (r *Runner) Run(ctx context.Context) error {
 		{"policy_update", r.policyUpdate},
 	}
 	for _, s := range scenarios {
+		if len(r.cfg.Only) > 0 && !slices.Contains(r.cfg.Only, s.name) {
+			r.res.Skip(s.name, "", "not run (-only)")
+			continue
+		}
 		r.log.Info("scenario", "name", s.name)
 		t0 := time.Now()
 		err := guard(func() error { return s.run(ctx) })

@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -117,7 +118,12 @@ func runBench(ctx context.Context, args []string) error {
 	out := fs.String("out", "bench/out", "output directory")
 	bin := fs.String("bin", "bin", "directory of the sidelane binaries")
 	tools := fs.String("tools", filepath.Join(os.Getenv("HOME"), ".cache", "sidelane", "bin"), "directory of the reference CNI plugins and pilot-agent")
+	only := fs.String("only", "", "comma-separated scenarios to run (traffic, cni_burst_100, cni_sequential_20, footprint, policy_update, ...); default all")
 	_ = fs.Parse(args)
+	var onlyList []string
+	if *only != "" {
+		onlyList = strings.Split(*only, ",")
+	}
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("benchmarks need root (network namespaces, bridges, BPF)")
 	}
@@ -127,5 +133,5 @@ func runBench(ctx context.Context, args []string) error {
 	}
 	abs := func(p string) string { a, _ := filepath.Abs(p); return a }
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-	return run.New(run.Config{Quick: *quick, OutDir: abs(*out), SidelaneBin: abs(*bin), ToolBin: abs(*tools), BenchBin: self}, log).Run(ctx)
+	return run.New(run.Config{Quick: *quick, Only: onlyList, OutDir: abs(*out), SidelaneBin: abs(*bin), ToolBin: abs(*tools), BenchBin: self}, log).Run(ctx)
 }
