@@ -106,40 +106,71 @@ func (w Window) end() {
 	}
 }
 
-// RR measures round trips of size-byte messages on one persistent
-// connection: warmup round trips first (not recorded), then count.
-func RR(ctx context.Context, addr string, size, warmup, count int, w Window) ([]time.Duration, error) {
+// RRConn is a persistent request/response connection: Run measures
+// batches of round trips on it, so a long-lived client can alternate
+// short batches with other contenders' on the same connection.
+type RRConn struct {
+	c   net.Conn
+	buf []byte
+}
+
+// DialRR connects to addr for size-byte round trips.
+func DialRR(ctx context.Context, addr string, size int) (*RRConn, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", addr, err)
 	}
-	defer c.Close()
 	if _, err := c.Write(header(modeRR, size)); err != nil {
+		c.Close()
 		return nil, err
 	}
-	buf := make([]byte, size)
+	return &RRConn{c: c, buf: make([]byte, size)}, nil
+}
+
+// Close closes the connection.
+func (r *RRConn) Close() error { return r.c.Close() }
+
+// Run does warmup round trips (not recorded), then count, inside w.
+func (r *RRConn) Run(ctx context.Context, warmup, count int, w Window) ([]time.Duration, error) {
+	for i := range warmup {
+		if err := r.once(); err != nil {
+			return nil, fmt.Errorf("warm-up round trip %d: %w", i, err)
+		}
+	}
 	out := make([]time.Duration, 0, count)
-	for i := range warmup + count {
-		if i == warmup {
-			w.begin()
-		}
+	w.begin()
+	for i := range count {
 		start := time.Now()
-		if _, err := c.Write(buf); err != nil {
+		if err := r.once(); err != nil {
 			return nil, fmt.Errorf("round trip %d: %w", i, err)
 		}
-		if _, err := io.ReadFull(c, buf); err != nil {
-			return nil, fmt.Errorf("round trip %d: %w", i, err)
-		}
-		if i >= warmup {
-			out = append(out, time.Since(start))
-		}
+		out = append(out, time.Since(start))
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
 	}
 	w.end()
 	return out, nil
+}
+
+func (r *RRConn) once() error {
+	if _, err := r.c.Write(r.buf); err != nil {
+		return err
+	}
+	_, err := io.ReadFull(r.c, r.buf)
+	return err
+}
+
+// RR measures round trips of size-byte messages on one persistent
+// connection: warmup round trips first (not recorded), then count.
+func RR(ctx context.Context, addr string, size, warmup, count int, w Window) ([]time.Duration, error) {
+	c, err := DialRR(ctx, addr, size)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	return c.Run(ctx, warmup, count, w)
 }
 
 // Stream writes writeSize-byte chunks for d and returns the bytes per

@@ -22,6 +22,8 @@ type ClientResult struct {
 	// the measured window, which lasted WindowSec.
 	CPUUsec   float64 `json:"cpuUsec,omitempty"`
 	WindowSec float64 `json:"windowSec,omitempty"`
+	// Error is a session command's failure (the session goes on).
+	Error string `json:"error,omitempty"`
 }
 
 // ParseCPUUsage reads usage_usec from a cgroup v2 cpu.stat.

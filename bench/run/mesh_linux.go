@@ -3,14 +3,17 @@
 package run
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -530,4 +533,96 @@ func tailLines(s string, n int) string {
 		l = l[len(l)-n:]
 	}
 	return strings.Join(l, "\n")
+}
+
+// Session is a long-lived `sidelane-bench session` client in a pod: the
+// runner hands it one short batch at a time (Do), alternating contenders
+// batch by batch, so the machine's slow swings of load land on every
+// contender alike and no batch pays a process start.
+type Session struct {
+	c     *Contender
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+	out   *bufio.Scanner
+	errs  *podnet.Buffer
+	files []*os.File
+}
+
+// StartSession starts a session client for size-byte transfers to addr
+// in pod (its netns and cgroup), reporting the CPU time of c's cgroups.
+func (m *Mesh) StartSession(c *Contender, pod *Pod, addr string, size int) (*Session, error) {
+	s := &Session{c: c, errs: &podnet.Buffer{}}
+	for _, cg := range c.cgroups() {
+		f, err := os.Open(filepath.Join(cg, "cpu.stat"))
+		if err != nil {
+			s.closeFiles()
+			return nil, err
+		}
+		s.files = append(s.files, f)
+	}
+	s.cmd = pod.NS.Command(context.Background(), m.benchBin, "session", "-addr", addr, "-size", strconv.Itoa(size), "-cpu-fds", strconv.Itoa(len(s.files)))
+	s.cmd.ExtraFiles = s.files
+	s.cmd.Stderr = s.errs
+	var err error
+	if s.stdin, err = s.cmd.StdinPipe(); err != nil {
+		s.closeFiles()
+		return nil, err
+	}
+	stdout, err := s.cmd.StdoutPipe()
+	if err != nil {
+		s.closeFiles()
+		return nil, err
+	}
+	s.out = bufio.NewScanner(stdout)
+	s.out.Buffer(make([]byte, 1<<20), 64<<20)
+	closeCg, err := podnet.InCgroup(s.cmd, pod.Cgroup)
+	if err != nil {
+		s.closeFiles()
+		return nil, err
+	}
+	err = s.cmd.Start()
+	closeCg()
+	if err != nil {
+		s.closeFiles()
+		return nil, fmt.Errorf("start session: %w", err)
+	}
+	return s, nil
+}
+
+// Do runs one session command ("rr 1000", "stream 50ms", "crr 200ms 8").
+func (s *Session) Do(command string) (ClientResult, error) {
+	var res ClientResult
+	if _, err := io.WriteString(s.stdin, command+"\n"); err != nil {
+		return res, fmt.Errorf("%s session %s: %w: %s", s.c.Name, command, err, tailLines(s.errs.String(), 5))
+	}
+	if !s.out.Scan() {
+		return res, fmt.Errorf("%s session %s: exited: %v %s", s.c.Name, command, s.out.Err(), tailLines(s.errs.String(), 5))
+	}
+	if err := json.Unmarshal(s.out.Bytes(), &res); err != nil {
+		return res, fmt.Errorf("%s session %s: parse %q: %w", s.c.Name, command, tailLines(s.out.Text(), 3), err)
+	}
+	if res.Error != "" {
+		return res, fmt.Errorf("%s session %s: %s", s.c.Name, command, res.Error)
+	}
+	return res, nil
+}
+
+// Close ends the session (EOF on its stdin) and waits for it.
+func (s *Session) Close() {
+	s.stdin.Close()
+	done := make(chan struct{})
+	go func() { _ = s.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		_ = s.cmd.Process.Kill()
+		<-done
+	}
+	s.closeFiles()
+}
+
+func (s *Session) closeFiles() {
+	for _, f := range s.files {
+		f.Close()
+	}
 }

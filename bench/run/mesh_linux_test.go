@@ -56,6 +56,28 @@ func TestContendersCapture(t *testing.T) {
 			if len(res.LatNs) == 0 || res.Errors != 0 {
 				t.Fatalf("crr: %d connections, %d errors", len(res.LatNs), res.Errors)
 			}
+			// A session client alternates batches over the same path and
+			// survives a bad command.
+			sess, err := m.StartSession(c, pr.Client, pr.ServerAddr(), 1024)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sess.Close()
+			for _, cmd := range []string{"rr 50", "stream 20ms", "bogus", "crr 50ms 2", "rr 20"} {
+				res, err := sess.Do(cmd)
+				if cmd == "bogus" {
+					if err == nil {
+						t.Fatal("session accepted a bogus command")
+					}
+					continue
+				}
+				if err != nil {
+					t.Fatalf("session %s: %v", cmd, err)
+				}
+				if res.CPUUsec <= 0 || res.WindowSec <= 0 {
+					t.Fatalf("session %s: CPU %v us in %v s, want both", cmd, res.CPUUsec, res.WindowSec)
+				}
+			}
 			// Its pods and proxies run in its own cgroup, whose CPU time
 			// the client reports for the measured window.
 			if c.Cgroup == "" || res.CPUUsec <= 0 {

@@ -18,13 +18,15 @@ import (
 
 // sizes are the traffic scenarios' lengths: reps interleaved rounds (every
 // contender once per round, the order rotated each round, see roundOrder),
-// each round a short run per contender. Many short rounds beat few long
-// ones on a shared machine: a burst of someone else's work spoils one
-// round of every contender alike instead of one contender's whole figure,
-// and the spread between rounds is what the intervals are made of. See the
-// README (Performance) for how the counts were chosen.
+// each round one short batch per contender from its long-lived session
+// client. Many short rounds beat few long ones on a shared machine: the
+// machine's swings of load then land on every contender alike instead of
+// on one contender's whole figure, and the spread between rounds is what
+// the intervals are made of. See the README (Performance) for how the
+// counts were chosen.
 type sizes struct {
 	reps        int
+	crrReps     int // rounds of crr: fewer, each stalled eBPF connection costs 5 s here (see README)
 	rrCount     int // round trips per round (rr_64k: a quarter)
 	stream, crr time.Duration
 	exclReps    int
@@ -34,11 +36,11 @@ type sizes struct {
 
 func (r *Runner) sizes() sizes {
 	if r.cfg.Quick {
-		return sizes{reps: 6, rrCount: 400, stream: 100 * time.Millisecond, crr: 100 * time.Millisecond,
+		return sizes{reps: 20, crrReps: 4, rrCount: 100, stream: 20 * time.Millisecond, crr: 80 * time.Millisecond,
 			exclReps: 3, connects: 200, exclusions: []int{10, 1000, 10000}}
 	}
-	return sizes{reps: 24, rrCount: 2000, stream: 300 * time.Millisecond, crr: 300 * time.Millisecond,
-		exclReps: 8, connects: 1000, exclusions: []int{10, 1000, 10000}}
+	return sizes{reps: 200, crrReps: 12, rrCount: 200, stream: 40 * time.Millisecond, crr: 200 * time.Millisecond,
+		exclReps: 10, connects: 500, exclusions: []int{10, 1000, 10000}}
 }
 
 // slowRun is how long one client run may take before the log says so.
@@ -108,40 +110,58 @@ func (r *Runner) traffic(ctx context.Context) error {
 	}
 	r.log.Info("contenders ready", "measured", len(pairs), "pending", len(m.Pending))
 
-	// client runs one measurement, retrying once: on this shared machine a
-	// connection very rarely dies (seen once in several runs: EOF on the
-	// first round trip of a cross-node istio-iptables run). The failure is
-	// recorded in the results, never hidden.
-	client := func(scenario string, pr *Pair, pod *Pod, args ...string) (ClientResult, error) {
-		t0 := time.Now()
-		res, err := m.Client(ctx, pr.C, pod, args...)
-		if d := time.Since(t0); d > slowRun {
-			// Visible in the log: on this machine a stalled connect (a
-			// lost SYN waits 1 s, then 3 s more) looks like this.
-			r.log.Warn("slow measurement", "scenario", scenario, "contender", pr.C.Name, "took", d.Round(time.Millisecond))
-		}
-		if err == nil || ctx.Err() != nil {
-			return res, err
-		}
-		r.transient(scenario, pr.C.Name, err)
-		return m.Client(ctx, pr.C, pod, args...)
-	}
-	// each runs f for every pair in every round, in roundOrder, and
-	// returns the pairs that never failed: a contender whose run fails
-	// (after the retry) is reported for this scenario and left out of its
-	// later rounds; the others go on, their rounds still aligned.
-	each := func(scenario string, pairs []*Pair, f func(pr *Pair) error) []*Pair {
+	// each starts a session client per pair (size-byte transfers to its
+	// server), then runs rounds: in each, every pair's session does
+	// command once, in roundOrder, and f records the result. A failed
+	// command is retried once (on this shared machine a connection very
+	// rarely dies; the failure is recorded under "retried", never
+	// hidden); a pair failing twice is reported for this scenario and
+	// left out of its later rounds, the others go on, rounds still
+	// aligned. It returns the pairs that never failed.
+	each := func(scenario string, rounds, size int, pairs []*Pair, command string, f func(pr *Pair, res ClientResult) error) []*Pair {
 		dead := map[*Pair]bool{}
-		for rep := range sz.reps {
+		sessions := map[*Pair]*Session{}
+		kill := func(pr *Pair, err error) {
+			dead[pr] = true
+			r.res.Skip(scenario, pr.C.Name, "failed: "+err.Error())
+			r.log.Error("measurement failed", "scenario", scenario, "contender", pr.C.Name, "error", err)
+		}
+		for _, pr := range pairs {
+			s, err := m.StartSession(pr.C, pr.Client, pr.ServerAddr(), size)
+			if err != nil {
+				kill(pr, err)
+				continue
+			}
+			sessions[pr] = s
+			defer s.Close()
+		}
+		do := func(pr *Pair) (ClientResult, error) {
+			t0 := time.Now()
+			res, err := sessions[pr].Do(command)
+			if d := time.Since(t0); d > slowRun {
+				// Visible in the log: on this machine a stalled connect (a
+				// lost SYN waits 1 s, then 3 s more; haproxy gives up an
+				// upstream connect after 5 s) looks like this.
+				r.log.Warn("slow measurement", "scenario", scenario, "contender", pr.C.Name, "took", d.Round(time.Millisecond))
+			}
+			if err == nil || ctx.Err() != nil {
+				return res, err
+			}
+			r.transient(scenario, pr.C.Name, err)
+			return sessions[pr].Do(command)
+		}
+		for rep := range rounds {
 			for _, i := range roundOrder(len(pairs), rep) {
 				pr := pairs[i]
 				if dead[pr] || ctx.Err() != nil {
 					continue
 				}
-				if err := f(pr); err != nil {
-					dead[pr] = true
-					r.res.Skip(scenario, pr.C.Name, "failed: "+err.Error())
-					r.log.Error("measurement failed", "scenario", scenario, "contender", pr.C.Name, "error", err)
+				res, err := do(pr)
+				if err == nil {
+					err = f(pr, res)
+				}
+				if err != nil {
+					kill(pr, err)
 				}
 			}
 		}
@@ -183,11 +203,7 @@ func (r *Runner) traffic(ctx context.Context) error {
 			count /= 4
 		}
 		v := reps{}
-		ok := each(s.name, s.pairs, func(pr *Pair) error {
-			res, err := client(s.name, pr, pr.Client, "rr", "-addr", pr.ServerAddr(), "-size", strconv.Itoa(s.size), "-count", strconv.Itoa(count))
-			if err != nil {
-				return err
-			}
+		ok := each(s.name, sz.reps, s.size, s.pairs, fmt.Sprintf("rr %d", count), func(pr *Pair, res ClientResult) error {
 			p := loadgen.Summarize(durations(res.LatNs))
 			add(v, pr.C.Name, "p50us", p.P50us)
 			add(v, pr.C.Name, "p90us", p.P90us)
@@ -205,11 +221,7 @@ func (r *Runner) traffic(ctx context.Context) error {
 		size int
 	}{{"stream_1k", 1024}, {"stream_64k", 65536}} {
 		v := reps{}
-		ok := each(s.name, pairs, func(pr *Pair) error {
-			res, err := client(s.name, pr, pr.Client, "stream", "-addr", pr.ServerAddr(), "-size", strconv.Itoa(s.size), "-duration", sz.stream.String())
-			if err != nil {
-				return err
-			}
+		ok := each(s.name, sz.reps, s.size, pairs, "stream "+sz.stream.String(), func(pr *Pair, res ClientResult) error {
 			add(v, pr.C.Name, "MBps", res.BytesPerSec/1e6)
 			if mb := res.BytesPerSec * res.WindowSec / 1e6; res.CPUUsec > 0 && mb > 0 {
 				add(v, pr.C.Name, report.MetricCPU, res.CPUUsec/mb)
@@ -223,15 +235,18 @@ func (r *Runner) traffic(ctx context.Context) error {
 		name := fmt.Sprintf("crr_%d", par)
 		v := reps{}
 		conntrack, conns := map[string]int{}, map[string]int{}
-		ok := each(name, pairs, func(pr *Pair) error {
-			ct0, err := conntrackTotal(pr)
+		// Conntrack entries: the growth of the pods' tables from one of the
+		// pair's rounds to the next, summed (other contenders' rounds in
+		// between touch other netns).
+		last := map[*Pair]int{}
+		for _, pr := range pairs {
+			n, err := conntrackTotal(pr)
 			if err != nil {
 				return err
 			}
-			res, err := client(name, pr, pr.Client, "crr", "-addr", pr.ServerAddr(), "-size", "1024", "-parallel", strconv.Itoa(par), "-duration", sz.crr.String())
-			if err != nil {
-				return err
-			}
+			last[pr] = n
+		}
+		ok := each(name, sz.crrReps, 1024, pairs, fmt.Sprintf("crr %s %d", sz.crr, par), func(pr *Pair, res ClientResult) error {
 			ct1, err := conntrackTotal(pr)
 			if err != nil {
 				return err
@@ -246,7 +261,8 @@ func (r *Runner) traffic(ctx context.Context) error {
 			if res.CPUUsec > 0 && n > 0 {
 				add(v, pr.C.Name, report.MetricCPU, res.CPUUsec/float64(n))
 			}
-			conntrack[pr.C.Name] += ct1 - ct0
+			conntrack[pr.C.Name] += ct1 - last[pr]
+			last[pr] = ct1
 			conns[pr.C.Name] += n
 			return nil
 		})
