@@ -89,41 +89,93 @@ func header(mode byte, size int) []byte {
 	return h
 }
 
-// RR measures round trips of size-byte messages on one persistent
-// connection: warmup round trips first (not recorded), then count.
-func RR(ctx context.Context, addr string, size, warmup, count int) ([]time.Duration, error) {
+// Window marks the measured part of a run (after connecting and warming
+// up, until the last byte is confirmed), e.g. to read CPU counters there;
+// nil funcs are skipped.
+type Window struct{ Begin, End func() }
+
+func (w Window) begin() {
+	if w.Begin != nil {
+		w.Begin()
+	}
+}
+
+func (w Window) end() {
+	if w.End != nil {
+		w.End()
+	}
+}
+
+// RRConn is a persistent request/response connection: Run measures
+// batches of round trips on it, so a long-lived client can alternate
+// short batches with other contenders' on the same connection.
+type RRConn struct {
+	c   net.Conn
+	buf []byte
+}
+
+// DialRR connects to addr for size-byte round trips.
+func DialRR(ctx context.Context, addr string, size int) (*RRConn, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", addr, err)
 	}
-	defer c.Close()
 	if _, err := c.Write(header(modeRR, size)); err != nil {
+		c.Close()
 		return nil, err
 	}
-	buf := make([]byte, size)
+	return &RRConn{c: c, buf: make([]byte, size)}, nil
+}
+
+// Close closes the connection.
+func (r *RRConn) Close() error { return r.c.Close() }
+
+// Run does warmup round trips (not recorded), then count, inside w.
+func (r *RRConn) Run(ctx context.Context, warmup, count int, w Window) ([]time.Duration, error) {
+	for i := range warmup {
+		if err := r.once(); err != nil {
+			return nil, fmt.Errorf("warm-up round trip %d: %w", i, err)
+		}
+	}
 	out := make([]time.Duration, 0, count)
-	for i := range warmup + count {
+	w.begin()
+	for i := range count {
 		start := time.Now()
-		if _, err := c.Write(buf); err != nil {
+		if err := r.once(); err != nil {
 			return nil, fmt.Errorf("round trip %d: %w", i, err)
 		}
-		if _, err := io.ReadFull(c, buf); err != nil {
-			return nil, fmt.Errorf("round trip %d: %w", i, err)
-		}
-		if i >= warmup {
-			out = append(out, time.Since(start))
-		}
+		out = append(out, time.Since(start))
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
 	}
+	w.end()
 	return out, nil
+}
+
+func (r *RRConn) once() error {
+	if _, err := r.c.Write(r.buf); err != nil {
+		return err
+	}
+	_, err := io.ReadFull(r.c, r.buf)
+	return err
+}
+
+// RR measures round trips of size-byte messages on one persistent
+// connection: warmup round trips first (not recorded), then count.
+func RR(ctx context.Context, addr string, size, warmup, count int, w Window) ([]time.Duration, error) {
+	c, err := DialRR(ctx, addr, size)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	return c.Run(ctx, warmup, count, w)
 }
 
 // Stream writes writeSize-byte chunks for d and returns the bytes per
 // second the server confirmed receiving.
-func Stream(ctx context.Context, addr string, writeSize int, d time.Duration) (float64, error) {
+func Stream(ctx context.Context, addr string, writeSize int, d time.Duration, w Window) (float64, error) {
 	var dialer net.Dialer
 	c, err := dialer.DialContext(ctx, "tcp", addr)
 	if err != nil {
@@ -134,6 +186,7 @@ func Stream(ctx context.Context, addr string, writeSize int, d time.Duration) (f
 		return 0, err
 	}
 	buf := make([]byte, writeSize)
+	w.begin()
 	start := time.Now()
 	for time.Since(start) < d {
 		if _, err := c.Write(buf); err != nil {
@@ -147,6 +200,7 @@ func Stream(ctx context.Context, addr string, writeSize int, d time.Duration) (f
 	if _, err := io.ReadFull(c, n[:]); err != nil {
 		return 0, fmt.Errorf("read byte count: %w", err)
 	}
+	w.end()
 	return float64(binary.BigEndian.Uint64(n[:])) / time.Since(start).Seconds(), nil
 }
 
@@ -160,10 +214,11 @@ type CRRResult struct {
 
 // CRR runs parallel clients for d, each opening a connection, doing one
 // size-byte request/response and closing.
-func CRR(ctx context.Context, addr string, size, parallel int, d time.Duration) (CRRResult, error) {
+func CRR(ctx context.Context, addr string, size, parallel int, d time.Duration, w Window) (CRRResult, error) {
 	var mu sync.Mutex
 	var res CRRResult
 	var wg sync.WaitGroup
+	w.begin()
 	deadline := time.Now().Add(d)
 	start := time.Now()
 	for range parallel {
@@ -188,6 +243,7 @@ func CRR(ctx context.Context, addr string, size, parallel int, d time.Duration) 
 		}()
 	}
 	wg.Wait()
+	w.end()
 	res.Conns = len(res.Latencies)
 	res.PerSecond = float64(res.Conns) / time.Since(start).Seconds()
 	if res.Conns == 0 {

@@ -17,22 +17,34 @@ func TestLoadgenOverLoopback(t *testing.T) {
 	go func() { done <- Serve(ctx, ln) }()
 	defer func() { cancel(); <-done }()
 	addr := ln.Addr().String()
+	// Every run opens and closes its measured window exactly once.
+	var begins, ends int
+	w := Window{Begin: func() { begins++ }, End: func() { ends++ }}
+	windows := func(what string, want int) {
+		t.Helper()
+		if begins != want || ends != want {
+			t.Fatalf("%s: window begun %d and ended %d times, want %d", what, begins, ends, want)
+		}
+	}
 
-	lat, err := RR(ctx, addr, 1024, 10, 100)
+	lat, err := RR(ctx, addr, 1024, 10, 100, w)
 	if err != nil || len(lat) != 100 {
 		t.Fatalf("rr: %d samples, %v", len(lat), err)
 	}
 	if p := Summarize(lat); p.Count != 100 || p.P50us <= 0 || p.P99us < p.P50us {
 		t.Fatalf("summary: %+v", p)
 	}
-	bps, err := Stream(ctx, addr, 64<<10, 100*time.Millisecond)
+	windows("rr", 1)
+	bps, err := Stream(ctx, addr, 64<<10, 100*time.Millisecond, w)
 	if err != nil || bps <= 0 {
 		t.Fatalf("stream: %v %v", bps, err)
 	}
-	crr, err := CRR(ctx, addr, 1024, 2, 100*time.Millisecond)
+	windows("stream", 2)
+	crr, err := CRR(ctx, addr, 1024, 2, 100*time.Millisecond, w)
 	if err != nil || crr.Conns == 0 || crr.Errors != 0 {
 		t.Fatalf("crr: %+v %v", crr, err)
 	}
+	windows("crr", 3)
 	conns, err := Connect(ctx, addr, 20)
 	if err != nil || len(conns) != 20 {
 		t.Fatalf("connect: %d samples, %v", len(conns), err)

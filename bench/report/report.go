@@ -7,18 +7,22 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"slices"
 	"strings"
 )
 
-// Figure is one measured number.
+// Figure is one measured number. Reps, when set, are its values in each
+// interleaved repetition (in round order, aligned across contenders) and
+// Value is their mean; intervals are bootstrapped from them.
 type Figure struct {
-	Scenario  string  `json:"scenario"`
-	Contender string  `json:"contender"`
-	Metric    string  `json:"metric"`
-	Value     float64 `json:"value"`
-	Unit      string  `json:"unit"`
+	Scenario  string    `json:"scenario"`
+	Contender string    `json:"contender"`
+	Metric    string    `json:"metric"`
+	Value     float64   `json:"value"`
+	Unit      string    `json:"unit"`
+	Reps      []float64 `json:"reps,omitempty"`
 }
 
 // Pending records a scenario/contender that was not measured, and why.
@@ -28,11 +32,17 @@ type Pending struct {
 	Reason    string `json:"reason"`
 }
 
-// Ratio is a derived figure with its target.
+// Ratio is a derived figure with its 95% interval (Lo, Hi: nil when its
+// inputs are single measurements) and its target (empty: informational).
+// Met is true only when the whole interval is on the target's side.
 type Ratio struct {
 	Value   *float64 `json:"value"`
-	Target  string   `json:"target"`
+	Lo      *float64 `json:"lo,omitempty"`
+	Hi      *float64 `json:"hi,omitempty"`
+	Reps    int      `json:"reps,omitempty"`
+	Target  string   `json:"target,omitempty"`
 	Met     *bool    `json:"met,omitempty"`
+	Note    string   `json:"note,omitempty"`
 	Pending string   `json:"pending,omitempty"`
 }
 
@@ -40,14 +50,29 @@ type Ratio struct {
 type Results struct {
 	Machine map[string]string `json:"machine"`
 	Quick   bool              `json:"quick"`
-	Figures []Figure          `json:"figures"`
-	Pending []Pending         `json:"pending"`
-	Ratios  map[string]Ratio  `json:"ratios"`
+	// Alternatives are the eBPF configurations other than the agent's
+	// defaults (sidelane-ebpf) measured in the run: every headline ratio is
+	// recomputed for each into OtherConfigurations, never the headline.
+	Alternatives []string  `json:"alternatives,omitempty"`
+	Figures      []Figure  `json:"figures"`
+	Pending      []Pending `json:"pending"`
+	// Ratios are the fixed ratios, for the default configuration.
+	Ratios              map[string]Ratio            `json:"ratios"`
+	OtherConfigurations map[string]map[string]Ratio `json:"other_configurations,omitempty"`
+	// CPU is CPU time per transaction of each contender relative to
+	// istio-iptables, per scenario: scenario -> contender -> ratio.
+	CPU map[string]map[string]Ratio `json:"cpu_vs_istio_iptables,omitempty"`
 }
 
-// Add records a figure.
+// Add records a single-measurement figure.
 func (r *Results) Add(scenario, contender, metric string, value float64, unit string) {
-	r.Figures = append(r.Figures, Figure{scenario, contender, metric, value, unit})
+	r.Figures = append(r.Figures, Figure{Scenario: scenario, Contender: contender, Metric: metric, Value: value, Unit: unit})
+}
+
+// AddReps records a figure from its per-repetition values (Value = mean).
+func (r *Results) AddReps(scenario, contender, metric string, reps []float64, unit string) {
+	r.Figures = append(r.Figures, Figure{Scenario: scenario, Contender: contender, Metric: metric,
+		Value: Mean(reps), Unit: unit, Reps: slices.Clone(reps)})
 }
 
 // Skip records a figure that could not be measured.
@@ -55,13 +80,18 @@ func (r *Results) Skip(scenario, contender, reason string) {
 	r.Pending = append(r.Pending, Pending{scenario, contender, reason})
 }
 
-func (r *Results) get(scenario, contender, metric string) (float64, bool) {
+func (r *Results) figure(scenario, contender, metric string) (Figure, bool) {
 	for _, f := range r.Figures {
 		if f.Scenario == scenario && f.Contender == contender && f.Metric == metric {
-			return f.Value, true
+			return f, true
 		}
 	}
-	return 0, false
+	return Figure{}, false
+}
+
+func (r *Results) get(scenario, contender, metric string) (float64, bool) {
+	f, ok := r.figure(scenario, contender, metric)
+	return f.Value, ok
 }
 
 func (r *Results) why(scenario, contender string) string {
@@ -76,63 +106,106 @@ func (r *Results) why(scenario, contender string) string {
 // ref names a figure a ratio needs.
 type ref struct{ scenario, contender, metric string }
 
-// ratioDef defines one ratio: its inputs, how to combine them, the target.
+// ratioDef defines one ratio: its inputs, how to combine them, the target
+// ("" for an informational ratio) and an optional extra condition of
+// "met" (e.g. no conntrack entries), checked against the contender the
+// ratio is computed for.
 type ratioDef struct {
 	name    string
 	inputs  []ref
 	compute func(v []float64) float64
 	target  string
-	met     func(float64) bool
+	require func(r *Results, contender string) (ok bool, note string)
 }
 
-// Contender names.
+// Contender names. SidelaneEBPF is always the agent's defaults;
+// EBPFShortcut / EBPFNoShortcut is the other shortcut setting, whichever
+// the defaults are not.
 const (
 	NoMesh           = "nomesh"
+	Explicit         = "explicit-proxy"
 	IstioIptables    = "istio-iptables"
+	IstioNFTables    = "istio-nftables"
 	SidelaneIptables = "sidelane-iptables"
 	SidelaneEBPF     = "sidelane-ebpf"
+	EBPFShortcut     = "sidelane-ebpf-shortcut"
 	EBPFNoShortcut   = "sidelane-ebpf-noshortcut"
 	PerNode          = "pernode"
 	Sidelane         = "sidelane"
+	Chain            = "chain"
 )
 
+// MetricCPU is CPU time (user + system of the contender's pods and
+// proxies) per transaction: per round trip (rr), per connection (crr),
+// per MB (stream).
+const MetricCPU = "cpuUsPerTxn"
+
+func ratio(v []float64) float64 { return v[0] / v[1] }
+
+// overhead is (x - floor) / (ref - floor).
+func overhead(v []float64) float64 { return (v[0] - v[1]) / (v[2] - v[1]) }
+
 var ratioDefs = []ratioDef{
-	{"rr_1k_added_latency_ratio",
-		[]ref{{"rr_1k", SidelaneEBPF, "p50us"}, {"rr_1k", NoMesh, "p50us"}, {"rr_1k", IstioIptables, "p50us"}},
-		func(v []float64) float64 { return (v[0] - v[1]) / (v[2] - v[1]) },
-		"<= 0.75", func(x float64) bool { return x <= 0.75 }},
-	{"rr_1k_p99_ratio",
-		[]ref{{"rr_1k", SidelaneEBPF, "p99us"}, {"rr_1k", IstioIptables, "p99us"}},
-		func(v []float64) float64 { return v[0] / v[1] },
-		"<= 1.0", func(x float64) bool { return x <= 1.0 }},
-	{"stream_1k_ratio",
-		[]ref{{"stream_1k", SidelaneEBPF, "MBps"}, {"stream_1k", IstioIptables, "MBps"}},
-		func(v []float64) float64 { return v[0] / v[1] },
-		">= 1.0", func(x float64) bool { return x >= 1.0 }},
-	{"stream_64k_ratio",
-		[]ref{{"stream_64k", SidelaneEBPF, "MBps"}, {"stream_64k", IstioIptables, "MBps"}},
-		func(v []float64) float64 { return v[0] / v[1] },
-		">= 2", func(x float64) bool { return x >= 2 }},
-	{"crr_8_ratio",
-		[]ref{{"crr_8", SidelaneEBPF, "connsPerSec"}, {"crr_8", IstioIptables, "connsPerSec"}},
-		func(v []float64) float64 { return v[0] / v[1] },
-		">= 1.2", func(x float64) bool { return x >= 1.2 }},
-	{"exclusions_10k_over_10",
-		[]ref{{"exclusions_10000", SidelaneEBPF, "connectP50us"}, {"exclusions_10", SidelaneEBPF, "connectP50us"}},
-		func(v []float64) float64 { return v[0] / v[1] },
-		"<= 1.1", func(x float64) bool { return x <= 1.1 }},
-	{"cni_add_p99_ms",
-		[]ref{{"cni_burst_100", Sidelane, "addP99ms"}},
-		func(v []float64) float64 { return v[0] },
-		"<= 20", func(x float64) bool { return x <= 20 }},
-	{"agent_rss_mb_200_pods",
-		[]ref{{"footprint_200", Sidelane, "rssMB"}},
-		func(v []float64) float64 { return v[0] },
-		"<= 60", func(x float64) bool { return x <= 60 }},
-	{"policy_update_p99_ms",
-		[]ref{{"policy_update", Sidelane, "p99ms"}},
-		func(v []float64) float64 { return v[0] },
-		"<= 100", func(x float64) bool { return x <= 100 }},
+	{name: "rr_1k_added_latency_ratio",
+		inputs:  []ref{{"rr_1k", SidelaneEBPF, "p50us"}, {"rr_1k", NoMesh, "p50us"}, {"rr_1k", IstioIptables, "p50us"}},
+		compute: overhead, target: "<= 0.75"},
+	{name: "rr_1k_p99_ratio",
+		inputs:  []ref{{"rr_1k", SidelaneEBPF, "p99us"}, {"rr_1k", IstioIptables, "p99us"}},
+		compute: ratio, target: "<= 1.0"},
+	{name: "rr_64_ratio",
+		inputs:  []ref{{"rr_64", SidelaneEBPF, "p50us"}, {"rr_64", IstioIptables, "p50us"}},
+		compute: ratio},
+	{name: "rr_64k_ratio",
+		inputs:  []ref{{"rr_64k", SidelaneEBPF, "p50us"}, {"rr_64k", IstioIptables, "p50us"}},
+		compute: ratio},
+	{name: "stream_1k_ratio",
+		inputs:  []ref{{"stream_1k", SidelaneEBPF, "MBps"}, {"stream_1k", IstioIptables, "MBps"}},
+		compute: ratio, target: ">= 1.0"},
+	{name: "stream_64k_ratio",
+		inputs:  []ref{{"stream_64k", SidelaneEBPF, "MBps"}, {"stream_64k", IstioIptables, "MBps"}},
+		compute: ratio, target: ">= 2"},
+	{name: "crr_8_ratio",
+		inputs:  []ref{{"crr_8", SidelaneEBPF, "connsPerSec"}, {"crr_8", IstioIptables, "connsPerSec"}},
+		compute: ratio, target: ">= 1.2", require: noConntrack("crr_8")},
+	{name: "capture_overhead_ratio",
+		inputs:  []ref{{"rr_1k", SidelaneEBPF, "p50us"}, {"rr_1k", Explicit, "p50us"}, {"rr_1k", IstioIptables, "p50us"}},
+		compute: overhead, target: "<= 0.25"},
+	{name: "capture_overhead_cpu_ratio",
+		inputs:  []ref{{"rr_1k", SidelaneEBPF, MetricCPU}, {"rr_1k", Explicit, MetricCPU}, {"rr_1k", IstioIptables, MetricCPU}},
+		compute: overhead},
+	{name: "rr_1k_cpu_ratio",
+		inputs:  []ref{{"rr_1k", SidelaneEBPF, MetricCPU}, {"rr_1k", IstioIptables, MetricCPU}},
+		compute: ratio},
+	{name: "exclusions_10k_over_10",
+		inputs:  []ref{{"exclusions_10000", SidelaneEBPF, "connectP50us"}, {"exclusions_10", SidelaneEBPF, "connectP50us"}},
+		compute: ratio, target: "<= 1.1"},
+	{name: "cni_add_share_p99",
+		inputs:  []ref{{"cni_burst_100", Sidelane, "addP99ms"}, {"cni_burst_100", Chain, "addP99ms"}},
+		compute: ratio, target: "<= 0.25"},
+	{name: "cni_add_p99_ms",
+		inputs:  []ref{{"cni_burst_100", Sidelane, "addP99ms"}},
+		compute: func(v []float64) float64 { return v[0] }, target: "<= 20"},
+	{name: "agent_rss_mb_200_pods",
+		inputs:  []ref{{"footprint_200", Sidelane, "rssMB"}},
+		compute: func(v []float64) float64 { return v[0] }, target: "<= 60"},
+	{name: "policy_update_p99_ms",
+		inputs:  []ref{{"policy_update", Sidelane, "p99ms"}},
+		compute: func(v []float64) float64 { return v[0] }, target: "<= 100"},
+}
+
+// noConntrack requires the contender to leave no conntrack entries in
+// scenario (the eBPF path must never touch netfilter).
+func noConntrack(scenario string) func(*Results, string) (bool, string) {
+	return func(r *Results, contender string) (bool, string) {
+		v, ok := r.get(scenario, contender, "conntrackPerConn")
+		if !ok {
+			return false, "conntrack entries not measured"
+		}
+		if v != 0 {
+			return false, fmt.Sprintf("%.3f conntrack entries per connection (want 0)", v)
+		}
+		return true, "0 conntrack entries"
+	}
 }
 
 // RatioNames lists the fixed ratio names in order.
@@ -144,35 +217,110 @@ func RatioNames() []string {
 	return out
 }
 
-// ComputeRatios fills Ratios: every name is present, either with a value or
-// with the reason it is pending.
+// ComputeRatios fills Ratios (for sidelane-ebpf, the defaults),
+// OtherConfigurations (the same ratios for each alternative) and CPU:
+// every name is present, either with a value or with the reason it is
+// pending.
 func (r *Results) ComputeRatios() {
-	r.Ratios = map[string]Ratio{}
-	for _, d := range ratioDefs {
-		vals := make([]float64, len(d.inputs))
-		var missing []string
-		for i, in := range d.inputs {
-			v, ok := r.get(in.scenario, in.contender, in.metric)
-			if !ok {
-				missing = append(missing, r.why(in.scenario, in.contender))
-				continue
-			}
-			vals[i] = v
+	r.Ratios = r.ratiosFor(SidelaneEBPF)
+	r.OtherConfigurations = nil
+	for _, alt := range r.Alternatives {
+		if r.OtherConfigurations == nil {
+			r.OtherConfigurations = map[string]map[string]Ratio{}
 		}
-		if len(missing) > 0 {
-			slices.Sort(missing)
-			r.Ratios[d.name] = Ratio{Target: d.target, Pending: strings.Join(slices.Compact(missing), "; ")}
-			continue
-		}
-		v := d.compute(vals)
-		if math.IsNaN(v) || math.IsInf(v, 0) {
-			r.Ratios[d.name] = Ratio{Target: d.target, Pending: "inputs give no finite ratio"}
-			continue
-		}
-		v = math.Round(v*1000) / 1000
-		met := d.met(v)
-		r.Ratios[d.name] = Ratio{Value: &v, Target: d.target, Met: &met}
+		r.OtherConfigurations[alt] = r.ratiosFor(alt)
 	}
+	r.CPU = nil
+	for _, f := range r.Figures {
+		if f.Metric != MetricCPU || f.Contender == IstioIptables {
+			continue
+		}
+		if _, ok := r.figure(f.Scenario, IstioIptables, MetricCPU); !ok {
+			continue
+		}
+		if r.CPU == nil {
+			r.CPU = map[string]map[string]Ratio{}
+		}
+		if r.CPU[f.Scenario] == nil {
+			r.CPU[f.Scenario] = map[string]Ratio{}
+		}
+		r.CPU[f.Scenario][f.Contender] = r.compute(ratioDef{name: "cpu", compute: ratio,
+			inputs: []ref{{f.Scenario, f.Contender, MetricCPU}, {f.Scenario, IstioIptables, MetricCPU}}}, "")
+	}
+}
+
+// ratiosFor computes every fixed ratio with sidelane-ebpf's inputs taken
+// from contender instead.
+func (r *Results) ratiosFor(contender string) map[string]Ratio {
+	out := map[string]Ratio{}
+	for _, d := range ratioDefs {
+		dd := d
+		dd.inputs = slices.Clone(d.inputs)
+		uses := false
+		for i := range dd.inputs {
+			if dd.inputs[i].contender == SidelaneEBPF {
+				dd.inputs[i].contender = contender
+				uses = true
+			}
+		}
+		if contender != SidelaneEBPF && !uses {
+			continue
+		}
+		out[d.name] = r.compute(dd, contender)
+	}
+	return out
+}
+
+func (r *Results) compute(d ratioDef, contender string) Ratio {
+	vals := make([]float64, len(d.inputs))
+	var reps [][]float64
+	var missing []string
+	for i, in := range d.inputs {
+		f, ok := r.figure(in.scenario, in.contender, in.metric)
+		if !ok {
+			missing = append(missing, r.why(in.scenario, in.contender))
+			continue
+		}
+		vals[i] = f.Value
+		reps = append(reps, f.Reps)
+	}
+	if len(missing) > 0 {
+		slices.Sort(missing)
+		return Ratio{Target: d.target, Pending: strings.Join(slices.Compact(missing), "; ")}
+	}
+	v := d.compute(vals)
+	if math.IsNaN(v) || math.IsInf(v, 0) {
+		return Ratio{Target: d.target, Pending: "inputs give no finite ratio"}
+	}
+	out := Ratio{Value: round3(v), Target: d.target}
+	var iv *Interval
+	if b, ok := PairedBootstrap(reps, d.compute); ok {
+		iv = &b
+		out.Lo, out.Hi, out.Reps = round3(b.Lo), round3(b.Hi), len(reps[0])
+	} else {
+		out.Note = "single measurement, no interval"
+	}
+	if d.target == "" {
+		return out
+	}
+	t, err := ParseTarget(d.target)
+	if err != nil {
+		out.Pending = err.Error()
+		return out
+	}
+	met := t.Met(v, iv)
+	if d.require != nil {
+		ok, note := d.require(r, contender)
+		met = met && ok
+		out.Note = strings.TrimPrefix(out.Note+"; "+note, "; ")
+	}
+	out.Met = &met
+	return out
+}
+
+func round3(v float64) *float64 {
+	x := math.Round(v*1000) / 1000
+	return &x
 }
 
 // WriteJSON writes results.json.
@@ -182,7 +330,8 @@ func (r *Results) WriteJSON(w io.Writer) error {
 	return enc.Encode(r)
 }
 
-// WriteMarkdown writes results.md: the ratios, then one table per scenario
+// WriteMarkdown writes results.md: the ratios with their intervals, the
+// other configurations' ratios, the CPU table, then one table per scenario
 // with every contender side by side and its ratio to istio-iptables.
 func (r *Results) WriteMarkdown(w io.Writer) error {
 	var b strings.Builder
@@ -195,16 +344,48 @@ func (r *Results) WriteMarkdown(w io.Writer) error {
 	for _, k := range keys {
 		fmt.Fprintf(&b, "- %s: %s\n", k, r.Machine[k])
 	}
-	fmt.Fprintf(&b, "- quick: %v\n\nFigures are from a noisy 2-core VM; compare ratios within one run, not absolute numbers across runs.\n\n", r.Quick)
+	fmt.Fprintf(&b, "- quick: %v\n\nFigures are from a noisy 2-core VM; compare ratios within one run, not absolute numbers across runs. "+
+		"Intervals are 95%% paired bootstrap intervals over the interleaved repetitions; \"met\" means the whole interval is on the target's side.\n\n", r.Quick)
 
-	b.WriteString("## Ratios\n\n| ratio | value | target | met |\n|---|---|---|---|\n")
-	for _, name := range RatioNames() {
-		ra := r.Ratios[name]
-		if ra.Value == nil {
-			fmt.Fprintf(&b, "| %s | pending | %s | %s |\n", name, ra.Target, ra.Pending)
-			continue
+	fmt.Fprintf(&b, "## Ratios (%s = the agent's defaults)\n\n", SidelaneEBPF)
+	writeRatios(&b, r.Ratios, RatioNames())
+	alts := slices.Sorted(maps.Keys(r.OtherConfigurations))
+	for _, alt := range alts {
+		fmt.Fprintf(&b, "\n## Other configuration: %s (not the defaults, not the headline)\n\n", alt)
+		var names []string
+		for _, n := range RatioNames() {
+			if _, ok := r.OtherConfigurations[alt][n]; ok {
+				names = append(names, n)
+			}
 		}
-		fmt.Fprintf(&b, "| %s | %.3f | %s | %v |\n", name, *ra.Value, ra.Target, yesNo(*ra.Met))
+		writeRatios(&b, r.OtherConfigurations[alt], names)
+	}
+	if len(r.CPU) > 0 {
+		scen := slices.Sorted(maps.Keys(r.CPU))
+		var conts []string
+		for _, f := range r.Figures {
+			if f.Metric == MetricCPU && f.Contender != IstioIptables && !slices.Contains(conts, f.Contender) {
+				conts = append(conts, f.Contender)
+			}
+		}
+		fmt.Fprintf(&b, "\n## CPU per transaction vs %s (user + system of the contender's pods and proxies; 95%% interval)\n\n| contender |", IstioIptables)
+		for _, s := range scen {
+			fmt.Fprintf(&b, " %s |", s)
+		}
+		b.WriteString("\n|---|" + strings.Repeat("---|", len(scen)) + "\n")
+		for _, c := range conts {
+			fmt.Fprintf(&b, "| %s |", c)
+			for _, s := range scen {
+				ra, ok := r.CPU[s][c]
+				switch {
+				case !ok || ra.Value == nil:
+					b.WriteString(" - |")
+				default:
+					fmt.Fprintf(&b, " %s |", valueInterval(ra))
+				}
+			}
+			b.WriteString("\n")
+		}
 	}
 
 	var scenarios []string
@@ -214,7 +395,7 @@ func (r *Results) WriteMarkdown(w io.Writer) error {
 		}
 	}
 	for _, s := range scenarios {
-		fmt.Fprintf(&b, "\n## %s\n\n| contender | metric | value | vs %s |\n|---|---|---|---|\n", s, IstioIptables)
+		fmt.Fprintf(&b, "\n## %s\n\n| contender | metric | value | reps | vs %s |\n|---|---|---|---|---|\n", s, IstioIptables)
 		for _, f := range r.Figures {
 			if f.Scenario != s {
 				continue
@@ -223,7 +404,11 @@ func (r *Results) WriteMarkdown(w io.Writer) error {
 			if base, ok := r.get(s, IstioIptables, f.Metric); ok && base != 0 && f.Contender != IstioIptables {
 				rel = fmt.Sprintf("%.2fx", f.Value/base)
 			}
-			fmt.Fprintf(&b, "| %s | %s | %.2f %s | %s |\n", f.Contender, f.Metric, f.Value, f.Unit, rel)
+			reps := ""
+			if len(f.Reps) > 0 {
+				reps = fmt.Sprint(len(f.Reps))
+			}
+			fmt.Fprintf(&b, "| %s | %s | %.2f %s | %s | %s |\n", f.Contender, f.Metric, f.Value, f.Unit, reps, rel)
 		}
 	}
 	if len(r.Pending) > 0 {
@@ -238,6 +423,37 @@ func (r *Results) WriteMarkdown(w io.Writer) error {
 	}
 	_, err := io.WriteString(w, b.String())
 	return err
+}
+
+func writeRatios(b *strings.Builder, ratios map[string]Ratio, names []string) {
+	b.WriteString("| ratio | value | 95% interval | target | met | note |\n|---|---|---|---|---|---|\n")
+	for _, name := range names {
+		ra := ratios[name]
+		target := ra.Target
+		if target == "" {
+			target = "(info)"
+		}
+		if ra.Value == nil {
+			fmt.Fprintf(b, "| %s | pending | | %s | | %s |\n", name, target, ra.Pending)
+			continue
+		}
+		iv := ""
+		if ra.Lo != nil {
+			iv = fmt.Sprintf("[%.3f, %.3f] (n=%d)", *ra.Lo, *ra.Hi, ra.Reps)
+		}
+		met := ""
+		if ra.Met != nil {
+			met = yesNo(*ra.Met)
+		}
+		fmt.Fprintf(b, "| %s | %.3f | %s | %s | %s | %s |\n", name, *ra.Value, iv, target, met, ra.Note)
+	}
+}
+
+func valueInterval(ra Ratio) string {
+	if ra.Lo == nil {
+		return fmt.Sprintf("%.3f", *ra.Value)
+	}
+	return fmt.Sprintf("%.3f [%.3f, %.3f]", *ra.Value, *ra.Lo, *ra.Hi)
 }
 
 func yesNo(b bool) string {

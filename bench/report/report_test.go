@@ -49,7 +49,7 @@ func TestRatios(t *testing.T) {
 	if err := r.WriteMarkdown(&md); err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"| rr_1k_added_latency_ratio | 0.500 | <= 0.75 | yes |", "0.67x", "eBPF datapath not landed"} {
+	for _, want := range []string{"| rr_1k_added_latency_ratio | 0.500 |  | <= 0.75 | yes | single measurement, no interval |", "0.67x", "eBPF datapath not landed"} {
 		if !strings.Contains(md.String(), want) {
 			t.Errorf("results.md lacks %q:\n%s", want, md.String())
 		}

@@ -36,3 +36,15 @@ func TestNanosRoundTrip(t *testing.T) {
 		t.Fatalf("got %v", got)
 	}
 }
+
+func TestParseCPUUsage(t *testing.T) {
+	got, err := ParseCPUUsage([]byte("usage_usec 12345\nuser_usec 10000\nsystem_usec 2345\n"))
+	if err != nil || got != 12345 {
+		t.Fatalf("got %d, %v", got, err)
+	}
+	for _, bad := range []string{"", "user_usec 1\n", "usage_usec x\n"} {
+		if _, err := ParseCPUUsage([]byte(bad)); err == nil {
+			t.Errorf("no error for %q", bad)
+		}
+	}
+}

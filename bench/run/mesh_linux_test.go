@@ -3,8 +3,10 @@ package run
 import (
 	"context"
 	"log/slog"
+	"net/netip"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -31,7 +33,8 @@ func TestContendersCapture(t *testing.T) {
 	if len(m.Pending) > 0 {
 		t.Fatalf("contenders not set up: %v", m.Pending)
 	}
-	want := []string{report.NoMesh, report.IstioIptables, report.SidelaneIptables, report.SidelaneEBPF, report.EBPFNoShortcut, report.PerNode}
+	want := []string{report.NoMesh, report.Explicit, report.IstioIptables, report.IstioNFTables, report.SidelaneIptables,
+		report.SidelaneEBPF, AltEBPF(false), report.PerNode}
 	var got []string
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -42,10 +45,8 @@ func TestContendersCapture(t *testing.T) {
 			if err := m.CheckCaptured(ctx, pr); err != nil {
 				t.Fatal(err)
 			}
-			if c.noRemote == "" {
-				if err := m.CheckCaptured(ctx, m.NewRemoteClient(pr)); err != nil {
-					t.Fatalf("cross-node: %v", err)
-				}
+			if err := m.CheckCaptured(ctx, m.NewRemoteClient(pr)); err != nil {
+				t.Fatalf("cross-node: %v", err)
 			}
 			// The traffic subcommands work through the path.
 			res, err := m.Client(ctx, c, pr.Client, "crr", "-addr", pr.ServerAddr(), "-size", "1024", "-parallel", "2", "-duration", "100ms")
@@ -54,6 +55,33 @@ func TestContendersCapture(t *testing.T) {
 			}
 			if len(res.LatNs) == 0 || res.Errors != 0 {
 				t.Fatalf("crr: %d connections, %d errors", len(res.LatNs), res.Errors)
+			}
+			// A session client alternates batches over the same path and
+			// survives a bad command.
+			sess, err := m.StartSession(c, pr.Client, pr.ServerAddr(), 1024)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sess.Close()
+			for _, cmd := range []string{"rr 50", "stream 20ms", "bogus", "crr 50ms 2", "rr 20"} {
+				res, err := sess.Do(cmd)
+				if cmd == "bogus" {
+					if err == nil {
+						t.Fatal("session accepted a bogus command")
+					}
+					continue
+				}
+				if err != nil {
+					t.Fatalf("session %s: %v", cmd, err)
+				}
+				if res.CPUUsec <= 0 || res.WindowSec <= 0 {
+					t.Fatalf("session %s: CPU %v us in %v s, want both", cmd, res.CPUUsec, res.WindowSec)
+				}
+			}
+			// Its pods and proxies run in its own cgroup, whose CPU time
+			// the client reports for the measured window.
+			if c.Cgroup == "" || res.CPUUsec <= 0 {
+				t.Fatalf("cgroup %q, CPU %v us: want the contender's own cgroup and its CPU time", c.Cgroup, res.CPUUsec)
 			}
 		})
 	}
@@ -85,6 +113,25 @@ type testWriter struct{ t *testing.T }
 func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(string(p))
 	return len(p), nil
+}
+
+// The explicit proxy's sidecar is the capture sidecar with fixed
+// upstreams: no original destination anywhere (which would loop back to
+// haproxy itself without capture).
+func TestExplicitConfig(t *testing.T) {
+	sc := podnet.Sidecar{UID: 1337, GID: 1337, OutPort: 15001, InPort: 15006}
+	cfg, err := explicitConfig(sc, netip.MustParseAddrPort("10.1.2.3:15006"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"server orig 10.1.2.3:15006\n", "server orig 127.0.0.1:8080 source 127.0.0.6", "bind 0.0.0.0:15001", "uid 1337"} {
+		if !strings.Contains(cfg, want) {
+			t.Errorf("config lacks %q:\n%s", want, cfg)
+		}
+	}
+	if strings.Contains(cfg, "0.0.0.0\n") || strings.Contains(cfg, "0.0.0.0 source") {
+		t.Errorf("config still proxies to an original destination:\n%s", cfg)
+	}
 }
 
 func TestParseFrontendSessions(t *testing.T) {

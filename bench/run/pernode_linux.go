@@ -27,28 +27,29 @@ type benchNodeProxy struct {
 	proc                *podnet.NodeProxyProc
 }
 
-// addPerNode loads a capture for the per-node contender on the mesh's
-// first node and returns the contender, or an error saying why not.
-func (m *Mesh) addPerNode(tb podnet.TB) (*Contender, error) {
-	l, err := m.loadEBPF(tb, false)
+// addPerNode loads a capture for the per-node contender on node n (net)
+// with its node proxy in that node's router netns, and returns the
+// contender, or an error saying why not. Node 2's contender is node 1's
+// remote: a cross-node pair passes both node proxies.
+func (m *Mesh) addPerNode(tb podnet.TB, net *podnet.Net, n int) (*Contender, error) {
+	l, err := m.loadEBPF(tb, fmt.Sprintf("%s-node%d", report.PerNode, n), false)
 	if err != nil {
 		return nil, err
 	}
-	host := filepath.Join("/run/netns", m.net.Router())
+	host := filepath.Join("/run/netns", net.Router())
 	cookie, err := bpf.NetnsCookie(host)
 	if err != nil {
 		return nil, err
 	}
-	if err := l.capture.SetNodeProxy(bpf.NodeProxy{Netns: cookie, IPv4: m.net.Gateway4(), Port: capture.OutboundPort}); err != nil {
+	if err := l.capture.SetNodeProxy(bpf.NodeProxy{Netns: cookie, IPv4: net.Gateway4(), Port: capture.OutboundPort}); err != nil {
 		return nil, err
 	}
 	dp := ebpf.New(l.capture, m.log)
 	dp.SetNodeInboundPort(capture.InboundPort)
-	np := &benchNodeProxy{router: m.net.Router(), cgroup: l.cgroup, dir: tb.TempDir(), gw: m.net.Gateway4().String()}
+	np := &benchNodeProxy{router: net.Router(), cgroup: l.cgroup, dir: tb.TempDir(), gw: net.Gateway4().String()}
 	np.Stats = filepath.Join(np.dir, "stats.sock")
 	tb.Cleanup(np.stop)
 	return &Contender{Name: report.PerNode, Cgroup: l.cgroup, nodeProxy: np,
-		noRemote: "the per-node contender has one node proxy (on the server's node); cross-node per-node traffic is tested in test/e2e TestPerNode, not benchmarked",
 		install: func(tb podnet.TB, p *Pod, ann map[string]string) {
 			enroll(tb, dp, p, ann, "node")
 			if err := np.add(p); err != nil {

@@ -5,6 +5,7 @@ package run
 import (
 	"context"
 	"fmt"
+	"maps"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -15,37 +16,74 @@ import (
 	"github.com/sidelane/sidelane/istio/capture"
 )
 
-// sizes are the traffic scenarios' lengths.
+// sizes are the traffic scenarios' lengths: reps interleaved rounds (every
+// contender once per round, the order rotated each round, see roundOrder),
+// each round one short batch per contender from its long-lived session
+// client. Many short rounds beat few long ones on a shared machine: the
+// machine's swings of load then land on every contender alike instead of
+// on one contender's whole figure, and the spread between rounds is what
+// the intervals are made of. See the README (Performance) for how the
+// counts were chosen.
 type sizes struct {
 	reps        int
-	rrCount     int
+	crrReps     int // rounds of crr: fewer, each stalled eBPF connection costs 5 s here (see README)
+	rrCount     int // round trips per round (rr_64k: a quarter)
 	stream, crr time.Duration
+	exclReps    int
 	connects    int
 	exclusions  []int
 }
 
 func (r *Runner) sizes() sizes {
 	if r.cfg.Quick {
-		return sizes{reps: 3, rrCount: 1000, stream: 250 * time.Millisecond, crr: 300 * time.Millisecond,
-			connects: 200, exclusions: []int{10, 1000, 10000}}
+		return sizes{reps: 20, crrReps: 4, rrCount: 100, stream: 20 * time.Millisecond, crr: 80 * time.Millisecond,
+			exclReps: 3, connects: 200, exclusions: []int{10, 1000, 10000}}
 	}
-	return sizes{reps: 5, rrCount: 10000, stream: 2 * time.Second, crr: 2 * time.Second,
-		connects: 2000, exclusions: []int{10, 1000, 10000}}
+	return sizes{reps: 200, crrReps: 12, rrCount: 200, stream: 40 * time.Millisecond, crr: 200 * time.Millisecond,
+		exclReps: 10, connects: 500, exclusions: []int{10, 1000, 10000}}
 }
 
-// traffic builds every contender's pods on one node and runs the traffic
-// scenarios, alternating contenders inside each repetition (and rotating
-// who goes first), so slow drifts of a noisy machine hit all of them alike.
+// slowRun is how long one client run may take before the log says so.
+const slowRun = time.Second
+
+// roundOrder is the order of n contenders in round rep: rotated by one
+// each round, so over n rounds every contender runs once in every
+// position (first after a pause, last, ...).
+func roundOrder(n, rep int) []int {
+	out := make([]int, n)
+	for i := range out {
+		out[i] = (i + rep) % n
+	}
+	return out
+}
+
+// traffic builds every contender's pods on one node (and cross-node
+// clients on a second) and runs the traffic scenarios, interleaving
+// contenders inside each round (roundOrder), so slow drifts of a noisy
+// machine hit all of them alike; every figure keeps its per-round values
+// for the intervals, and CPU time per transaction of the contender's
+// cgroups.
 func (r *Runner) traffic(ctx context.Context) error {
 	tb := benchTB{r}
 	sz := r.sizes()
-	m := NewMesh(tb, MeshConfig{BenchBin: r.cfg.BenchBin, PilotAgent: filepath.Join(r.cfg.ToolBin, "pilot-agent"), Log: r.log})
+	shortcut, err := AgentBoolDefault(ctx, filepath.Join(r.cfg.SidelaneBin, "sidelane"), ShortcutFlag)
+	if err != nil {
+		return err
+	}
+	alt := AltEBPF(shortcut)
+	r.res.Alternatives = []string{alt}
+	r.res.Machine["sidelane-ebpf"] = fmt.Sprintf("the agent's defaults (--%s=%v, read from `sidelane agent -h`); %s is the other setting", ShortcutFlag, shortcut, alt)
+	m := NewMesh(tb, MeshConfig{BenchBin: r.cfg.BenchBin, PilotAgent: filepath.Join(r.cfg.ToolBin, "pilot-agent"), Shortcut: shortcut, Log: r.log})
 	var pairs []*Pair
 	for _, c := range m.Contenders {
-		pr := m.NewPair(c)
-		if err := m.CheckCaptured(ctx, pr); err != nil {
-			m.Pending[c.Name] = "capture check failed, not measured: " + err.Error()
-			r.log.Error("capture check", "contender", c.Name, "error", err)
+		var pr *Pair
+		err := guard(func() error { pr = m.NewPair(c); return nil })
+		if err == nil {
+			err = m.CheckCaptured(ctx, pr)
+		}
+		if err != nil {
+			m.Pending[c.Name] = "set up or capture check failed, not measured: " + err.Error()
+			r.log.Error("contender setup", "contender", c.Name, "error", err)
 			continue
 		}
 		pairs = append(pairs, pr)
@@ -54,13 +92,13 @@ func (r *Runner) traffic(ctx context.Context) error {
 	// on the second node.
 	var remotes []*Pair
 	for _, pr := range pairs {
-		if pr.C.noRemote != "" {
-			r.res.Skip("rr_1k_cross_node", pr.C.Name, pr.C.noRemote)
-			continue
+		var rp *Pair
+		err := guard(func() error { rp = m.NewRemoteClient(pr); return nil })
+		if err == nil {
+			err = m.CheckCaptured(ctx, rp)
 		}
-		rp := m.NewRemoteClient(pr)
-		if err := m.CheckCaptured(ctx, rp); err != nil {
-			r.res.Skip("rr_1k_cross_node", pr.C.Name, "capture check failed, not measured: "+err.Error())
+		if err != nil {
+			r.res.Skip("rr_1k_cross_node", pr.C.Name, "set up or capture check failed, not measured: "+err.Error())
 			continue
 		}
 		remotes = append(remotes, rp)
@@ -72,126 +110,176 @@ func (r *Runner) traffic(ctx context.Context) error {
 	}
 	r.log.Info("contenders ready", "measured", len(pairs), "pending", len(m.Pending))
 
-	// client runs one measurement, retrying once: on this shared machine a
-	// connection very rarely dies (seen once in several runs: EOF on the
-	// first round trip of a cross-node istio-iptables run). The failure is
-	// recorded in the results, never hidden.
-	client := func(scenario string, pr *Pair, pod *Pod, args ...string) (ClientResult, error) {
-		res, err := m.Client(ctx, pr.C, pod, args...)
-		if err == nil || ctx.Err() != nil {
-			return res, err
+	// each starts a session client per pair (size-byte transfers to its
+	// server), then runs rounds: in each, every pair's session does
+	// command once, in roundOrder, and f records the result. A failed
+	// command is retried once (on this shared machine a connection very
+	// rarely dies; the failure is recorded under "retried", never
+	// hidden); a pair failing twice is reported for this scenario and
+	// left out of its later rounds, the others go on, rounds still
+	// aligned. It returns the pairs that never failed.
+	each := func(scenario string, rounds, size int, pairs []*Pair, command string, f func(pr *Pair, res ClientResult) error) []*Pair {
+		dead := map[*Pair]bool{}
+		sessions := map[*Pair]*Session{}
+		kill := func(pr *Pair, err error) {
+			dead[pr] = true
+			r.res.Skip(scenario, pr.C.Name, "failed: "+err.Error())
+			r.log.Error("measurement failed", "scenario", scenario, "contender", pr.C.Name, "error", err)
 		}
-		r.transient(scenario, pr.C.Name, err)
-		return m.Client(ctx, pr.C, pod, args...)
-	}
-	// failed records a scenario that could not finish; the others go on.
-	failed := func(scenario string, err error) {
-		r.res.Skip(scenario, "", "failed: "+err.Error())
-		r.log.Error("scenario failed", "name", scenario, "error", err)
-	}
-
-	// each runs f for every pair, reps times, rotating the order.
-	each := func(pairs []*Pair, f func(rep int, pr *Pair) error) error {
-		for rep := range sz.reps {
-			for i := range pairs {
-				pr := pairs[(i+rep)%len(pairs)]
-				if err := f(rep, pr); err != nil {
-					return err
+		for _, pr := range pairs {
+			s, err := m.StartSession(pr.C, pr.Client, pr.ServerAddr(), size)
+			if err != nil {
+				kill(pr, err)
+				continue
+			}
+			sessions[pr] = s
+			defer s.Close()
+		}
+		do := func(pr *Pair) (ClientResult, error) {
+			t0 := time.Now()
+			res, err := sessions[pr].Do(command)
+			if d := time.Since(t0); d > slowRun {
+				// Visible in the log: on this machine a stalled connect (a
+				// lost SYN waits 1 s, then 3 s more; haproxy gives up an
+				// upstream connect after 5 s) looks like this.
+				r.log.Warn("slow measurement", "scenario", scenario, "contender", pr.C.Name, "took", d.Round(time.Millisecond))
+			}
+			if err == nil || ctx.Err() != nil {
+				return res, err
+			}
+			r.transient(scenario, pr.C.Name, err)
+			return sessions[pr].Do(command)
+		}
+		for rep := range rounds {
+			for _, i := range roundOrder(len(pairs), rep) {
+				pr := pairs[i]
+				if dead[pr] || ctx.Err() != nil {
+					continue
+				}
+				res, err := do(pr)
+				if err == nil {
+					err = f(pr, res)
+				}
+				if err != nil {
+					kill(pr, err)
 				}
 			}
 		}
-		return nil
+		var alive []*Pair
+		for _, pr := range pairs {
+			if !dead[pr] {
+				alive = append(alive, pr)
+			}
+		}
+		return alive
 	}
+	// reps collects per-round values: contender -> metric -> values.
+	type reps map[string]map[string][]float64
+	add := func(v reps, contender, metric string, x float64) {
+		if v[contender] == nil {
+			v[contender] = map[string][]float64{}
+		}
+		v[contender][metric] = append(v[contender][metric], x)
+	}
+	record := func(scenario string, v reps, pairs []*Pair, units map[string]string) {
+		for _, pr := range pairs {
+			for _, metric := range slices.Sorted(maps.Keys(units)) {
+				if vals := v[pr.C.Name][metric]; len(vals) > 0 {
+					r.res.AddReps(scenario, pr.C.Name, metric, vals, units[metric])
+				}
+			}
+		}
+		r.log.Info("scenario done", "name", scenario)
+	}
+	latUnits := map[string]string{"p50us": "us", "p90us": "us", "p99us": "us", report.MetricCPU: "us/round trip"}
 
 	for _, s := range []struct {
 		name  string
 		size  int
 		pairs []*Pair
 	}{{"rr_64", 64, pairs}, {"rr_1k", 1024, pairs}, {"rr_64k", 65536, pairs}, {"rr_1k_cross_node", 1024, remotes}} {
-		lat := map[string][]time.Duration{}
-		err := each(s.pairs, func(_ int, pr *Pair) error {
-			res, err := client(s.name, pr, pr.Client, "rr", "-addr", pr.ServerAddr(), "-size", strconv.Itoa(s.size), "-count", strconv.Itoa(sz.rrCount))
-			lat[pr.C.Name] = append(lat[pr.C.Name], durations(res.LatNs)...)
-			return err
+		count := sz.rrCount
+		if s.size > 4096 {
+			count /= 4
+		}
+		v := reps{}
+		// p99 per block of consecutive rounds (the block aligned across
+		// contenders like the rounds): a batch of 200 round trips has
+		// only two above its p99, too few for a steady tail.
+		block := max(1, sz.reps/20)
+		tail := map[string][]time.Duration{}
+		ok := each(s.name, sz.reps, s.size, s.pairs, fmt.Sprintf("rr %d", count), func(pr *Pair, res ClientResult) error {
+			lat := durations(res.LatNs)
+			p := loadgen.Summarize(lat)
+			add(v, pr.C.Name, "p50us", p.P50us)
+			add(v, pr.C.Name, "p90us", p.P90us)
+			tail[pr.C.Name] = append(tail[pr.C.Name], lat...)
+			if len(v[pr.C.Name]["p50us"])%block == 0 {
+				add(v, pr.C.Name, "p99us", loadgen.Summarize(tail[pr.C.Name]).P99us)
+				tail[pr.C.Name] = nil
+			}
+			if res.CPUUsec > 0 && len(res.LatNs) > 0 {
+				add(v, pr.C.Name, report.MetricCPU, res.CPUUsec/float64(len(res.LatNs)))
+			}
+			return nil
 		})
-		if err != nil {
-			failed(s.name, err)
-			continue
-		}
-		for _, pr := range s.pairs {
-			p := loadgen.Summarize(lat[pr.C.Name])
-			r.res.Add(s.name, pr.C.Name, "p50us", p.P50us, "us")
-			r.res.Add(s.name, pr.C.Name, "p90us", p.P90us, "us")
-			r.res.Add(s.name, pr.C.Name, "p99us", p.P99us, "us")
-		}
-		r.log.Info("scenario done", "name", s.name)
+		record(s.name, v, ok, latUnits)
 	}
 
 	for _, s := range []struct {
 		name string
 		size int
 	}{{"stream_1k", 1024}, {"stream_64k", 65536}} {
-		bps := map[string][]float64{}
-		err := each(pairs, func(_ int, pr *Pair) error {
-			res, err := client(s.name, pr, pr.Client, "stream", "-addr", pr.ServerAddr(), "-size", strconv.Itoa(s.size), "-duration", sz.stream.String())
-			bps[pr.C.Name] = append(bps[pr.C.Name], res.BytesPerSec)
-			return err
+		v := reps{}
+		ok := each(s.name, sz.reps, s.size, pairs, "stream "+sz.stream.String(), func(pr *Pair, res ClientResult) error {
+			add(v, pr.C.Name, "MBps", res.BytesPerSec/1e6)
+			if mb := res.BytesPerSec * res.WindowSec / 1e6; res.CPUUsec > 0 && mb > 0 {
+				add(v, pr.C.Name, report.MetricCPU, res.CPUUsec/mb)
+			}
+			return nil
 		})
-		if err != nil {
-			failed(s.name, err)
-			continue
-		}
-		for _, pr := range pairs {
-			r.res.Add(s.name, pr.C.Name, "MBps", median(bps[pr.C.Name])/1e6, "MB/s")
-		}
-		r.log.Info("scenario done", "name", s.name)
+		record(s.name, v, ok, map[string]string{"MBps": "MB/s", report.MetricCPU: "us/MB"})
 	}
 
 	for _, par := range []int{1, 8} {
 		name := fmt.Sprintf("crr_%d", par)
-		type acc struct {
-			lat       []time.Duration
-			conns     int
-			seconds   float64
-			conntrack int
+		v := reps{}
+		conntrack, conns := map[string]int{}, map[string]int{}
+		// Conntrack entries: the growth of the pods' tables from one of the
+		// pair's rounds to the next, summed (other contenders' rounds in
+		// between touch other netns).
+		last := map[*Pair]int{}
+		for _, pr := range pairs {
+			n, err := conntrackTotal(pr)
+			if err != nil {
+				return err
+			}
+			last[pr] = n
 		}
-		accs := map[string]*acc{}
-		err := each(pairs, func(_ int, pr *Pair) error {
-			a := accs[pr.C.Name]
-			if a == nil {
-				a = &acc{}
-				accs[pr.C.Name] = a
-			}
-			ct0, err := conntrackTotal(pr)
-			if err != nil {
-				return err
-			}
-			res, err := client(name, pr, pr.Client, "crr", "-addr", pr.ServerAddr(), "-size", "1024", "-parallel", strconv.Itoa(par), "-duration", sz.crr.String())
-			if err != nil {
-				return err
-			}
+		ok := each(name, sz.crrReps, 1024, pairs, fmt.Sprintf("crr %s %d", sz.crr, par), func(pr *Pair, res ClientResult) error {
 			ct1, err := conntrackTotal(pr)
 			if err != nil {
 				return err
 			}
-			a.lat = append(a.lat, durations(res.LatNs)...)
-			a.conns += len(res.LatNs)
-			a.seconds += res.Seconds
-			a.conntrack += ct1 - ct0
+			n := len(res.LatNs)
+			secs := res.WindowSec
+			if secs == 0 {
+				secs = res.Seconds
+			}
+			add(v, pr.C.Name, "connsPerSec", float64(n)/secs)
+			add(v, pr.C.Name, "p99us", loadgen.Summarize(durations(res.LatNs)).P99us)
+			if res.CPUUsec > 0 && n > 0 {
+				add(v, pr.C.Name, report.MetricCPU, res.CPUUsec/float64(n))
+			}
+			conntrack[pr.C.Name] += ct1 - last[pr]
+			last[pr] = ct1
+			conns[pr.C.Name] += n
 			return nil
 		})
-		if err != nil {
-			failed(name, err)
-			continue
+		record(name, v, ok, map[string]string{"connsPerSec": "conn/s", "p99us": "us", report.MetricCPU: "us/conn"})
+		for _, pr := range ok {
+			r.res.Add(name, pr.C.Name, "conntrackPerConn", float64(max(conntrack[pr.C.Name], 0))/float64(max(conns[pr.C.Name], 1)), "entries")
 		}
-		for _, pr := range pairs {
-			a := accs[pr.C.Name]
-			p := loadgen.Summarize(a.lat)
-			r.res.Add(name, pr.C.Name, "connsPerSec", float64(a.conns)/a.seconds, "conn/s")
-			r.res.Add(name, pr.C.Name, "p99us", p.P99us, "us")
-			r.res.Add(name, pr.C.Name, "conntrackPerConn", float64(max(a.conntrack, 0))/float64(a.conns), "entries")
-		}
-		r.log.Info("scenario done", "name", name)
 	}
 
 	r.exclusions(ctx, m, pairs, sz)
@@ -238,10 +326,10 @@ func (r *Runner) exclusions(ctx context.Context, m *Mesh, pairs []*Pair, sz size
 			runs = append(runs, run{scenario, pr, c})
 		}
 	}
-	lat := map[run][]time.Duration{}
-	for rep := range sz.reps {
-		for i := range runs {
-			x := runs[(i+rep)%len(runs)]
+	p50, p99 := map[run][]float64{}, map[run][]float64{}
+	for rep := range sz.exclReps {
+		for _, i := range roundOrder(len(runs), rep) {
+			x := runs[i]
 			if failed[x.scenario] {
 				continue
 			}
@@ -257,16 +345,17 @@ func (r *Runner) exclusions(ctx context.Context, m *Mesh, pairs []*Pair, sz size
 				r.log.Error("scenario failed", "name", x.scenario, "error", err)
 				continue
 			}
-			lat[x] = append(lat[x], durations(res.LatNs)...)
+			p := loadgen.Summarize(durations(res.LatNs))
+			p50[x] = append(p50[x], p.P50us)
+			p99[x] = append(p99[x], p.P99us)
 		}
 	}
 	for _, x := range runs {
 		if failed[x.scenario] {
 			continue
 		}
-		p := loadgen.Summarize(lat[x])
-		r.res.Add(x.scenario, x.pr.C.Name, "connectP50us", p.P50us, "us")
-		r.res.Add(x.scenario, x.pr.C.Name, "connectP99us", p.P99us, "us")
+		r.res.AddReps(x.scenario, x.pr.C.Name, "connectP50us", p50[x], "us")
+		r.res.AddReps(x.scenario, x.pr.C.Name, "connectP99us", p99[x], "us")
 	}
 	r.log.Info("scenario done", "name", "exclusions")
 }
@@ -279,13 +368,4 @@ func conntrackTotal(pr *Pair) (int, error) {
 	}
 	b, err := conntrackCount(pr.Server)
 	return a + b, err
-}
-
-func median(v []float64) float64 {
-	if len(v) == 0 {
-		return 0
-	}
-	s := slices.Clone(v)
-	slices.Sort(s)
-	return s[len(s)/2]
 }

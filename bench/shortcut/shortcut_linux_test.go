@@ -71,17 +71,17 @@ func helper(mode string, args []string) int {
 	case "rr":
 		size, _ := strconv.Atoi(args[1])
 		var lat []time.Duration
-		if lat, err = loadgen.RR(ctx, args[0], size, 500, 5000); err == nil {
+		if lat, err = loadgen.RR(ctx, args[0], size, 500, 5000, loadgen.Window{}); err == nil {
 			sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
 			res.P50Ns = int64(lat[len(lat)/2])
 		}
 	case "stream":
 		size, _ := strconv.Atoi(args[1])
-		res.BytesPerSec, err = loadgen.Stream(ctx, args[0], size, time.Second)
+		res.BytesPerSec, err = loadgen.Stream(ctx, args[0], size, time.Second, loadgen.Window{})
 	case "crr":
 		size, _ := strconv.Atoi(args[1])
 		var c loadgen.CRRResult
-		if c, err = loadgen.CRR(ctx, args[0], size, 8, time.Second); err == nil {
+		if c, err = loadgen.CRR(ctx, args[0], size, 8, time.Second, loadgen.Window{}); err == nil {
 			res.PerSec = c.PerSecond
 		}
 	}

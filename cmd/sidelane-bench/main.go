@@ -4,13 +4,15 @@
 //
 //	sidelane-bench run [-quick] [-out bench/out] [-only a,b]
 //	sidelane-bench serve -listen ADDR
-//	sidelane-bench rr -addr ADDR -size N -count N
-//	sidelane-bench stream -addr ADDR -size N -duration D
-//	sidelane-bench crr -addr ADDR -size N -parallel N -duration D
+//	sidelane-bench rr -addr ADDR -size N -count N [-cpu-fds N]
+//	sidelane-bench stream -addr ADDR -size N -duration D [-cpu-fds N]
+//	sidelane-bench crr -addr ADDR -size N -parallel N -duration D [-cpu-fds N]
 //	sidelane-bench connect -addr ADDR -count N
+//	sidelane-bench session -addr ADDR -size N [-cpu-fds N]   (commands on stdin, see session)
 package main
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"flag"
@@ -20,6 +22,8 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -29,7 +33,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: sidelane-bench run|serve|rr|stream|crr|connect [flags]")
+		fmt.Fprintln(os.Stderr, "usage: sidelane-bench run|serve|rr|stream|crr|connect|session [flags]")
 		os.Exit(2)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -55,9 +59,18 @@ func traffic(ctx context.Context, cmd string, args []string) error {
 	count := fs.Int("count", 1000, "round trips or connections")
 	parallel := fs.Int("parallel", 1, "parallel clients (crr)")
 	duration := fs.Duration("duration", time.Second, "how long to run (stream, crr)")
+	cpuFDs := fs.Int("cpu-fds", 0, "the runner passes this many open cgroup cpu.stat files as fds 3, 4, ...: report their CPU time during the measured window")
 	_ = fs.Parse(args)
+	var meter run.CPUMeter
+	for i := range *cpuFDs {
+		meter.Files = append(meter.Files, os.NewFile(uintptr(3+i), fmt.Sprintf("cpu.stat fd %d", 3+i)))
+	}
+	if cmd == "session" {
+		return session(ctx, *addr, *size, meter)
+	}
 	var res run.ClientResult
 	var err error
+	w, cpuErr := window(meter, &res)
 	switch cmd {
 	case "serve":
 		var ln net.Listener
@@ -67,14 +80,14 @@ func traffic(ctx context.Context, cmd string, args []string) error {
 		return loadgen.Serve(ctx, ln)
 	case "rr":
 		var lat []time.Duration
-		lat, err = loadgen.RR(ctx, *addr, *size, *count/10, *count)
+		lat, err = loadgen.RR(ctx, *addr, *size, *count/10, *count, w)
 		res.LatNs = run.Nanos(lat)
 	case "stream":
-		res.BytesPerSec, err = loadgen.Stream(ctx, *addr, *size, *duration)
+		res.BytesPerSec, err = loadgen.Stream(ctx, *addr, *size, *duration, w)
 	case "crr":
 		start := time.Now()
 		var c loadgen.CRRResult
-		c, err = loadgen.CRR(ctx, *addr, *size, *parallel, *duration)
+		c, err = loadgen.CRR(ctx, *addr, *size, *parallel, *duration, w)
 		res.LatNs, res.Errors, res.Seconds = run.Nanos(c.Latencies), c.Errors, time.Since(start).Seconds()
 	case "connect":
 		var lat []time.Duration
@@ -83,10 +96,118 @@ func traffic(ctx context.Context, cmd string, args []string) error {
 	default:
 		return fmt.Errorf("unknown subcommand %q", cmd)
 	}
+	if err == nil {
+		err = *cpuErr
+	}
 	if err != nil {
 		return err
 	}
 	return json.NewEncoder(os.Stdout).Encode(res)
+}
+
+// window fills res's CPU time and window length from meter over the
+// measured window; the returned error is the meter's.
+func window(meter run.CPUMeter, res *run.ClientResult) (loadgen.Window, *error) {
+	var cpu0 int64
+	var t0 time.Time
+	cpuErr := new(error)
+	return loadgen.Window{
+		Begin: func() { cpu0, *cpuErr = meter.Read(); t0 = time.Now() },
+		End: func() {
+			res.WindowSec = time.Since(t0).Seconds()
+			cpu1, err := meter.Read()
+			if *cpuErr == nil {
+				*cpuErr = err
+			}
+			res.CPUUsec = float64(cpu1 - cpu0)
+		},
+	}, cpuErr
+}
+
+// session is a long-lived client: it reads commands from stdin, one per
+// line, runs each against addr and prints one JSON result line each, so
+// the runner can alternate short batches of every contender:
+//
+//	rr N          N round trips of size bytes on one persistent connection
+//	              (dialled, with N/10 warm-up round trips, on first use)
+//	stream D      one stream of size-byte writes for duration D
+//	crr D P       connection churn for D with P parallel clients
+//
+// A failed command prints {"error": ...} and the session goes on (an rr
+// connection that failed is dialled again).
+func session(ctx context.Context, addr string, size int, meter run.CPUMeter) error {
+	var rr *loadgen.RRConn
+	defer func() {
+		if rr != nil {
+			rr.Close()
+		}
+	}()
+	enc := json.NewEncoder(os.Stdout)
+	sc := bufio.NewScanner(os.Stdin)
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) == 0 {
+			continue
+		}
+		var res run.ClientResult
+		w, cpuErr := window(meter, &res)
+		err := func() error {
+			switch {
+			case f[0] == "rr" && len(f) == 2:
+				n, err := strconv.Atoi(f[1])
+				if err != nil {
+					return fmt.Errorf("rr count %q: %w", f[1], err)
+				}
+				warmup := 0
+				if rr == nil {
+					if rr, err = loadgen.DialRR(ctx, addr, size); err != nil {
+						return err
+					}
+					warmup = n / 10
+				}
+				lat, err := rr.Run(ctx, warmup, n, w)
+				if err != nil {
+					rr.Close()
+					rr = nil
+					return err
+				}
+				res.LatNs = run.Nanos(lat)
+			case f[0] == "stream" && len(f) == 2:
+				d, err := time.ParseDuration(f[1])
+				if err != nil {
+					return fmt.Errorf("stream duration %q: %w", f[1], err)
+				}
+				res.BytesPerSec, err = loadgen.Stream(ctx, addr, size, d, w)
+				return err
+			case f[0] == "crr" && len(f) == 3:
+				d, err := time.ParseDuration(f[1])
+				if err != nil {
+					return fmt.Errorf("crr duration %q: %w", f[1], err)
+				}
+				p, err := strconv.Atoi(f[2])
+				if err != nil {
+					return fmt.Errorf("crr parallel %q: %w", f[2], err)
+				}
+				start := time.Now()
+				c, err := loadgen.CRR(ctx, addr, size, p, d, w)
+				res.LatNs, res.Errors, res.Seconds = run.Nanos(c.Latencies), c.Errors, time.Since(start).Seconds()
+				return err
+			default:
+				return fmt.Errorf("unknown session command %q", sc.Text())
+			}
+			return nil
+		}()
+		if err == nil {
+			err = *cpuErr
+		}
+		if err != nil {
+			res = run.ClientResult{Error: err.Error()}
+		}
+		if err := enc.Encode(res); err != nil {
+			return err
+		}
+	}
+	return sc.Err()
 }
 
 func runBench(ctx context.Context, args []string) error {
