@@ -1,6 +1,9 @@
 package bpf
 
 import (
+	"context"
+	"encoding/binary"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -8,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"golang.org/x/sys/unix"
 )
@@ -52,36 +56,225 @@ func dialFromPort(t *testing.T, path string, src, dst netip.AddrPort) (reply, er
 	return parseReply(t, string(out)), nil
 }
 
+// serveSidecar6 listens on [::]:15006 in the pod's netns as an IPv6
+// sidecar (haproxy's listener is IPv4 only) and answers like serveListener,
+// marked "via=sidecar".
+func serveSidecar6(t *testing.T, e *env) net.Listener {
+	netns, err := ns.GetNS(e.podPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer netns.Close()
+	var l net.Listener
+	if err := netns.Do(func(ns.NetNS) error {
+		// Plain TCP: an MPTCP listener (Go's default) cannot join a
+		// sockhash, and tc then drops the reuse (see the README).
+		var lc net.ListenConfig
+		lc.SetMultipathTCP(false)
+		l, err = lc.Listen(context.Background(), "tcp6", "[::]:15006")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			io.ReadFull(c, make([]byte, 1))
+			fmt.Fprintf(c, "peer=%s local=%s via=sidecar\n", c.RemoteAddr(), c.LocalAddr())
+			c.Close() // the pod's side closes first: its socket goes to TIME_WAIT
+		}
+	}()
+	return l
+}
+
 // TestInboundTimeWaitReuse: the pod's side closes first, so its socket of
 // a captured inbound connection sits in TIME_WAIT; a client that reuses
 // the four-tuple (as clients with many short connections do) must get a
-// new, captured connection, as it does without sidelane.
+// new, captured connection, as it does without sidelane. The SYN that
+// finds TIME_WAIT is the one inbound SYN the stack itself looks a listener
+// up for (TCP_TW_SYN), so it must reach the proxy there too, never the
+// app's listener, and nothing when the proxy is gone.
 func TestInboundTimeWaitReuse(t *testing.T) {
 	e := newEnv(t)
 	src := netip.AddrPortFrom(remoteIP, 41234)
 	dst := ap(podIP, 8080)
+	rem := "/var/run/netns/" + e.remNS
 
 	// Without capture the kernel takes the SYN that finds TIME_WAIT.
 	for i := 0; i < 2; i++ {
-		if _, err := dialFromPort(t, "/var/run/netns/"+e.remNS, src, dst); err != nil {
+		if _, err := dialFromPort(t, rem, src, dst); err != nil {
 			t.Fatalf("uncaptured connection %d from a reused tuple: %v", i, err)
 		}
 	}
 
-	e.startSidecar()
+	sidecar := e.startSidecar()
 	e.enroll(defaultSettings())
 	if err := e.cap.AttachInbound(e.podPath, e.cookie, "eth0"); err != nil {
 		t.Fatal(err)
 	}
+	counters := func() Counters {
+		c, err := e.cap.Counters(e.cookie)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
 	src = netip.AddrPortFrom(remoteIP, 41235)
 	for i := 0; i < 3; i++ {
-		r, err := dialFromPort(t, "/var/run/netns/"+e.remNS, src, dst)
+		r, err := dialFromPort(t, rem, src, dst)
 		if err != nil {
-			c, _ := e.cap.Counters(e.cookie)
-			t.Fatalf("captured connection %d from a reused tuple: %v (counters %+v)", i, err, c)
+			t.Fatalf("captured connection %d from a reused tuple: %v (counters %+v)", i, err, counters())
 		}
 		if r.peer.Addr().Unmap() != netip.MustParseAddr("127.0.0.6") {
 			t.Errorf("connection %d reached the app from %s, not through the sidecar", i, r.peer)
 		}
 	}
+	if c := counters(); c.TimeWaitReuse != 2 {
+		t.Errorf("timewait_reuse = %d after 3 connections from one tuple, want 2 (counters %+v)", c.TimeWaitReuse, c)
+	}
+
+	t.Run("IPv6", func(t *testing.T) {
+		serveSidecar6(t, e)
+		src6 := netip.AddrPortFrom(remoteIP6, 41236)
+		before := counters().TimeWaitReuse
+		for i := 0; i < 3; i++ {
+			r, err := dialFromPort(t, rem, src6, ap(podIP6, 8080))
+			if err != nil {
+				t.Fatalf("IPv6 connection %d from a reused tuple: %v (counters %+v)", i, err, counters())
+			}
+			if r.local != ap(podIP6, 8080) {
+				t.Errorf("IPv6 connection %d: accepted with local address %s, want the original destination", i, r.local)
+			}
+		}
+		if got := counters().TimeWaitReuse - before; got != 2 {
+			t.Errorf("IPv6: timewait_reuse grew by %d, want 2", got)
+		}
+	})
+
+	// The app must never get the reused tuple: not without the time-wait
+	// lookup (tc then keeps the SYN on the proxy's listener, which the
+	// kernel drops while TIME_WAIT lasts) ...
+	t.Run("no lookup attached", func(t *testing.T) {
+		src := netip.AddrPortFrom(remoteIP, 41237)
+		if _, err := dialFromPort(t, rem, src, dst); err != nil {
+			t.Fatal(err)
+		}
+		if err := detachPin(e.cap.twLookupPin(e.cookie)); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			if err := e.cap.AttachInbound(e.podPath, e.cookie, "eth0"); err != nil {
+				t.Error(err)
+			}
+		})
+		before := counters()
+		if r, err := dialFromPort(t, rem, src, dst); err == nil && r.peer.Addr().Unmap() != netip.MustParseAddr("127.0.0.6") {
+			t.Errorf("reused tuple with no time-wait lookup reached the app from %s", r.peer)
+		}
+		if c := counters(); c.TimeWaitReuse != before.TimeWaitReuse {
+			t.Errorf("timewait_reuse counted with no lookup attached: %+v", c)
+		}
+	})
+
+	// ... nor with the sidecar gone (fails closed).
+	t.Run("sidecar gone", func(t *testing.T) {
+		src := netip.AddrPortFrom(remoteIP, 41238)
+		if _, err := dialFromPort(t, rem, src, dst); err != nil {
+			t.Fatal(err)
+		}
+		sidecar.Process.Kill()
+		sidecar.Wait()
+		if !e.waitListen(15006, false) {
+			t.Fatal("haproxy still listens after being killed")
+		}
+		before := counters()
+		if r, err := dialFromPort(t, rem, src, dst); err == nil {
+			t.Errorf("reused tuple with no sidecar reached the app from %s", r.peer)
+		}
+		if c := counters(); c.DroppedInbound == before.DroppedInbound {
+			t.Errorf("reused tuple with no sidecar: nothing dropped (counters %+v)", c)
+		}
+	})
+}
+
+// TestTimeWaitLookupProgram runs sidelane_tw_lookup (BPF_PROG_TEST_RUN):
+// only the lookup tc recorded is changed, and it goes to the recorded
+// listener or is dropped (fail closed), never left to the kernel's own
+// lookup (the app's listener).
+func TestTimeWaitLookupProgram(t *testing.T) {
+	c := loadUnattached(t)
+	// BPF_PROG_TEST_RUN leaves ingress_ifindex 0.
+	const netns, ifindex = 77, 0
+	client, pod := netip.MustParseAddr("10.77.0.1"), netip.MustParseAddr("10.77.0.2")
+	ctx := func(dport uint32) []byte {
+		// struct bpf_sk_lookup: cookie, family, protocol, remote_ip4,
+		// remote_ip6[4], remote_port (be16) + pad, local_ip4,
+		// local_ip6[4], local_port, ingress_ifindex (must be 0 here).
+		b := make([]byte, 72)
+		binary.LittleEndian.PutUint32(b[8:], unix.AF_INET)
+		binary.LittleEndian.PutUint32(b[12:], unix.IPPROTO_TCP)
+		copy(b[16:20], client.AsSlice())
+		binary.BigEndian.PutUint16(b[36:], 41234)
+		copy(b[40:44], pod.AsSlice())
+		binary.LittleEndian.PutUint32(b[60:], dport)
+		return b
+	}
+	record := func(at uint64) {
+		t.Helper()
+		s := captureTwSlot{Sport: 41234, Dport: 8080, Ifindex: ifindex, Netns: netns, At: at}
+		s.Src, s.Dst = client.As16(), pod.As16() // v4-mapped
+		per := make([]captureTwSlot, mustPossibleCPUs(t))
+		for i := range per {
+			per[i] = s
+		}
+		if err := c.objs.TwPending.Put(uint32(0), per); err != nil {
+			t.Fatal(err)
+		}
+	}
+	now := func() uint64 {
+		var ts unix.Timespec
+		if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+			t.Fatal(err)
+		}
+		return uint64(ts.Nano())
+	}
+	run := func(dport uint32) uint32 {
+		t.Helper()
+		ret, err := c.objs.SidelaneTwLookup.Run(&ebpf.RunOptions{Context: ctx(dport)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ret
+	}
+	const skDrop, skPass = 0, 1
+	if got := run(8080); got != skPass {
+		t.Errorf("no recorded reuse: %d, want SK_PASS (the kernel's lookup)", got)
+	}
+	record(now())
+	if got := run(9090); got != skPass {
+		t.Errorf("a lookup for another tuple: %d, want SK_PASS", got)
+	}
+	if got := run(8080); got != skDrop {
+		t.Errorf("recorded reuse, no listener recorded: %d, want SK_DROP", got)
+	}
+	if got := run(8080); got != skPass {
+		t.Errorf("a record is used once: %d, want SK_PASS", got)
+	}
+	record(now() - 2*uint64(time.Second))
+	if got := run(8080); got != skDrop {
+		t.Errorf("stale record: %d, want SK_DROP", got)
+	}
+}
+
+func mustPossibleCPUs(t *testing.T) int {
+	n, err := ebpf.PossibleCPU()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
