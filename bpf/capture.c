@@ -30,6 +30,8 @@
  *   sk_msg (on sock_pairs)            same-node shortcut, socket to socket.
  *   tc (tcx ingress on the pod's if)  inbound TCP to a captured port is assigned
  *                                     to the <inbound port> listener (bpf_sk_assign).
+ *   sk_lookup (the pod's netns)       a SYN reusing a TIME_WAIT four-tuple gets that
+ *                                     listener too (see tw_key).
  */
 
 #include <linux/bpf.h>
@@ -174,7 +176,7 @@ struct counters {
 	__u64 shortcut_bytes;
 	__u64 dropped_in; /* inbound packets dropped to fail closed (see sidelane_inbound) */
 	__u64 shortcut_to_tcp; /* shortcut sockets that went back to TCP for good (streaming, or no peer) */
-	__u64 timewait_reuse;  /* captured SYNs that reused a TIME_WAIT four-tuple (see tw_pending) */
+	__u64 timewait_reuse;  /* captured SYNs that reused a TIME_WAIT four-tuple (see tw_key) */
 };
 
 /* settings[0] bits. */
@@ -351,33 +353,42 @@ struct {
  * check against that TIME_WAIT socket (inet_ehash_insert), and every SYN
  * retransmit is dropped until TIME_WAIT ends (60 s). So tc assigns the
  * TIME_WAIT socket itself: the stack then takes its TCP_TW_SYN path, which
- * kills the TIME_WAIT socket and looks up a listener for the packet's
+ * ends the TIME_WAIT socket and looks a listener up for the packet's
  * destination, and that lookup runs sidelane_tw_lookup (sk_lookup, attached
  * to the pod's netns), which answers with the proxy's listener that tc
- * found and recorded here. tc and the listener lookup run for the same
- * packet in one softirq on one CPU, so the record is one per-CPU slot, not
- * a node-wide table that others could flood or evict. */
-struct tw_slot {
+ * found. sk_lookup cannot read its netns cookie (bpf_get_netns_cookie is
+ * not offered to it), so tc records the SYN by its tuple and interface
+ * here, with the pod's netns cookie as the value. */
+struct tw_key {
 	__u8 src[16]; /* the SYN's source and destination, v4-mapped for IPv4 */
 	__u8 dst[16];
 	__u16 sport; /* host order */
 	__u16 dport;
 	__u32 ifindex; /* the interface the SYN arrived on */
-	__u64 netns;   /* the pod's netns cookie: key of its listener in tw_listeners */
-	__u64 at;      /* bpf_ktime_get_ns when tc recorded it */
 };
 
-/* A slot older than this is stale: its SYN's lookup never came (the
- * TIME_WAIT socket answered with an ACK instead). A lookup that matches a
- * stale slot is dropped, never given to another lookup. */
-#define TW_SLOT_NS (10ULL * 1000 * 1000)
+struct tw_rec {
+	__u64 netns; /* the pod's netns cookie: key of its listener in tw_listeners */
+	__u64 at;    /* bpf_ktime_get_ns when tc recorded it */
+};
 
+/* tc and the listener lookup run for one packet one after the other
+ * (microseconds). A record older than this is stale (its SYN's lookup never
+ * came: the TIME_WAIT socket answered with an ACK): a lookup that matches
+ * it is dropped, never left to the kernel. Another netns matches a record
+ * only with the same addresses, ports and interface index, within this. */
+#define TW_REC_NS (1000ULL * 1000 * 1000)
+
+/* Records are not deleted when used: two SYNs of one tuple in flight on
+ * two CPUs each need theirs. LRU: an entry evicted between tc and the
+ * lookup would leave that lookup to the kernel (the app's listener), which
+ * would take more than max_entries other reuses within microseconds. */
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(pinning, LIBBPF_PIN_BY_NAME); /* shared by old and new programs during an upgrade */
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct tw_slot);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(max_entries, 65536);
+	__type(key, struct tw_key);
+	__type(value, struct tw_rec);
 } tw_pending SEC(".maps");
 
 /* Pod netns cookie -> the proxy's inbound listener, written by tc on a
@@ -973,8 +984,9 @@ int sidelane_inbound(struct __sk_buff *skb)
 	/* A packet of an existing connection (or handshake) goes where the
 	 * stack would send it. Except a SYN that finds a TIME_WAIT socket:
 	 * the stack may open a new connection from it, and would look up the
-	 * app's listener for that (a way around the proxy), so it is a new
-	 * connection like any other. */
+	 * app's listener for that (a way around the proxy), so it goes to the
+	 * proxy like any new connection, by way of the TIME_WAIT socket and
+	 * sidelane_tw_lookup (see tw_key). */
 	struct bpf_sock *tw = lookup_tcp(skb, &p);
 	if (tw) {
 		__u32 state = tw->state;
@@ -1010,29 +1022,28 @@ int sidelane_inbound(struct __sk_buff *skb)
 	}
 	long err;
 	if (tw) {
-		/* TIME_WAIT reuse (see tw_slot): record the listener for the
-		 * TCP_TW_SYN path's lookup, then hand the packet to the
+		/* TIME_WAIT reuse (see tw_key): record the listener and the SYN
+		 * for the TCP_TW_SYN path's lookup, then hand the packet to the
 		 * TIME_WAIT socket. Without a record that lookup would find
 		 * the app's listener, so failing to record drops. */
-		__u32 zero = 0;
-		struct tw_slot *slot = bpf_map_lookup_elem(&tw_pending, &zero);
+		struct tw_key k = {.ifindex = skb->ingress_ifindex};
+		__builtin_memcpy(k.src, p.src, 16);
+		__builtin_memcpy(k.dst, p.dst, 16);
+		k.sport = bpf_ntohs(p.tlen == sizeof(p.t.ipv4) ? p.t.ipv4.sport : p.t.ipv6.sport);
+		k.dport = bpf_ntohs(orig_dport);
+		struct tw_rec rec = {.netns = netns, .at = bpf_ktime_get_ns()};
 		err = bpf_map_update_elem(&tw_listeners, &netns, sk, BPF_ANY);
 		bpf_sk_release(sk);
-		if (!slot || err) {
+		if (!err)
+			err = bpf_map_update_elem(&tw_pending, &k, &rec, BPF_ANY);
+		if (err) {
 			bpf_sk_release(tw);
 			return drop_in(netns);
 		}
-		__builtin_memcpy(slot->src, p.src, 16);
-		__builtin_memcpy(slot->dst, p.dst, 16);
-		slot->sport = bpf_ntohs(p.tlen == sizeof(p.t.ipv4) ? p.t.ipv4.sport : p.t.ipv6.sport);
-		slot->dport = bpf_ntohs(orig_dport);
-		slot->ifindex = skb->ingress_ifindex;
-		slot->netns = netns;
-		slot->at = bpf_ktime_get_ns();
 		err = bpf_sk_assign(skb, tw, 0);
 		bpf_sk_release(tw);
 		if (err) {
-			slot->at = 0;
+			bpf_map_delete_elem(&tw_pending, &k);
 			return drop_in(netns);
 		}
 		struct counters *c = bpf_map_lookup_elem(&pod_counters, &netns);
@@ -1056,7 +1067,7 @@ int sidelane_inbound(struct __sk_buff *skb)
 }
 
 /* sk_lookup, attached to each pod's netns with inbound capture: the
- * listener lookup of the TCP_TW_SYN path (see tw_slot). Only the lookup of
+ * listener lookup of the TCP_TW_SYN path (see tw_key). Only the lookup of
  * the packet tc recorded is changed, and it goes to the proxy's listener or
  * nowhere (SK_DROP: the TIME_WAIT socket then answers with an ACK, as it
  * does when no listener is found); every other lookup (the proxy's
@@ -1066,32 +1077,41 @@ int sidelane_tw_lookup(struct bpf_sk_lookup *ctx)
 {
 	if (ctx->protocol != IPPROTO_TCP)
 		return SK_PASS;
-	__u32 zero = 0;
-	struct tw_slot *slot = bpf_map_lookup_elem(&tw_pending, &zero);
-	if (!slot || !slot->at)
-		return SK_PASS;
-	__u32 *src = (__u32 *)slot->src, *dst = (__u32 *)slot->dst;
+	/* Each field is read on its own (READ): the verifier refuses a
+	 * context pointer the compiler moved. */
+	struct tw_key k = {
+		.sport = bpf_ntohs(READ(ctx->remote_port)),
+		.dport = READ(ctx->local_port),
+		.ifindex = READ(ctx->ingress_ifindex),
+	};
+	__u32 *src = (__u32 *)k.src, *dst = (__u32 *)k.dst;
+	__u32 remote4 = READ(ctx->remote_ip4), local4 = READ(ctx->local_ip4);
 	if (ctx->family == AF_INET) {
-		if (src[0] || src[1] || src[2] != bpf_htonl(0xffff) || dst[0] || dst[1] ||
-		    dst[2] != bpf_htonl(0xffff) || src[3] != ctx->remote_ip4 || dst[3] != ctx->local_ip4)
-			return SK_PASS;
+		src[2] = dst[2] = bpf_htonl(0xffff);
+		src[3] = remote4;
+		dst[3] = local4;
 	} else if (ctx->family == AF_INET6) {
-		if (src[0] != ctx->remote_ip6[0] || src[1] != ctx->remote_ip6[1] || src[2] != ctx->remote_ip6[2] ||
-		    src[3] != ctx->remote_ip6[3] || dst[0] != ctx->local_ip6[0] || dst[1] != ctx->local_ip6[1] ||
-		    dst[2] != ctx->local_ip6[2] || dst[3] != ctx->local_ip6[3])
-			return SK_PASS;
+		src[0] = READ(ctx->remote_ip6[0]);
+		src[1] = READ(ctx->remote_ip6[1]);
+		src[2] = READ(ctx->remote_ip6[2]);
+		src[3] = READ(ctx->remote_ip6[3]);
+		dst[0] = READ(ctx->local_ip6[0]);
+		dst[1] = READ(ctx->local_ip6[1]);
+		dst[2] = READ(ctx->local_ip6[2]);
+		dst[3] = READ(ctx->local_ip6[3]);
 	} else {
 		return SK_PASS;
 	}
-	if (slot->sport != bpf_ntohs(ctx->remote_port) || slot->dport != ctx->local_port ||
-	    slot->ifindex != ctx->ingress_ifindex)
+	struct tw_rec *rec = bpf_map_lookup_elem(&tw_pending, &k);
+	if (!rec)
 		return SK_PASS;
-	/* This lookup is the recorded SYN's: it goes to the proxy or is
-	 * dropped, whatever happens next. */
-	__u64 netns = slot->netns, at = slot->at;
-	slot->at = 0;
-	if (bpf_ktime_get_ns() - at > TW_SLOT_NS)
+	/* This lookup is a recorded SYN's: it goes to the proxy or is
+	 * dropped. */
+	__u64 netns = rec->netns;
+	if (bpf_ktime_get_ns() - rec->at > TW_REC_NS) {
+		bpf_map_delete_elem(&tw_pending, &k);
 		return SK_DROP;
+	}
 	struct bpf_sock *sk = bpf_map_lookup_elem(&tw_listeners, &netns);
 	if (!sk)
 		return SK_DROP;

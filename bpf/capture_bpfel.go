@@ -96,15 +96,19 @@ type captureTupleKey struct {
 	Pad   uint32
 }
 
-type captureTwSlot struct {
+type captureTwKey struct {
 	_       structs.HostLayout
 	Src     [16]uint8
 	Dst     [16]uint8
 	Sport   uint16
 	Dport   uint16
 	Ifindex uint32
-	Netns   uint64
-	At      uint64
+}
+
+type captureTwRec struct {
+	_     structs.HostLayout
+	Netns uint64
+	At    uint64
 }
 
 // Names of all BPF objects in the ELF.

@@ -226,13 +226,8 @@ func TestTimeWaitLookupProgram(t *testing.T) {
 	}
 	record := func(at uint64) {
 		t.Helper()
-		s := captureTwSlot{Sport: 41234, Dport: 8080, Ifindex: ifindex, Netns: netns, At: at}
-		s.Src, s.Dst = client.As16(), pod.As16() // v4-mapped
-		per := make([]captureTwSlot, mustPossibleCPUs(t))
-		for i := range per {
-			per[i] = s
-		}
-		if err := c.objs.TwPending.Put(uint32(0), per); err != nil {
+		k := captureTwKey{Src: client.As16(), Dst: pod.As16(), Sport: 41234, Dport: 8080, Ifindex: ifindex} // v4-mapped
+		if err := c.objs.TwPending.Put(k, captureTwRec{Netns: netns, At: at}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -262,19 +257,48 @@ func TestTimeWaitLookupProgram(t *testing.T) {
 	if got := run(8080); got != skDrop {
 		t.Errorf("recorded reuse, no listener recorded: %d, want SK_DROP", got)
 	}
-	if got := run(8080); got != skPass {
-		t.Errorf("a record is used once: %d, want SK_PASS", got)
+	if got := run(8080); got != skDrop {
+		t.Errorf("a record is kept for another SYN of the tuple: %d, want SK_DROP", got)
+	}
+
+	// With the listener recorded, the lookup selects it.
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false)
+	l, err := lc.Listen(context.Background(), "tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	raw, err := l.(*net.TCPListener).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want uint64
+	var perr error
+	if err := raw.Control(func(fd uintptr) {
+		if perr = c.objs.TwListeners.Put(uint64(netns), uint64(fd)); perr != nil {
+			return
+		}
+		want, perr = unix.GetsockoptUint64(int(fd), unix.SOL_SOCKET, unix.SO_COOKIE)
+	}); err != nil || perr != nil {
+		t.Fatal(err, perr)
+	}
+	out := make([]byte, 72)
+	ret, err := c.objs.SidelaneTwLookup.Run(&ebpf.RunOptions{Context: ctx(8080), ContextOut: out})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := binary.LittleEndian.Uint64(out); ret != skPass || got != want {
+		t.Errorf("recorded reuse with the listener recorded: %d selecting socket %d, want SK_PASS selecting the listener %d", ret, got, want)
+	}
+	if err := c.objs.TwListeners.Delete(uint64(netns)); err != nil {
+		t.Fatal(err)
 	}
 	record(now() - 2*uint64(time.Second))
 	if got := run(8080); got != skDrop {
 		t.Errorf("stale record: %d, want SK_DROP", got)
 	}
-}
-
-func mustPossibleCPUs(t *testing.T) int {
-	n, err := ebpf.PossibleCPU()
-	if err != nil {
-		t.Fatal(err)
+	if got := run(8080); got != skPass {
+		t.Errorf("a stale record is removed when found: %d, want SK_PASS", got)
 	}
-	return n
 }

@@ -96,15 +96,19 @@ type capturev2TupleKey struct {
 	Pad   uint32
 }
 
-type capturev2TwSlot struct {
+type capturev2TwKey struct {
 	_       structs.HostLayout
 	Src     [16]uint8
 	Dst     [16]uint8
 	Sport   uint16
 	Dport   uint16
 	Ifindex uint32
-	Netns   uint64
-	At      uint64
+}
+
+type capturev2TwRec struct {
+	_     structs.HostLayout
+	Netns uint64
+	At    uint64
 }
 
 // Names of all BPF objects in the ELF.
