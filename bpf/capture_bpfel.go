@@ -35,6 +35,7 @@ type captureCounters struct {
 	ShortcutBytes   uint64
 	DroppedIn       uint64
 	ShortcutToTcp   uint64
+	TimewaitReuse   uint64
 }
 
 type captureNodeProxy struct {
@@ -95,6 +96,21 @@ type captureTupleKey struct {
 	Pad   uint32
 }
 
+type captureTwKey struct {
+	_       structs.HostLayout
+	Src     [16]uint8
+	Dst     [16]uint8
+	Sport   uint16
+	Dport   uint16
+	Ifindex uint32
+}
+
+type captureTwRec struct {
+	_     structs.HostLayout
+	Netns uint64
+	At    uint64
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -114,6 +130,8 @@ const (
 	captureMapPorts                 = "ports"
 	captureMapSettings              = "settings"
 	captureMapSockPairs             = "sock_pairs"
+	captureMapTwListeners           = "tw_listeners"
+	captureMapTwPending             = "tw_pending"
 	captureProgSidelaneConnect4     = "sidelane_connect4"
 	captureProgSidelaneConnect6     = "sidelane_connect6"
 	captureProgSidelaneGetpeername4 = "sidelane_getpeername4"
@@ -127,6 +145,7 @@ const (
 	captureProgSidelaneSendmsg6     = "sidelane_sendmsg6"
 	captureProgSidelaneSockRelease  = "sidelane_sock_release"
 	captureProgSidelaneSockops      = "sidelane_sockops"
+	captureProgSidelaneTwLookup     = "sidelane_tw_lookup"
 )
 
 // loadCapture returns the embedded CollectionSpec for capture.
@@ -184,6 +203,7 @@ type captureProgramSpecs struct {
 	SidelaneSendmsg6     *ebpf.ProgramSpec `ebpf:"sidelane_sendmsg6"`
 	SidelaneSockRelease  *ebpf.ProgramSpec `ebpf:"sidelane_sock_release"`
 	SidelaneSockops      *ebpf.ProgramSpec `ebpf:"sidelane_sockops"`
+	SidelaneTwLookup     *ebpf.ProgramSpec `ebpf:"sidelane_tw_lookup"`
 }
 
 // captureMapSpecs contains maps before they are loaded into the kernel.
@@ -205,6 +225,8 @@ type captureMapSpecs struct {
 	Ports        *ebpf.MapSpec `ebpf:"ports"`
 	Settings     *ebpf.MapSpec `ebpf:"settings"`
 	SockPairs    *ebpf.MapSpec `ebpf:"sock_pairs"`
+	TwListeners  *ebpf.MapSpec `ebpf:"tw_listeners"`
+	TwPending    *ebpf.MapSpec `ebpf:"tw_pending"`
 }
 
 // captureVariableSpecs contains global variables before they are loaded into the kernel.
@@ -248,6 +270,8 @@ type captureMaps struct {
 	Ports        *ebpf.Map `ebpf:"ports"`
 	Settings     *ebpf.Map `ebpf:"settings"`
 	SockPairs    *ebpf.Map `ebpf:"sock_pairs"`
+	TwListeners  *ebpf.Map `ebpf:"tw_listeners"`
+	TwPending    *ebpf.Map `ebpf:"tw_pending"`
 }
 
 func (m *captureMaps) Close() error {
@@ -267,6 +291,8 @@ func (m *captureMaps) Close() error {
 		m.Ports,
 		m.Settings,
 		m.SockPairs,
+		m.TwListeners,
+		m.TwPending,
 	)
 }
 
@@ -293,6 +319,7 @@ type capturePrograms struct {
 	SidelaneSendmsg6     *ebpf.Program `ebpf:"sidelane_sendmsg6"`
 	SidelaneSockRelease  *ebpf.Program `ebpf:"sidelane_sock_release"`
 	SidelaneSockops      *ebpf.Program `ebpf:"sidelane_sockops"`
+	SidelaneTwLookup     *ebpf.Program `ebpf:"sidelane_tw_lookup"`
 }
 
 func (p *capturePrograms) Close() error {
@@ -310,6 +337,7 @@ func (p *capturePrograms) Close() error {
 		p.SidelaneSendmsg6,
 		p.SidelaneSockRelease,
 		p.SidelaneSockops,
+		p.SidelaneTwLookup,
 	)
 }
 

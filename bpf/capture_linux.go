@@ -535,6 +535,7 @@ func (c *Capture) Delete(netns uint64) error {
 	errs = append(errs, c.detachInbound(netns))
 	errs = append(errs, c.deleteStale(netns, nil, nil, nil))
 	errs = append(errs, ignoreNotExist(c.objs.PodCounters.Delete(&netns)))
+	errs = append(errs, ignoreNotExist(c.objs.TwListeners.Delete(&netns)))
 	errs = append(errs,
 		deleteWhere(c.objs.OrigByTuple, func(k captureTupleKey, od captureOrigDst) bool {
 			return k.Netns == netns || (od.Flags&origNode != 0 && podIPs[k.Src])
@@ -579,6 +580,9 @@ func (c *Capture) VerifyInbound(netns uint64, ifname string) error {
 	if _, err := os.Stat(c.inboundPin(netns, ifname)); err != nil {
 		return fmt.Errorf("inbound capture on %s: %w", ifname, err)
 	}
+	if _, err := os.Stat(c.twLookupPin(netns)); err != nil {
+		return fmt.Errorf("time-wait lookup of netns %d: %w", netns, err)
+	}
 	return nil
 }
 
@@ -616,6 +620,7 @@ func (c *Capture) Counters(netns uint64) (Counters, error) {
 		s.ShortcutBytes += p.ShortcutBytes
 		s.DroppedInbound += p.DroppedIn
 		s.ShortcutToTCP += p.ShortcutToTcp
+		s.TimeWaitReuse += p.TimewaitReuse
 	}
 	return s, nil
 }

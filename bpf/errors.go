@@ -23,6 +23,7 @@ type Counters struct {
 	ShortcutBytes      uint64 // bytes in those sends
 	DroppedInbound     uint64 // inbound packets dropped to fail closed (unparsable, fragmented SYN, no listener)
 	ShortcutToTCP      uint64 // shortcut sockets that went back to TCP for good (streaming, or no peer)
+	TimeWaitReuse      uint64 // inbound SYNs that reused the four-tuple of a connection the pod's side holds in TIME_WAIT
 }
 
 // NodeCounters are the per-node mode totals of the node (all per-node pods).

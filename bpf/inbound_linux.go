@@ -20,10 +20,16 @@ func (c *Capture) inboundPin(netns uint64, ifname string) string {
 	return filepath.Join(c.cfg.PinDir, "inbound_"+strconv.FormatUint(netns, 10)+"_"+ifname)
 }
 
+func (c *Capture) twLookupPin(netns uint64) string {
+	return filepath.Join(c.cfg.PinDir, "twlookup_"+strconv.FormatUint(netns, 10))
+}
+
 // AttachInbound attaches inbound capture (tc ingress, tcx) to interface
-// ifname inside the netns at netnsPath, whose cookie is netns. The link is
-// pinned, so it outlives the agent; it goes away with the netns or on
-// Delete. Attaching again updates the pinned link in place.
+// ifname inside the netns at netnsPath, whose cookie is netns, and the
+// TIME_WAIT reuse lookup (sk_lookup, see capture.c's tw_slot) to that
+// netns. The links are pinned, so they outlive the agent; they go away
+// with the netns or on Delete. Attaching again updates the pinned links in
+// place.
 func (c *Capture) AttachInbound(netnsPath string, netns uint64, ifname string) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -31,6 +37,9 @@ func (c *Capture) AttachInbound(netnsPath string, netns uint64, ifname string) e
 }
 
 func (c *Capture) attachInbound(netnsPath string, netns uint64, ifname string) error {
+	if err := c.attachTWLookup(netnsPath, netns); err != nil {
+		return err
+	}
 	pin := c.inboundPin(netns, ifname)
 	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
 		defer l.Close()
@@ -66,6 +75,53 @@ func (c *Capture) attachInbound(netnsPath string, netns uint64, ifname string) e
 	})
 }
 
+// attachTWLookup attaches sidelane_tw_lookup to the netns at netnsPath
+// (one netns link per pod, whatever its interfaces), or moves the pinned
+// link to this version's program. Until it is attached, tc leaves a SYN
+// that reuses a TIME_WAIT four-tuple on the proxy's listener (dropped by
+// the kernel until TIME_WAIT ends), never on the app's.
+func (c *Capture) attachTWLookup(netnsPath string, netns uint64) error {
+	pin := c.twLookupPin(netns)
+	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+		defer l.Close()
+		if err := l.Update(c.objs.SidelaneTwLookup); err != nil {
+			return fmt.Errorf("update time-wait lookup link of netns %d: %w", netns, err)
+		}
+		return nil
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("load pinned time-wait lookup link %s: %w", pin, err)
+	}
+	f, err := os.Open(netnsPath)
+	if err != nil {
+		return fmt.Errorf("open netns %s: %w", netnsPath, err)
+	}
+	defer f.Close()
+	l, err := link.AttachNetNs(int(f.Fd()), c.objs.SidelaneTwLookup)
+	if err != nil {
+		return fmt.Errorf("attach time-wait lookup to %s: %w", netnsPath, err)
+	}
+	defer l.Close()
+	if err := l.Pin(pin); err != nil {
+		l.Detach()
+		return fmt.Errorf("pin time-wait lookup link: %w", err)
+	}
+	return nil
+}
+
+// twLookupPins lists pinned time-wait lookup links, for one netns or
+// (netns 0) all.
+func (c *Capture) twLookupPins(netns uint64) ([]string, error) {
+	pattern := "twlookup_*"
+	if netns != 0 {
+		pattern = "twlookup_" + strconv.FormatUint(netns, 10)
+	}
+	pins, err := filepath.Glob(filepath.Join(c.cfg.PinDir, pattern))
+	if err != nil {
+		return nil, fmt.Errorf("list time-wait lookup pins: %w", err)
+	}
+	return pins, nil
+}
+
 // inboundPins lists pinned inbound links, for one netns or (netns 0) all.
 func (c *Capture) inboundPins(netns uint64) ([]string, error) {
 	pattern := "inbound_*"
@@ -92,12 +148,18 @@ func (c *Capture) DetachInbound(netns uint64, ifname string) error {
 	return detachPin(pin)
 }
 
-// detachInbound removes netns's inbound links (0: every pod's).
+// detachInbound removes netns's inbound and time-wait lookup links (0:
+// every pod's).
 func (c *Capture) detachInbound(netns uint64) error {
 	pins, err := c.inboundPins(netns)
 	if err != nil {
 		return err
 	}
+	tw, err := c.twLookupPins(netns)
+	if err != nil {
+		return err
+	}
+	pins = append(pins, tw...)
 	var errs []error
 	for _, pin := range pins {
 		errs = append(errs, detachPin(pin))
@@ -105,7 +167,7 @@ func (c *Capture) detachInbound(netns uint64) error {
 	return errors.Join(errs...)
 }
 
-// detachPin detaches and unpins the pinned inbound link at pin.
+// detachPin detaches and unpins the pinned link at pin.
 func detachPin(pin string) error {
 	l, err := link.LoadPinnedLink(pin, nil)
 	if err != nil {
@@ -134,6 +196,18 @@ func (c *Capture) updateInbound() error {
 			continue
 		}
 		errs = append(errs, l.Update(c.objs.SidelaneInbound), l.Close())
+	}
+	tw, err := c.twLookupPins(0)
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	for _, pin := range tw {
+		l, err := link.LoadPinnedLink(pin, nil)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("load %s: %w", pin, err))
+			continue
+		}
+		errs = append(errs, l.Update(c.objs.SidelaneTwLookup), l.Close())
 	}
 	return errors.Join(errs...)
 }

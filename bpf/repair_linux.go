@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -157,7 +158,6 @@ func (c *Capture) repairSkMsg() ([]Repaired, error) {
 }
 
 func (c *Capture) repairInbound(in Inbound) ([]Repaired, error) {
-	name := inboundName(in.Netns, in.IfName)
 	var cfg capturePodConfig
 	if err := c.objs.Pods.Lookup(&in.Netns, &cfg); err != nil {
 		return nil, nil // not enrolled (any more): nothing to keep attached
@@ -165,6 +165,64 @@ func (c *Capture) repairInbound(in Inbound) ([]Repaired, error) {
 	if _, err := os.Stat(in.NetnsPath); err != nil {
 		return nil, nil // the pod is going away
 	}
+	tw, err := c.repairTWLookup(in)
+	if err != nil {
+		return tw, err
+	}
+	tcx, err := c.repairTCX(in)
+	return append(tw, tcx...), err
+}
+
+// repairTWLookup keeps the pod's time-wait lookup (sk_lookup) netns link
+// attached and on sidelane's program.
+func (c *Capture) repairTWLookup(in Inbound) ([]Repaired, error) {
+	name := strconv.FormatUint(in.Netns, 10)
+	want, err := progID(c.objs.SidelaneTwLookup)
+	if err != nil {
+		return nil, fmt.Errorf("time-wait lookup program: %w", err)
+	}
+	pin := c.twLookupPin(in.Netns)
+	reason := "unpinned"
+	l, err := link.LoadPinnedLink(pin, nil)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+	case err != nil:
+		return nil, fmt.Errorf("load %s: %w", pin, err)
+	default:
+		info, ierr := l.Info()
+		if ierr != nil {
+			l.Close()
+			return nil, fmt.Errorf("inspect time-wait lookup link %s: %w", name, ierr)
+		}
+		if nsi := info.NetNs(); nsi != nil && nsi.NetnsInode != 0 {
+			var uerr error
+			if info.Program != want {
+				uerr = l.Update(c.objs.SidelaneTwLookup)
+			}
+			l.Close()
+			if uerr != nil {
+				return nil, fmt.Errorf("move time-wait lookup link %s back to sidelane's program: %w", name, uerr)
+			}
+			if info.Program != want {
+				return []Repaired{{RepairNetnsLink, name, "replaced"}}, nil
+			}
+			return nil, nil
+		}
+		reason = "detached"
+		if err := errors.Join(l.Unpin(), l.Close()); err != nil {
+			return nil, fmt.Errorf("unpin detached time-wait lookup link %s: %w", name, err)
+		}
+	}
+	if err := c.attachTWLookup(in.NetnsPath, in.Netns); err != nil {
+		return nil, err
+	}
+	return []Repaired{{RepairNetnsLink, name, reason}}, nil
+}
+
+// repairTCX keeps the pod interface's inbound tcx link attached and on
+// sidelane's program.
+func (c *Capture) repairTCX(in Inbound) ([]Repaired, error) {
+	name := inboundName(in.Netns, in.IfName)
 	want, err := progID(c.objs.SidelaneInbound)
 	if err != nil {
 		return nil, fmt.Errorf("inbound program: %w", err)
@@ -217,6 +275,7 @@ func (c *Capture) pinnedMaps() map[string]*ebpf.Map {
 		"orig_by_cookie": o.OrigByCookie, "orig_by_tuple": o.OrigByTuple, "pod_counters": o.PodCounters,
 		"settings": o.Settings, "sock_pairs": o.SockPairs, "pair_cookies": o.PairCookies, "pair_mode": o.PairMode, "pair_runs": o.PairRuns,
 		"node_proxy_cfg": o.NodeProxyCfg, "node_counters": o.NodeCounters, "accepted": o.Accepted,
+		"tw_pending": o.TwPending, "tw_listeners": o.TwListeners,
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -183,6 +184,27 @@ func TestRepair(t *testing.T) {
 		repair(Repaired{RepairTCLink, "", "unpinned"}.withName(e.cookie, "eth0"))
 		if !inCaptured() {
 			t.Error("inbound not captured after repair")
+		}
+	})
+	t.Run("time-wait lookup link detached", func(t *testing.T) {
+		l, err := link.LoadPinnedLink(e.cap.twLookupPin(e.cookie), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		info, err := l.Info()
+		l.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		byID(t, info.ID, link.Link.Detach)
+		repair(Repaired{RepairNetnsLink, strconv.FormatUint(e.cookie, 10), "detached"})
+		l, err = link.LoadPinnedLink(e.cap.twLookupPin(e.cookie), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		if info, err := l.Info(); err != nil || info.NetNs() == nil || info.NetNs().NetnsInode == 0 {
+			t.Errorf("time-wait lookup link not attached after repair: %+v, %v", info, err)
 		}
 	})
 	t.Run("sk_msg detached", func(t *testing.T) {

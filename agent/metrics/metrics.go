@@ -58,7 +58,7 @@ func New(pods PodCounter) *Metrics {
 		}, []string{"phase"}),
 		repairs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "datapath_repairs_total",
-			Help: "Datapath attachments the agent found broken by someone else and put back, by kind (cgroup_link, tc_link, sk_msg, pin).",
+			Help: "Datapath attachments the agent found broken by someone else and put back, by kind (cgroup_link, tc_link, netns_link, sk_msg, pin).",
 		}, []string{"what"}),
 	}
 	reg.MustRegister(m.decisions, m.transitions, m.errors, m.cniLatency, m.addPhases, m.repairs,

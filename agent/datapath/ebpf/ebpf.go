@@ -342,6 +342,7 @@ func CounterMap(c bpf.Counters) map[string]uint64 {
 		"shortcut_bytes":      c.ShortcutBytes,
 		"shortcut_to_tcp":     c.ShortcutToTCP,
 		"dropped_inbound":     c.DroppedInbound,
+		"timewait_reuse":      c.TimeWaitReuse,
 	}
 }
 

@@ -32,6 +32,8 @@
  *   sk_msg (on sock_pairs)            same-node shortcut, socket to socket.
  *   tc (tcx ingress on the pod's if)  inbound TCP to a captured port is assigned
  *                                     to the <inbound port> listener (bpf_sk_assign).
+ *   sk_lookup (the pod's netns)       a SYN reusing a TIME_WAIT four-tuple gets that
+ *                                     listener too (see tw_key).
  */
 
 #include <linux/bpf.h>
@@ -176,6 +178,7 @@ struct counters {
 	__u64 shortcut_bytes;
 	__u64 dropped_in; /* inbound packets dropped to fail closed (see sidelane_inbound) */
 	__u64 shortcut_to_tcp; /* shortcut sockets that went back to TCP for good (streaming, or no peer) */
+	__u64 timewait_reuse;  /* captured SYNs that reused a TIME_WAIT four-tuple (see tw_key) */
 };
 
 /* settings[0] bits. */
@@ -344,6 +347,62 @@ struct {
 	__type(key, struct tuple_key);
 	__type(value, __u32);
 } pair_runs SEC(".maps");
+
+/* TIME_WAIT reuse (see sidelane_inbound and sidelane_tw_lookup). A SYN
+ * whose four-tuple finds the pod's side of an earlier captured connection
+ * in TIME_WAIT cannot be bpf_sk_assign'ed to the proxy's listener: the
+ * request socket the listener makes is refused by the kernel's duplicate
+ * check against that TIME_WAIT socket (inet_ehash_insert), and every SYN
+ * retransmit is dropped until TIME_WAIT ends (60 s). So tc assigns the
+ * TIME_WAIT socket itself: the stack then takes its TCP_TW_SYN path, which
+ * ends the TIME_WAIT socket and looks a listener up for the packet's
+ * destination, and that lookup runs sidelane_tw_lookup (sk_lookup, attached
+ * to the pod's netns), which answers with the proxy's listener that tc
+ * found. sk_lookup cannot read its netns cookie (bpf_get_netns_cookie is
+ * not offered to it), so tc records the SYN by its tuple and interface
+ * here, with the pod's netns cookie as the value. */
+struct tw_key {
+	__u8 src[16]; /* the SYN's source and destination, v4-mapped for IPv4 */
+	__u8 dst[16];
+	__u16 sport; /* host order */
+	__u16 dport;
+	__u32 ifindex; /* the interface the SYN arrived on */
+};
+
+struct tw_rec {
+	__u64 netns; /* the pod's netns cookie: key of its listener in tw_listeners */
+	__u64 at;    /* bpf_ktime_get_ns when tc recorded it */
+};
+
+/* tc and the listener lookup run for one packet one after the other
+ * (microseconds). A record older than this is stale (its SYN's lookup never
+ * came: the TIME_WAIT socket answered with an ACK): a lookup that matches
+ * it is dropped, never left to the kernel. Another netns matches a record
+ * only with the same addresses, ports and interface index, within this. */
+#define TW_REC_NS (1000ULL * 1000 * 1000)
+
+/* Records are not deleted when used: two SYNs of one tuple in flight on
+ * two CPUs each need theirs. LRU: an entry evicted between tc and the
+ * lookup would leave that lookup to the kernel (the app's listener), which
+ * would take more than max_entries other reuses within microseconds. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(max_entries, 65536);
+	__type(key, struct tw_key);
+	__type(value, struct tw_rec);
+} tw_pending SEC(".maps");
+
+/* Pod netns cookie -> the proxy's inbound listener, written by tc on a
+ * TIME_WAIT reuse (sk_lookup can only hand out sockets from a sockmap).
+ * An entry goes away when its listener closes. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, __u64);
+} tw_listeners SEC(".maps");
 
 enum verdict {
 	PASS = 0,
@@ -532,9 +591,13 @@ struct user_namespace___sl {
 	struct uid_gid_map___sl uid_map;
 	struct uid_gid_map___sl gid_map;
 } __attribute__((preserve_access_index));
+struct netns_bpf___sl {
+	void *run_array[2]; /* [NETNS_BPF_SK_LOOKUP]: the attached sk_lookup programs */
+} __attribute__((preserve_access_index));
 struct net___sl {
 	__u64 net_cookie;
 	struct user_namespace___sl *user_ns;
+	struct netns_bpf___sl bpf;
 } __attribute__((preserve_access_index));
 struct possible_net_t___sl {
 	struct net___sl *net;
@@ -859,6 +922,21 @@ static __always_inline __u64 dev_netns_cookie(struct __sk_buff *skb)
 	return net->net_cookie;
 }
 
+/* Whether the netns of the device a packet arrived on runs sk_lookup
+ * programs (sidelane_tw_lookup; the kernel's NETNS_BPF_SK_LOOKUP = 1). */
+#define NETNS_BPF_SK_LOOKUP___sl 1
+static __always_inline int dev_netns_sk_lookup(struct __sk_buff *skb)
+{
+	struct sk_buff___sl *k = bpf_cast_to_kern_ctx(skb);
+	struct net_device___sl *dev = k->dev;
+	if (!dev)
+		return 0;
+	struct net___sl *net = dev->nd_net.net;
+	if (!net)
+		return 0;
+	return net->bpf.run_array[NETNS_BPF_SK_LOOKUP___sl] != NULL;
+}
+
 static __always_inline int drop_in(__u64 netns)
 {
 	struct counters *c = bpf_map_lookup_elem(&pod_counters, &netns);
@@ -908,32 +986,77 @@ int sidelane_inbound(struct __sk_buff *skb)
 	/* A packet of an existing connection (or handshake) goes where the
 	 * stack would send it. Except a SYN that finds a TIME_WAIT socket:
 	 * the stack may open a new connection from it, and would look up the
-	 * app's listener for that (a way around the proxy), so it is a new
-	 * connection like any other. */
-	struct bpf_sock *sk = lookup_tcp(skb, &p);
-	if (sk) {
-		__u32 state = sk->state;
-		bpf_sk_release(sk);
-		if (state != BPF_TCP_LISTEN && !(state == BPF_TCP_TIME_WAIT && syn))
-			return IN_NEXT;
+	 * app's listener for that (a way around the proxy), so it goes to the
+	 * proxy like any new connection, by way of the TIME_WAIT socket and
+	 * sidelane_tw_lookup (see tw_key). */
+	struct bpf_sock *tw = lookup_tcp(skb, &p);
+	if (tw) {
+		__u32 state = tw->state;
+		/* Without sidelane_tw_lookup in the pod's netns (an agent that
+		 * has not attached it yet) the TIME_WAIT path would find the
+		 * app's listener: then the SYN goes to the proxy's listener
+		 * and is dropped until TIME_WAIT ends, as before. */
+		int reuse = state == BPF_TCP_TIME_WAIT && syn;
+		if (!reuse || !dev_netns_sk_lookup(skb)) {
+			bpf_sk_release(tw);
+			if (state != BPF_TCP_LISTEN && !reuse)
+				return IN_NEXT;
+			tw = NULL;
+		}
 	}
-	if (p.fragment)
+	if (p.fragment) {
+		if (tw)
+			bpf_sk_release(tw);
 		return drop_in(netns);
+	}
+	__be16 orig_dport = p.tlen == sizeof(p.t.ipv4) ? p.t.ipv4.dport : p.t.ipv6.dport;
 	if (p.tlen == sizeof(p.t.ipv4))
 		p.t.ipv4.dport = bpf_htons(pod->inbound_port);
 	else
 		p.t.ipv6.dport = bpf_htons(pod->inbound_port);
-	sk = lookup_tcp(skb, &p);
-	if (!sk)
+	struct bpf_sock *sk = lookup_tcp(skb, &p);
+	if (!sk || sk->state != BPF_TCP_LISTEN) {
+		if (sk)
+			bpf_sk_release(sk);
+		if (tw)
+			bpf_sk_release(tw);
 		return drop_in(netns); /* fail closed: never deliver around the proxy */
-	if (sk->state != BPF_TCP_LISTEN) {
-		bpf_sk_release(sk);
-		return drop_in(netns);
 	}
-	long err = bpf_sk_assign(skb, sk, 0);
-	bpf_sk_release(sk);
-	if (err)
-		return drop_in(netns);
+	long err;
+	if (tw) {
+		/* TIME_WAIT reuse (see tw_key): record the listener and the SYN
+		 * for the TCP_TW_SYN path's lookup, then hand the packet to the
+		 * TIME_WAIT socket. Without a record that lookup would find
+		 * the app's listener, so failing to record drops. */
+		struct tw_key k = {.ifindex = skb->ingress_ifindex};
+		__builtin_memcpy(k.src, p.src, 16);
+		__builtin_memcpy(k.dst, p.dst, 16);
+		k.sport = bpf_ntohs(p.tlen == sizeof(p.t.ipv4) ? p.t.ipv4.sport : p.t.ipv6.sport);
+		k.dport = bpf_ntohs(orig_dport);
+		struct tw_rec rec = {.netns = netns, .at = bpf_ktime_get_ns()};
+		err = bpf_map_update_elem(&tw_listeners, &netns, sk, BPF_ANY);
+		bpf_sk_release(sk);
+		if (!err)
+			err = bpf_map_update_elem(&tw_pending, &k, &rec, BPF_ANY);
+		if (err) {
+			bpf_sk_release(tw);
+			return drop_in(netns);
+		}
+		err = bpf_sk_assign(skb, tw, 0);
+		bpf_sk_release(tw);
+		if (err) {
+			bpf_map_delete_elem(&tw_pending, &k);
+			return drop_in(netns);
+		}
+		struct counters *c = bpf_map_lookup_elem(&pod_counters, &netns);
+		if (c)
+			c->timewait_reuse++;
+	} else {
+		err = bpf_sk_assign(skb, sk, 0);
+		bpf_sk_release(sk);
+		if (err)
+			return drop_in(netns);
+	}
 	/* No original-destination record: after bpf_sk_assign the accepted
 	 * socket's local address is the original destination, and
 	 * SO_ORIGINAL_DST answers it from the socket itself (see accepted).
@@ -943,6 +1066,60 @@ int sidelane_inbound(struct __sk_buff *skb)
 	if (syn)
 		count(netns, REDIRECT_IN_SELF);
 	return TC_ACT_OK;
+}
+
+/* sk_lookup, attached to each pod's netns with inbound capture: the
+ * listener lookup of the TCP_TW_SYN path (see tw_key). Only the lookup of
+ * the packet tc recorded is changed, and it goes to the proxy's listener or
+ * nowhere (SK_DROP: the TIME_WAIT socket then answers with an ACK, as it
+ * does when no listener is found); every other lookup (the proxy's
+ * passthrough to the app, excluded ports, UDP) is the kernel's own. */
+SEC("sk_lookup")
+int sidelane_tw_lookup(struct bpf_sk_lookup *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	/* Each field is read on its own (READ): the verifier refuses a
+	 * context pointer the compiler moved. */
+	struct tw_key k = {
+		.sport = bpf_ntohs(READ(ctx->remote_port)),
+		.dport = READ(ctx->local_port),
+		.ifindex = READ(ctx->ingress_ifindex),
+	};
+	__u32 *src = (__u32 *)k.src, *dst = (__u32 *)k.dst;
+	__u32 remote4 = READ(ctx->remote_ip4), local4 = READ(ctx->local_ip4);
+	if (ctx->family == AF_INET) {
+		src[2] = dst[2] = bpf_htonl(0xffff);
+		src[3] = remote4;
+		dst[3] = local4;
+	} else if (ctx->family == AF_INET6) {
+		src[0] = READ(ctx->remote_ip6[0]);
+		src[1] = READ(ctx->remote_ip6[1]);
+		src[2] = READ(ctx->remote_ip6[2]);
+		src[3] = READ(ctx->remote_ip6[3]);
+		dst[0] = READ(ctx->local_ip6[0]);
+		dst[1] = READ(ctx->local_ip6[1]);
+		dst[2] = READ(ctx->local_ip6[2]);
+		dst[3] = READ(ctx->local_ip6[3]);
+	} else {
+		return SK_PASS;
+	}
+	struct tw_rec *rec = bpf_map_lookup_elem(&tw_pending, &k);
+	if (!rec)
+		return SK_PASS;
+	/* This lookup is a recorded SYN's: it goes to the proxy or is
+	 * dropped. */
+	__u64 netns = rec->netns;
+	if (bpf_ktime_get_ns() - rec->at > TW_REC_NS) {
+		bpf_map_delete_elem(&tw_pending, &k);
+		return SK_DROP;
+	}
+	struct bpf_sock *sk = bpf_map_lookup_elem(&tw_listeners, &netns);
+	if (!sk)
+		return SK_DROP;
+	long err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	return err ? SK_DROP : SK_PASS;
 }
 
 static __always_inline void record_flags(void *ctx, const __u8 dst[16], __u16 dport, __u16 family, __u64 netns,

@@ -35,6 +35,7 @@ type capturev2Counters struct {
 	ShortcutBytes   uint64
 	DroppedIn       uint64
 	ShortcutToTcp   uint64
+	TimewaitReuse   uint64
 }
 
 type capturev2NodeProxy struct {
@@ -95,6 +96,21 @@ type capturev2TupleKey struct {
 	Pad   uint32
 }
 
+type capturev2TwKey struct {
+	_       structs.HostLayout
+	Src     [16]uint8
+	Dst     [16]uint8
+	Sport   uint16
+	Dport   uint16
+	Ifindex uint32
+}
+
+type capturev2TwRec struct {
+	_     structs.HostLayout
+	Netns uint64
+	At    uint64
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -114,6 +130,8 @@ const (
 	capturev2MapPorts                 = "ports"
 	capturev2MapSettings              = "settings"
 	capturev2MapSockPairs             = "sock_pairs"
+	capturev2MapTwListeners           = "tw_listeners"
+	capturev2MapTwPending             = "tw_pending"
 	capturev2ProgSidelaneConnect4     = "sidelane_connect4"
 	capturev2ProgSidelaneConnect6     = "sidelane_connect6"
 	capturev2ProgSidelaneGetpeername4 = "sidelane_getpeername4"
@@ -127,6 +145,7 @@ const (
 	capturev2ProgSidelaneSendmsg6     = "sidelane_sendmsg6"
 	capturev2ProgSidelaneSockRelease  = "sidelane_sock_release"
 	capturev2ProgSidelaneSockops      = "sidelane_sockops"
+	capturev2ProgSidelaneTwLookup     = "sidelane_tw_lookup"
 )
 
 // loadCapturev2 returns the embedded CollectionSpec for capturev2.
@@ -184,6 +203,7 @@ type capturev2ProgramSpecs struct {
 	SidelaneSendmsg6     *ebpf.ProgramSpec `ebpf:"sidelane_sendmsg6"`
 	SidelaneSockRelease  *ebpf.ProgramSpec `ebpf:"sidelane_sock_release"`
 	SidelaneSockops      *ebpf.ProgramSpec `ebpf:"sidelane_sockops"`
+	SidelaneTwLookup     *ebpf.ProgramSpec `ebpf:"sidelane_tw_lookup"`
 }
 
 // capturev2MapSpecs contains maps before they are loaded into the kernel.
@@ -205,6 +225,8 @@ type capturev2MapSpecs struct {
 	Ports        *ebpf.MapSpec `ebpf:"ports"`
 	Settings     *ebpf.MapSpec `ebpf:"settings"`
 	SockPairs    *ebpf.MapSpec `ebpf:"sock_pairs"`
+	TwListeners  *ebpf.MapSpec `ebpf:"tw_listeners"`
+	TwPending    *ebpf.MapSpec `ebpf:"tw_pending"`
 }
 
 // capturev2VariableSpecs contains global variables before they are loaded into the kernel.
@@ -248,6 +270,8 @@ type capturev2Maps struct {
 	Ports        *ebpf.Map `ebpf:"ports"`
 	Settings     *ebpf.Map `ebpf:"settings"`
 	SockPairs    *ebpf.Map `ebpf:"sock_pairs"`
+	TwListeners  *ebpf.Map `ebpf:"tw_listeners"`
+	TwPending    *ebpf.Map `ebpf:"tw_pending"`
 }
 
 func (m *capturev2Maps) Close() error {
@@ -267,6 +291,8 @@ func (m *capturev2Maps) Close() error {
 		m.Ports,
 		m.Settings,
 		m.SockPairs,
+		m.TwListeners,
+		m.TwPending,
 	)
 }
 
@@ -293,6 +319,7 @@ type capturev2Programs struct {
 	SidelaneSendmsg6     *ebpf.Program `ebpf:"sidelane_sendmsg6"`
 	SidelaneSockRelease  *ebpf.Program `ebpf:"sidelane_sock_release"`
 	SidelaneSockops      *ebpf.Program `ebpf:"sidelane_sockops"`
+	SidelaneTwLookup     *ebpf.Program `ebpf:"sidelane_tw_lookup"`
 }
 
 func (p *capturev2Programs) Close() error {
@@ -310,6 +337,7 @@ func (p *capturev2Programs) Close() error {
 		p.SidelaneSendmsg6,
 		p.SidelaneSockRelease,
 		p.SidelaneSockops,
+		p.SidelaneTwLookup,
 	)
 }
 
