@@ -176,95 +176,79 @@ func (c *Capture) repairInbound(in Inbound) ([]Repaired, error) {
 // repairTWLookup keeps the pod's time-wait lookup (sk_lookup) netns link
 // attached and on sidelane's program.
 func (c *Capture) repairTWLookup(in Inbound) ([]Repaired, error) {
-	name := strconv.FormatUint(in.Netns, 10)
-	want, err := progID(c.objs.SidelaneTwLookup)
-	if err != nil {
-		return nil, fmt.Errorf("time-wait lookup program: %w", err)
-	}
-	pin := c.twLookupPin(in.Netns)
-	reason := "unpinned"
-	l, err := link.LoadPinnedLink(pin, nil)
-	switch {
-	case errors.Is(err, os.ErrNotExist):
-	case err != nil:
-		return nil, fmt.Errorf("load %s: %w", pin, err)
-	default:
-		info, ierr := l.Info()
-		if ierr != nil {
-			l.Close()
-			return nil, fmt.Errorf("inspect time-wait lookup link %s: %w", name, ierr)
-		}
-		if nsi := info.NetNs(); nsi != nil && nsi.NetnsInode != 0 {
-			var uerr error
-			if info.Program != want {
-				uerr = l.Update(c.objs.SidelaneTwLookup)
-			}
-			l.Close()
-			if uerr != nil {
-				return nil, fmt.Errorf("move time-wait lookup link %s back to sidelane's program: %w", name, uerr)
-			}
-			if info.Program != want {
-				return []Repaired{{RepairNetnsLink, name, "replaced"}}, nil
-			}
-			return nil, nil
-		}
-		reason = "detached"
-		if err := errors.Join(l.Unpin(), l.Close()); err != nil {
-			return nil, fmt.Errorf("unpin detached time-wait lookup link %s: %w", name, err)
-		}
-	}
-	if err := c.attachTWLookup(in.NetnsPath, in.Netns); err != nil {
-		return nil, err
-	}
-	return []Repaired{{RepairNetnsLink, name, reason}}, nil
+	return c.repairLink(pinnedLink{
+		kind: RepairNetnsLink, what: "time-wait lookup", name: strconv.FormatUint(in.Netns, 10),
+		pin: c.twLookupPin(in.Netns), prog: c.objs.SidelaneTwLookup,
+		attached: func(info *link.Info) bool { nsi := info.NetNs(); return nsi != nil && nsi.NetnsInode != 0 },
+		attach:   func() error { return c.attachTWLookup(in.NetnsPath, in.Netns) },
+	})
 }
 
 // repairTCX keeps the pod interface's inbound tcx link attached and on
 // sidelane's program.
 func (c *Capture) repairTCX(in Inbound) ([]Repaired, error) {
-	name := inboundName(in.Netns, in.IfName)
-	want, err := progID(c.objs.SidelaneInbound)
+	return c.repairLink(pinnedLink{
+		kind: RepairTCLink, what: "inbound", name: inboundName(in.Netns, in.IfName),
+		pin: c.inboundPin(in.Netns, in.IfName), prog: c.objs.SidelaneInbound,
+		attached: func(info *link.Info) bool { tcx := info.TCX(); return tcx != nil && tcx.Ifindex != 0 },
+		attach:   func() error { return c.attachInbound(in.NetnsPath, in.Netns, in.IfName) },
+	})
+}
+
+// pinnedLink is one per-pod link repairLink keeps in place.
+type pinnedLink struct {
+	kind, what, name string
+	pin              string
+	prog             *ebpf.Program
+	// attached says whether the link is still attached to its target
+	// (a detached link's pin names a defunct link).
+	attached func(*link.Info) bool
+	attach   func() error
+}
+
+// repairLink moves a pinned link that another process pointed at another
+// program back to sidelane's, and re-attaches one that is unpinned or
+// detached.
+func (c *Capture) repairLink(p pinnedLink) ([]Repaired, error) {
+	want, err := progID(p.prog)
 	if err != nil {
-		return nil, fmt.Errorf("inbound program: %w", err)
+		return nil, fmt.Errorf("%s program: %w", p.what, err)
 	}
-	pin := c.inboundPin(in.Netns, in.IfName)
 	reason := "unpinned"
-	l, err := link.LoadPinnedLink(pin, nil)
+	l, err := link.LoadPinnedLink(p.pin, nil)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
 	case err != nil:
-		return nil, fmt.Errorf("load %s: %w", pin, err)
+		return nil, fmt.Errorf("load %s: %w", p.pin, err)
 	default:
 		info, ierr := l.Info()
 		if ierr != nil {
 			l.Close()
-			return nil, fmt.Errorf("inspect inbound link %s: %w", name, ierr)
+			return nil, fmt.Errorf("inspect %s link %s: %w", p.what, p.name, ierr)
 		}
-		if tcx := info.TCX(); tcx != nil && tcx.Ifindex != 0 {
+		if p.attached(info) {
 			var uerr error
 			if info.Program != want {
-				uerr = l.Update(c.objs.SidelaneInbound)
+				uerr = l.Update(p.prog)
 			}
 			l.Close()
 			if uerr != nil {
-				return nil, fmt.Errorf("move inbound link %s back to sidelane's program: %w", name, uerr)
+				return nil, fmt.Errorf("move %s link %s back to sidelane's program: %w", p.what, p.name, uerr)
 			}
 			if info.Program != want {
-				return []Repaired{{RepairTCLink, name, "replaced"}}, nil
+				return []Repaired{{p.kind, p.name, "replaced"}}, nil
 			}
 			return nil, nil
 		}
-		// Detached: its pin names a defunct link.
 		reason = "detached"
-		err := errors.Join(l.Unpin(), l.Close())
-		if err != nil {
-			return nil, fmt.Errorf("unpin detached inbound link %s: %w", name, err)
+		if err := errors.Join(l.Unpin(), l.Close()); err != nil {
+			return nil, fmt.Errorf("unpin detached %s link %s: %w", p.what, p.name, err)
 		}
 	}
-	if err := c.attachInbound(in.NetnsPath, in.Netns, in.IfName); err != nil {
+	if err := p.attach(); err != nil {
 		return nil, err
 	}
-	return []Repaired{{RepairTCLink, name, reason}}, nil
+	return []Repaired{{p.kind, p.name, reason}}, nil
 }
 
 // pinnedMaps are the maps pinned by name under the pin dir.
