@@ -946,6 +946,11 @@ func (e *env) dialFromRemote(dst netip.AddrPort) (reply, error) {
 // dialFromNetns sends the "dial" request from the netns at path with the
 // test process's own socket (outside the test cgroup) and reads the reply.
 func dialFromNetns(t *testing.T, path string, dst netip.AddrPort) (reply, error) {
+	return dialWith(t, path, net.Dialer{Timeout: 3 * time.Second}, dst)
+}
+
+// dialWith is dialFromNetns with the caller's dialer.
+func dialWith(t *testing.T, path string, d net.Dialer, dst netip.AddrPort) (reply, error) {
 	netns, err := ns.GetNS(path)
 	if err != nil {
 		return reply{}, err
@@ -953,7 +958,7 @@ func dialFromNetns(t *testing.T, path string, dst netip.AddrPort) (reply, error)
 	defer netns.Close()
 	var out []byte
 	err = netns.Do(func(ns.NetNS) error {
-		c, err := net.DialTimeout("tcp", dst.String(), 3*time.Second)
+		c, err := d.Dial("tcp", dst.String())
 		if err != nil {
 			return err
 		}

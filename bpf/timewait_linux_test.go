@@ -19,41 +19,20 @@ import (
 // dialFromPort connects from the remote netns from a fixed source port, so
 // a second connection reuses the four-tuple of the first.
 func dialFromPort(t *testing.T, path string, src, dst netip.AddrPort) (reply, error) {
-	netns, err := ns.GetNS(path)
-	if err != nil {
-		return reply{}, err
-	}
-	defer netns.Close()
-	var out []byte
-	err = netns.Do(func(ns.NetNS) error {
-		d := net.Dialer{
-			Timeout:   3 * time.Second,
-			LocalAddr: net.TCPAddrFromAddrPort(src),
-			Control: func(_, _ string, c syscall.RawConn) error {
-				var serr error
-				err := c.Control(func(fd uintptr) {
-					serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
-				})
-				if err != nil {
-					return err
-				}
-				return serr
-			},
-		}
-		c, err := d.Dial("tcp", dst.String())
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(10 * time.Second))
-		c.Write([]byte("D"))
-		out, err = io.ReadAll(c)
-		return err
-	})
-	if err != nil {
-		return reply{}, err
-	}
-	return parseReply(t, string(out)), nil
+	return dialWith(t, path, net.Dialer{
+		Timeout:   3 * time.Second,
+		LocalAddr: net.TCPAddrFromAddrPort(src),
+		Control: func(_, _ string, c syscall.RawConn) error {
+			var serr error
+			err := c.Control(func(fd uintptr) {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
+			})
+			if err != nil {
+				return err
+			}
+			return serr
+		},
+	}, dst)
 }
 
 // serveSidecar6 listens on [::]:15006 in the pod's netns as an IPv6
