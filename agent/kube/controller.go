@@ -100,6 +100,11 @@ type Config struct {
 	Capture CaptureFunc
 	// ManageTaint removes/re-adds TaintKey on the node (default on in cmd).
 	ManageTaint bool
+	// DaemonSet, when set, is the agent's own DaemonSet: a graceful stop
+	// re-adds the taint only while it exists (a rollout, a pod restart),
+	// not when it is gone or being deleted (helm uninstall), which would
+	// leave the node tainted with no agent to remove it.
+	DaemonSet types.NamespacedName
 }
 
 // Controller is the agent's Kubernetes side.

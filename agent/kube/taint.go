@@ -34,9 +34,35 @@ func (c *Controller) Shutdown() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
+	if gone, why := c.uninstalling(ctx); gone {
+		c.log.Info("agent DaemonSet is being removed: node taint left off", "node", c.cfg.NodeName, "daemonset", c.cfg.DaemonSet.String(), "reason", why)
+		return
+	}
 	if err := c.setTaint(ctx, true); err != nil {
 		c.log.Error("re-add node taint", "node", c.cfg.NodeName, "taint", TaintKey, "error", err)
 	}
+}
+
+// uninstalling says whether the agent's DaemonSet is gone or being deleted
+// (or no longer readable: helm removes the agent's RBAC with it). A
+// rollout or a restarted pod keeps the DaemonSet, and its RBAC.
+func (c *Controller) uninstalling(ctx context.Context) (bool, string) {
+	ds := c.cfg.DaemonSet
+	if ds.Name == "" {
+		return false, ""
+	}
+	obj, err := c.cfg.Client.AppsV1().DaemonSets(ds.Namespace).Get(ctx, ds.Name, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+		return true, "not found"
+	case apierrors.IsForbidden(err), apierrors.IsUnauthorized(err):
+		return true, "no longer readable"
+	case err != nil:
+		return false, "" // unknown: keep the node closed
+	case obj.DeletionTimestamp != nil:
+		return true, "being deleted"
+	}
+	return false, ""
 }
 
 // setTaint adds or removes TaintKey. A missing node is logged, not fatal:
