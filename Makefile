@@ -5,6 +5,9 @@
 SHELL    := /bin/bash
 GO       ?= go
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+# Expanded once: a commit during a long make must not give the image
+# another version than the binaries in it.
+VERSION  := $(VERSION)
 CACHE    ?= $(HOME)/.cache/sidelane
 BIN      := bin
 LDFLAGS  := -X github.com/sidelane/sidelane/internal/buildinfo.Version=$(VERSION)
