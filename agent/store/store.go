@@ -224,26 +224,7 @@ func (s *Store) WriteLegacy() error {
 	if err != nil {
 		return fmt.Errorf("encode state: %w", err)
 	}
-	dir := filepath.Dir(s.legacy)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("create state dir: %w", err)
-	}
-	tmp, err := os.CreateTemp(dir, ".state-*")
-	if err != nil {
-		return fmt.Errorf("write state: %w", err)
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return fmt.Errorf("write state: %w", err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("write state: %w", err)
-	}
-	if err := os.Rename(tmp.Name(), s.legacy); err != nil {
-		return fmt.Errorf("replace state %s: %w", s.legacy, err)
-	}
-	return nil
+	return replaceFile(filepath.Dir(s.legacy), ".state-*", s.legacy, data)
 }
 
 // Get returns the entry for k.
@@ -385,10 +366,22 @@ func (s *Store) writeRecord(e Entry) error {
 	if err != nil {
 		return fmt.Errorf("encode state: %w", err)
 	}
-	if err := os.MkdirAll(s.dir, 0o700); err != nil {
+	if err := replaceFile(s.dir, tmpPrefix+"*", filepath.Join(s.dir, recordName(e.Key)), data); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.written += int64(len(data))
+	s.mu.Unlock()
+	return nil
+}
+
+// replaceFile writes data to dst in dir through a temp file (pattern) and a
+// rename, so a reader sees the old or the new content, never half.
+func replaceFile(dir, pattern, dst string, data []byte) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("create state dir: %w", err)
 	}
-	tmp, err := os.CreateTemp(s.dir, tmpPrefix+"*")
+	tmp, err := os.CreateTemp(dir, pattern)
 	if err != nil {
 		return fmt.Errorf("write state: %w", err)
 	}
@@ -400,12 +393,8 @@ func (s *Store) writeRecord(e Entry) error {
 	if err := tmp.Close(); err != nil {
 		return fmt.Errorf("write state: %w", err)
 	}
-	p := filepath.Join(s.dir, recordName(e.Key))
-	if err := os.Rename(tmp.Name(), p); err != nil {
-		return fmt.Errorf("replace state %s: %w", p, err)
+	if err := os.Rename(tmp.Name(), dst); err != nil {
+		return fmt.Errorf("replace state %s: %w", dst, err)
 	}
-	s.mu.Lock()
-	s.written += int64(len(data))
-	s.mu.Unlock()
 	return nil
 }
