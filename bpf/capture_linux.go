@@ -48,11 +48,23 @@ type Capture struct {
 	cgID  uint64
 	atts  []attachment // what links[i] attaches
 	links []link.Link
-	// mu orders Repair against the per-pod calls that attach, detach or
-	// delete, so a repair never re-attaches a pod being deleted.
-	mu sync.Mutex
+	// mu is held shared by every call that uses the programs and links
+	// (per-pod calls, Repair) and exclusively by Close and Uninstall,
+	// which release them.
+	mu sync.RWMutex
+	// pods orders the per-pod calls on one netns (attach, detach, delete,
+	// that pod's repair), so a repair never re-attaches a pod being
+	// deleted and two attaches never race for one pin. Calls on different
+	// netns run in parallel: a burst of CNI ADDs does not queue on one lock
+	// for whole attaches (the kernel still takes rtnl for each tcx attach).
+	pods netnsLocks
+	// nodeMu orders node-wide repairs (they replace links).
+	nodeMu sync.Mutex
 	// rules finds each pod's rule keys without walking the maps.
 	rules ruleIndex
+	// beforeAttach, when set (tests), runs at the start of every inbound
+	// attach, with the locks the attach holds taken.
+	beforeAttach func(netns uint64)
 }
 
 type attachment struct {
@@ -199,6 +211,10 @@ func (c *Capture) attach(a attachment, cgID uint64) (link.Link, error) {
 func (c *Capture) Close() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	return c.close()
+}
+
+func (c *Capture) close() error {
 	var errs []error
 	for _, l := range c.links {
 		errs = append(errs, l.Close())
@@ -211,6 +227,8 @@ func (c *Capture) Close() error {
 // Uninstall detaches the programs and removes every pin, then closes c.
 // Capture stops for every pod.
 func (c *Capture) Uninstall() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	errs := []error{c.detachInbound(0)}
 	for _, l := range c.links {
 		errs = append(errs, l.Unpin())
@@ -227,7 +245,7 @@ func (c *Capture) Uninstall() error {
 			errs = append(errs, err)
 		}
 	}
-	errs = append(errs, c.Close())
+	errs = append(errs, c.close())
 	if err := os.Remove(c.cfg.PinDir); err != nil && !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, fmt.Errorf("remove pin dir: %w", err))
 	}
@@ -523,8 +541,7 @@ func ignoreNotExist(err error) error {
 // config first (capture stops at once), then rules, counters and recorded
 // connections. Deleting an unknown netns is not an error.
 func (c *Capture) Delete(netns uint64) error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	defer c.lockPod(netns)()
 	var errs []error
 	errs = append(errs, ignoreNotExist(c.objs.Pods.Delete(&netns)))
 	// A per-node pod's connections to the node proxy are keyed by the

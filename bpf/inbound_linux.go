@@ -30,13 +30,17 @@ func (c *Capture) twLookupPin(netns uint64) string {
 // netns. The links are pinned, so they outlive the agent; they go away
 // with the netns or on Delete. Attaching again updates the pinned links in
 // place.
+//
+// Attaches into different netns run in parallel (see Capture.pods).
 func (c *Capture) AttachInbound(netnsPath string, netns uint64, ifname string) error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	defer c.lockPod(netns)()
 	return c.attachInbound(netnsPath, netns, ifname)
 }
 
 func (c *Capture) attachInbound(netnsPath string, netns uint64, ifname string) error {
+	if c.beforeAttach != nil {
+		c.beforeAttach(netns)
+	}
 	if err := c.attachTWLookup(netnsPath, netns); err != nil {
 		return err
 	}
@@ -139,8 +143,7 @@ func (c *Capture) inboundPins(netns uint64) ([]string, error) {
 // with cookie netns (its settings now exclude that interface). Nothing
 // attached there is not an error.
 func (c *Capture) DetachInbound(netns uint64, ifname string) error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	defer c.lockPod(netns)()
 	pin := c.inboundPin(netns, ifname)
 	if _, err := os.Stat(pin); errors.Is(err, os.ErrNotExist) {
 		return nil
@@ -179,7 +182,8 @@ func detachPin(pin string) error {
 }
 
 // updateInbound moves every pinned inbound link to the freshly loaded
-// program (agent restart or upgrade).
+// program (agent restart or upgrade). Load runs it before it returns the
+// Capture, so no attach of this process runs meanwhile.
 func (c *Capture) updateInbound() error {
 	pins, err := c.inboundPins(0)
 	if err != nil {

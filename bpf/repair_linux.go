@@ -25,9 +25,9 @@ import (
 // enrolled; a pod whose netns is gone is skipped). It returns what it
 // repaired; the error joins what it could not.
 //
-// The lock is taken for the node-wide part and then once per pod, never
-// across the whole pass: a pod's ADD (AttachInbound) or DEL waits for one
-// pod's check at most, not for a pass over every pod on the node.
+// A pod's check holds that pod's lock only (see Capture.pods), never one
+// across the whole pass: a pod's ADD (AttachInbound) or DEL waits for its
+// own pod's check at most, and not for the node-wide part.
 func (c *Capture) Repair(inbound []Inbound) ([]Repaired, error) {
 	done, errs, err := c.repairNode()
 	if err != nil {
@@ -45,8 +45,7 @@ func (c *Capture) Repair(inbound []Inbound) ([]Repaired, error) {
 }
 
 func (c *Capture) repairOne(in Inbound) ([]Repaired, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	defer c.lockPod(in.Netns)()
 	if c.atts == nil {
 		return nil, errors.New("repair: capture closed")
 	}
@@ -55,8 +54,10 @@ func (c *Capture) repairOne(in Inbound) ([]Repaired, error) {
 
 // repairNode repairs the cgroup links, map pins and sk_msg.
 func (c *Capture) repairNode() ([]Repaired, []error, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	c.nodeMu.Lock()
+	defer c.nodeMu.Unlock()
 	if c.atts == nil {
 		return nil, nil, errors.New("repair: capture closed")
 	}
