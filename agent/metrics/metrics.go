@@ -49,12 +49,12 @@ func New(pods PodCounter) *Metrics {
 		cniLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: namespace, Name: "cni_request_duration_seconds",
 			Help:    "Time the agent took to answer one CNI plugin request, by operation and result.",
-			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
+			Buckets: append(addLatencyBuckets(.0005), .25, .5, 1, 2.5, 5),
 		}, []string{"op", "result"}),
 		addPhases: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: namespace, Name: "cni_add_phase_seconds",
 			Help:    "Time one CNI ADD spent in each phase inside the agent: netns (identity of the pod's netns), classify, lock_wait (waiting for the sandbox's lock), enroll (the whole datapath enroll; the eBPF backend also reports its parts ebpf_netns_cookie, ebpf_routes, ebpf_put, ebpf_inbound_attach), state_write.",
-			Buckets: []float64{.00005, .0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1},
+			Buckets: append(addLatencyBuckets(.00005, .0001, .00025, .0005), .25, 1),
 		}, []string{"phase"}),
 		repairs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "datapath_repairs_total",
@@ -68,6 +68,14 @@ func New(pods PodCounter) *Metrics {
 			namespace+"_pods", "Pod attachments the agent manages, by datapath mode.", []string{"mode"}, nil)})
 	}
 	return m
+}
+
+// addLatencyBuckets is below (bounds under 1 ms) then 1 ms to 200 ms in
+// steps of at most 1.5x: an ADD takes 1-200 ms, and a quantile read from
+// the buckets (histogram_quantile interpolates inside one) is only as
+// precise as its bucket, so a p99 lands in e.g. (20, 30] ms, not (25, 50].
+func addLatencyBuckets(below ...float64) []float64 {
+	return append(below, .001, .0015, .002, .003, .004, .005, .0075, .01, .015, .02, .03, .04, .05, .075, .1, .15, .2)
 }
 
 // Register adds another collector, e.g. the eBPF datapath's map counters.

@@ -23,6 +23,9 @@ type Figure struct {
 	Value     float64   `json:"value"`
 	Unit      string    `json:"unit"`
 	Reps      []float64 `json:"reps,omitempty"`
+	// Note says how the figure was obtained when its name cannot (e.g.
+	// a quantile estimated from histogram buckets, and their resolution).
+	Note string `json:"note,omitempty"`
 }
 
 // Pending records a scenario/contender that was not measured, and why.
@@ -67,6 +70,12 @@ type Results struct {
 // Add records a single-measurement figure.
 func (r *Results) Add(scenario, contender, metric string, value float64, unit string) {
 	r.Figures = append(r.Figures, Figure{Scenario: scenario, Contender: contender, Metric: metric, Value: value, Unit: unit})
+}
+
+// AddNoted records a single-measurement figure with a note on how it was
+// obtained (shown next to its value in results.md).
+func (r *Results) AddNoted(scenario, contender, metric string, value float64, unit, note string) {
+	r.Figures = append(r.Figures, Figure{Scenario: scenario, Contender: contender, Metric: metric, Value: value, Unit: unit, Note: note})
 }
 
 // AddReps records a figure from its per-repetition values (Value = mean).
@@ -411,7 +420,11 @@ func (r *Results) WriteMarkdown(w io.Writer) error {
 			if len(f.Reps) > 0 {
 				reps = fmt.Sprint(len(f.Reps))
 			}
-			fmt.Fprintf(&b, "| %s | %s | %.2f %s | %s | %s |\n", f.Contender, f.Metric, f.Value, f.Unit, reps, rel)
+			note := ""
+			if f.Note != "" {
+				note = " (" + f.Note + ")"
+			}
+			fmt.Fprintf(&b, "| %s | %s | %.2f %s%s | %s | %s |\n", f.Contender, f.Metric, f.Value, f.Unit, note, reps, rel)
 		}
 	}
 	if len(r.Pending) > 0 {

@@ -32,7 +32,8 @@ func TestCNIScenariosEnrollWithEBPF(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, m := range []string{"addP99ms", "agentAddMeanMs", "phase_ebpf_put_ms", "phase_ebpf_netns_cookie_ms",
-		"phase_ebpf_inbound_attach_ms", "phase_state_write_ms", "phase_lock_wait_ms", "execVersionP50ms"} {
+		"phase_ebpf_inbound_attach_ms", "phase_state_write_ms", "phase_lock_wait_ms", "execVersionP50ms",
+		"execVersionP99ms", "agentAddP50ms", "agentAddP99ms", "phase_ebpf_inbound_attach_p99_ms"} {
 		if _, ok := figure(r.res, "cni_burst_4", report.Sidelane, m); !ok {
 			t.Errorf("cni_burst_4 has no %s", m)
 		}
@@ -43,7 +44,7 @@ func TestCNIScenariosEnrollWithEBPF(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, s := range []string{"cni_add_2", "cni_add_6"} {
-		for _, m := range []string{"addP99ms", "addP50ms", "phase_ebpf_put_ms"} {
+		for _, m := range []string{"addP99ms", "addP50ms", "phase_ebpf_put_ms", "agentAddP99ms"} {
 			if _, ok := figure(r.res, s, report.Sidelane, m); !ok {
 				t.Errorf("%s has no %s", s, m)
 			}

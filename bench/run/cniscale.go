@@ -77,14 +77,18 @@ func rotated(n, k int) []int {
 	return out
 }
 
-// phaseStat is one histogram's sum and count.
-type phaseStat struct{ sum, count float64 }
+// phaseStat is one histogram's sum, count and cumulative buckets.
+type phaseStat struct {
+	sum, count float64
+	buckets    []bucket
+}
 
 // agentAdd is the key of the agent's whole ADD time in parsePhases.
 const agentAdd = "agent_total"
 
 // parsePhases reads sidelane_cni_add_phase_seconds{phase} and the agent's
-// successful ADD time (under agentAdd) from Prometheus text.
+// successful ADD time (under agentAdd) from Prometheus text: sums, counts
+// and buckets.
 func parsePhases(r io.Reader) (map[string]phaseStat, error) {
 	out := map[string]phaseStat{}
 	sc := bufio.NewScanner(r)
@@ -100,7 +104,8 @@ func parsePhases(r io.Reader) (map[string]phaseStat, error) {
 			continue
 		}
 		var key string
-		switch strings.TrimSuffix(strings.TrimSuffix(name, "_sum"), "_count") {
+		base := strings.TrimSuffix(strings.TrimSuffix(strings.TrimSuffix(name, "_sum"), "_count"), "_bucket")
+		switch base {
 		case "sidelane_cni_add_phase_seconds":
 			key = label(labels, "phase")
 		case "sidelane_cni_request_duration_seconds":
@@ -121,6 +126,12 @@ func parsePhases(r io.Reader) (map[string]phaseStat, error) {
 			st.sum = v
 		case strings.HasSuffix(name, "_count"):
 			st.count = v
+		case strings.HasSuffix(name, "_bucket"):
+			le, err := strconv.ParseFloat(label(labels, "le"), 64)
+			if err != nil {
+				return nil, fmt.Errorf("metric line %q: le: %w", line, err)
+			}
+			st.buckets = append(st.buckets, bucket{le: le, count: v})
 		default:
 			continue
 		}
@@ -152,6 +163,19 @@ func phaseMeans(before, after map[string]phaseStat) map[string]float64 {
 	return out
 }
 
+// phaseQuantiles is each histogram's q-quantile over the ADDs between
+// before and after (before nil: since the agent started), estimated from
+// its buckets (histogramQuantile).
+func phaseQuantiles(before, after map[string]phaseStat, q float64) map[string]quantile {
+	out := map[string]quantile{}
+	for k, a := range after {
+		if v, ok := histogramQuantile(q, bucketsDelta(before[k].buckets, a.buckets)); ok {
+			out[k] = v
+		}
+	}
+	return out
+}
+
 func (c *chain) scrape(ctx context.Context) (map[string]phaseStat, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.metrics, nil)
 	if err != nil {
@@ -168,15 +192,19 @@ func (c *chain) scrape(ctx context.Context) (map[string]phaseStat, error) {
 	return parsePhases(resp.Body)
 }
 
-// addPhases records the mean of every ADD phase the agent measured since
-// before (nil: since it started) under scenario s, as "phase_<name>_ms",
-// and the agent's whole ADD as "agentAddMeanMs".
+// addPhases records, for the ADDs the agent measured since before (nil:
+// since it started), under scenario s: every phase's mean as
+// "phase_<name>_ms" and its p99 as "phase_<name>_p99_ms", the agent's
+// whole ADD as "agentAddMeanMs", "agentAddP50ms" and "agentAddP99ms". The
+// quantiles are estimated from the histograms' buckets like Prometheus'
+// histogram_quantile; each figure's note names the bucket, its resolution.
 func (r *Runner) addPhases(ctx context.Context, s string, c *chain, before map[string]phaseStat) error {
 	after, err := c.scrape(ctx)
 	if err != nil {
 		return err
 	}
 	means := phaseMeans(before, after)
+	p50s, p99s := phaseQuantiles(before, after, 0.5), phaseQuantiles(before, after, 0.99)
 	keys := make([]string, 0, len(means))
 	for k := range means {
 		keys = append(keys, k)
@@ -191,24 +219,44 @@ func (r *Runner) addPhases(ctx context.Context, s string, c *chain, before map[s
 		r.res.Add(s, report.Sidelane, metric, means[k], "ms")
 		attrs = append(attrs, k, fmt.Sprintf("%.3fms", means[k]))
 	}
-	r.log.Info("agent ADD phases (mean)", append([]any{"scenario", s}, attrs...)...)
+	if q, ok := p50s[agentAdd]; ok {
+		r.res.AddNoted(s, report.Sidelane, "agentAddP50ms", q.value*1000, "ms", q.note())
+	}
+	for _, k := range keys {
+		q, ok := p99s[k]
+		if !ok {
+			continue
+		}
+		metric := "phase_" + k + "_p99_ms"
+		if k == agentAdd {
+			metric = "agentAddP99ms"
+		}
+		r.res.AddNoted(s, report.Sidelane, metric, q.value*1000, "ms", q.note())
+		attrs = append(attrs, k+"_p99", fmt.Sprintf("%.3fms", q.value*1000))
+	}
+	r.log.Info("agent ADD phases (mean, p99 from buckets)", append([]any{"scenario", s}, attrs...)...)
 	return nil
 }
 
-// execVersion times n runs of sidelane-cni with CNI_COMMAND=VERSION: the
-// plugin process's start and exit alone.
-func (r *Runner) execVersion(ctx context.Context, n int) (loadgen.Percentiles, error) {
+// execVersion times n runs of sidelane-cni with CNI_COMMAND=VERSION, p
+// at a time: the plugin process's start and exit alone (exec, the Go
+// runtime's start, scheduling), under the scenario's concurrency.
+func (r *Runner) execVersion(ctx context.Context, n, p int) (loadgen.Percentiles, error) {
 	bin := filepath.Join(r.cfg.SidelaneBin, "sidelane-cni")
-	var d []time.Duration
-	for range n {
+	d := make([]time.Duration, n)
+	err := parallel(n, p, func(i int) error {
 		cmd := exec.CommandContext(ctx, bin)
 		cmd.Env = append(os.Environ(), "CNI_COMMAND=VERSION")
 		cmd.Stdin = bytes.NewBufferString(`{"cniVersion":"1.0.0"}`)
 		start := time.Now()
 		if out, err := cmd.CombinedOutput(); err != nil {
-			return loadgen.Percentiles{}, fmt.Errorf("sidelane-cni VERSION: %w: %s", err, out)
+			return fmt.Errorf("sidelane-cni VERSION: %w: %s", err, out)
 		}
-		d = append(d, time.Since(start))
+		d[i] = time.Since(start)
+		return nil
+	})
+	if err != nil {
+		return loadgen.Percentiles{}, err
 	}
 	return loadgen.Summarize(d), nil
 }
