@@ -98,6 +98,7 @@ image: deps-check build ## build the Dockerfile without a Docker daemon (mmdebst
 	VERSION=$(VERSION) hack/build-image.sh
 
 node-e2e: deps-check build tools image ## a real node (kubelet, containerd, runc, controller-manager, scheduler, kube-proxy) in network namespaces; helm install of the chart (root)
+	hack/install-tools.sh helm
 	hack/build-kube-apiserver.sh node
 	hack/build-node-images.sh
 	VERSION=$(VERSION)-upgrade TAG_SUFFIX=-upgrade OUT=$(CACHE)/sidelane-image-upgrade.tar hack/build-image.sh

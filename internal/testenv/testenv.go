@@ -110,7 +110,7 @@ func RequireTool(t testing.TB, name string) string {
 	if p, err := exec.LookPath(name); err == nil {
 		return p
 	}
-	t.Fatalf("%s not installed (run make tools)", name)
+	t.Fatalf("%s not installed in %s or on PATH (hack/install-tools.sh builds it: make tools for the CNI plugins and pilot-agent, make istiod, make chart or make node-e2e for helm)", name, ToolBin(t))
 	return ""
 }
 
