@@ -1,6 +1,10 @@
 package agent
 
-import "sync"
+import (
+	"sync"
+
+	"github.com/sidelane/sidelane/internal/keyedlock"
+)
 
 // attachLocks order changes to attachments. Changes to one sandbox
 // (container ID: every attachment Multus makes for it shares its netns and
@@ -9,38 +13,18 @@ import "sync"
 // ADDs does not queue behind one lock. Whole-node operations (GC) take
 // every sandbox at once.
 type attachLocks struct {
-	all sync.RWMutex // read: one sandbox's change; write: every sandbox
-
-	mu   sync.Mutex
-	held map[string]*sandboxLock
+	all  sync.RWMutex // read: one sandbox's change; write: every sandbox
+	held keyedlock.Locks[string]
 }
 
-type sandboxLock struct {
-	mu    sync.Mutex
-	users int // holders and waiters; the lock is dropped at 0
-}
-
-func newAttachLocks() *attachLocks { return &attachLocks{held: map[string]*sandboxLock{}} }
+func newAttachLocks() *attachLocks { return &attachLocks{} }
 
 // sandbox locks the attachments of container id and returns the unlock.
 func (l *attachLocks) sandbox(id string) (unlock func()) {
 	l.all.RLock()
-	l.mu.Lock()
-	s := l.held[id]
-	if s == nil {
-		s = &sandboxLock{}
-		l.held[id] = s
-	}
-	s.users++
-	l.mu.Unlock()
-	s.mu.Lock()
+	u := l.held.Lock(id)
 	return func() {
-		s.mu.Unlock()
-		l.mu.Lock()
-		if s.users--; s.users == 0 {
-			delete(l.held, id)
-		}
-		l.mu.Unlock()
+		u()
 		l.all.RUnlock()
 	}
 }
@@ -52,8 +36,4 @@ func (l *attachLocks) every() (unlock func()) {
 }
 
 // sandboxes is how many sandboxes have a lock now (tests).
-func (l *attachLocks) sandboxes() int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return len(l.held)
-}
+func (l *attachLocks) sandboxes() int { return l.held.Len() }

@@ -16,6 +16,8 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
+
+	"github.com/sidelane/sidelane/internal/keyedlock"
 )
 
 // Config says where to attach and pin.
@@ -57,7 +59,7 @@ type Capture struct {
 	// deleted and two attaches never race for one pin. Calls on different
 	// netns run in parallel: a burst of CNI ADDs does not queue on one lock
 	// for whole attaches (the kernel still takes rtnl for each tcx attach).
-	pods netnsLocks
+	pods keyedlock.Locks[uint64]
 	// nodeMu orders node-wide repairs (they replace links).
 	nodeMu sync.Mutex
 	// rules finds each pod's rule keys without walking the maps.

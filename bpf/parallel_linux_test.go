@@ -183,7 +183,7 @@ func TestAttachRepairDeleteConcurrently(t *testing.T) {
 			checkAttached(t, c, p)
 		}
 	}
-	if n := c.pods.len(); n != 0 {
+	if n := c.pods.Len(); n != 0 {
 		t.Errorf("%d netns locks kept after every call returned", n)
 	}
 }

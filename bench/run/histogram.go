@@ -1,6 +1,7 @@
 package run
 
 import (
+	"cmp"
 	"fmt"
 	"math"
 	"slices"
@@ -29,7 +30,7 @@ func histogramQuantile(q float64, in []bucket) (quantile, bool) {
 		return quantile{}, false
 	}
 	bs := slices.Clone(in)
-	slices.SortFunc(bs, func(a, b bucket) int { return cmpFloat(a.le, b.le) })
+	slices.SortFunc(bs, func(a, b bucket) int { return cmp.Compare(a.le, b.le) })
 	last := len(bs) - 1
 	if !math.IsInf(bs[last].le, 1) {
 		return quantile{}, false
@@ -42,7 +43,7 @@ func histogramQuantile(q float64, in []bucket) (quantile, bool) {
 		return quantile{}, false
 	}
 	rank := q * total
-	b, _ := slices.BinarySearchFunc(bs[:last], rank, func(x bucket, r float64) int { return cmpFloat(x.count, r) })
+	b, _ := slices.BinarySearchFunc(bs[:last], rank, func(x bucket, r float64) int { return cmp.Compare(x.count, r) })
 	if b == last {
 		return quantile{value: bs[last-1].le, lo: bs[last-1].le, hi: math.Inf(1)}, true
 	}
@@ -59,16 +60,6 @@ func histogramQuantile(q float64, in []bucket) (quantile, bool) {
 		return quantile{value: lo, lo: lo, hi: hi}, true
 	}
 	return quantile{value: lo + (hi-lo)*(rank-prev)/n, lo: lo, hi: hi}, true
-}
-
-func cmpFloat(a, b float64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // bucketsDelta is after minus before, bucket by bucket (the observations
