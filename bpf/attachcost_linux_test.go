@@ -8,7 +8,6 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -38,22 +37,13 @@ func newAttachNode(tb testing.TB, n int) (*Capture, []podNetns) {
 		tb.Fatal(err)
 	}
 	cg := testenv.Cgroup(tb, mnt, "sidelane-test-")
-	var st unix.Statfs_t
-	if err := unix.Statfs("/sys/fs/bpf", &st); err != nil || st.Type != unix.BPF_FS_MAGIC {
-		testenv.SkipOrFail(tb, "/sys/fs/bpf is not a bpffs mount")
-	}
-	pinDir := filepath.Join("/sys/fs/bpf", testenv.UniqueName("sidelane-test-"))
-	c, err := Load(Config{Cgroup: cg, PinDir: pinDir})
+	c, err := Load(Config{Cgroup: cg, PinDir: testPinDir(tb)})
 	if err != nil {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() {
 		if err := c.Uninstall(); err != nil {
 			tb.Errorf("uninstall: %v", err)
-		}
-		if _, err := os.Stat(pinDir); err == nil {
-			tb.Errorf("pin dir %s left behind", pinDir)
-			os.RemoveAll(pinDir)
 		}
 	})
 	pods := make([]podNetns, n)

@@ -27,7 +27,7 @@ func testCgroup(t *testing.T) string {
 	return testenv.Cgroup(t, mnt, "sidelane-test-")
 }
 
-func testPinDir(t *testing.T) string {
+func testPinDir(t testing.TB) string {
 	t.Helper()
 	var st unix.Statfs_t
 	if err := unix.Statfs("/sys/fs/bpf", &st); err != nil || st.Type != unix.BPF_FS_MAGIC {

@@ -185,17 +185,7 @@ func newEnvOpts(t *testing.T, o envOpts) *env {
 	}
 	t.Cleanup(func() { unix.Close(e.cgfd) })
 
-	var st unix.Statfs_t
-	if err := unix.Statfs("/sys/fs/bpf", &st); err != nil || st.Type != unix.BPF_FS_MAGIC {
-		testenv.SkipOrFail(t, "/sys/fs/bpf is not a bpffs mount")
-	}
-	e.pinDir = filepath.Join("/sys/fs/bpf", testenv.UniqueName("sidelane-test-"))
-	t.Cleanup(func() {
-		if _, err := os.Stat(e.pinDir); err == nil {
-			t.Errorf("pin dir %s left behind", e.pinDir)
-			os.RemoveAll(e.pinDir)
-		}
-	})
+	e.pinDir = testPinDir(t)
 
 	e.podNS, e.remNS = testenv.UniqueName("slpod"), testenv.UniqueName("slrem")
 	for _, n := range []string{e.podNS, e.remNS} {
