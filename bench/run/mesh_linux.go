@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -92,6 +93,8 @@ type Mesh struct {
 	remote   *podnet.Net
 	benchBin string
 	log      *slog.Logger
+	// pin puts each pod's processes on a fixed core (see serverCPU).
+	pin bool
 	// cgroupRoot is the bench's cgroup v2 subtree: one child per contender
 	// and node.
 	cgroupRoot string
@@ -107,8 +110,21 @@ type MeshConfig struct {
 	// Shortcut is the agent's default of --enable-shortcut: sidelane-ebpf
 	// runs with it, the other setting is measured as its own contender.
 	Shortcut bool
-	Log      *slog.Logger
+	// PinCPUs runs every client pod's processes (app and sidecar) on core
+	// 0 and every server pod's on core 1 (node proxies: node 2's on 0,
+	// node 1's on 1), the same for every contender. Unpinned, where the
+	// scheduler puts a pipeline's four processes changes from batch to
+	// batch, and stream throughput with it (bimodal batches, see the
+	// README). Ignored on a machine with fewer than two cores.
+	PinCPUs bool
+	Log     *slog.Logger
 }
+
+// The cores of a pinned mesh.
+const (
+	clientCPU = "0"
+	serverCPU = "1"
+)
 
 // AltEBPF is the name of the eBPF contender with the non-default shortcut
 // setting.
@@ -125,7 +141,8 @@ func AltEBPF(shortcutDefault bool) string {
 // cgroup; eBPF ones get their own pin dir.
 func NewMesh(tb podnet.TB, cfg MeshConfig) *Mesh {
 	tb.Helper()
-	m := &Mesh{tb: tb, net: podnet.New(tb), benchBin: cfg.BenchBin, log: cfg.Log, Pending: map[string]string{}}
+	m := &Mesh{tb: tb, net: podnet.New(tb), benchBin: cfg.BenchBin, log: cfg.Log, Pending: map[string]string{},
+		pin: cfg.PinCPUs && runtime.NumCPU() >= 2}
 	mnt, err := bpf.CgroupV2Mount()
 	if err != nil {
 		tb.Fatalf("cgroup v2: %v", err)
@@ -306,6 +323,12 @@ func (m *Mesh) newPod(net *podnet.Net, c *Contender, prefix string, annotations 
 	tb := m.tb
 	tb.Helper()
 	p := &Pod{NS: net.Add(prefix), Cgroup: c.Cgroup}
+	if m.pin {
+		p.NS.CPUs = clientCPU
+		if prefix == serverPrefix {
+			p.NS.CPUs = serverCPU
+		}
+	}
 	// Connection churn would run out of ports in TIME_WAIT otherwise.
 	podnet.Run(tb, "ip", "netns", "exec", p.NS.Name, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=20000 65000")
 	if c.Sidecar {
@@ -358,11 +381,15 @@ func startExplicitSidecar(tb podnet.TB, ns *podnet.NS, sc podnet.Sidecar, up net
 	ns.StartListening(tb, sc.Cgroup, []string{fmt.Sprintf("0.0.0.0:%d", sc.OutPort), fmt.Sprintf("0.0.0.0:%d", sc.InPort)}, "haproxy", "-db", "-f", path)
 }
 
+// serverPrefix names server pods' netns (clients: "bc", cross-node "br",
+// exclusion scenarios "bx").
+const serverPrefix = "bs"
+
 // NewPair makes c's server pod (and starts the server), then its client.
 func (m *Mesh) NewPair(c *Contender) *Pair {
 	tb := m.tb
 	tb.Helper()
-	pr := &Pair{C: c, Server: m.NewPod(c, "bs", nil)}
+	pr := &Pair{C: c, Server: m.NewPod(c, serverPrefix, nil)}
 	// Go listens on 0.0.0.0 with a dual-stack socket, which ss shows as *:port.
 	pr.Server.NS.StartListening(tb, pr.Server.Cgroup, []string{fmt.Sprintf(":%d", serverPort)},
 		m.benchBin, "serve", "-listen", fmt.Sprintf("0.0.0.0:%d", serverPort))

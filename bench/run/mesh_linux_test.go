@@ -2,8 +2,10 @@ package run
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net/netip"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -29,7 +31,7 @@ func TestContendersCapture(t *testing.T) {
 		t.Fatalf("build sidelane-bench: %v\n%s", err, out)
 	}
 	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	m := NewMesh(t, MeshConfig{BenchBin: bin, PilotAgent: testenv.RequireTool(t, "pilot-agent"), Log: log})
+	m := NewMesh(t, MeshConfig{BenchBin: bin, PilotAgent: testenv.RequireTool(t, "pilot-agent"), PinCPUs: true, Log: log})
 	if len(m.Pending) > 0 {
 		t.Fatalf("contenders not set up: %v", m.Pending)
 	}
@@ -63,6 +65,14 @@ func TestContendersCapture(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer sess.Close()
+			// Pinned as make bench runs it: the client's process (ip netns
+			// exec, then taskset, then the client, one pid) is on the
+			// client core only.
+			if m.pin {
+				if got := cpusAllowed(t, sess.cmd.Process.Pid); got != clientCPU {
+					t.Fatalf("session client on cores %q, want %q", got, clientCPU)
+				}
+			}
 			for _, cmd := range []string{"rr 50", "stream 20ms", "bogus", "crr 50ms 2", "rr 20"} {
 				res, err := sess.Do(cmd)
 				if cmd == "bogus" {
@@ -151,4 +161,32 @@ func TestParseFrontendSessions(t *testing.T) {
 			t.Errorf("no error for %q", bad)
 		}
 	}
+}
+
+// cpusAllowed is /proc/<pid>/status's Cpus_allowed_list, after the
+// process has exec'd past ip netns exec and taskset.
+func cpusAllowed(t *testing.T, pid int) string {
+	t.Helper()
+	var last string
+	for range 100 {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var name string
+		for _, l := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, "Name:"); ok {
+				name = strings.TrimSpace(v)
+			}
+			if v, ok := strings.CutPrefix(l, "Cpus_allowed_list:"); ok {
+				last = strings.TrimSpace(v)
+			}
+		}
+		if name == "sidelane-bench" {
+			return last
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("pid %d never became sidelane-bench (cores %q)", pid, last)
+	return ""
 }

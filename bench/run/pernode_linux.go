@@ -22,6 +22,7 @@ import (
 type benchNodeProxy struct {
 	router, cgroup, dir string
 	gw                  string
+	cpus                string // podnet.NodeProxy.CPUs
 	Stats               string
 	files               []*os.File // inbound listeners, one per pod
 	proc                *podnet.NodeProxyProc
@@ -47,6 +48,13 @@ func (m *Mesh) addPerNode(tb podnet.TB, net *podnet.Net, n int) (*Contender, err
 	dp := ebpf.New(l.capture, m.log)
 	dp.SetNodeInboundPort(capture.InboundPort)
 	np := &benchNodeProxy{router: net.Router(), cgroup: l.cgroup, dir: tb.TempDir(), gw: net.Gateway4().String()}
+	if m.pin {
+		// Node 1 holds the servers, node 2 only cross-node clients.
+		np.cpus = serverCPU
+		if n == 2 {
+			np.cpus = clientCPU
+		}
+	}
 	np.Stats = filepath.Join(np.dir, "stats.sock")
 	tb.Cleanup(np.stop)
 	return &Contender{Name: report.PerNode, Cgroup: l.cgroup, nodeProxy: np,
@@ -75,7 +83,7 @@ func (np *benchNodeProxy) restart() error {
 	}
 	var out podnet.Buffer
 	proc, err := podnet.StartNodeProxy(np.router, np.cgroup, filepath.Join(np.dir, "node-proxy.cfg"),
-		podnet.NodeProxy{Addr: np.gw, OutPort: capture.OutboundPort, Inbound: names, StatsSocket: np.Stats}, np.files, &out)
+		podnet.NodeProxy{Addr: np.gw, OutPort: capture.OutboundPort, Inbound: names, StatsSocket: np.Stats, CPUs: np.cpus}, np.files, &out)
 	if err != nil {
 		return fmt.Errorf("%w: %s", err, out.String())
 	}

@@ -28,6 +28,9 @@ type Config struct {
 
 	// Only lists the scenarios to run (-only); empty: all.
 	Only []string
+	// PinCPUs pins the traffic scenarios' pods to fixed cores
+	// (MeshConfig.PinCPUs).
+	PinCPUs bool
 }
 
 // Runner runs one benchmark session.

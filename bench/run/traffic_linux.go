@@ -25,7 +25,8 @@ import (
 // the intervals are made of. See the README (Performance) for how the
 // counts were chosen.
 type sizes struct {
-	reps        int
+	reps        int // rounds of rr
+	streamReps  int // rounds of stream
 	crrReps     int // rounds of crr: fewer, each stalled eBPF connection costs 5 s here (see README)
 	rrCount     int // round trips per round (rr_64k: a quarter)
 	stream, crr time.Duration
@@ -36,10 +37,10 @@ type sizes struct {
 
 func (r *Runner) sizes() sizes {
 	if r.cfg.Quick {
-		return sizes{reps: 20, crrReps: 4, rrCount: 100, stream: 20 * time.Millisecond, crr: 80 * time.Millisecond,
+		return sizes{reps: 20, streamReps: 20, crrReps: 4, rrCount: 100, stream: 20 * time.Millisecond, crr: 80 * time.Millisecond,
 			exclReps: 3, connects: 200, exclusions: []int{10, 1000, 10000}}
 	}
-	return sizes{reps: 200, crrReps: 12, rrCount: 200, stream: 40 * time.Millisecond, crr: 200 * time.Millisecond,
+	return sizes{reps: 500, streamReps: 400, crrReps: 24, rrCount: 200, stream: 40 * time.Millisecond, crr: 200 * time.Millisecond,
 		exclReps: 40, connects: 500, exclusions: []int{10, 1000, 10000}}
 }
 
@@ -73,7 +74,12 @@ func (r *Runner) traffic(ctx context.Context) error {
 	alt := AltEBPF(shortcut)
 	r.res.Alternatives = []string{alt}
 	r.res.Machine["sidelane-ebpf"] = fmt.Sprintf("the agent's defaults (--%s=%v, read from `sidelane agent -h`); %s is the other setting", ShortcutFlag, shortcut, alt)
-	m := NewMesh(tb, MeshConfig{BenchBin: r.cfg.BenchBin, PilotAgent: filepath.Join(r.cfg.ToolBin, "pilot-agent"), Shortcut: shortcut, Log: r.log})
+	m := NewMesh(tb, MeshConfig{BenchBin: r.cfg.BenchBin, PilotAgent: filepath.Join(r.cfg.ToolBin, "pilot-agent"), Shortcut: shortcut,
+		PinCPUs: r.cfg.PinCPUs, Log: r.log})
+	r.res.Machine["pinning"] = "none"
+	if m.pin {
+		r.res.Machine["pinning"] = "client pods (app, sidecar) and node 2's node proxy on core " + clientCPU + ", server pods and node 1's node proxy on core " + serverCPU
+	}
 	var pairs []*Pair
 	for _, c := range m.Contenders {
 		var pr *Pair
@@ -231,7 +237,7 @@ func (r *Runner) traffic(ctx context.Context) error {
 		size int
 	}{{"stream_1k", 1024}, {"stream_64k", 65536}} {
 		v := reps{}
-		ok := each(s.name, sz.reps, s.size, pairs, "stream "+sz.stream.String(), func(pr *Pair, res ClientResult) error {
+		ok := each(s.name, sz.streamReps, s.size, pairs, "stream "+sz.stream.String(), func(pr *Pair, res ClientResult) error {
 			add(v, pr.C.Name, "MBps", res.BytesPerSec/1e6)
 			if mb := res.BytesPerSec * res.WindowSec / 1e6; res.CPUUsec > 0 && mb > 0 {
 				add(v, pr.C.Name, report.MetricCPU, res.CPUUsec/mb)

@@ -216,6 +216,7 @@ func runBench(ctx context.Context, args []string) error {
 	out := fs.String("out", "bench/out", "output directory")
 	bin := fs.String("bin", "bin", "directory of the sidelane binaries")
 	only := fs.String("only", "", "comma-separated scenarios to run (traffic, cni_burst_100, cni_sequential_20, footprint, policy_update, policy_to_istiod); empty: all")
+	pin := fs.Bool("pin-cpus", true, "traffic scenarios: client pods on core 0, server pods on core 1 (fixed placement, steadier batches)")
 	tools := fs.String("tools", filepath.Join(os.Getenv("HOME"), ".cache", "sidelane", "bin"), "directory of the reference CNI plugins and pilot-agent")
 	_ = fs.Parse(args)
 	if os.Geteuid() != 0 {
@@ -227,5 +228,5 @@ func runBench(ctx context.Context, args []string) error {
 	}
 	abs := func(p string) string { a, _ := filepath.Abs(p); return a }
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-	return run.New(run.Config{Quick: *quick, OutDir: abs(*out), SidelaneBin: abs(*bin), ToolBin: abs(*tools), BenchBin: self, Only: run.ParseOnly(*only)}, log).Run(ctx)
+	return run.New(run.Config{Quick: *quick, OutDir: abs(*out), SidelaneBin: abs(*bin), ToolBin: abs(*tools), BenchBin: self, Only: run.ParseOnly(*only), PinCPUs: *pin}, log).Run(ctx)
 }

@@ -54,7 +54,7 @@ func StartNodeProxy(netns, cgroup, cfgPath string, np NodeProxy, inbound []*os.F
 	if err := os.WriteFile(cfgPath, []byte(NodeProxyConfig(np)), 0o644); err != nil {
 		return nil, err
 	}
-	cmd := exec.Command("ip", "netns", "exec", netns, "haproxy", "-db", "-f", cfgPath)
+	cmd := exec.Command("ip", append(append([]string{"netns", "exec", netns}, Pinned(np.CPUs)...), "haproxy", "-db", "-f", cfgPath)...)
 	cmd.ExtraFiles = inbound
 	cmd.Stdout, cmd.Stderr = out, out
 	closeCg, err := InCgroup(cmd, cgroup)

@@ -69,6 +69,10 @@ type NS struct {
 	// IP4 and IP6 are the addresses of its eth0 (IP4 is invalid in an
 	// IPv6-only namespace).
 	IP4, IP6 netip.Addr
+	// CPUs, when set, is where Command runs its programs (Pinned): the
+	// benchmarks pin each pod's processes so a run's placement on the
+	// cores does not change from batch to batch.
+	CPUs string
 }
 
 // Run runs cmd and fails the test with its output when it fails.
@@ -224,9 +228,20 @@ func (s *NS) Listen(t TB, network, addr string) net.Listener {
 	return l
 }
 
-// Command returns cmd set to run inside s (`ip netns exec`).
+// Command returns cmd set to run inside s (`ip netns exec`), on s.CPUs
+// when set.
 func (s *NS) Command(ctx context.Context, name string, args ...string) *exec.Cmd {
-	return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", s.Name, name}, args...)...)
+	return exec.CommandContext(ctx, "ip", append(append([]string{"netns", "exec", s.Name}, Pinned(s.CPUs)...), append([]string{name}, args...)...)...)
+}
+
+// Pinned is the command prefix that runs a program on cpus (taskset's
+// list, "0" or "0,1"), inherited by every thread and child it makes;
+// none when cpus is empty.
+func Pinned(cpus string) []string {
+	if cpus == "" {
+		return nil
+	}
+	return []string{"taskset", "-c", cpus}
 }
 
 // DialAs connects from inside s to addr with a socket owned by uid/gid,
@@ -459,7 +474,8 @@ type NodeProxy struct {
 	OutPort        uint16
 	Inbound        []string // frontend name suffix per inherited listener
 	StatsSocket    string
-	LogConnections bool // as Sidecar.LogConnections
+	LogConnections bool   // as Sidecar.LogConnections
+	CPUs           string // as NS.CPUs
 }
 
 // NodeProxyConfig is the node proxy stand-in's haproxy config.
