@@ -12,6 +12,7 @@ import (
 	"io"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 )
@@ -114,10 +115,25 @@ type RRConn struct {
 	buf []byte
 }
 
+// Network splits an address into net.Dial's network and address:
+// "unix:PATH" is a Unix stream socket (the bench's transport floor),
+// anything else TCP.
+func Network(addr string) (network, address string) {
+	if p, ok := strings.CutPrefix(addr, "unix:"); ok {
+		return "unix", p
+	}
+	return "tcp", addr
+}
+
+func dial(ctx context.Context, d *net.Dialer, addr string) (net.Conn, error) {
+	network, address := Network(addr)
+	return d.DialContext(ctx, network, address)
+}
+
 // DialRR connects to addr for size-byte round trips.
 func DialRR(ctx context.Context, addr string, size int) (*RRConn, error) {
 	var d net.Dialer
-	c, err := d.DialContext(ctx, "tcp", addr)
+	c, err := dial(ctx, &d, addr)
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", addr, err)
 	}
@@ -177,7 +193,7 @@ func RR(ctx context.Context, addr string, size, warmup, count int, w Window) ([]
 // second the server confirmed receiving.
 func Stream(ctx context.Context, addr string, writeSize int, d time.Duration, w Window) (float64, error) {
 	var dialer net.Dialer
-	c, err := dialer.DialContext(ctx, "tcp", addr)
+	c, err := dial(ctx, &dialer, addr)
 	if err != nil {
 		return 0, fmt.Errorf("dial %s: %w", addr, err)
 	}
@@ -193,8 +209,8 @@ func Stream(ctx context.Context, addr string, writeSize int, d time.Duration, w 
 			return 0, err
 		}
 	}
-	if tc, ok := c.(*net.TCPConn); ok {
-		_ = tc.CloseWrite()
+	if hc, ok := c.(interface{ CloseWrite() error }); ok {
+		_ = hc.CloseWrite()
 	}
 	var n [8]byte
 	if _, err := io.ReadFull(c, n[:]); err != nil {
@@ -254,7 +270,7 @@ func CRR(ctx context.Context, addr string, size, parallel int, d time.Duration, 
 
 func once(ctx context.Context, addr string, buf []byte) error {
 	var d net.Dialer
-	c, err := d.DialContext(ctx, "tcp", addr)
+	c, err := dial(ctx, &d, addr)
 	if err != nil {
 		return err
 	}
@@ -302,7 +318,7 @@ func Connect(ctx context.Context, addr string, count int) ([]time.Duration, erro
 	buf := []byte{1}
 	for range count {
 		t0 := time.Now()
-		c, err := d.DialContext(ctx, "tcp", addr)
+		c, err := dial(ctx, &d, addr)
 		if err != nil {
 			return nil, fmt.Errorf("dial %s: %w", addr, err)
 		}

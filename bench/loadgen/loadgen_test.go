@@ -3,6 +3,7 @@ package loadgen
 import (
 	"context"
 	"net"
+	"path/filepath"
 	"testing"
 	"time"
 )
@@ -12,11 +13,36 @@ func TestLoadgenOverLoopback(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	testLoadgen(t, ln, ln.Addr().String())
+}
+
+// The transport floor's apps speak the same protocol over Unix sockets.
+func TestLoadgenOverUnixSocket(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "app.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	testLoadgen(t, ln, "unix:"+path)
+}
+
+func TestNetwork(t *testing.T) {
+	for addr, want := range map[string][2]string{
+		"10.0.0.1:8080":    {"tcp", "10.0.0.1:8080"},
+		"unix:/run/x.sock": {"unix", "/run/x.sock"},
+		"[::1]:80":         {"tcp", "[::1]:80"},
+	} {
+		if n, a := Network(addr); n != want[0] || a != want[1] {
+			t.Errorf("Network(%q) = %q, %q, want %q", addr, n, a, want)
+		}
+	}
+}
+
+func testLoadgen(t *testing.T, ln net.Listener, addr string) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error)
 	go func() { done <- Serve(ctx, ln) }()
 	defer func() { cancel(); <-done }()
-	addr := ln.Addr().String()
 	// Every run opens and closes its measured window exactly once.
 	var begins, ends int
 	w := Window{Begin: func() { begins++ }, End: func() { ends++ }}

@@ -62,6 +62,12 @@ type Results struct {
 	// Ratios are the fixed ratios, for the default configuration.
 	Ratios              map[string]Ratio            `json:"ratios"`
 	OtherConfigurations map[string]map[string]Ratio `json:"other_configurations,omitempty"`
+	// Floors are the traffic ratios recomputed with a reference
+	// contender's figures in sidelane-ebpf's place (FloorContenders): what
+	// a capture (or transport) that cost exactly as much would score, so a
+	// target even the reference misses is told apart from one sidelane
+	// misses.
+	Floors map[string]map[string]Ratio `json:"floors,omitempty"`
 	// CPU is CPU time per transaction of each contender relative to
 	// istio-iptables, per scenario: scenario -> contender -> ratio.
 	CPU map[string]map[string]Ratio `json:"cpu_vs_istio_iptables,omitempty"`
@@ -133,6 +139,7 @@ type ratioDef struct {
 const (
 	NoMesh           = "nomesh"
 	Explicit         = "explicit-proxy"
+	ExplicitUnix     = "explicit-unix"
 	IstioIptables    = "istio-iptables"
 	IstioNFTables    = "istio-nftables"
 	SidelaneIptables = "sidelane-iptables"
@@ -143,6 +150,14 @@ const (
 	Sidelane         = "sidelane"
 	Chain            = "chain"
 )
+
+// FloorContenders are the references for what any capture keeping both
+// haproxy sidecars can reach: explicit-proxy (no capture, TCP between
+// the hops: a floor for capture methods) and explicit-unix (no capture
+// and no TCP/IP at all, Unix sockets between the same processes: the
+// transport's cost removed, as a shortcut tries to; not a strict floor,
+// an sk_msg redirect of a small message can be cheaper).
+var FloorContenders = []string{Explicit, ExplicitUnix}
 
 // MetricCPU is CPU time (user + system of the contender's pods and
 // proxies) per transaction: per round trip (rr), per connection (crr),
@@ -241,6 +256,21 @@ func (r *Results) ComputeRatios() {
 			r.OtherConfigurations = map[string]map[string]Ratio{}
 		}
 		r.OtherConfigurations[alt] = r.ratiosFor(alt)
+	}
+	r.Floors = nil
+	for _, fl := range FloorContenders {
+		for name, ra := range r.ratiosFor(fl) {
+			if ra.Pending != "" || strings.HasPrefix(name, "capture_overhead") {
+				continue // not measured for floors (exclusions), or a floor against itself
+			}
+			if r.Floors == nil {
+				r.Floors = map[string]map[string]Ratio{}
+			}
+			if r.Floors[fl] == nil {
+				r.Floors[fl] = map[string]Ratio{}
+			}
+			r.Floors[fl][name] = ra
+		}
 	}
 	r.CPU = nil
 	for _, f := range r.Figures {
@@ -371,6 +401,19 @@ func (r *Results) WriteMarkdown(w io.Writer) error {
 			}
 		}
 		writeRatios(&b, r.OtherConfigurations[alt], names)
+	}
+	for _, fl := range FloorContenders {
+		if len(r.Floors[fl]) == 0 {
+			continue
+		}
+		fmt.Fprintf(&b, "\n## Reference: %s in %s's place (what a capture costing exactly as much would score)\n\n", fl, SidelaneEBPF)
+		var names []string
+		for _, n := range RatioNames() {
+			if _, ok := r.Floors[fl][n]; ok {
+				names = append(names, n)
+			}
+		}
+		writeRatios(&b, r.Floors[fl], names)
 	}
 	if len(r.CPU) > 0 {
 		scen := slices.Sorted(maps.Keys(r.CPU))

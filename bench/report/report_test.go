@@ -68,3 +68,36 @@ func TestZeroDenominatorIsPending(t *testing.T) {
 		t.Fatalf("%+v", v)
 	}
 }
+
+// A floor's row is the headline ratio with the floor's figures in
+// sidelane-ebpf's place, only for what the floor measured.
+func TestFloors(t *testing.T) {
+	r := &Results{}
+	r.Add("stream_64k", IstioIptables, "MBps", 800, "MB/s")
+	r.Add("stream_64k", SidelaneEBPF, "MBps", 900, "MB/s")
+	r.Add("stream_64k", Explicit, "MBps", 1000, "MB/s")
+	r.Add("stream_64k", ExplicitUnix, "MBps", 1200, "MB/s")
+	r.Add("rr_1k", NoMesh, "p50us", 20, "us")
+	r.Add("rr_1k", IstioIptables, "p50us", 100, "us")
+	r.Add("rr_1k", Explicit, "p50us", 90, "us")
+	r.ComputeRatios()
+	if v := r.Floors[ExplicitUnix]["stream_64k_ratio"]; v.Value == nil || *v.Value != 1.5 || *v.Met {
+		t.Errorf("unix floor stream_64k = %+v, want 1.5, not met (>= 2)", v)
+	}
+	if v := r.Floors[Explicit]["rr_1k_added_latency_ratio"]; v.Value == nil || *v.Value != 0.875 {
+		t.Errorf("explicit floor added latency = %+v, want 0.875", v)
+	}
+	if _, ok := r.Floors[ExplicitUnix]["rr_1k_added_latency_ratio"]; ok {
+		t.Error("unix floor has a ratio it did not measure")
+	}
+	if _, ok := r.Floors[Explicit]["capture_overhead_ratio"]; ok {
+		t.Error("a floor's overhead against itself is listed")
+	}
+	var md bytes.Buffer
+	if err := r.WriteMarkdown(&md); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(md.String(), "## Reference: explicit-unix") || !strings.Contains(md.String(), "| stream_64k_ratio | 1.500 |") {
+		t.Errorf("results.md lacks the unix floor:\n%s", md.String())
+	}
+}

@@ -45,6 +45,10 @@ type Contender struct {
 	// explicit: the sidecars proxy to fixed upstreams and apps dial their
 	// own sidecar (no capture at all): the floor of any capture.
 	explicit bool
+	// unix: explicit, and every hop a Unix stream socket (app -> client
+	// sidecar -> server sidecar -> app): no TCP/IP at all, the floor of
+	// any transport between these two proxies (a shortcut included).
+	unix bool
 	// Cgroup is where its pods' processes run: a cgroup of its own under
 	// the bench's subtree, for CPU accounting (and eBPF attachment).
 	Cgroup string
@@ -75,6 +79,9 @@ type Pod struct {
 	NS     *podnet.NS
 	Stats  string
 	Cgroup string
+	// Dir holds the Unix sockets of a unix contender's pod: out.sock and
+	// in.sock (its sidecar's listeners), app.sock (a server's app).
+	Dir string
 }
 
 // Pair is a contender's client pod and server pod, with the server running.
@@ -160,6 +167,7 @@ func NewMesh(tb podnet.TB, cfg MeshConfig) *Mesh {
 	m.net.Join(m.remote)
 	m.Contenders = append(m.Contenders, &Contender{Name: report.NoMesh, Cgroup: m.cgroup(report.NoMesh)})
 	m.Contenders = append(m.Contenders, &Contender{Name: report.Explicit, Sidecar: true, explicit: true, Cgroup: m.cgroup(report.Explicit)})
+	m.Contenders = append(m.Contenders, &Contender{Name: report.ExplicitUnix, Sidecar: true, explicit: true, unix: true, Cgroup: m.cgroup(report.ExplicitUnix)})
 	if _, err := os.Stat(cfg.PilotAgent); err == nil {
 		m.Contenders = append(m.Contenders,
 			&Contender{Name: report.IstioIptables, Sidecar: true, Cgroup: m.cgroup(report.IstioIptables), install: istioInstall(cfg.PilotAgent)},
@@ -300,7 +308,7 @@ func enroll(tb podnet.TB, dp enroller, p *Pod, ann map[string]string, mode strin
 // NewPod adds a pod for c on the node: its namespace, its sidecar, its
 // capture.
 func (m *Mesh) NewPod(c *Contender, prefix string, annotations map[string]string) *Pod {
-	return m.newPod(m.net, c, prefix, annotations, netip.AddrPort{})
+	return m.newPod(m.net, c, prefix, annotations, nil)
 }
 
 // NewRemoteClient is a client pod for pr's contender on the other node,
@@ -310,7 +318,10 @@ func (m *Mesh) NewRemoteClient(pr *Pair) *Pair {
 	if c.remote != nil {
 		c = c.remote
 	}
-	return &Pair{C: pr.C, ClientC: c, Client: m.newPod(m.remote, c, "br", nil, upstream(pr.Server)), Server: pr.Server}
+	if c.unix {
+		m.tb.Fatalf("%s: Unix sockets do not cross nodes", c.Name)
+	}
+	return &Pair{C: pr.C, ClientC: c, Client: m.newPod(m.remote, c, "br", nil, pr.Server), Server: pr.Server}
 }
 
 // upstream is where an explicit-proxy client's sidecar sends everything:
@@ -319,7 +330,9 @@ func upstream(server *Pod) netip.AddrPort {
 	return netip.AddrPortFrom(server.NS.IP4, capture.InboundPort)
 }
 
-func (m *Mesh) newPod(net *podnet.Net, c *Contender, prefix string, annotations map[string]string, up netip.AddrPort) *Pod {
+// newPod makes a pod of c; server, when set, is the pod an explicit
+// contender's sidecar sends everything to.
+func (m *Mesh) newPod(net *podnet.Net, c *Contender, prefix string, annotations map[string]string, server *Pod) *Pod {
 	tb := m.tb
 	tb.Helper()
 	p := &Pod{NS: net.Add(prefix), Cgroup: c.Cgroup}
@@ -335,9 +348,21 @@ func (m *Mesh) newPod(net *podnet.Net, c *Contender, prefix string, annotations 
 		p.Stats = filepath.Join(tb.TempDir(), "stats.sock")
 		sc := podnet.Sidecar{UID: proxyUID, GID: proxyUID, OutPort: capture.OutboundPort, InPort: capture.InboundPort,
 			Cgroup: c.Cgroup, StatsSocket: p.Stats}
-		if c.explicit {
+		switch {
+		case c.unix:
+			p.Dir = socketDir(tb)
+			up := ""
+			if server != nil {
+				up = server.Dir
+			}
+			startUnixSidecar(tb, p, sc, up)
+		case c.explicit:
+			up := netip.AddrPort{}
+			if server != nil {
+				up = upstream(server)
+			}
 			startExplicitSidecar(tb, p.NS, sc, up)
-		} else {
+		default:
 			p.NS.StartSidecar(tb, sc)
 		}
 	}
@@ -368,6 +393,74 @@ func explicitConfig(sc podnet.Sidecar, up netip.AddrPort) (string, error) {
 	return cfg, nil
 }
 
+// socketDir is a directory for a pod's Unix sockets that the proxy uid
+// can reach (a test's TempDir is not: its parent is 0700).
+func socketDir(tb podnet.TB) string {
+	dir, err := os.MkdirTemp("", "sidelane-bench-sock-")
+	if err == nil {
+		err = os.Chmod(dir, 0o755)
+	}
+	if err != nil {
+		tb.Fatalf("socket dir: %v", err)
+	}
+	tb.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+// unixConfig is explicitConfig over Unix sockets: the sidecar listens on
+// dir/out.sock and dir/in.sock, sends outbound to upDir/in.sock (the
+// server's sidecar; none for a server pod) and inbound to dir/app.sock.
+func unixConfig(sc podnet.Sidecar, dir, upDir string) (string, error) {
+	cfg := podnet.HAProxyConfig(sc)
+	up := "unix@" + filepath.Join(dir, "none.sock") // a server pod's sidecar sends nothing out
+	if upDir != "" {
+		up = "unix@" + filepath.Join(upDir, "in.sock")
+	}
+	for _, r := range []struct{ old, new string }{
+		{fmt.Sprintf("frontend outbound\n  bind 0.0.0.0:%d\n", sc.OutPort), fmt.Sprintf("frontend outbound\n  bind unix@%s mode 666\n", filepath.Join(dir, "out.sock"))},
+		{fmt.Sprintf("frontend inbound\n  bind 0.0.0.0:%d\n", sc.InPort), fmt.Sprintf("frontend inbound\n  bind unix@%s mode 666\n", filepath.Join(dir, "in.sock"))},
+		{"backend orig_out\n  server orig 0.0.0.0\n", fmt.Sprintf("backend orig_out\n  server orig %s\n", up)},
+		{"backend orig_in\n  server orig 0.0.0.0 source 127.0.0.6\n", fmt.Sprintf("backend orig_in\n  server orig unix@%s\n", filepath.Join(dir, "app.sock"))},
+	} {
+		if !strings.Contains(cfg, r.old) {
+			return "", fmt.Errorf("sidecar config lacks %q", r.old)
+		}
+		cfg = strings.Replace(cfg, r.old, r.new, 1)
+	}
+	return cfg, nil
+}
+
+func startUnixSidecar(tb podnet.TB, p *Pod, sc podnet.Sidecar, upDir string) {
+	tb.Helper()
+	cfg, err := unixConfig(sc, p.Dir, upDir)
+	if err != nil {
+		tb.Fatalf("unix sidecar: %v", err)
+	}
+	path := filepath.Join(tb.TempDir(), "haproxy.cfg")
+	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+		tb.Fatalf("write haproxy config: %v", err)
+	}
+	p.NS.StartListening(tb, sc.Cgroup, nil, "haproxy", "-db", "-f", path)
+	waitSockets(tb, filepath.Join(p.Dir, "out.sock"), filepath.Join(p.Dir, "in.sock"))
+}
+
+// waitSockets returns once every path exists (a Unix listener is bound).
+func waitSockets(tb podnet.TB, paths ...string) {
+	tb.Helper()
+	for _, path := range paths {
+		var err error
+		for range 400 {
+			if _, err = os.Stat(path); err == nil {
+				break
+			}
+			time.Sleep(25 * time.Millisecond)
+		}
+		if err != nil {
+			tb.Fatalf("not listening: %v", err)
+		}
+	}
+}
+
 func startExplicitSidecar(tb podnet.TB, ns *podnet.NS, sc podnet.Sidecar, up netip.AddrPort) {
 	tb.Helper()
 	cfg, err := explicitConfig(sc, up)
@@ -390,10 +483,16 @@ func (m *Mesh) NewPair(c *Contender) *Pair {
 	tb := m.tb
 	tb.Helper()
 	pr := &Pair{C: c, Server: m.NewPod(c, serverPrefix, nil)}
-	// Go listens on 0.0.0.0 with a dual-stack socket, which ss shows as *:port.
-	pr.Server.NS.StartListening(tb, pr.Server.Cgroup, []string{fmt.Sprintf(":%d", serverPort)},
-		m.benchBin, "serve", "-listen", fmt.Sprintf("0.0.0.0:%d", serverPort))
-	pr.Client = m.newPod(m.net, c, "bc", nil, upstream(pr.Server))
+	if c.unix {
+		app := filepath.Join(pr.Server.Dir, "app.sock")
+		pr.Server.NS.StartListening(tb, pr.Server.Cgroup, nil, m.benchBin, "serve", "-listen", "unix:"+app)
+		waitSockets(tb, app)
+	} else {
+		// Go listens on 0.0.0.0 with a dual-stack socket, which ss shows as *:port.
+		pr.Server.NS.StartListening(tb, pr.Server.Cgroup, []string{fmt.Sprintf(":%d", serverPort)},
+			m.benchBin, "serve", "-listen", fmt.Sprintf("0.0.0.0:%d", serverPort))
+	}
+	pr.Client = m.newPod(m.net, c, "bc", nil, pr.Server)
 	return pr
 }
 
@@ -401,6 +500,9 @@ func (m *Mesh) NewPair(c *Contender) *Pair {
 // would dial it (capture, if any, takes it from there), or, for the
 // explicit proxy, the client's own sidecar.
 func (pr *Pair) ServerAddr() string {
+	if pr.C.unix {
+		return "unix:" + filepath.Join(pr.Client.Dir, "out.sock")
+	}
 	if pr.C.explicit {
 		return netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), capture.OutboundPort).String()
 	}

@@ -35,7 +35,7 @@ func TestContendersCapture(t *testing.T) {
 	if len(m.Pending) > 0 {
 		t.Fatalf("contenders not set up: %v", m.Pending)
 	}
-	want := []string{report.NoMesh, report.Explicit, report.IstioIptables, report.IstioNFTables, report.SidelaneIptables,
+	want := []string{report.NoMesh, report.Explicit, report.ExplicitUnix, report.IstioIptables, report.IstioNFTables, report.SidelaneIptables,
 		report.SidelaneEBPF, AltEBPF(false), report.PerNode}
 	var got []string
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -47,8 +47,10 @@ func TestContendersCapture(t *testing.T) {
 			if err := m.CheckCaptured(ctx, pr); err != nil {
 				t.Fatal(err)
 			}
-			if err := m.CheckCaptured(ctx, m.NewRemoteClient(pr)); err != nil {
-				t.Fatalf("cross-node: %v", err)
+			if !c.unix {
+				if err := m.CheckCaptured(ctx, m.NewRemoteClient(pr)); err != nil {
+					t.Fatalf("cross-node: %v", err)
+				}
 			}
 			// The traffic subcommands work through the path.
 			res, err := m.Client(ctx, c, pr.Client, "crr", "-addr", pr.ServerAddr(), "-size", "1024", "-parallel", "2", "-duration", "100ms")
@@ -141,6 +143,25 @@ func TestExplicitConfig(t *testing.T) {
 	}
 	if strings.Contains(cfg, "0.0.0.0\n") || strings.Contains(cfg, "0.0.0.0 source") {
 		t.Errorf("config still proxies to an original destination:\n%s", cfg)
+	}
+}
+
+// The Unix floor's sidecar has no TCP listener or upstream left: every
+// hop is a socket file.
+func TestUnixConfig(t *testing.T) {
+	sc := podnet.Sidecar{UID: 1337, GID: 1337, OutPort: 15001, InPort: 15006}
+	cfg, err := unixConfig(sc, "/p/c", "/p/s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"bind unix@/p/c/out.sock mode 666\n", "bind unix@/p/c/in.sock mode 666\n",
+		"server orig unix@/p/s/in.sock\n", "server orig unix@/p/c/app.sock\n", "uid 1337"} {
+		if !strings.Contains(cfg, want) {
+			t.Errorf("config lacks %q:\n%s", want, cfg)
+		}
+	}
+	if strings.Contains(cfg, "0.0.0.0") {
+		t.Errorf("config still has a TCP address:\n%s", cfg)
 	}
 }
 

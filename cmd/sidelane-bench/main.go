@@ -74,8 +74,15 @@ func traffic(ctx context.Context, cmd string, args []string) error {
 	switch cmd {
 	case "serve":
 		var ln net.Listener
-		if ln, err = net.Listen("tcp", *listen); err != nil {
+		network, address := loadgen.Network(*listen)
+		if ln, err = net.Listen(network, address); err != nil {
 			return err
+		}
+		if network == "unix" {
+			// The server's sidecar connects as the proxy uid.
+			if err = os.Chmod(address, 0o666); err != nil {
+				return err
+			}
 		}
 		return loadgen.Serve(ctx, ln)
 	case "rr":
