@@ -99,7 +99,7 @@ func (r *Runner) traffic(ctx context.Context) error {
 	var remotes []*Pair
 	for _, pr := range pairs {
 		if pr.C.unix {
-			r.res.Skip("rr_1k_cross_node", pr.C.Name, "Unix sockets do not cross nodes (a same-node floor only)")
+			r.res.Skip("rr_1k_cross_node", pr.C.Name, "not applicable: Unix sockets do not cross nodes (a same-node reference)")
 			continue
 		}
 		var rp *Pair
