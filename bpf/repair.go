@@ -4,7 +4,7 @@ package bpf
 const (
 	RepairCgroupLink = "cgroup_link" // a cgroup program's bpf_link
 	RepairTCLink     = "tc_link"     // a pod's inbound tcx link
-	RepairNetnsLink  = "netns_link"  // a pod's time-wait lookup (sk_lookup) link
+	RepairNetnsLink  = "netns_link"  // a pod's inbound or time-wait lookup (sk_lookup) link
 	RepairSkMsg      = "sk_msg"      // the shortcut's verdict program on the sockhash
 	RepairPin        = "pin"         // a map's or link's pin under the pin dir
 )
