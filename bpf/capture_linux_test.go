@@ -932,7 +932,7 @@ func TestShortcutNeverRedirectsIntoItself(t *testing.T) {
 	}
 }
 
-func mustPlan(t *testing.T) Pod {
+func mustPlan(t testing.TB) Pod {
 	p, err := PlanPod([]netip.Prefix{netip.PrefixFrom(podIP, 24), netip.PrefixFrom(sidecarSrc, 24), netip.PrefixFrom(podIP6, 64)}, defaultSettings())
 	if err != nil {
 		t.Fatal(err)

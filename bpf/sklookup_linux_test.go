@@ -4,6 +4,8 @@ package bpf
 
 import (
 	"context"
+	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -352,5 +354,226 @@ func TestSkLookupRepairAndRestart(t *testing.T) {
 	captured("after repairing a detached link")
 	if ids := tcxLinkIDs(t, e.podPath, "eth0"); len(ids) != 0 {
 		t.Errorf("repair attached %d tcx links to a sidecar pod", len(ids))
+	}
+}
+
+// fragmentedSYN sends, from the netns at path, a TCP SYN from src to dst
+// split into two IP fragments (raw sockets), and returns the TCP flags of
+// the first answer from dst (0x12 SYN-ACK, 0x14 RST; 0 when none came).
+func fragmentedSYN(t *testing.T, path string, src, dst netip.AddrPort) byte {
+	t.Helper()
+	netns, err := ns.GetNS(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer netns.Close()
+	var flags byte
+	err = netns.Do(func(ns.NetNS) error {
+		v6 := dst.Addr().Is6()
+		af := unix.AF_INET
+		if v6 {
+			af = unix.AF_INET6
+		}
+		rx, err := unix.Socket(af, unix.SOCK_RAW, unix.IPPROTO_TCP)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(rx)
+		tv := unix.NsecToTimeval(int64(2 * time.Second))
+		if err := unix.SetsockoptTimeval(rx, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
+			return err
+		}
+		tx, err := unix.Socket(af, unix.SOCK_RAW, unix.IPPROTO_RAW)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(tx)
+		// The SYN: 20 bytes of header and an MSS option, in fragments of
+		// 16 and 8 bytes: the first carries the ports but not the flags.
+		tcp := make([]byte, 24)
+		binary.BigEndian.PutUint16(tcp[0:], src.Port())
+		binary.BigEndian.PutUint16(tcp[2:], dst.Port())
+		binary.BigEndian.PutUint32(tcp[4:], 12345)
+		tcp[12], tcp[13] = 6<<4, 0x02
+		binary.BigEndian.PutUint16(tcp[14:], 65535)
+		copy(tcp[20:], []byte{2, 4, 0x05, 0x00})
+		binary.BigEndian.PutUint16(tcp[16:], tcpChecksum(src.Addr(), dst.Addr(), tcp))
+		const id = 0x5151
+		var frags [][]byte
+		var to unix.Sockaddr
+		if v6 {
+			if err := unix.SetsockoptInt(tx, unix.IPPROTO_IPV6, unix.IPV6_HDRINCL, 1); err != nil {
+				return err
+			}
+			for i, part := range [][]byte{tcp[:16], tcp[16:]} {
+				h := make([]byte, 48)
+				h[0] = 0x60
+				binary.BigEndian.PutUint16(h[4:], uint16(8+len(part)))
+				h[6], h[7] = 44, 64 // next: fragment header
+				s, d := src.Addr().As16(), dst.Addr().As16()
+				copy(h[8:], s[:])
+				copy(h[24:], d[:])
+				h[40] = unix.IPPROTO_TCP
+				off := uint16(i*16/8) << 3
+				if i == 0 {
+					off |= 1 // more fragments
+				}
+				binary.BigEndian.PutUint16(h[42:], off)
+				binary.BigEndian.PutUint32(h[44:], id)
+				frags = append(frags, append(h, part...))
+			}
+			to = &unix.SockaddrInet6{Addr: dst.Addr().As16()}
+		} else {
+			for i, part := range [][]byte{tcp[:16], tcp[16:]} {
+				h := make([]byte, 20)
+				h[0] = 0x45
+				binary.BigEndian.PutUint16(h[2:], uint16(20+len(part)))
+				binary.BigEndian.PutUint16(h[4:], id)
+				off := uint16(i * 16 / 8)
+				if i == 0 {
+					off |= 0x2000 // more fragments
+				}
+				binary.BigEndian.PutUint16(h[6:], off)
+				h[8], h[9] = 64, unix.IPPROTO_TCP
+				s, d := src.Addr().As4(), dst.Addr().As4()
+				copy(h[12:], s[:])
+				copy(h[16:], d[:])
+				frags = append(frags, append(h, part...))
+			}
+			to = &unix.SockaddrInet4{Addr: dst.Addr().As4()}
+		}
+		for _, f := range frags {
+			if err := unix.Sendto(tx, f, 0, to); err != nil {
+				return fmt.Errorf("send fragment: %w", err)
+			}
+		}
+		buf := make([]byte, 2048)
+		for {
+			n, _, err := unix.Recvfrom(rx, buf, 0)
+			if err != nil {
+				return nil // timeout: no answer
+			}
+			p := buf[:n]
+			if !v6 {
+				p = p[int(p[0]&0xf)*4:] // IPv4 raw sockets get the IP header
+			}
+			if len(p) >= 14 && binary.BigEndian.Uint16(p[0:]) == dst.Port() && binary.BigEndian.Uint16(p[2:]) == src.Port() {
+				flags = p[13] & 0x3f
+				return nil
+			}
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return flags
+}
+
+func tcpChecksum(src, dst netip.Addr, tcp []byte) uint16 {
+	var sum uint32
+	add := func(b []byte) {
+		for i := 0; i+1 < len(b); i += 2 {
+			sum += uint32(binary.BigEndian.Uint16(b[i:]))
+		}
+		if len(b)%2 == 1 {
+			sum += uint32(b[len(b)-1]) << 8
+		}
+	}
+	if src.Is4() {
+		s, d := src.As4(), dst.As4()
+		add(s[:])
+		add(d[:])
+		sum += unix.IPPROTO_TCP + uint32(len(tcp))
+	} else {
+		s, d := src.As16(), dst.As16()
+		add(s[:])
+		add(d[:])
+		sum += uint32(len(tcp)) + unix.IPPROTO_TCP
+	}
+	add(tcp)
+	for sum>>16 != 0 {
+		sum = sum&0xffff + sum>>16
+	}
+	return ^uint16(sum)
+}
+
+// dialExtHeaders connects from the remote netns to dst with a hop-by-hop
+// and a destination options header on every packet and returns what the
+// server said.
+func (e *env) dialExtHeaders(t *testing.T, dst netip.AddrPort) (string, error) {
+	netns, err := ns.GetNS("/var/run/netns/" + e.remNS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer netns.Close()
+	var out []byte
+	err = netns.Do(func(ns.NetNS) error {
+		// One PadN option filling each 8-byte header.
+		opts := []byte{0, 0, 1, 4, 0, 0, 0, 0}
+		d := net.Dialer{Timeout: 2 * time.Second, Control: func(_, _ string, c syscall.RawConn) error {
+			var serr error
+			err := c.Control(func(fd uintptr) {
+				serr = errors.Join(
+					unix.SetsockoptString(int(fd), unix.IPPROTO_IPV6, unix.IPV6_HOPOPTS, string(opts)),
+					unix.SetsockoptString(int(fd), unix.IPPROTO_IPV6, unix.IPV6_DSTOPTS, string(opts)))
+			})
+			return errors.Join(err, serr)
+		}}
+		c, err := d.Dial("tcp6", dst.String())
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		c.Write([]byte("D"))
+		out, err = io.ReadAll(c)
+		return err
+	})
+	return string(out), err
+}
+
+// TestSkLookupParseDifferentials: a sidecar pod's inbound capture is the
+// kernel's listener lookup, after reassembly and extension headers, so
+// the packets tc had to parse itself (and once let through to the app)
+// reach the proxy like any other: a SYN in two IP fragments (the first
+// without the TCP flags), IPv4 and IPv6, and a connection whose every
+// packet carries IPv6 hop-by-hop and destination options headers. Port
+// 7777 has no app listener: a SYN-ACK from it is the proxy's.
+func TestSkLookupParseDifferentials(t *testing.T) {
+	e := newEnv(t)
+	e.enroll(defaultSettings())
+	if err := e.cap.AttachInbound(e.podPath, e.cookie, "eth0"); err != nil {
+		t.Fatal(err)
+	}
+	proxy := e.startReuseHelper(t)
+	e.waitRecorded(t, 1)
+	rem := "/var/run/netns/" + e.remNS
+	for _, tt := range []struct {
+		name     string
+		src, dst netip.AddrPort
+		want     byte
+	}{
+		{"IPv4 fragmented SYN to a captured port", ap(remoteIP, 40001), ap(podIP, 7777), 0x12},
+		{"IPv6 fragmented SYN to a captured port", ap(remoteIP6, 40002), ap(podIP6, 7777), 0x12},
+		{"IPv4 fragmented SYN to an excluded port (no listener)", ap(remoteIP, 40003), ap(podIP, 15021), 0x14},
+	} {
+		if got := fragmentedSYN(t, rem, tt.src, tt.dst); got != tt.want {
+			t.Errorf("%s: answered with flags %#x, want %#x", tt.name, got, tt.want)
+		}
+	}
+	out, err := e.dialExtHeaders(t, ap(podIP6, 8080))
+	if err != nil || field(out, "orig") != ap(podIP6, 8080).String() {
+		t.Errorf("IPv6 with extension headers: %v, %q: want the proxy, original destination %s", err, out, ap(podIP6, 8080))
+	}
+
+	proxy.Process.Kill()
+	proxy.Wait()
+	e.waitRecorded(t, 0)
+	before, _ := e.cap.Counters(e.cookie)
+	if got := fragmentedSYN(t, rem, ap(remoteIP, 40004), ap(podIP, 8080)); got == 0x12 {
+		t.Error("fragmented SYN with no proxy: accepted (by the app)")
+	}
+	if after, _ := e.cap.Counters(e.cookie); after.DroppedInbound == before.DroppedInbound {
+		t.Error("fragmented SYN with no proxy: dropped_in not counted")
 	}
 }
