@@ -133,6 +133,8 @@ const (
 	captureMapCidrs                 = "cidrs"
 	captureMapInIfaces              = "in_ifaces"
 	captureMapInListeners           = "in_listeners"
+	captureMapInNetns               = "in_netns"
+	captureMapInProgs               = "in_progs"
 	captureMapNodeCounters          = "node_counters"
 	captureMapNodeProxyCfg          = "node_proxy_cfg"
 	captureMapOrigByCookie          = "orig_by_cookie"
@@ -153,6 +155,7 @@ const (
 	captureProgSidelaneGetpeername4 = "sidelane_getpeername4"
 	captureProgSidelaneGetpeername6 = "sidelane_getpeername6"
 	captureProgSidelaneGetsockopt   = "sidelane_getsockopt"
+	captureProgSidelaneInCapture    = "sidelane_in_capture"
 	captureProgSidelaneInLookup     = "sidelane_in_lookup"
 	captureProgSidelaneInRecord     = "sidelane_in_record"
 	captureProgSidelaneInbound      = "sidelane_inbound"
@@ -213,6 +216,7 @@ type captureProgramSpecs struct {
 	SidelaneGetpeername4 *ebpf.ProgramSpec `ebpf:"sidelane_getpeername4"`
 	SidelaneGetpeername6 *ebpf.ProgramSpec `ebpf:"sidelane_getpeername6"`
 	SidelaneGetsockopt   *ebpf.ProgramSpec `ebpf:"sidelane_getsockopt"`
+	SidelaneInCapture    *ebpf.ProgramSpec `ebpf:"sidelane_in_capture"`
 	SidelaneInLookup     *ebpf.ProgramSpec `ebpf:"sidelane_in_lookup"`
 	SidelaneInRecord     *ebpf.ProgramSpec `ebpf:"sidelane_in_record"`
 	SidelaneInbound      *ebpf.ProgramSpec `ebpf:"sidelane_inbound"`
@@ -234,6 +238,8 @@ type captureMapSpecs struct {
 	Cidrs        *ebpf.MapSpec `ebpf:"cidrs"`
 	InIfaces     *ebpf.MapSpec `ebpf:"in_ifaces"`
 	InListeners  *ebpf.MapSpec `ebpf:"in_listeners"`
+	InNetns      *ebpf.MapSpec `ebpf:"in_netns"`
+	InProgs      *ebpf.MapSpec `ebpf:"in_progs"`
 	NodeCounters *ebpf.MapSpec `ebpf:"node_counters"`
 	NodeProxyCfg *ebpf.MapSpec `ebpf:"node_proxy_cfg"`
 	OrigByCookie *ebpf.MapSpec `ebpf:"orig_by_cookie"`
@@ -281,6 +287,8 @@ type captureMaps struct {
 	Cidrs        *ebpf.Map `ebpf:"cidrs"`
 	InIfaces     *ebpf.Map `ebpf:"in_ifaces"`
 	InListeners  *ebpf.Map `ebpf:"in_listeners"`
+	InNetns      *ebpf.Map `ebpf:"in_netns"`
+	InProgs      *ebpf.Map `ebpf:"in_progs"`
 	NodeCounters *ebpf.Map `ebpf:"node_counters"`
 	NodeProxyCfg *ebpf.Map `ebpf:"node_proxy_cfg"`
 	OrigByCookie *ebpf.Map `ebpf:"orig_by_cookie"`
@@ -304,6 +312,8 @@ func (m *captureMaps) Close() error {
 		m.Cidrs,
 		m.InIfaces,
 		m.InListeners,
+		m.InNetns,
+		m.InProgs,
 		m.NodeCounters,
 		m.NodeProxyCfg,
 		m.OrigByCookie,
@@ -337,6 +347,7 @@ type capturePrograms struct {
 	SidelaneGetpeername4 *ebpf.Program `ebpf:"sidelane_getpeername4"`
 	SidelaneGetpeername6 *ebpf.Program `ebpf:"sidelane_getpeername6"`
 	SidelaneGetsockopt   *ebpf.Program `ebpf:"sidelane_getsockopt"`
+	SidelaneInCapture    *ebpf.Program `ebpf:"sidelane_in_capture"`
 	SidelaneInLookup     *ebpf.Program `ebpf:"sidelane_in_lookup"`
 	SidelaneInRecord     *ebpf.Program `ebpf:"sidelane_in_record"`
 	SidelaneInbound      *ebpf.Program `ebpf:"sidelane_inbound"`
@@ -357,6 +368,7 @@ func (p *capturePrograms) Close() error {
 		p.SidelaneGetpeername4,
 		p.SidelaneGetpeername6,
 		p.SidelaneGetsockopt,
+		p.SidelaneInCapture,
 		p.SidelaneInLookup,
 		p.SidelaneInRecord,
 		p.SidelaneInbound,

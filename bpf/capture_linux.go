@@ -171,6 +171,10 @@ func Load(cfg Config) (*Capture, error) {
 		c.Close()
 		return nil, err
 	}
+	if err := c.setInCapture(); err != nil {
+		c.Close()
+		return nil, err
+	}
 	if err := c.updateInbound(); err != nil {
 		c.Close()
 		return nil, fmt.Errorf("update pinned inbound links: %w", err)

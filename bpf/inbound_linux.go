@@ -279,6 +279,16 @@ func ifName(s string) (b [16]uint8) {
 	return b
 }
 
+// setInCapture puts this version's sidelane_in_capture in in_progs, where
+// every sidecar pod's stub tail-calls it (pods of an earlier agent too:
+// the map is pinned).
+func (c *Capture) setInCapture() error {
+	if err := c.objs.InProgs.Update(uint32(0), c.objs.SidelaneInCapture, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("set sidecar inbound capture program: %w", err)
+	}
+	return nil
+}
+
 // inSlots is capture.c's IN_SLOTS; inNetnsMagic its IN_NETNS_MAGIC.
 const (
 	inSlots      = 4

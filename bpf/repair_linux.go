@@ -82,6 +82,9 @@ func (c *Capture) repairNode() ([]Repaired, []error, error) {
 	r, err := c.repairSkMsg()
 	done = append(done, r...)
 	errs = append(errs, err)
+	r, err = c.repairInCapture()
+	done = append(done, r...)
+	errs = append(errs, err)
 	return done, errs, nil
 }
 
@@ -156,6 +159,23 @@ func (c *Capture) repairSkMsg() ([]Repaired, error) {
 		return nil, fmt.Errorf("attach sk_msg to sock_pairs: %w", err)
 	}
 	return []Repaired{{RepairSkMsg, "sock_pairs", "detached"}}, nil
+}
+
+// repairInCapture keeps sidelane_in_capture in in_progs (without it every
+// sidecar pod's stub drops its TCP lookups: closed, but broken).
+func (c *Capture) repairInCapture() ([]Repaired, error) {
+	want, err := progID(c.objs.SidelaneInCapture)
+	if err != nil {
+		return nil, fmt.Errorf("inbound capture program: %w", err)
+	}
+	var id uint32
+	if err := c.objs.InProgs.Lookup(uint32(0), &id); err == nil && ebpf.ProgramID(id) == want {
+		return nil, nil
+	}
+	if err := c.setInCapture(); err != nil {
+		return nil, err
+	}
+	return []Repaired{{RepairProgArray, "in_progs", "replaced"}}, nil
 }
 
 func (c *Capture) repairInbound(in Inbound) ([]Repaired, error) {
@@ -297,6 +317,7 @@ func (c *Capture) pinnedMaps() map[string]*ebpf.Map {
 		"settings": o.Settings, "sock_pairs": o.SockPairs, "pair_cookies": o.PairCookies, "pair_mode": o.PairMode, "pair_runs": o.PairRuns,
 		"node_proxy_cfg": o.NodeProxyCfg, "node_counters": o.NodeCounters, "accepted": o.Accepted,
 		"tw_pending": o.TwPending, "tw_listeners": o.TwListeners, "in_listeners": o.InListeners, "in_ifaces": o.InIfaces,
+		"in_netns": o.InNetns, "in_progs": o.InProgs,
 	}
 }
 

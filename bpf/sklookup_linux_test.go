@@ -388,15 +388,21 @@ func fragmentedSYN(t *testing.T, path string, src, dst netip.AddrPort) byte {
 			return err
 		}
 		defer unix.Close(tx)
-		// The SYN: 20 bytes of header and an MSS option, in fragments of
-		// 16 and 8 bytes: the first carries the ports but not the flags.
-		tcp := make([]byte, 24)
+		// The SYN: 20 bytes of header and 12 of options (MSS, NOPs). IPv4
+		// in fragments of 16 and 16 bytes: the first carries the ports
+		// but not the flags. IPv6 of 24 and 8 (Linux drops a first
+		// fragment without the whole TCP header, RFC 7112).
+		tcp := make([]byte, 32)
 		binary.BigEndian.PutUint16(tcp[0:], src.Port())
 		binary.BigEndian.PutUint16(tcp[2:], dst.Port())
 		binary.BigEndian.PutUint32(tcp[4:], 12345)
-		tcp[12], tcp[13] = 6<<4, 0x02
+		tcp[12], tcp[13] = 8<<4, 0x02
 		binary.BigEndian.PutUint16(tcp[14:], 65535)
-		copy(tcp[20:], []byte{2, 4, 0x05, 0x00})
+		copy(tcp[20:], []byte{2, 4, 0x05, 0x00, 1, 1, 1, 1, 1, 1, 1, 0})
+		cut := 16
+		if v6 {
+			cut = 24
+		}
 		binary.BigEndian.PutUint16(tcp[16:], tcpChecksum(src.Addr(), dst.Addr(), tcp))
 		const id = 0x5151
 		var frags [][]byte
@@ -405,7 +411,7 @@ func fragmentedSYN(t *testing.T, path string, src, dst netip.AddrPort) byte {
 			if err := unix.SetsockoptInt(tx, unix.IPPROTO_IPV6, unix.IPV6_HDRINCL, 1); err != nil {
 				return err
 			}
-			for i, part := range [][]byte{tcp[:16], tcp[16:]} {
+			for i, part := range [][]byte{tcp[:cut], tcp[cut:]} {
 				h := make([]byte, 48)
 				h[0] = 0x60
 				binary.BigEndian.PutUint16(h[4:], uint16(8+len(part)))
@@ -414,7 +420,7 @@ func fragmentedSYN(t *testing.T, path string, src, dst netip.AddrPort) byte {
 				copy(h[8:], s[:])
 				copy(h[24:], d[:])
 				h[40] = unix.IPPROTO_TCP
-				off := uint16(i*16/8) << 3
+				off := uint16(i*cut/8) << 3
 				if i == 0 {
 					off |= 1 // more fragments
 				}
@@ -424,12 +430,12 @@ func fragmentedSYN(t *testing.T, path string, src, dst netip.AddrPort) byte {
 			}
 			to = &unix.SockaddrInet6{Addr: dst.Addr().As16()}
 		} else {
-			for i, part := range [][]byte{tcp[:16], tcp[16:]} {
+			for i, part := range [][]byte{tcp[:cut], tcp[cut:]} {
 				h := make([]byte, 20)
 				h[0] = 0x45
 				binary.BigEndian.PutUint16(h[2:], uint16(20+len(part)))
 				binary.BigEndian.PutUint16(h[4:], id)
-				off := uint16(i * 16 / 8)
+				off := uint16(i * cut / 8)
 				if i == 0 {
 					off |= 0x2000 // more fragments
 				}

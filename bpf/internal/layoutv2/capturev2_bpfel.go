@@ -133,6 +133,8 @@ const (
 	capturev2MapCidrs                 = "cidrs"
 	capturev2MapInIfaces              = "in_ifaces"
 	capturev2MapInListeners           = "in_listeners"
+	capturev2MapInNetns               = "in_netns"
+	capturev2MapInProgs               = "in_progs"
 	capturev2MapNodeCounters          = "node_counters"
 	capturev2MapNodeProxyCfg          = "node_proxy_cfg"
 	capturev2MapOrigByCookie          = "orig_by_cookie"
@@ -153,6 +155,7 @@ const (
 	capturev2ProgSidelaneGetpeername4 = "sidelane_getpeername4"
 	capturev2ProgSidelaneGetpeername6 = "sidelane_getpeername6"
 	capturev2ProgSidelaneGetsockopt   = "sidelane_getsockopt"
+	capturev2ProgSidelaneInCapture    = "sidelane_in_capture"
 	capturev2ProgSidelaneInLookup     = "sidelane_in_lookup"
 	capturev2ProgSidelaneInRecord     = "sidelane_in_record"
 	capturev2ProgSidelaneInbound      = "sidelane_inbound"
@@ -213,6 +216,7 @@ type capturev2ProgramSpecs struct {
 	SidelaneGetpeername4 *ebpf.ProgramSpec `ebpf:"sidelane_getpeername4"`
 	SidelaneGetpeername6 *ebpf.ProgramSpec `ebpf:"sidelane_getpeername6"`
 	SidelaneGetsockopt   *ebpf.ProgramSpec `ebpf:"sidelane_getsockopt"`
+	SidelaneInCapture    *ebpf.ProgramSpec `ebpf:"sidelane_in_capture"`
 	SidelaneInLookup     *ebpf.ProgramSpec `ebpf:"sidelane_in_lookup"`
 	SidelaneInRecord     *ebpf.ProgramSpec `ebpf:"sidelane_in_record"`
 	SidelaneInbound      *ebpf.ProgramSpec `ebpf:"sidelane_inbound"`
@@ -234,6 +238,8 @@ type capturev2MapSpecs struct {
 	Cidrs        *ebpf.MapSpec `ebpf:"cidrs"`
 	InIfaces     *ebpf.MapSpec `ebpf:"in_ifaces"`
 	InListeners  *ebpf.MapSpec `ebpf:"in_listeners"`
+	InNetns      *ebpf.MapSpec `ebpf:"in_netns"`
+	InProgs      *ebpf.MapSpec `ebpf:"in_progs"`
 	NodeCounters *ebpf.MapSpec `ebpf:"node_counters"`
 	NodeProxyCfg *ebpf.MapSpec `ebpf:"node_proxy_cfg"`
 	OrigByCookie *ebpf.MapSpec `ebpf:"orig_by_cookie"`
@@ -281,6 +287,8 @@ type capturev2Maps struct {
 	Cidrs        *ebpf.Map `ebpf:"cidrs"`
 	InIfaces     *ebpf.Map `ebpf:"in_ifaces"`
 	InListeners  *ebpf.Map `ebpf:"in_listeners"`
+	InNetns      *ebpf.Map `ebpf:"in_netns"`
+	InProgs      *ebpf.Map `ebpf:"in_progs"`
 	NodeCounters *ebpf.Map `ebpf:"node_counters"`
 	NodeProxyCfg *ebpf.Map `ebpf:"node_proxy_cfg"`
 	OrigByCookie *ebpf.Map `ebpf:"orig_by_cookie"`
@@ -304,6 +312,8 @@ func (m *capturev2Maps) Close() error {
 		m.Cidrs,
 		m.InIfaces,
 		m.InListeners,
+		m.InNetns,
+		m.InProgs,
 		m.NodeCounters,
 		m.NodeProxyCfg,
 		m.OrigByCookie,
@@ -337,6 +347,7 @@ type capturev2Programs struct {
 	SidelaneGetpeername4 *ebpf.Program `ebpf:"sidelane_getpeername4"`
 	SidelaneGetpeername6 *ebpf.Program `ebpf:"sidelane_getpeername6"`
 	SidelaneGetsockopt   *ebpf.Program `ebpf:"sidelane_getsockopt"`
+	SidelaneInCapture    *ebpf.Program `ebpf:"sidelane_in_capture"`
 	SidelaneInLookup     *ebpf.Program `ebpf:"sidelane_in_lookup"`
 	SidelaneInRecord     *ebpf.Program `ebpf:"sidelane_in_record"`
 	SidelaneInbound      *ebpf.Program `ebpf:"sidelane_inbound"`
@@ -357,6 +368,7 @@ func (p *capturev2Programs) Close() error {
 		p.SidelaneGetpeername4,
 		p.SidelaneGetpeername6,
 		p.SidelaneGetsockopt,
+		p.SidelaneInCapture,
 		p.SidelaneInLookup,
 		p.SidelaneInRecord,
 		p.SidelaneInbound,
