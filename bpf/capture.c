@@ -30,9 +30,10 @@
  *   sk_msg (on sock_pairs)            same-node shortcut, socket to socket.
  *   sk_lookup (sidecar pod's netns)   inbound TCP to a captured port, on a captured
  *                                     interface, is assigned to the proxy's
- *                                     <inbound port> listener (sidelane_in_lookup,
- *                                     one program per pod; listeners recorded by
- *                                     sock_ops at listen(2) in in_listeners).
+ *                                     <inbound port> listener (a sidelane_in_lookup
+ *                                     stub per pod tail-calls sidelane_in_capture;
+ *                                     listeners recorded by sock_ops at listen(2)
+ *                                     in in_listeners).
  *   tc (tcx ingress on the pod's if)  the same for per-node pods (and pods enrolled
  *                                     by an older agent): bpf_sk_assign from tc.
  *   sk_lookup (tc pods' netns)        a SYN reusing a TIME_WAIT four-tuple gets that
