@@ -119,7 +119,7 @@ func (c *Capture) attachTC(netnsPath string, netns uint64, ifname string) error 
 
 // attachLookupCapture is a sidecar pod's inbound capture by sk_lookup:
 // ifname's ifindex into in_ifaces, the pod's sidelane_in_lookup on its
-// netns, and whatever already listens on the inbound port recorded (an
+// netns, and whatever already listens on the inbound port recorded (a
 // proxy that started before the pod was enrolled, or before this agent
 // version; one that starts later is recorded by sock_ops at listen(2)).
 func (c *Capture) attachLookupCapture(netnsPath string, netns uint64, ifname string) error {
@@ -193,20 +193,6 @@ func recordPacket(v6 bool, sport uint16) []byte {
 	binary.BigEndian.PutUint16(tcp[2:], 1)
 	tcp[12], tcp[13] = 5<<4, 0x02 // data offset, SYN
 	return append(append(eth, ip...), tcp...)
-}
-
-// listenerRecorded reports whether in_listeners holds a listener of netns.
-func (c *Capture) listenerRecorded(netns uint64) bool {
-	var v uint64
-	for _, fam := range []uint16{unix.AF_INET, unix.AF_INET6} {
-		for slot := range uint16(inSlots) {
-			k := captureInKey{Netns: netns, Family: fam, Slot: slot}
-			if c.objs.InListeners.Lookup(&k, &v) == nil {
-				return true
-			}
-		}
-	}
-	return false
 }
 
 // addInIface records ifname (ifindex) as a captured interface of netns.
@@ -295,8 +281,8 @@ const (
 	inNetnsMagic = 0x5ce1a4e0c00c1e00
 )
 
-// inLookupSpec is the pod-independent part of every pod's
-// sidelane_in_lookup: the spec with this Capture's maps associated.
+// newInLookupSpec keeps the pod-independent part of every pod's stub:
+// sidelane_in_lookup with this Capture's maps associated.
 func (c *Capture) newInLookupSpec(spec *ebpf.CollectionSpec) error {
 	ps, ok := spec.Programs["sidelane_in_lookup"]
 	if !ok {
@@ -321,7 +307,7 @@ func (c *Capture) newInLookupSpec(spec *ebpf.CollectionSpec) error {
 	return nil
 }
 
-// inLookupInsns is netns's copy of sidelane_in_lookup's instructions.
+// inLookupProgSpec is netns's stub: sidelane_in_lookup with netns's cookie.
 func (c *Capture) inLookupProgSpec(netns uint64) (*ebpf.ProgramSpec, error) {
 	ps := c.inSpec.Copy()
 	n := 0

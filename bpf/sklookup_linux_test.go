@@ -196,6 +196,12 @@ func TestInboundBySkLookup(t *testing.T) {
 	if out, err := e.rawDial(t, ap(podIP, 9090)); err != nil || field(out, "orig") != "" {
 		t.Errorf("excluded port 9090: %v, %q: want the app", err, out)
 	}
+	// The app calling its own pod IP stays inside the pod: the connect
+	// hooks leave it alone (Istio's "-o lo ! owner: RETURN"), and so does
+	// sk_lookup (the stack reports eth0 as its ingress interface).
+	if r := e.dial(ap(podIP, 8080), false); r.sha == "" {
+		t.Errorf("app to its own pod IP went through the proxy (peer %s), want the app", r.peer)
+	}
 	if got, _ := e.cap.Counters(e.cookie); got.RedirectedInbound < 40 {
 		t.Errorf("redirected_in %d, want at least 40", got.RedirectedInbound)
 	}
