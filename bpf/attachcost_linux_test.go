@@ -190,7 +190,8 @@ func undoTimedAttach(c *Capture, p podNetns, legacy bool) error {
 // Variants: "locked" takes one lock around each attach (as AttachInbound
 // did), "tcx" does not, "legacy" attaches with tc's clsact + cls_bpf
 // instead of tcx, "AttachInbound" is the real call (total and wall
-// only). Every phase is reported as ms per attach (the sum over
+// only) for a netns without a sidecar config (tc, as per-node pods),
+// "AttachInbound-sidecar" for enrolled sidecar pods (sk_lookup, no tc). Every phase is reported as ms per attach (the sum over
 // attaches divided by their number), wall_ms as the iteration's wall
 // time divided by the number of attaches.
 func BenchmarkAttachCost(b *testing.B) {
@@ -198,10 +199,28 @@ func BenchmarkAttachCost(b *testing.B) {
 	c, nss := newAttachNode(b, pods)
 	for _, par := range []int{1, pods} {
 		for _, v := range []struct {
-			name                 string
-			locked, legacy, real bool
-		}{{"locked", true, false, false}, {"tcx", false, false, false}, {"legacy", false, true, false}, {"AttachInbound", false, false, true}} {
+			name                          string
+			locked, legacy, real, sidecar bool
+		}{
+			{"locked", true, false, false, false}, {"tcx", false, false, false, false}, {"legacy", false, true, false, false},
+			{"AttachInbound", false, false, true, false}, {"AttachInbound-sidecar", false, false, true, true},
+		} {
 			b.Run(fmt.Sprintf("%s/par%d", v.name, par), func(b *testing.B) {
+				if v.sidecar {
+					// Enrolled sidecar pods: sk_lookup capture, no tc.
+					for _, p := range nss {
+						if err := c.Put(p.cookie, mustPlan(b)); err != nil {
+							b.Fatal(err)
+						}
+					}
+					defer func() {
+						for _, p := range nss {
+							if err := c.Delete(p.cookie); err != nil {
+								b.Error(err)
+							}
+						}
+					}()
+				}
 				var mu sync.Locker
 				if v.locked {
 					mu = &sync.Mutex{}

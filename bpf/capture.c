@@ -28,9 +28,15 @@
  *   cgroup/getpeername4/6             a redirected socket's peer is the original dst.
  *   cgroup/sock_release               forgets a released socket's original dst.
  *   sk_msg (on sock_pairs)            same-node shortcut, socket to socket.
- *   tc (tcx ingress on the pod's if)  inbound TCP to a captured port is assigned
- *                                     to the <inbound port> listener (bpf_sk_assign).
- *   sk_lookup (the pod's netns)       a SYN reusing a TIME_WAIT four-tuple gets that
+ *   sk_lookup (sidecar pod's netns)   inbound TCP to a captured port, on a captured
+ *                                     interface, is assigned to the proxy's
+ *                                     <inbound port> listener (a sidelane_in_lookup
+ *                                     stub per pod tail-calls sidelane_in_capture;
+ *                                     listeners recorded by sock_ops at listen(2)
+ *                                     in in_listeners).
+ *   tc (tcx ingress on the pod's if)  the same for per-node pods (and pods enrolled
+ *                                     by an older agent): bpf_sk_assign from tc.
+ *   sk_lookup (tc pods' netns)        a SYN reusing a TIME_WAIT four-tuple gets that
  *                                     listener too (see tw_key).
  */
 
@@ -401,6 +407,46 @@ struct {
 	__type(key, __u64);
 	__type(value, __u64);
 } tw_listeners SEC(".maps");
+
+/* Sidecar pods' inbound listeners (see sidelane_in_lookup), recorded by
+ * sock_ops when a socket of an enrolled sidecar pod starts listening on the
+ * pod's inbound port (or by sidelane_in_record, for one that listened
+ * before). Envoy opens one SO_REUSEPORT listener per worker
+ * (per family): IN_SLOTS of them are kept, any one lets the kernel pick
+ * within the group; an entry goes away when its socket closes. */
+#define IN_SLOTS 4
+
+struct in_key {
+	__u64 netns;
+	__u16 family; /* AF_INET, AF_INET6 */
+	__u16 slot;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(max_entries, 65536);
+	__type(key, struct in_key);
+	__type(value, __u64);
+} in_listeners SEC(".maps");
+
+/* A sidecar pod's captured interfaces (ifindex in its netns; the names for
+ * the agent's DetachInbound), written by AttachInbound. */
+#define MAX_IN_IFACES 4
+
+struct in_iface_set {
+	__u32 ifindex[MAX_IN_IFACES]; /* 0: free */
+	__u8 name[MAX_IN_IFACES][16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct in_iface_set);
+} in_ifaces SEC(".maps");
 
 enum verdict {
 	PASS = 0,
@@ -1066,17 +1112,12 @@ int sidelane_inbound(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
-/* sk_lookup, attached to each pod's netns with inbound capture: the
- * listener lookup of the TCP_TW_SYN path (see tw_key). Only the lookup of
- * the packet tc recorded is changed, and it goes to the proxy's listener or
- * nowhere (SK_DROP: the TIME_WAIT socket then answers with an ACK, as it
- * does when no listener is found); every other lookup (the proxy's
- * passthrough to the app, excluded ports, UDP) is the kernel's own. */
-SEC("sk_lookup")
-int sidelane_tw_lookup(struct bpf_sk_lookup *ctx)
+/* The listener lookup of the TCP_TW_SYN path of a SYN tc recorded (see
+ * tw_key): the proxy's listener, or nowhere (SK_DROP: the TIME_WAIT socket
+ * then answers with an ACK, as it does when no listener is found). -1: not
+ * a recorded SYN's lookup. */
+static __always_inline int tw_recorded(struct bpf_sk_lookup *ctx)
 {
-	if (ctx->protocol != IPPROTO_TCP)
-		return SK_PASS;
 	/* Each field is read on its own (READ): the verifier refuses a
 	 * context pointer the compiler moved. */
 	struct tw_key k = {
@@ -1086,11 +1127,12 @@ int sidelane_tw_lookup(struct bpf_sk_lookup *ctx)
 	};
 	__u32 *src = (__u32 *)k.src, *dst = (__u32 *)k.dst;
 	__u32 remote4 = READ(ctx->remote_ip4), local4 = READ(ctx->local_ip4);
-	if (ctx->family == AF_INET) {
+	__u32 family = READ(ctx->family);
+	if (family == AF_INET) {
 		src[2] = dst[2] = bpf_htonl(0xffff);
 		src[3] = remote4;
 		dst[3] = local4;
-	} else if (ctx->family == AF_INET6) {
+	} else if (family == AF_INET6) {
 		src[0] = READ(ctx->remote_ip6[0]);
 		src[1] = READ(ctx->remote_ip6[1]);
 		src[2] = READ(ctx->remote_ip6[2]);
@@ -1100,13 +1142,11 @@ int sidelane_tw_lookup(struct bpf_sk_lookup *ctx)
 		dst[2] = READ(ctx->local_ip6[2]);
 		dst[3] = READ(ctx->local_ip6[3]);
 	} else {
-		return SK_PASS;
+		return -1;
 	}
 	struct tw_rec *rec = bpf_map_lookup_elem(&tw_pending, &k);
 	if (!rec)
-		return SK_PASS;
-	/* This lookup is a recorded SYN's: it goes to the proxy or is
-	 * dropped. */
+		return -1;
 	__u64 netns = rec->netns;
 	if (bpf_ktime_get_ns() - rec->at > TW_REC_NS) {
 		bpf_map_delete_elem(&tw_pending, &k);
@@ -1118,6 +1158,229 @@ int sidelane_tw_lookup(struct bpf_sk_lookup *ctx)
 	long err = bpf_sk_assign(ctx, sk, 0);
 	bpf_sk_release(sk);
 	return err ? SK_DROP : SK_PASS;
+}
+
+/* sk_lookup, attached to the netns of each pod whose inbound capture is
+ * tc's (per-node pods, pods enrolled by an older agent): the listener
+ * lookup of the TCP_TW_SYN path (see tw_key). Only the lookup of the
+ * packet tc recorded is changed; every other lookup (the proxy's
+ * passthrough to the app, excluded ports, UDP) is the kernel's own. */
+SEC("sk_lookup")
+int sidelane_tw_lookup(struct bpf_sk_lookup *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	int r = tw_recorded(ctx);
+	return r < 0 ? SK_PASS : r;
+}
+
+/* Inbound capture of sidecar pods: Istio's ISTIO_INBOUND as the kernel's
+ * listener lookup. sk_lookup runs in the pod's netns for every TCP packet
+ * that belongs to no established socket (a SYN, or a SYN that ends a
+ * TIME_WAIT socket: the TCP_TW_SYN path looks a listener up too), after
+ * the stack has reassembled fragments and walked IPv6 extension headers,
+ * so there is no parsing of ours that could differ from the kernel's. A
+ * lookup on a captured interface (in_ifaces; never loopback: traffic
+ * inside the pod is the connect hooks' job) to a captured port gets the
+ * proxy's listener on the inbound port (in_listeners) or nothing: SK_DROP
+ * (the kernel answers RST) and dropped_in, never the app's listener.
+ *
+ * Why not tc: attaching tcx takes rtnl and waits for an RCU grace period
+ * (12-14 ms measured, serializing every CNI ADD on the node), a netns link
+ * attaches in tens of microseconds without rtnl.
+ *
+ * sk_lookup may not call bpf_get_netns_cookie, and nothing it can read
+ * names its netns (ifindexes repeat in every netns; the destination address
+ * may be the interface's link-local one). So each pod's netns gets its own
+ * tiny program, sidelane_in_lookup, its netns cookie patched into the
+ * instruction below (bpf/inbound_linux.go: IN_NETNS_MAGIC), which puts the
+ * cookie in a per-CPU slot and tail-calls the one shared program,
+ * sidelane_in_capture (in_progs[0]). Loading a copy of the whole capture
+ * program per pod was measured at 1.3-1.9 ms (the verifier), the stub at
+ * a fraction of that. */
+#define IN_NETNS_MAGIC 0x5ce1a4e0c00c1e00ULL
+
+static __always_inline __u64 this_netns(void)
+{
+	__u64 v;
+	asm volatile("%0 = 0x5ce1a4e0c00c1e00 ll" : "=r"(v));
+	return v;
+}
+
+/* The netns cookie of the pod whose sidelane_in_lookup runs on this CPU
+ * (sk_lookup runs with migration disabled, stub and tail call back to
+ * back). Pinned: stubs loaded by an earlier agent and the current shared
+ * program must use the same one. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} in_netns SEC(".maps");
+
+/* [0]: sidelane_in_capture (set by the agent at load). Pinned, so it keeps
+ * its entry while the agent is down. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} in_progs SEC(".maps");
+
+SEC("sk_lookup")
+int sidelane_in_lookup(struct bpf_sk_lookup *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	__u32 zero = 0;
+	__u64 *slot = bpf_map_lookup_elem(&in_netns, &zero);
+	if (!slot)
+		return SK_DROP;
+	*slot = this_netns();
+	bpf_tail_call(ctx, &in_progs, 0);
+	return SK_DROP; /* no capture program: fail closed */
+}
+
+static __always_inline int iface_captured(__u64 netns, __u32 ifindex)
+{
+	struct in_iface_set *in = bpf_map_lookup_elem(&in_ifaces, &netns);
+	if (!in || ifindex <= 1) /* 1: loopback */
+		return 0;
+#pragma unroll
+	for (int i = 0; i < MAX_IN_IFACES; i++)
+		if (in->ifindex[i] == ifindex)
+			return 1;
+	return 0;
+}
+
+/* assign_listener hands the lookup to the first of netns's recorded
+ * listeners of family that accepts it (a reuseport member: the kernel then
+ * picks within its group). An AF_INET6 listener serves AF_INET lookups
+ * unless it is v6only (-EAFNOSUPPORT: try the next). */
+static __always_inline int assign_listener(struct bpf_sk_lookup *ctx, __u64 netns, __u16 family)
+{
+	struct in_key k = {.netns = netns, .family = family};
+#pragma unroll
+	for (int i = 0; i < IN_SLOTS; i++) {
+		k.slot = i;
+		struct bpf_sock *sk = bpf_map_lookup_elem(&in_listeners, &k);
+		if (!sk)
+			continue;
+		long err = bpf_sk_assign(ctx, sk, 0);
+		bpf_sk_release(sk);
+		if (!err)
+			return 1;
+	}
+	return 0;
+}
+
+static __always_inline int drop_lookup(__u64 netns)
+{
+	struct counters *c = bpf_map_lookup_elem(&pod_counters, &netns);
+	if (c)
+		c->dropped_in++;
+	return SK_DROP;
+}
+
+SEC("sk_lookup")
+int sidelane_in_capture(struct bpf_sk_lookup *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	/* A SYN recorded by tc (a pod that moved here from tc capture and
+	 * still has it) first. */
+	int r = tw_recorded(ctx);
+	if (r >= 0)
+		return r;
+	__u32 zero = 0;
+	__u64 *slot = bpf_map_lookup_elem(&in_netns, &zero);
+	if (!slot || !*slot)
+		return SK_DROP; /* not called by a pod's stub: fail closed */
+	__u64 netns = *slot;
+	struct pod_config *pod = bpf_map_lookup_elem(&pods, &netns);
+	if (!pod)
+		return SK_PASS; /* not enrolled (any more) */
+	if (!iface_captured(netns, READ(ctx->ingress_ifindex)))
+		return SK_PASS;
+	__u32 family = READ(ctx->family);
+	if ((pod->flags & POD_NO_IPV6) && family != AF_INET)
+		return SK_PASS;
+	__u16 dport = (__u16)READ(ctx->local_port);
+	/* Per-node pods (a pod that moved to per-node mode, until its tc
+	 * program is attached): the same rules as sidelane_inbound. */
+	if ((pod->flags & POD_NODE) && dport == pod->inbound_port)
+		return drop_lookup(netns);
+	if (!inbound_captured(netns, pod, dport))
+		return SK_PASS;
+	__u8 src[16] = {};
+	__u32 *s = (__u32 *)src;
+	__u32 remote4 = READ(ctx->remote_ip4);
+	if (family == AF_INET) {
+		s[2] = bpf_htonl(0xffff);
+		s[3] = remote4;
+	} else {
+		s[0] = READ(ctx->remote_ip6[0]);
+		s[1] = READ(ctx->remote_ip6[1]);
+		s[2] = READ(ctx->remote_ip6[2]);
+		s[3] = READ(ctx->remote_ip6[3]);
+	}
+	/* From the pod itself (its proxy's passthrough from 127.0.0.6 or ::6,
+	 * the app calling its own pod IP): the stack reports the interface
+	 * that owns the destination address as ingress_ifindex for those
+	 * too, but they never crossed it and tc never saw them. A packet from
+	 * outside with such a source cannot open a connection: the SYN-ACK
+	 * goes to the pod's own address and never leaves it. */
+	if (is_loopback(src) || is_passthrough_src(src) || cidr_match(netns, CIDR_LOCAL, src))
+		return SK_PASS;
+	if ((pod->flags & POD_NODE) && is_node_proxy(get_node_proxy(), src))
+		return SK_PASS;
+	if (assign_listener(ctx, netns, family) || (family == AF_INET && assign_listener(ctx, netns, AF_INET6))) {
+		count(netns, REDIRECT_IN_SELF);
+		return SK_PASS;
+	}
+	return drop_lookup(netns); /* fail closed: never deliver around the proxy */
+}
+
+/* sidelane_in_record is never attached: the agent runs it (BPF_PROG_TEST_RUN,
+ * from a thread in the pod's netns, whose loopback device the test packet
+ * then comes from) with a TCP packet to find the pod's listener on the
+ * inbound port the way tc does and record it in in_listeners (programs of
+ * this type may put sockets into a sockhash), for a proxy that was
+ * listening before the pod was enrolled (sock_ops records later ones at
+ * listen(2)). The packet's source port picks the slot and, for a
+ * SO_REUSEPORT group, by its hash the member. Returns 1 when it recorded a
+ * listener. */
+SEC("tc")
+int sidelane_in_record(struct __sk_buff *skb)
+{
+	__u64 netns = dev_netns_cookie(skb);
+	struct pod_config *pod = bpf_map_lookup_elem(&pods, &netns);
+	if (!pod || (pod->flags & POD_NODE))
+		return 0;
+	struct inbound_pkt p = {};
+	if (parse_inbound(skb, &p) != IN_TCP)
+		return 0;
+	__u16 sport;
+	if (p.tlen == sizeof(p.t.ipv4)) {
+		sport = bpf_ntohs(p.t.ipv4.sport);
+		p.t.ipv4.dport = bpf_htons(pod->inbound_port);
+	} else {
+		sport = bpf_ntohs(p.t.ipv6.sport);
+		p.t.ipv6.dport = bpf_htons(pod->inbound_port);
+	}
+	struct bpf_sock *sk = lookup_tcp(skb, &p);
+	if (!sk)
+		return 0;
+	if (sk->state != BPF_TCP_LISTEN) {
+		bpf_sk_release(sk);
+		return 0;
+	}
+	struct in_key k = {.netns = netns, .family = (__u16)sk->family, .slot = sport % IN_SLOTS};
+	long err = bpf_map_update_elem(&in_listeners, &k, sk, BPF_ANY);
+	bpf_sk_release(sk);
+	return err == 0;
 }
 
 static __always_inline void record_flags(void *ctx, const __u8 dst[16], __u16 dport, __u16 family, __u64 netns,
@@ -1502,6 +1765,27 @@ static __always_inline void maybe_shortcut(struct bpf_sock_ops *skops, struct tu
 	}
 }
 
+/* A sidecar pod's proxy starts listening on the inbound port: record the
+ * socket for sidelane_in_lookup in the first free slot (all taken: the
+ * last slot's entry is replaced; see in_listeners). A socket that cannot
+ * join a sockhash (an MPTCP listener's subflow) is not recorded, and the
+ * pod's captured ports are then refused (fail closed). */
+static __always_inline void record_listener(struct bpf_sock_ops *skops, __u64 netns)
+{
+	struct pod_config *pod = bpf_map_lookup_elem(&pods, &netns);
+	if (!pod || (pod->flags & POD_NODE) || READ(skops->local_port) != pod->inbound_port)
+		return;
+	struct in_key k = {.netns = netns, .family = (__u16)READ(skops->family)};
+#pragma unroll
+	for (int i = 0; i < IN_SLOTS; i++) {
+		k.slot = i;
+		if (bpf_sock_hash_update(skops, &in_listeners, &k, BPF_NOEXIST) == 0)
+			return;
+	}
+	k.slot = IN_SLOTS - 1;
+	bpf_sock_hash_update(skops, &in_listeners, &k, BPF_ANY);
+}
+
 SEC("sockops")
 int sidelane_sockops(struct bpf_sock_ops *skops)
 {
@@ -1511,6 +1795,9 @@ int sidelane_sockops(struct bpf_sock_ops *skops)
 	__u64 netns = bpf_get_netns_cookie(skops);
 
 	switch (op) {
+	case BPF_SOCK_OPS_TCP_LISTEN_CB:
+		record_listener(skops, netns);
+		break;
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		/* Redirected: watch state changes from the SYN on, so the
 		 * entries go even if the connection never establishes. */

@@ -38,6 +38,20 @@ type captureCounters struct {
 	TimewaitReuse   uint64
 }
 
+type captureInIfaceSet struct {
+	_       structs.HostLayout
+	Ifindex [4]uint32
+	Name    [4][16]uint8
+}
+
+type captureInKey struct {
+	_      structs.HostLayout
+	Netns  uint64
+	Family uint16
+	Slot   uint16
+	Pad    uint32
+}
+
 type captureNodeProxy struct {
 	_     structs.HostLayout
 	Netns uint64
@@ -117,6 +131,10 @@ type captureTwRec struct {
 const (
 	captureMapAccepted              = "accepted"
 	captureMapCidrs                 = "cidrs"
+	captureMapInIfaces              = "in_ifaces"
+	captureMapInListeners           = "in_listeners"
+	captureMapInNetns               = "in_netns"
+	captureMapInProgs               = "in_progs"
 	captureMapNodeCounters          = "node_counters"
 	captureMapNodeProxyCfg          = "node_proxy_cfg"
 	captureMapOrigByCookie          = "orig_by_cookie"
@@ -137,6 +155,9 @@ const (
 	captureProgSidelaneGetpeername4 = "sidelane_getpeername4"
 	captureProgSidelaneGetpeername6 = "sidelane_getpeername6"
 	captureProgSidelaneGetsockopt   = "sidelane_getsockopt"
+	captureProgSidelaneInCapture    = "sidelane_in_capture"
+	captureProgSidelaneInLookup     = "sidelane_in_lookup"
+	captureProgSidelaneInRecord     = "sidelane_in_record"
 	captureProgSidelaneInbound      = "sidelane_inbound"
 	captureProgSidelaneMsg          = "sidelane_msg"
 	captureProgSidelaneRecvmsg4     = "sidelane_recvmsg4"
@@ -195,6 +216,9 @@ type captureProgramSpecs struct {
 	SidelaneGetpeername4 *ebpf.ProgramSpec `ebpf:"sidelane_getpeername4"`
 	SidelaneGetpeername6 *ebpf.ProgramSpec `ebpf:"sidelane_getpeername6"`
 	SidelaneGetsockopt   *ebpf.ProgramSpec `ebpf:"sidelane_getsockopt"`
+	SidelaneInCapture    *ebpf.ProgramSpec `ebpf:"sidelane_in_capture"`
+	SidelaneInLookup     *ebpf.ProgramSpec `ebpf:"sidelane_in_lookup"`
+	SidelaneInRecord     *ebpf.ProgramSpec `ebpf:"sidelane_in_record"`
 	SidelaneInbound      *ebpf.ProgramSpec `ebpf:"sidelane_inbound"`
 	SidelaneMsg          *ebpf.ProgramSpec `ebpf:"sidelane_msg"`
 	SidelaneRecvmsg4     *ebpf.ProgramSpec `ebpf:"sidelane_recvmsg4"`
@@ -212,6 +236,10 @@ type captureProgramSpecs struct {
 type captureMapSpecs struct {
 	Accepted     *ebpf.MapSpec `ebpf:"accepted"`
 	Cidrs        *ebpf.MapSpec `ebpf:"cidrs"`
+	InIfaces     *ebpf.MapSpec `ebpf:"in_ifaces"`
+	InListeners  *ebpf.MapSpec `ebpf:"in_listeners"`
+	InNetns      *ebpf.MapSpec `ebpf:"in_netns"`
+	InProgs      *ebpf.MapSpec `ebpf:"in_progs"`
 	NodeCounters *ebpf.MapSpec `ebpf:"node_counters"`
 	NodeProxyCfg *ebpf.MapSpec `ebpf:"node_proxy_cfg"`
 	OrigByCookie *ebpf.MapSpec `ebpf:"orig_by_cookie"`
@@ -257,6 +285,10 @@ func (o *captureObjects) Close() error {
 type captureMaps struct {
 	Accepted     *ebpf.Map `ebpf:"accepted"`
 	Cidrs        *ebpf.Map `ebpf:"cidrs"`
+	InIfaces     *ebpf.Map `ebpf:"in_ifaces"`
+	InListeners  *ebpf.Map `ebpf:"in_listeners"`
+	InNetns      *ebpf.Map `ebpf:"in_netns"`
+	InProgs      *ebpf.Map `ebpf:"in_progs"`
 	NodeCounters *ebpf.Map `ebpf:"node_counters"`
 	NodeProxyCfg *ebpf.Map `ebpf:"node_proxy_cfg"`
 	OrigByCookie *ebpf.Map `ebpf:"orig_by_cookie"`
@@ -278,6 +310,10 @@ func (m *captureMaps) Close() error {
 	return _CaptureClose(
 		m.Accepted,
 		m.Cidrs,
+		m.InIfaces,
+		m.InListeners,
+		m.InNetns,
+		m.InProgs,
 		m.NodeCounters,
 		m.NodeProxyCfg,
 		m.OrigByCookie,
@@ -311,6 +347,9 @@ type capturePrograms struct {
 	SidelaneGetpeername4 *ebpf.Program `ebpf:"sidelane_getpeername4"`
 	SidelaneGetpeername6 *ebpf.Program `ebpf:"sidelane_getpeername6"`
 	SidelaneGetsockopt   *ebpf.Program `ebpf:"sidelane_getsockopt"`
+	SidelaneInCapture    *ebpf.Program `ebpf:"sidelane_in_capture"`
+	SidelaneInLookup     *ebpf.Program `ebpf:"sidelane_in_lookup"`
+	SidelaneInRecord     *ebpf.Program `ebpf:"sidelane_in_record"`
 	SidelaneInbound      *ebpf.Program `ebpf:"sidelane_inbound"`
 	SidelaneMsg          *ebpf.Program `ebpf:"sidelane_msg"`
 	SidelaneRecvmsg4     *ebpf.Program `ebpf:"sidelane_recvmsg4"`
@@ -329,6 +368,9 @@ func (p *capturePrograms) Close() error {
 		p.SidelaneGetpeername4,
 		p.SidelaneGetpeername6,
 		p.SidelaneGetsockopt,
+		p.SidelaneInCapture,
+		p.SidelaneInLookup,
+		p.SidelaneInRecord,
 		p.SidelaneInbound,
 		p.SidelaneMsg,
 		p.SidelaneRecvmsg4,

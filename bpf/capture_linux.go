@@ -39,6 +39,9 @@ type Config struct {
 
 	// spec replaces the embedded object (tests: another version's layout).
 	spec *ebpf.CollectionSpec
+	// tcInbound gives sidecar pods tc inbound capture, as per-node pods
+	// (tests of the tc path's repair and TIME_WAIT handling).
+	tcInbound bool
 }
 
 // Capture is the loaded and attached capture datapath. Closing it leaves
@@ -64,6 +67,10 @@ type Capture struct {
 	nodeMu sync.Mutex
 	// rules finds each pod's rule keys without walking the maps.
 	rules ruleIndex
+	// inSpec is sidelane_in_lookup with the maps associated: each sidecar
+	// pod gets a copy with its netns cookie (see capture.c).
+	inSpec  *ebpf.ProgramSpec
+	inProgs progIDs
 	// beforeAttach, when set (tests), runs at the start of every inbound
 	// attach, with the locks the attach holds taken.
 	beforeAttach func(netns uint64)
@@ -159,6 +166,14 @@ func Load(cfg Config) (*Capture, error) {
 		}
 		c.atts = append(c.atts, a)
 		c.links = append(c.links, l)
+	}
+	if err := c.newInLookupSpec(spec); err != nil {
+		c.Close()
+		return nil, err
+	}
+	if err := c.setInCapture(); err != nil {
+		c.Close()
+		return nil, err
 	}
 	if err := c.updateInbound(); err != nil {
 		c.Close()
@@ -594,8 +609,14 @@ func (c *Capture) Verify(netns uint64, p Pod) error {
 }
 
 // VerifyInbound reports whether inbound capture is attached to ifname of
-// the pod with cookie netns.
+// the pod with cookie netns: by sk_lookup (see AttachInbound) or tc.
 func (c *Capture) VerifyInbound(netns uint64, ifname string) error {
+	if c.hasInIface(netns, ifname) {
+		if _, err := os.Stat(c.inLookupPin(netns)); err != nil {
+			return fmt.Errorf("inbound lookup of netns %d: %w", netns, err)
+		}
+		return nil
+	}
 	if _, err := os.Stat(c.inboundPin(netns, ifname)); err != nil {
 		return fmt.Errorf("inbound capture on %s: %w", ifname, err)
 	}

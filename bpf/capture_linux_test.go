@@ -50,6 +50,13 @@ var (
 const helperEnv = "SIDELANE_BPFTEST_HELPER"
 
 func TestMain(m *testing.M) {
+	// Go listens with MPTCP by default; Envoy and haproxy do not. An MPTCP
+	// listener's subflow cannot join a sockhash, so sk_lookup capture
+	// (sidecar pods) would refuse connections to it (fail closed): the
+	// helpers that stand in for the sidecar listen with plain TCP, like
+	// the proxies they stand in for. Set before any helper starts (they
+	// inherit it) and before this process listens.
+	os.Setenv("GODEBUG", "multipathtcp=0")
 	if mode := os.Getenv(helperEnv); mode == "origdst" {
 		os.Exit(origDstHelper(os.Args[len(os.Args)-1], 0))
 	} else if mode == "lateaccept" {
@@ -78,6 +85,8 @@ func TestMain(m *testing.M) {
 		os.Exit(pairsHelper(os.Args[len(os.Args)-1]))
 	} else if mode == "userns" {
 		os.Exit(usernsHelper(os.Args[len(os.Args)-1]))
+	} else if mode == "reuse" {
+		os.Exit(reuseHelper(os.Args[len(os.Args)-1]))
 	} else if mode == "udp" {
 		os.Exit(udpHelper(os.Args[len(os.Args)-1]))
 	} else if mode != "" {
@@ -141,6 +150,7 @@ type env struct {
 	podPath string
 	cookie  uint64
 	cap     *Capture
+	opts    envOpts
 }
 
 func run(t *testing.T, args ...string) {
@@ -162,11 +172,14 @@ type envOpts struct {
 	// noLoad leaves loading to the test (e.load), so it can attach
 	// something else first.
 	noLoad bool
+	// tcInbound captures the sidecar pod's inbound with tc, as per-node
+	// pods (Config.tcInbound).
+	tcInbound bool
 }
 
 func newEnvOpts(t *testing.T, o envOpts) *env {
 	testenv.Privileged(t)
-	e := &env{t: t}
+	e := &env{t: t, opts: o}
 	mnt, err := CgroupV2Mount()
 	if err != nil {
 		t.Fatal(err)
@@ -242,7 +255,7 @@ func (e *env) load() {
 	e.t.Helper()
 	// The shortcut is on in these tests so every capture path is exercised
 	// with it (it is off by default).
-	c, err := Load(Config{Cgroup: e.cgroup, PinDir: e.pinDir, EnableShortcut: true})
+	c, err := Load(Config{Cgroup: e.cgroup, PinDir: e.pinDir, EnableShortcut: true, tcInbound: e.opts.tcInbound})
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -919,7 +932,7 @@ func TestShortcutNeverRedirectsIntoItself(t *testing.T) {
 	}
 }
 
-func mustPlan(t *testing.T) Pod {
+func mustPlan(t testing.TB) Pod {
 	p, err := PlanPod([]netip.Prefix{netip.PrefixFrom(podIP, 24), netip.PrefixFrom(sidecarSrc, 24), netip.PrefixFrom(podIP6, 64)}, defaultSettings())
 	if err != nil {
 		t.Fatal(err)

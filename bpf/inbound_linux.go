@@ -3,6 +3,7 @@
 package bpf
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -10,10 +11,13 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 	"github.com/containernetworking/plugins/pkg/ns"
+	"golang.org/x/sys/unix"
 )
 
 func (c *Capture) inboundPin(netns uint64, ifname string) string {
@@ -24,13 +28,28 @@ func (c *Capture) twLookupPin(netns uint64) string {
 	return filepath.Join(c.cfg.PinDir, "twlookup_"+strconv.FormatUint(netns, 10))
 }
 
-// AttachInbound attaches inbound capture (tc ingress, tcx) to interface
-// ifname inside the netns at netnsPath, whose cookie is netns, and the
-// TIME_WAIT reuse lookup (sk_lookup, see capture.c's tw_slot) to that
-// netns. The links are pinned, so they outlive the agent; they go away
-// with the netns or on Delete. Attaching again updates the pinned links in
-// place.
+func (c *Capture) inLookupPin(netns uint64) string {
+	return filepath.Join(c.cfg.PinDir, "inlookup_"+strconv.FormatUint(netns, 10))
+}
+
+// AttachInbound attaches inbound capture for interface ifname inside the
+// netns at netnsPath, whose cookie is netns. How depends on the pod's
+// config (Put first):
 //
+//   - A sidecar pod gets its copy of sidelane_in_lookup (sk_lookup) on its
+//     netns, and ifname's ifindex in in_ifaces: no tc program, no rtnl
+//     (a tcx attach costs 12-14 ms of rtnl-held RCU wait, which serializes
+//     every CNI ADD on the node; a netns link attaches in tens of
+//     microseconds). The proxy's listener, opened after ADD, is recorded
+//     by sock_ops at listen(2).
+//   - A per-node pod (its in-pod listener is the node proxy's, opened
+//     outside the pods' cgroup, so sock_ops never sees it), a netns with no
+//     config and an interface that has a tc link already (pods enrolled by
+//     an older agent, a pod that moved from per-node mode) get tc ingress
+//     (tcx) and the time-wait lookup (sidelane_tw_lookup), as before.
+//
+// The links are pinned, so they outlive the agent; they go away with the
+// netns or on Delete. Attaching again updates the pinned links in place.
 // Attaches into different netns run in parallel (see Capture.pods).
 func (c *Capture) AttachInbound(netnsPath string, netns uint64, ifname string) error {
 	defer c.lockPod(netns)()
@@ -41,9 +60,28 @@ func (c *Capture) attachInbound(netnsPath string, netns uint64, ifname string) e
 	if c.beforeAttach != nil {
 		c.beforeAttach(netns)
 	}
+	var cfg capturePodConfig
+	sidecar := !c.cfg.tcInbound && c.objs.Pods.Lookup(&netns, &cfg) == nil && cfg.Flags&flagNode == 0
+	if sidecar {
+		if _, err := os.Stat(c.inboundPin(netns, ifname)); errors.Is(err, os.ErrNotExist) {
+			return c.attachLookupCapture(netnsPath, netns, ifname)
+		}
+	}
 	if err := c.attachTWLookup(netnsPath, netns); err != nil {
 		return err
 	}
+	if err := c.attachTC(netnsPath, netns, ifname); err != nil {
+		return err
+	}
+	if !sidecar {
+		// Moved to tc capture (per-node mode): tc decides from now on.
+		return c.detachLookupCapture(netns)
+	}
+	return nil
+}
+
+// attachTC attaches (or updates) sidelane_inbound on ifname's tcx ingress.
+func (c *Capture) attachTC(netnsPath string, netns uint64, ifname string) error {
 	pin := c.inboundPin(netns, ifname)
 	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
 		defer l.Close()
@@ -77,6 +115,319 @@ func (c *Capture) attachInbound(netnsPath string, netns uint64, ifname string) e
 		}
 		return nil
 	})
+}
+
+// attachLookupCapture is a sidecar pod's inbound capture by sk_lookup:
+// ifname's ifindex into in_ifaces, the pod's sidelane_in_lookup on its
+// netns, and whatever already listens on the inbound port recorded (a
+// proxy that started before the pod was enrolled, or before this agent
+// version; one that starts later is recorded by sock_ops at listen(2)).
+func (c *Capture) attachLookupCapture(netnsPath string, netns uint64, ifname string) error {
+	target, err := ns.GetNS(netnsPath)
+	if err != nil {
+		return fmt.Errorf("open netns %s: %w", netnsPath, err)
+	}
+	defer target.Close()
+	var ifindex int
+	if err := target.Do(func(ns.NetNS) error {
+		iface, err := net.InterfaceByName(ifname)
+		if err != nil {
+			return fmt.Errorf("interface %s in %s: %w", ifname, netnsPath, err)
+		}
+		ifindex = iface.Index
+		return nil
+	}); err != nil {
+		return err
+	}
+	if err := c.addInIface(netns, ifname, uint32(ifindex)); err != nil {
+		return err
+	}
+	if err := c.attachInLookup(netnsPath, netns); err != nil {
+		return err
+	}
+	return c.recordListeners(target)
+}
+
+// recordListeners runs sidelane_in_record in target (the pod's netns) for
+// each family and slot: the pod's listeners on its inbound port go into
+// in_listeners.
+func (c *Capture) recordListeners(target ns.NetNS) error {
+	return target.Do(func(ns.NetNS) error {
+		for _, v6 := range []bool{false, true} {
+			for slot := range uint16(inSlots) {
+				if _, err := c.objs.SidelaneInRecord.Run(&ebpf.RunOptions{Data: recordPacket(v6, recordPort+slot)}); err != nil {
+					return fmt.Errorf("record inbound listeners: %w", err)
+				}
+			}
+		}
+		return nil
+	})
+}
+
+// recordPort is the first source port of sidelane_in_record's packets
+// (its remainder by inSlots is the slot).
+const recordPort = 40000
+
+// recordPacket is a TCP SYN from sport to loopback, with an Ethernet
+// header, as tc programs see packets.
+func recordPacket(v6 bool, sport uint16) []byte {
+	eth := make([]byte, 14)
+	var ip []byte
+	if v6 {
+		binary.BigEndian.PutUint16(eth[12:], unix.ETH_P_IPV6)
+		ip = make([]byte, 40)
+		ip[0] = 0x60
+		binary.BigEndian.PutUint16(ip[4:], 20)
+		ip[6], ip[7] = unix.IPPROTO_TCP, 64
+		ip[23], ip[39] = 1, 1 // ::1 -> ::1
+	} else {
+		binary.BigEndian.PutUint16(eth[12:], unix.ETH_P_IP)
+		ip = make([]byte, 20)
+		ip[0] = 0x45
+		binary.BigEndian.PutUint16(ip[2:], 40)
+		ip[8], ip[9] = 64, unix.IPPROTO_TCP
+		copy(ip[12:], []byte{127, 0, 0, 1, 127, 0, 0, 1})
+	}
+	tcp := make([]byte, 20)
+	binary.BigEndian.PutUint16(tcp[0:], sport)
+	binary.BigEndian.PutUint16(tcp[2:], 1)
+	tcp[12], tcp[13] = 5<<4, 0x02 // data offset, SYN
+	return append(append(eth, ip...), tcp...)
+}
+
+// addInIface records ifname (ifindex) as a captured interface of netns.
+func (c *Capture) addInIface(netns uint64, ifname string, ifindex uint32) error {
+	var set captureInIfaceSet
+	if err := c.objs.InIfaces.Lookup(&netns, &set); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("read captured interfaces of netns %d: %w", netns, err)
+	}
+	name := ifName(ifname)
+	free := -1
+	for i := range set.Ifindex {
+		switch {
+		case set.Name[i] == name:
+			free = i
+		case set.Ifindex[i] == 0 && free < 0:
+			free = i
+		}
+		if set.Name[i] == name {
+			break
+		}
+	}
+	if free < 0 {
+		return fmt.Errorf("interface %s: netns %d has %d captured interfaces already, the most sk_lookup capture takes", ifname, netns, len(set.Ifindex))
+	}
+	set.Ifindex[free], set.Name[free] = ifindex, name
+	if err := c.objs.InIfaces.Update(&netns, &set, ebpf.UpdateAny); err != nil {
+		return mapErr(c.objs.InIfaces, "pods", fmt.Errorf("write captured interface %s: %w", ifname, err))
+	}
+	return nil
+}
+
+// removeInIface forgets ifname as a captured interface of netns; found is
+// false when it was not one.
+func (c *Capture) removeInIface(netns uint64, ifname string) (found bool, err error) {
+	var set captureInIfaceSet
+	if err := c.objs.InIfaces.Lookup(&netns, &set); err != nil {
+		return false, nil
+	}
+	name := ifName(ifname)
+	for i := range set.Ifindex {
+		if set.Ifindex[i] != 0 && set.Name[i] == name {
+			set.Ifindex[i], set.Name[i] = 0, [16]uint8{}
+			found = true
+		}
+	}
+	if !found {
+		return false, nil
+	}
+	if err := c.objs.InIfaces.Update(&netns, &set, ebpf.UpdateExist); err != nil {
+		return true, fmt.Errorf("remove captured interface %s: %w", ifname, err)
+	}
+	return true, nil
+}
+
+func (c *Capture) hasInIface(netns uint64, ifname string) bool {
+	var set captureInIfaceSet
+	if err := c.objs.InIfaces.Lookup(&netns, &set); err != nil {
+		return false
+	}
+	for i := range set.Ifindex {
+		if set.Ifindex[i] != 0 && set.Name[i] == ifName(ifname) {
+			return true
+		}
+	}
+	return false
+}
+
+func ifName(s string) (b [16]uint8) {
+	copy(b[:15], s)
+	return b
+}
+
+// setInCapture puts this version's sidelane_in_capture in in_progs, where
+// every sidecar pod's stub tail-calls it (pods of an earlier agent too:
+// the map is pinned).
+func (c *Capture) setInCapture() error {
+	if err := c.objs.InProgs.Update(uint32(0), c.objs.SidelaneInCapture, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("set sidecar inbound capture program: %w", err)
+	}
+	return nil
+}
+
+// inSlots is capture.c's IN_SLOTS; inNetnsMagic its IN_NETNS_MAGIC.
+const (
+	inSlots      = 4
+	inNetnsMagic = 0x5ce1a4e0c00c1e00
+)
+
+// newInLookupSpec keeps the pod-independent part of every pod's stub:
+// sidelane_in_lookup with this Capture's maps associated.
+func (c *Capture) newInLookupSpec(spec *ebpf.CollectionSpec) error {
+	ps, ok := spec.Programs["sidelane_in_lookup"]
+	if !ok {
+		return errors.New("no sidelane_in_lookup program in the BPF object")
+	}
+	ps = ps.Copy()
+	maps := c.pinnedMaps()
+	for i := range ps.Instructions {
+		ins := &ps.Instructions[i]
+		if !ins.IsLoadFromMap() {
+			continue
+		}
+		m, ok := maps[ins.Reference()]
+		if !ok {
+			return fmt.Errorf("sidelane_in_lookup: map %q is not one of the pinned maps", ins.Reference())
+		}
+		if err := ins.AssociateMap(m); err != nil {
+			return fmt.Errorf("sidelane_in_lookup: map %q: %w", ins.Reference(), err)
+		}
+	}
+	c.inSpec = ps
+	return nil
+}
+
+// inLookupProgSpec is netns's stub: sidelane_in_lookup with netns's cookie.
+func (c *Capture) inLookupProgSpec(netns uint64) (*ebpf.ProgramSpec, error) {
+	ps := c.inSpec.Copy()
+	n := 0
+	for i := range ps.Instructions {
+		ins := &ps.Instructions[i]
+		if ins.IsConstantLoad(asm.DWord) && uint64(ins.Constant) == inNetnsMagic {
+			ins.Constant = int64(netns)
+			n++
+		}
+	}
+	if n == 0 {
+		return nil, errors.New("sidelane_in_lookup: no netns cookie to patch")
+	}
+	return ps, nil
+}
+
+// inLookupProgram loads netns's copy of sidelane_in_lookup and remembers
+// its ID as the one netns's link must run (see inProgs).
+func (c *Capture) inLookupProgram(netns uint64) (*ebpf.Program, error) {
+	ps, err := c.inLookupProgSpec(netns)
+	if err != nil {
+		return nil, err
+	}
+	p, err := ebpf.NewProgram(ps)
+	if err != nil {
+		return nil, fmt.Errorf("load inbound lookup of netns %d: %w", netns, err)
+	}
+	id, err := progID(p)
+	if err != nil {
+		p.Close()
+		return nil, fmt.Errorf("inbound lookup of netns %d: %w", netns, err)
+	}
+	c.inProgs.set(netns, id)
+	return p, nil
+}
+
+// progIDs maps each sidecar pod's netns cookie to the ID of the
+// sidelane_in_lookup copy this process loaded for it (Load loads every
+// pinned pod's anew), for Repair to tell it from another program: the
+// kernel's tag of a program cannot be computed from its instructions
+// here.
+type progIDs struct {
+	mu  sync.Mutex
+	ids map[uint64]ebpf.ProgramID
+}
+
+func (p *progIDs) set(netns uint64, id ebpf.ProgramID) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.ids == nil {
+		p.ids = map[uint64]ebpf.ProgramID{}
+	}
+	p.ids[netns] = id
+}
+
+func (p *progIDs) get(netns uint64) (ebpf.ProgramID, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	id, ok := p.ids[netns]
+	return id, ok
+}
+
+func (p *progIDs) forget(netns uint64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	delete(p.ids, netns)
+}
+
+// attachInLookup attaches netns's sidelane_in_lookup to the netns at
+// netnsPath, or moves the pinned link to this version's program.
+func (c *Capture) attachInLookup(netnsPath string, netns uint64) error {
+	prog, err := c.inLookupProgram(netns)
+	if err != nil {
+		return err
+	}
+	defer prog.Close()
+	pin := c.inLookupPin(netns)
+	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+		defer l.Close()
+		if err := l.Update(prog); err != nil {
+			return fmt.Errorf("update inbound lookup link of netns %d: %w", netns, err)
+		}
+		return nil
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("load pinned inbound lookup link %s: %w", pin, err)
+	}
+	f, err := os.Open(netnsPath)
+	if err != nil {
+		return fmt.Errorf("open netns %s: %w", netnsPath, err)
+	}
+	defer f.Close()
+	l, err := link.AttachNetNs(int(f.Fd()), prog)
+	if err != nil {
+		return fmt.Errorf("attach inbound lookup to %s: %w", netnsPath, err)
+	}
+	defer l.Close()
+	if err := l.Pin(pin); err != nil {
+		l.Detach()
+		return fmt.Errorf("pin inbound lookup link: %w", err)
+	}
+	return nil
+}
+
+// detachLookupCapture removes netns's sk_lookup capture: its link, its
+// captured interfaces and its recorded listeners.
+func (c *Capture) detachLookupCapture(netns uint64) error {
+	c.inProgs.forget(netns)
+	var errs []error
+	pin := c.inLookupPin(netns)
+	if _, err := os.Stat(pin); err == nil {
+		errs = append(errs, detachPin(pin))
+	}
+	errs = append(errs, ignoreNotExist(c.objs.InIfaces.Delete(&netns)))
+	for _, fam := range []uint16{unix.AF_INET, unix.AF_INET6} {
+		for slot := range uint16(inSlots) {
+			k := captureInKey{Netns: netns, Family: fam, Slot: slot}
+			errs = append(errs, ignoreNotExist(c.objs.InListeners.Delete(&k)))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // attachTWLookup attaches sidelane_tw_lookup to the netns at netnsPath
@@ -126,6 +477,15 @@ func (c *Capture) twLookupPins(netns uint64) ([]string, error) {
 	return pins, nil
 }
 
+// inLookupPins lists every pod's pinned inbound lookup link.
+func (c *Capture) inLookupPins() ([]string, error) {
+	pins, err := filepath.Glob(filepath.Join(c.cfg.PinDir, "inlookup_*"))
+	if err != nil {
+		return nil, fmt.Errorf("list inbound lookup pins: %w", err)
+	}
+	return pins, nil
+}
+
 // inboundPins lists pinned inbound links, for one netns or (netns 0) all.
 func (c *Capture) inboundPins(netns uint64) ([]string, error) {
 	pattern := "inbound_*"
@@ -144,6 +504,9 @@ func (c *Capture) inboundPins(netns uint64) ([]string, error) {
 // attached there is not an error.
 func (c *Capture) DetachInbound(netns uint64, ifname string) error {
 	defer c.lockPod(netns)()
+	if _, err := c.removeInIface(netns, ifname); err != nil {
+		return err
+	}
 	pin := c.inboundPin(netns, ifname)
 	if _, err := os.Stat(pin); errors.Is(err, os.ErrNotExist) {
 		return nil
@@ -151,8 +514,9 @@ func (c *Capture) DetachInbound(netns uint64, ifname string) error {
 	return detachPin(pin)
 }
 
-// detachInbound removes netns's inbound and time-wait lookup links (0:
-// every pod's).
+// detachInbound removes netns's inbound, inbound lookup and time-wait
+// lookup links, captured interfaces and recorded listeners (0: every
+// pod's links; the maps' entries go with their pins on Uninstall).
 func (c *Capture) detachInbound(netns uint64) error {
 	pins, err := c.inboundPins(netns)
 	if err != nil {
@@ -162,7 +526,18 @@ func (c *Capture) detachInbound(netns uint64) error {
 	if err != nil {
 		return err
 	}
+	in, err := c.inLookupPins()
+	if err != nil {
+		return err
+	}
 	pins = append(pins, tw...)
+	if netns != 0 {
+		in = nil
+		if err := c.detachLookupCapture(netns); err != nil {
+			return err
+		}
+	}
+	pins = append(pins, in...)
 	var errs []error
 	for _, pin := range pins {
 		errs = append(errs, detachPin(pin))
@@ -213,5 +588,32 @@ func (c *Capture) updateInbound() error {
 		}
 		errs = append(errs, l.Update(c.objs.SidelaneTwLookup), l.Close())
 	}
+	in, err := c.inLookupPins()
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	for _, pin := range in {
+		errs = append(errs, c.updateInLookup(pin))
+	}
 	return errors.Join(errs...)
+}
+
+// updateInLookup moves the pinned inbound lookup link at pin to this
+// version's program for its netns (the cookie is in the pin's name).
+func (c *Capture) updateInLookup(pin string) error {
+	netns, err := strconv.ParseUint(strings.TrimPrefix(filepath.Base(pin), "inlookup_"), 10, 64)
+	if err != nil {
+		return fmt.Errorf("pin %s: not inlookup_<netns cookie>", pin)
+	}
+	l, err := link.LoadPinnedLink(pin, nil)
+	if err != nil {
+		return fmt.Errorf("load %s: %w", pin, err)
+	}
+	defer l.Close()
+	prog, err := c.inLookupProgram(netns)
+	if err != nil {
+		return err
+	}
+	defer prog.Close()
+	return l.Update(prog)
 }

@@ -11,12 +11,30 @@ import (
 	"github.com/cilium/ebpf/link"
 )
 
-// checkAttached fails unless p has exactly one tcx link on its eth0, on
-// c's inbound program and pinned, and its time-wait lookup pinned.
+// checkAttached fails unless p's eth0 is captured: a sidecar pod's by its
+// pinned inbound lookup link on the pod's copy of sidelane_in_lookup and no
+// tcx link; any other's by exactly one tcx link, on c's inbound program
+// and pinned, and its time-wait lookup pinned.
 func checkAttached(t *testing.T, c *Capture, p podNetns) {
 	t.Helper()
 	if err := c.VerifyInbound(p.cookie, "eth0"); err != nil {
 		t.Errorf("netns %d: %v", p.cookie, err)
+	}
+	if c.hasInIface(p.cookie, "eth0") {
+		if ids := tcxLinkIDs(t, p.path, "eth0"); len(ids) != 0 {
+			t.Errorf("netns %d: sidecar pod with %d tcx links on eth0, want none", p.cookie, len(ids))
+		}
+		l, err := link.LoadPinnedLink(c.inLookupPin(p.cookie), nil)
+		if err != nil {
+			t.Errorf("netns %d: %v", p.cookie, err)
+			return
+		}
+		defer l.Close()
+		info, err := l.Info()
+		if want, ok := c.inProgs.get(p.cookie); err != nil || !ok || info.Program != want {
+			t.Errorf("netns %d: inbound lookup link on program %v (%v), want the pod's %d", p.cookie, info, err, want)
+		}
+		return
 	}
 	want, err := progID(c.objs.SidelaneInbound)
 	if err != nil {
@@ -43,7 +61,7 @@ func checkDetached(t *testing.T, c *Capture, p podNetns) {
 	if ids := tcxLinkIDs(t, p.path, "eth0"); len(ids) != 0 {
 		t.Errorf("netns %d: %d tcx links left on eth0 after Delete", p.cookie, len(ids))
 	}
-	for _, pin := range []string{c.inboundPin(p.cookie, "eth0"), c.twLookupPin(p.cookie)} {
+	for _, pin := range []string{c.inboundPin(p.cookie, "eth0"), c.twLookupPin(p.cookie), c.inLookupPin(p.cookie)} {
 		if _, err := os.Stat(pin); err == nil {
 			t.Errorf("pin %s left after Delete", pin)
 		}

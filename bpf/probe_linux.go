@@ -43,6 +43,10 @@ func kernelFeatures(cgroup string) []feature {
 		{"map:lru_hash", mapType(ebpf.LRUHash)},
 		{"map:percpu_hash", mapType(ebpf.PerCPUHash)},
 		{"map:sockhash", mapType(ebpf.SockHash)},
+		// Sidecar pods' inbound capture (Linux 5.9); per-node pods' is tc
+		// (tcx, Linux 6.6), checked when their program loads.
+		{"prog:sk_lookup", prog(ebpf.SkLookup)},
+		{"helper:sk_lookup:sk_assign", helper(ebpf.SkLookup, asm.FnSkAssign)},
 		// Last, the real thing: the verifier accepts every program on this
 		// kernel (kfuncs, CO-RE relocations, helpers in context).
 		{FeatureLoad, loadAll},

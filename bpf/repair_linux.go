@@ -82,6 +82,9 @@ func (c *Capture) repairNode() ([]Repaired, []error, error) {
 	r, err := c.repairSkMsg()
 	done = append(done, r...)
 	errs = append(errs, err)
+	r, err = c.repairInCapture()
+	done = append(done, r...)
+	errs = append(errs, err)
 	return done, errs, nil
 }
 
@@ -158,6 +161,23 @@ func (c *Capture) repairSkMsg() ([]Repaired, error) {
 	return []Repaired{{RepairSkMsg, "sock_pairs", "detached"}}, nil
 }
 
+// repairInCapture keeps sidelane_in_capture in in_progs (without it every
+// sidecar pod's stub drops its TCP lookups: closed, but broken).
+func (c *Capture) repairInCapture() ([]Repaired, error) {
+	want, err := progID(c.objs.SidelaneInCapture)
+	if err != nil {
+		return nil, fmt.Errorf("inbound capture program: %w", err)
+	}
+	var id uint32
+	if err := c.objs.InProgs.Lookup(uint32(0), &id); err == nil && ebpf.ProgramID(id) == want {
+		return nil, nil
+	}
+	if err := c.setInCapture(); err != nil {
+		return nil, err
+	}
+	return []Repaired{{RepairProgArray, "in_progs", "replaced"}}, nil
+}
+
 func (c *Capture) repairInbound(in Inbound) ([]Repaired, error) {
 	var cfg capturePodConfig
 	if err := c.objs.Pods.Lookup(&in.Netns, &cfg); err != nil {
@@ -166,6 +186,11 @@ func (c *Capture) repairInbound(in Inbound) ([]Repaired, error) {
 	if _, err := os.Stat(in.NetnsPath); err != nil {
 		return nil, nil // the pod is going away
 	}
+	if !c.cfg.tcInbound && cfg.Flags&flagNode == 0 && c.hasInIface(in.Netns, in.IfName) {
+		return c.repairInLookup(in)
+	}
+	// tc capture. A sidecar pod whose tc link is gone gets sk_lookup
+	// capture instead (attachInbound), when its listener is recorded.
 	tw, err := c.repairTWLookup(in)
 	if err != nil {
 		return tw, err
@@ -185,6 +210,29 @@ func (c *Capture) repairTWLookup(in Inbound) ([]Repaired, error) {
 	})
 }
 
+// repairInLookup keeps a sidecar pod's inbound lookup (sk_lookup) netns
+// link attached and on the pod's copy of sidelane_in_lookup.
+func (c *Capture) repairInLookup(in Inbound) ([]Repaired, error) {
+	return c.repairLink(pinnedLink{
+		kind: RepairNetnsLink, what: "inbound lookup", name: strconv.FormatUint(in.Netns, 10),
+		pin: c.inLookupPin(in.Netns),
+		ours: func(id ebpf.ProgramID) (bool, error) {
+			want, ok := c.inProgs.get(in.Netns)
+			return ok && id == want, nil
+		},
+		update: func(l link.Link) error {
+			p, err := c.inLookupProgram(in.Netns)
+			if err != nil {
+				return err
+			}
+			defer p.Close()
+			return l.Update(p)
+		},
+		attached: func(info *link.Info) bool { nsi := info.NetNs(); return nsi != nil && nsi.NetnsInode != 0 },
+		attach:   func() error { return c.attachInLookup(in.NetnsPath, in.Netns) },
+	})
+}
+
 // repairTCX keeps the pod interface's inbound tcx link attached and on
 // sidelane's program.
 func (c *Capture) repairTCX(in Inbound) ([]Repaired, error) {
@@ -200,7 +248,11 @@ func (c *Capture) repairTCX(in Inbound) ([]Repaired, error) {
 type pinnedLink struct {
 	kind, what, name string
 	pin              string
-	prog             *ebpf.Program
+	// prog is the program the link must run; or ours says whether the
+	// link's program is sidelane's, and update moves the link back to it.
+	prog   *ebpf.Program
+	ours   func(ebpf.ProgramID) (bool, error)
+	update func(link.Link) error
 	// attached says whether the link is still attached to its target
 	// (a detached link's pin names a defunct link).
 	attached func(*link.Info) bool
@@ -211,9 +263,13 @@ type pinnedLink struct {
 // program back to sidelane's, and re-attaches one that is unpinned or
 // detached.
 func (c *Capture) repairLink(p pinnedLink) ([]Repaired, error) {
-	want, err := progID(p.prog)
-	if err != nil {
-		return nil, fmt.Errorf("%s program: %w", p.what, err)
+	if p.ours == nil {
+		want, err := progID(p.prog)
+		if err != nil {
+			return nil, fmt.Errorf("%s program: %w", p.what, err)
+		}
+		p.ours = func(id ebpf.ProgramID) (bool, error) { return id == want, nil }
+		p.update = func(l link.Link) error { return l.Update(p.prog) }
 	}
 	reason := "unpinned"
 	l, err := link.LoadPinnedLink(p.pin, nil)
@@ -228,15 +284,15 @@ func (c *Capture) repairLink(p pinnedLink) ([]Repaired, error) {
 			return nil, fmt.Errorf("inspect %s link %s: %w", p.what, p.name, ierr)
 		}
 		if p.attached(info) {
-			var uerr error
-			if info.Program != want {
-				uerr = l.Update(p.prog)
+			ours, uerr := p.ours(info.Program)
+			if uerr == nil && !ours {
+				uerr = p.update(l)
 			}
 			l.Close()
 			if uerr != nil {
 				return nil, fmt.Errorf("move %s link %s back to sidelane's program: %w", p.what, p.name, uerr)
 			}
-			if info.Program != want {
+			if !ours {
 				return []Repaired{{p.kind, p.name, "replaced"}}, nil
 			}
 			return nil, nil
@@ -260,7 +316,8 @@ func (c *Capture) pinnedMaps() map[string]*ebpf.Map {
 		"orig_by_cookie": o.OrigByCookie, "orig_by_tuple": o.OrigByTuple, "pod_counters": o.PodCounters,
 		"settings": o.Settings, "sock_pairs": o.SockPairs, "pair_cookies": o.PairCookies, "pair_mode": o.PairMode, "pair_runs": o.PairRuns,
 		"node_proxy_cfg": o.NodeProxyCfg, "node_counters": o.NodeCounters, "accepted": o.Accepted,
-		"tw_pending": o.TwPending, "tw_listeners": o.TwListeners,
+		"tw_pending": o.TwPending, "tw_listeners": o.TwListeners, "in_listeners": o.InListeners, "in_ifaces": o.InIfaces,
+		"in_netns": o.InNetns, "in_progs": o.InProgs,
 	}
 }
 

@@ -93,7 +93,7 @@ func byID(t *testing.T, id link.ID, f func(link.Link) error) {
 // another root process would), shows capture is gone, and that Repair
 // brings it back and reports what it did.
 func TestRepair(t *testing.T) {
-	e := newEnv(t)
+	e := newEnvOpts(t, envOpts{tcInbound: true}) // tc links (per-node pods'); sk_lookup's: TestSkLookupRepairAndRestart
 	e.startSidecar()
 	e.enroll(defaultSettings())
 	if err := e.cap.AttachInbound(e.podPath, e.cookie, "eth0"); err != nil {

@@ -217,8 +217,13 @@ func (s *NS) Listen(t TB, network, addr string) net.Listener {
 	t.Helper()
 	var l net.Listener
 	err := s.Do(func() error {
+		// Plain TCP, as Envoy and haproxy listen (Go's default is MPTCP,
+		// whose listeners cannot join the sockhash sidecar pods' inbound
+		// capture takes the proxy's listener from).
+		var lc net.ListenConfig
+		lc.SetMultipathTCP(false)
 		var err error
-		l, err = net.Listen(network, addr)
+		l, err = lc.Listen(context.Background(), network, addr)
 		return err
 	})
 	if err != nil {

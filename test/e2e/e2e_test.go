@@ -180,9 +180,11 @@ func TestEndToEnd(t *testing.T) {
 			t.Errorf("server's sidecar inbound sessions %d -> %d, want +2", srvBefore["inbound"], srvAfter["inbound"])
 		}
 		// The end-of-suite comparison is not vacuous: enrolled pods are
-		// entries, their inbound capture links are pins.
+		// entries, their inbound capture links are pins (sidecar pods'
+		// sk_lookup links inlookup_*, tc links inbound_*).
 		mid := readBPFState(t, e.pinDirs[nodeA.Name])
-		if mid.entries["pods"] <= start[nodeA.Name].entries["pods"] || !slices.ContainsFunc(mid.pins, func(p string) bool { return strings.HasPrefix(p, "inbound_") }) {
+		inboundPin := func(p string) bool { return strings.HasPrefix(p, "inbound_") || strings.HasPrefix(p, "inlookup_") }
+		if mid.entries["pods"] <= start[nodeA.Name].entries["pods"] || !slices.ContainsFunc(mid.pins, inboundPin) {
 			t.Errorf("BPF state of %s with pods running: %s; want pod entries and inbound pins", nodeA.Name, mid)
 		}
 		ex1, text := e.explain(nodeA, scNS, "web")

@@ -30,7 +30,7 @@ const (
 	PhaseNetnsCookie   = "ebpf_netns_cookie"   // open the pod's netns, read its cookie
 	PhaseRoutes        = "ebpf_routes"         // read its routes (excludeInterfaces only)
 	PhasePut           = "ebpf_put"            // write its map entries
-	PhaseInboundAttach = "ebpf_inbound_attach" // attach (or update) its tc inbound link
+	PhaseInboundAttach = "ebpf_inbound_attach" // attach (or update) its inbound capture: sk_lookup (sidecar), tc (per-node)
 )
 
 // DefaultNodeInboundPort is where the node proxy listens inside each

@@ -38,6 +38,20 @@ type capturev2Counters struct {
 	TimewaitReuse   uint64
 }
 
+type capturev2InIfaceSet struct {
+	_       structs.HostLayout
+	Ifindex [4]uint32
+	Name    [4][16]uint8
+}
+
+type capturev2InKey struct {
+	_      structs.HostLayout
+	Netns  uint64
+	Family uint16
+	Slot   uint16
+	Pad    uint32
+}
+
 type capturev2NodeProxy struct {
 	_     structs.HostLayout
 	Netns uint64
@@ -117,6 +131,10 @@ type capturev2TwRec struct {
 const (
 	capturev2MapAccepted              = "accepted"
 	capturev2MapCidrs                 = "cidrs"
+	capturev2MapInIfaces              = "in_ifaces"
+	capturev2MapInListeners           = "in_listeners"
+	capturev2MapInNetns               = "in_netns"
+	capturev2MapInProgs               = "in_progs"
 	capturev2MapNodeCounters          = "node_counters"
 	capturev2MapNodeProxyCfg          = "node_proxy_cfg"
 	capturev2MapOrigByCookie          = "orig_by_cookie"
@@ -137,6 +155,9 @@ const (
 	capturev2ProgSidelaneGetpeername4 = "sidelane_getpeername4"
 	capturev2ProgSidelaneGetpeername6 = "sidelane_getpeername6"
 	capturev2ProgSidelaneGetsockopt   = "sidelane_getsockopt"
+	capturev2ProgSidelaneInCapture    = "sidelane_in_capture"
+	capturev2ProgSidelaneInLookup     = "sidelane_in_lookup"
+	capturev2ProgSidelaneInRecord     = "sidelane_in_record"
 	capturev2ProgSidelaneInbound      = "sidelane_inbound"
 	capturev2ProgSidelaneMsg          = "sidelane_msg"
 	capturev2ProgSidelaneRecvmsg4     = "sidelane_recvmsg4"
@@ -195,6 +216,9 @@ type capturev2ProgramSpecs struct {
 	SidelaneGetpeername4 *ebpf.ProgramSpec `ebpf:"sidelane_getpeername4"`
 	SidelaneGetpeername6 *ebpf.ProgramSpec `ebpf:"sidelane_getpeername6"`
 	SidelaneGetsockopt   *ebpf.ProgramSpec `ebpf:"sidelane_getsockopt"`
+	SidelaneInCapture    *ebpf.ProgramSpec `ebpf:"sidelane_in_capture"`
+	SidelaneInLookup     *ebpf.ProgramSpec `ebpf:"sidelane_in_lookup"`
+	SidelaneInRecord     *ebpf.ProgramSpec `ebpf:"sidelane_in_record"`
 	SidelaneInbound      *ebpf.ProgramSpec `ebpf:"sidelane_inbound"`
 	SidelaneMsg          *ebpf.ProgramSpec `ebpf:"sidelane_msg"`
 	SidelaneRecvmsg4     *ebpf.ProgramSpec `ebpf:"sidelane_recvmsg4"`
@@ -212,6 +236,10 @@ type capturev2ProgramSpecs struct {
 type capturev2MapSpecs struct {
 	Accepted     *ebpf.MapSpec `ebpf:"accepted"`
 	Cidrs        *ebpf.MapSpec `ebpf:"cidrs"`
+	InIfaces     *ebpf.MapSpec `ebpf:"in_ifaces"`
+	InListeners  *ebpf.MapSpec `ebpf:"in_listeners"`
+	InNetns      *ebpf.MapSpec `ebpf:"in_netns"`
+	InProgs      *ebpf.MapSpec `ebpf:"in_progs"`
 	NodeCounters *ebpf.MapSpec `ebpf:"node_counters"`
 	NodeProxyCfg *ebpf.MapSpec `ebpf:"node_proxy_cfg"`
 	OrigByCookie *ebpf.MapSpec `ebpf:"orig_by_cookie"`
@@ -257,6 +285,10 @@ func (o *capturev2Objects) Close() error {
 type capturev2Maps struct {
 	Accepted     *ebpf.Map `ebpf:"accepted"`
 	Cidrs        *ebpf.Map `ebpf:"cidrs"`
+	InIfaces     *ebpf.Map `ebpf:"in_ifaces"`
+	InListeners  *ebpf.Map `ebpf:"in_listeners"`
+	InNetns      *ebpf.Map `ebpf:"in_netns"`
+	InProgs      *ebpf.Map `ebpf:"in_progs"`
 	NodeCounters *ebpf.Map `ebpf:"node_counters"`
 	NodeProxyCfg *ebpf.Map `ebpf:"node_proxy_cfg"`
 	OrigByCookie *ebpf.Map `ebpf:"orig_by_cookie"`
@@ -278,6 +310,10 @@ func (m *capturev2Maps) Close() error {
 	return _Capturev2Close(
 		m.Accepted,
 		m.Cidrs,
+		m.InIfaces,
+		m.InListeners,
+		m.InNetns,
+		m.InProgs,
 		m.NodeCounters,
 		m.NodeProxyCfg,
 		m.OrigByCookie,
@@ -311,6 +347,9 @@ type capturev2Programs struct {
 	SidelaneGetpeername4 *ebpf.Program `ebpf:"sidelane_getpeername4"`
 	SidelaneGetpeername6 *ebpf.Program `ebpf:"sidelane_getpeername6"`
 	SidelaneGetsockopt   *ebpf.Program `ebpf:"sidelane_getsockopt"`
+	SidelaneInCapture    *ebpf.Program `ebpf:"sidelane_in_capture"`
+	SidelaneInLookup     *ebpf.Program `ebpf:"sidelane_in_lookup"`
+	SidelaneInRecord     *ebpf.Program `ebpf:"sidelane_in_record"`
 	SidelaneInbound      *ebpf.Program `ebpf:"sidelane_inbound"`
 	SidelaneMsg          *ebpf.Program `ebpf:"sidelane_msg"`
 	SidelaneRecvmsg4     *ebpf.Program `ebpf:"sidelane_recvmsg4"`
@@ -329,6 +368,9 @@ func (p *capturev2Programs) Close() error {
 		p.SidelaneGetpeername4,
 		p.SidelaneGetpeername6,
 		p.SidelaneGetsockopt,
+		p.SidelaneInCapture,
+		p.SidelaneInLookup,
+		p.SidelaneInRecord,
 		p.SidelaneInbound,
 		p.SidelaneMsg,
 		p.SidelaneRecvmsg4,
