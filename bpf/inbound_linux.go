@@ -17,6 +17,7 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -64,7 +65,7 @@ func (c *Capture) attachInbound(netnsPath string, netns uint64, ifname string) e
 	sidecar := !c.cfg.tcInbound && c.objs.Pods.Lookup(&netns, &cfg) == nil && cfg.Flags&flagNode == 0
 	if sidecar {
 		if _, err := os.Stat(c.inboundPin(netns, ifname)); errors.Is(err, os.ErrNotExist) {
-			return c.attachLookupCapture(netnsPath, netns, ifname)
+			return c.attachLookupCapture(netnsPath, netns, ifname, cfg.Flags&flagNoIPv6 == 0)
 		}
 	}
 	if err := c.attachTWLookup(netnsPath, netns); err != nil {
@@ -122,7 +123,8 @@ func (c *Capture) attachTC(netnsPath string, netns uint64, ifname string) error 
 // netns, and whatever already listens on the inbound port recorded (a
 // proxy that started before the pod was enrolled, or before this agent
 // version; one that starts later is recorded by sock_ops at listen(2)).
-func (c *Capture) attachLookupCapture(netnsPath string, netns uint64, ifname string) error {
+// With IPv6 capture it puts ::6 on the pod's lo (addPassthroughV6).
+func (c *Capture) attachLookupCapture(netnsPath string, netns uint64, ifname string, v6 bool) error {
 	target, err := ns.GetNS(netnsPath)
 	if err != nil {
 		return fmt.Errorf("open netns %s: %w", netnsPath, err)
@@ -135,6 +137,9 @@ func (c *Capture) attachLookupCapture(netnsPath string, netns uint64, ifname str
 			return fmt.Errorf("interface %s in %s: %w", ifname, netnsPath, err)
 		}
 		ifindex = iface.Index
+		if v6 {
+			return addPassthroughV6()
+		}
 		return nil
 	}); err != nil {
 		return err
@@ -146,6 +151,27 @@ func (c *Capture) attachLookupCapture(netnsPath string, netns uint64, ifname str
 		return err
 	}
 	return c.recordListeners(target)
+}
+
+// addPassthroughV6 puts ::6/128 on lo of the calling thread's netns, as
+// Istio's capture does (istio-iptables' configureIPv6Addresses): without
+// it the proxy cannot bind ::6 (IPv6's lo holds only ::1/128). It is also
+// what makes sidelane_in_capture's exemption of ::6 sources safe: a
+// SYN-ACK to a local address never leaves the pod, so a packet from
+// outside claiming ::6 cannot complete a handshake. A netns with IPv6
+// disabled (EACCES) has no IPv6 to capture or bypass.
+func addPassthroughV6() error {
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		return fmt.Errorf("find lo: %w", err)
+	}
+	// ::6 is the source of Envoy's IPv6 inbound passthrough to the app
+	// (Istio's counterpart of 127.0.0.6).
+	err = netlink.AddrAdd(lo, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("::6"), Mask: net.CIDRMask(128, 128)}})
+	if err == nil || errors.Is(err, unix.EEXIST) || errors.Is(err, unix.EACCES) {
+		return nil
+	}
+	return fmt.Errorf("add ::6/128 to lo: %w", err)
 }
 
 // recordListeners runs sidelane_in_record in target (the pod's netns) for

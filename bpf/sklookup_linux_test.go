@@ -160,6 +160,11 @@ func TestInboundBySkLookup(t *testing.T) {
 	if _, err := os.Stat(e.cap.inboundPin(e.cookie, "eth0")); err == nil {
 		t.Error("sidecar pod: a tc inbound link is pinned")
 	}
+	// As Istio's capture: ::6 (the proxy's IPv6 passthrough source, exempt
+	// from capture) is the pod's own, so a SYN-ACK to it stays inside.
+	if out, err := exec.Command("ip", "-n", e.podNS, "-6", "addr", "show", "dev", "lo").CombinedOutput(); err != nil || !strings.Contains(string(out), "inet6 ::6/128") {
+		t.Errorf("lo lacks ::6/128 (%v): %s", err, out)
+	}
 
 	t.Run("no listener fails closed", func(t *testing.T) {
 		before, _ := e.cap.Counters(e.cookie)
