@@ -41,7 +41,7 @@ func (r *Runner) sizes() sizes {
 			exclReps: 3, connects: 200, exclusions: []int{10, 1000, 10000}}
 	}
 	return sizes{reps: 500, streamReps: 400, crrReps: 24, rrCount: 200, stream: 40 * time.Millisecond, crr: 200 * time.Millisecond,
-		exclReps: 40, connects: 500, exclusions: []int{10, 1000, 10000}}
+		exclReps: 100, connects: 500, exclusions: []int{10, 1000, 10000}}
 }
 
 // slowRun is how long one client run may take before the log says so.
