@@ -274,11 +274,13 @@ func (t *timingExec) count(key string) int {
 	return len(t.per[key])
 }
 
-// cniAddScaleRun is cni_add_scale with the run's repetitions: 10 rounds of
+// cniAddScaleRun is cni_add_scale with the run's repetitions: 30 rounds of
 // 30 ADDs per size (3 of 10 in a quick run). 5 rounds of 20 left the
-// ratio's interval 0.34 wide (2026-12-01 12:33 run).
+// ratio's interval 0.34 wide (2026-12-01 12:33 run); 10 of 30 left it
+// 0.43 wide once sk_lookup made an ADD's p99 ~5 ms (18:00 run), where one
+// slow process start moves a round's p99.
 func (r *Runner) cniAddScaleRun(ctx context.Context) error {
-	reps, perRep := 10, 30
+	reps, perRep := 30, 30
 	if r.cfg.Quick {
 		reps, perRep = 3, 10
 	}
