@@ -954,27 +954,36 @@ func dialFromNetns(t *testing.T, path string, dst netip.AddrPort) (reply, error)
 
 // dialWith is dialFromNetns with the caller's dialer.
 func dialWith(t *testing.T, path string, d net.Dialer, dst netip.AddrPort) (reply, error) {
-	netns, err := ns.GetNS(path)
+	out, err := exchangeIn(t, path, d, "tcp", dst, 10*time.Second)
 	if err != nil {
 		return reply{}, err
+	}
+	return parseReply(t, out), nil
+}
+
+// exchangeIn connects with d from the netns at path to dst, sends the
+// "dial" request and returns everything the server answered before
+// closing (within deadline). A netns that cannot be opened fails the test:
+// it is never a connection that did not get through.
+func exchangeIn(t testing.TB, path string, d net.Dialer, network string, dst netip.AddrPort, deadline time.Duration) (string, error) {
+	netns, err := ns.GetNS(path)
+	if err != nil {
+		t.Fatalf("open netns %s: %v", path, err)
 	}
 	defer netns.Close()
 	var out []byte
 	err = netns.Do(func(ns.NetNS) error {
-		c, err := d.Dial("tcp", dst.String())
+		c, err := d.Dial(network, dst.String())
 		if err != nil {
 			return err
 		}
 		defer c.Close()
-		c.SetDeadline(time.Now().Add(10 * time.Second))
+		c.SetDeadline(time.Now().Add(deadline))
 		c.Write([]byte("D"))
 		out, err = io.ReadAll(c)
 		return err
 	})
-	if err != nil {
-		return reply{}, err
-	}
-	return parseReply(t, string(out)), nil
+	return string(out), err
 }
 
 func TestInboundCapture(t *testing.T) {

@@ -7,7 +7,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -108,24 +107,7 @@ func (e *env) recorded() int {
 // rawDial connects from the remote netns (another node: outside the test
 // cgroup) and returns what the server said.
 func (e *env) rawDial(t *testing.T, dst netip.AddrPort) (string, error) {
-	netns, err := ns.GetNS("/var/run/netns/" + e.remNS)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer netns.Close()
-	var out []byte
-	err = netns.Do(func(ns.NetNS) error {
-		c, err := net.DialTimeout("tcp", dst.String(), 2*time.Second)
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(5 * time.Second))
-		c.Write([]byte("D"))
-		out, err = io.ReadAll(c)
-		return err
-	})
-	return string(out), err
+	return exchangeIn(t, "/var/run/netns/"+e.remNS, net.Dialer{Timeout: 2 * time.Second}, "tcp", dst, 5*time.Second)
 }
 
 func field(out, key string) string {
@@ -518,35 +500,18 @@ func tcpChecksum(src, dst netip.Addr, tcp []byte) uint16 {
 // and a destination options header on every packet and returns what the
 // server said.
 func (e *env) dialExtHeaders(t *testing.T, dst netip.AddrPort) (string, error) {
-	netns, err := ns.GetNS("/var/run/netns/" + e.remNS)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer netns.Close()
-	var out []byte
-	err = netns.Do(func(ns.NetNS) error {
-		// One PadN option filling each 8-byte header.
-		opts := []byte{0, 0, 1, 4, 0, 0, 0, 0}
-		d := net.Dialer{Timeout: 2 * time.Second, Control: func(_, _ string, c syscall.RawConn) error {
-			var serr error
-			err := c.Control(func(fd uintptr) {
-				serr = errors.Join(
-					unix.SetsockoptString(int(fd), unix.IPPROTO_IPV6, unix.IPV6_HOPOPTS, string(opts)),
-					unix.SetsockoptString(int(fd), unix.IPPROTO_IPV6, unix.IPV6_DSTOPTS, string(opts)))
-			})
-			return errors.Join(err, serr)
-		}}
-		c, err := d.Dial("tcp6", dst.String())
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(5 * time.Second))
-		c.Write([]byte("D"))
-		out, err = io.ReadAll(c)
-		return err
-	})
-	return string(out), err
+	// One PadN option filling each 8-byte header.
+	opts := []byte{0, 0, 1, 4, 0, 0, 0, 0}
+	d := net.Dialer{Timeout: 2 * time.Second, Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			serr = errors.Join(
+				unix.SetsockoptString(int(fd), unix.IPPROTO_IPV6, unix.IPV6_HOPOPTS, string(opts)),
+				unix.SetsockoptString(int(fd), unix.IPPROTO_IPV6, unix.IPV6_DSTOPTS, string(opts)))
+		})
+		return errors.Join(err, serr)
+	}}
+	return exchangeIn(t, "/var/run/netns/"+e.remNS, d, "tcp6", dst, 5*time.Second)
 }
 
 // TestSkLookupParseDifferentials: a sidecar pod's inbound capture is the
