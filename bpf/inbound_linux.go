@@ -17,8 +17,9 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/sidelane/sidelane/internal/passthrough"
 )
 
 func (c *Capture) inboundPin(netns uint64, ifname string) string {
@@ -123,7 +124,7 @@ func (c *Capture) attachTC(netnsPath string, netns uint64, ifname string) error 
 // netns, and whatever already listens on the inbound port recorded (a
 // proxy that started before the pod was enrolled, or before this agent
 // version; one that starts later is recorded by sock_ops at listen(2)).
-// With IPv6 capture it puts ::6 on the pod's lo (addPassthroughV6).
+// With IPv6 capture it puts ::6 on the pod's lo (passthrough.AddIPv6).
 func (c *Capture) attachLookupCapture(netnsPath string, netns uint64, ifname string, v6 bool) error {
 	target, err := ns.GetNS(netnsPath)
 	if err != nil {
@@ -138,7 +139,7 @@ func (c *Capture) attachLookupCapture(netnsPath string, netns uint64, ifname str
 		}
 		ifindex = iface.Index
 		if v6 {
-			return addPassthroughV6()
+			return passthrough.AddIPv6()
 		}
 		return nil
 	}); err != nil {
@@ -151,27 +152,6 @@ func (c *Capture) attachLookupCapture(netnsPath string, netns uint64, ifname str
 		return err
 	}
 	return c.recordListeners(target)
-}
-
-// addPassthroughV6 puts ::6/128 on lo of the calling thread's netns, as
-// Istio's capture does (istio-iptables' configureIPv6Addresses): without
-// it the proxy cannot bind ::6 (IPv6's lo holds only ::1/128). It is also
-// what makes sidelane_in_capture's exemption of ::6 sources safe: a
-// SYN-ACK to a local address never leaves the pod, so a packet from
-// outside claiming ::6 cannot complete a handshake. A netns with IPv6
-// disabled (EACCES) has no IPv6 to capture or bypass.
-func addPassthroughV6() error {
-	lo, err := netlink.LinkByName("lo")
-	if err != nil {
-		return fmt.Errorf("find lo: %w", err)
-	}
-	// ::6 is the source of Envoy's IPv6 inbound passthrough to the app
-	// (Istio's counterpart of 127.0.0.6).
-	err = netlink.AddrAdd(lo, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("::6"), Mask: net.CIDRMask(128, 128)}})
-	if err == nil || errors.Is(err, unix.EEXIST) || errors.Is(err, unix.EACCES) {
-		return nil
-	}
-	return fmt.Errorf("add ::6/128 to lo: %w", err)
 }
 
 // recordListeners runs sidelane_in_record in target (the pod's netns) for

@@ -233,6 +233,13 @@ func (s *NS) Listen(t TB, network, addr string) net.Listener {
 	return l
 }
 
+// LoHas says whether s's lo holds the address cidr ("::6/128").
+func (s *NS) LoHas(t TB, cidr string) bool {
+	t.Helper()
+	out := Run(t, "ip", "-n", s.Name, "addr", "show", "dev", "lo")
+	return strings.Contains(out, " "+cidr+" ")
+}
+
 // Command returns cmd set to run inside s (`ip netns exec`), on s.CPUs
 // when set.
 func (s *NS) Command(ctx context.Context, name string, args ...string) *exec.Cmd {

@@ -14,6 +14,7 @@ import (
 
 	"github.com/sidelane/sidelane/agent/datapath"
 	"github.com/sidelane/sidelane/agent/store"
+	"github.com/sidelane/sidelane/internal/passthrough"
 )
 
 // tables are the tables Istio's REDIRECT-mode rules use (mangle only for
@@ -29,6 +30,9 @@ var tables = []string{"mangle", "nat", "raw"}
 func (b *Backend) Enroll(_ context.Context, e *store.Entry) error {
 	v4, v6 := Desired(*e)
 	return ignoreGoneIfEmpty(v4, v6, inNetns(*e, func() error {
+		if err := passthroughIPv6(v6); err != nil {
+			return err
+		}
 		return perFamily(v4, v6, func(ipt *goipt.IPTables, fam string, rules []Rule) error {
 			if verify(ipt, rules) == nil {
 				return nil
@@ -59,6 +63,9 @@ func (b *Backend) Move(_ context.Context, old store.Entry, next *store.Entry) er
 	v4, v6 := Desired(*next)
 	o4, o6 := Desired(old)
 	return ignoreGoneIfEmpty(v4, v6, inNetns(*next, func() error {
+		if err := passthroughIPv6(v6); err != nil {
+			return err
+		}
 		type switched struct {
 			ipt *goipt.IPTables
 			old []Rule
@@ -238,4 +245,13 @@ func verify(ipt *goipt.IPTables, want []Rule) error {
 		}
 	}
 	return nil
+}
+
+// passthroughIPv6 puts ::6 on the pod's lo when its IPv6 is captured (v6
+// rules), as istio-iptables does; it stays after Unenroll, as Istio's.
+func passthroughIPv6(v6 []Rule) error {
+	if len(v6) == 0 {
+		return nil
+	}
+	return passthrough.AddIPv6()
 }

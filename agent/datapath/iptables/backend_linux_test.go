@@ -120,6 +120,11 @@ func TestSameRulesAsIstio(t *testing.T) {
 					}
 				}
 			}
+			// Istio's capture puts ::6 (its IPv6 passthrough source) on lo
+			// when it captures IPv6; so must sidelane's.
+			if i, o := ref.LoHas(t, "::6/128"), ours.LoHas(t, "::6/128"); !refused && i != o {
+				t.Errorf("::6 on lo: istio %v, sidelane %v", i, o)
+			}
 			if err := b.Verify(ctx, e); err != nil {
 				t.Errorf("verify: %v", err)
 			}

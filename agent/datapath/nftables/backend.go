@@ -45,9 +45,27 @@ func Desired(e store.Entry) []Table {
 	if e.Capture != nil {
 		s = *e.Capture
 	}
+	return Tables(s, captureIPv6(e, s))
+}
+
+// captureIPv6 says whether e's pod has its IPv6 captured (and so needs ::6
+// on its lo, passthrough.AddIPv6).
+func captureIPv6(e store.Entry, s capture.Settings) bool {
 	addrs := make([]netip.Addr, 0, len(e.IPs))
 	for _, p := range e.IPs {
 		addrs = append(addrs, p.Addr())
 	}
-	return Tables(s, s.CaptureIPv6(addrs))
+	return s.CaptureIPv6(addrs)
+}
+
+// wantsPassthroughIPv6 is captureIPv6 for an entry in sidecar mode.
+func wantsPassthroughIPv6(e store.Entry) bool {
+	if e.Mode != modeSidecar {
+		return false
+	}
+	s := capture.Defaults()
+	if e.Capture != nil {
+		s = *e.Capture
+	}
+	return captureIPv6(e, s)
 }

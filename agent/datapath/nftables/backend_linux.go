@@ -15,6 +15,7 @@ import (
 
 	"github.com/sidelane/sidelane/agent/datapath"
 	"github.com/sidelane/sidelane/agent/store"
+	"github.com/sidelane/sidelane/internal/passthrough"
 )
 
 // Enroll installs e's tables in its netns. When they are already exactly
@@ -23,6 +24,9 @@ import (
 func (b *Backend) Enroll(ctx context.Context, e *store.Entry) error {
 	want := Desired(*e)
 	return ignoreGoneIfEmpty(want, inNetns(*e, func() error {
+		if err := passthroughIPv6(*e, want); err != nil {
+			return err
+		}
 		if verify(ctx, want) == nil {
 			return nil
 		}
@@ -42,6 +46,9 @@ func (b *Backend) Enroll(ctx context.Context, e *store.Entry) error {
 func (b *Backend) Move(ctx context.Context, _ store.Entry, next *store.Entry) error {
 	want := Desired(*next)
 	return ignoreGoneIfEmpty(want, inNetns(*next, func() error {
+		if err := passthroughIPv6(*next, want); err != nil {
+			return err
+		}
 		if verify(ctx, want) == nil {
 			return nil
 		}
@@ -193,3 +200,13 @@ func inNetns(e store.Entry, fn func() error) error {
 }
 
 var _ datapath.Datapath = (*Backend)(nil)
+
+// passthroughIPv6 puts ::6 on the pod's lo when its IPv6 is captured, as
+// istio-iptables does (also with --native-nftables); it stays after
+// Unenroll, as Istio's.
+func passthroughIPv6(e store.Entry, want []Table) error {
+	if len(want) == 0 || !wantsPassthroughIPv6(e) {
+		return nil
+	}
+	return passthrough.AddIPv6()
+}
