@@ -38,34 +38,24 @@ const modeSidecar = "sidecar"
 // iptables backend would capture it (capture.Settings.CaptureIPv6); a nil
 // Capture in sidecar mode means Istio's defaults (fail closed).
 func Desired(e store.Entry) []Table {
+	t, _ := desired(e)
+	return t
+}
+
+// desired is Desired and whether it captures IPv6 (the pod then needs ::6
+// on its lo, passthrough.AddIPv6).
+func desired(e store.Entry) ([]Table, bool) {
 	if e.Mode != modeSidecar {
-		return nil
+		return nil, false
 	}
 	s := capture.Defaults()
 	if e.Capture != nil {
 		s = *e.Capture
 	}
-	return Tables(s, captureIPv6(e, s))
-}
-
-// captureIPv6 says whether e's pod has its IPv6 captured (and so needs ::6
-// on its lo, passthrough.AddIPv6).
-func captureIPv6(e store.Entry, s capture.Settings) bool {
 	addrs := make([]netip.Addr, 0, len(e.IPs))
 	for _, p := range e.IPs {
 		addrs = append(addrs, p.Addr())
 	}
-	return s.CaptureIPv6(addrs)
-}
-
-// wantsPassthroughIPv6 is captureIPv6 for an entry in sidecar mode.
-func wantsPassthroughIPv6(e store.Entry) bool {
-	if e.Mode != modeSidecar {
-		return false
-	}
-	s := capture.Defaults()
-	if e.Capture != nil {
-		s = *e.Capture
-	}
-	return captureIPv6(e, s)
+	v6 := s.CaptureIPv6(addrs)
+	return Tables(s, v6), v6
 }

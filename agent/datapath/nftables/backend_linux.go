@@ -22,9 +22,9 @@ import (
 // in place it changes nothing; otherwise one nft transaction replaces
 // every Istio table there (see replace), so nothing is ever half-applied.
 func (b *Backend) Enroll(ctx context.Context, e *store.Entry) error {
-	want := Desired(*e)
+	want, v6 := desired(*e)
 	return ignoreGoneIfEmpty(want, inNetns(*e, func() error {
-		if err := passthroughIPv6(*e, want); err != nil {
+		if err := passthroughIPv6(want, v6); err != nil {
 			return err
 		}
 		if verify(ctx, want) == nil {
@@ -44,9 +44,9 @@ func (b *Backend) Enroll(ctx context.Context, e *store.Entry) error {
 // nothing, so old's rules stay in place (datapath.ErrNotRestored never
 // happens here).
 func (b *Backend) Move(ctx context.Context, _ store.Entry, next *store.Entry) error {
-	want := Desired(*next)
+	want, v6 := desired(*next)
 	return ignoreGoneIfEmpty(want, inNetns(*next, func() error {
-		if err := passthroughIPv6(*next, want); err != nil {
+		if err := passthroughIPv6(want, v6); err != nil {
 			return err
 		}
 		if verify(ctx, want) == nil {
@@ -204,8 +204,8 @@ var _ datapath.Datapath = (*Backend)(nil)
 // passthroughIPv6 puts ::6 on the pod's lo when its IPv6 is captured, as
 // istio-iptables does (also with --native-nftables); it stays after
 // Unenroll, as Istio's.
-func passthroughIPv6(e store.Entry, want []Table) error {
-	if len(want) == 0 || !wantsPassthroughIPv6(e) {
+func passthroughIPv6(want []Table, v6 bool) error {
+	if len(want) == 0 || !v6 {
 		return nil
 	}
 	return passthrough.AddIPv6()
