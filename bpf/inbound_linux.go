@@ -15,6 +15,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/link"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"golang.org/x/sys/unix"
@@ -125,6 +126,10 @@ func (c *Capture) attachTC(netnsPath string, netns uint64, ifname string) error 
 // proxy that started before the pod was enrolled, or before this agent
 // version; one that starts later is recorded by sock_ops at listen(2)).
 // With IPv6 capture it puts ::6 on the pod's lo (passthrough.AddIPv6).
+//
+// It enters the pod's netns once, for all three things that run there:
+// each entry is a goroutine on a locked OS thread and two setns calls,
+// and in a burst of ADDs every such hand-off waits for a CPU.
 func (c *Capture) attachLookupCapture(netnsPath string, netns uint64, ifname string, v6 bool) error {
 	target, err := ns.GetNS(netnsPath)
 	if err != nil {
@@ -139,35 +144,34 @@ func (c *Capture) attachLookupCapture(netnsPath string, netns uint64, ifname str
 		}
 		ifindex = iface.Index
 		if v6 {
-			return passthrough.AddIPv6()
+			if err := passthrough.AddIPv6(); err != nil {
+				return err
+			}
 		}
-		return nil
+		// Recording needs only the pod's config (Put), not the link below:
+		// until the link is attached nothing reads in_listeners for netns.
+		return c.recordListeners()
 	}); err != nil {
 		return err
 	}
 	if err := c.addInIface(netns, ifname, uint32(ifindex)); err != nil {
 		return err
 	}
-	if err := c.attachInLookup(netnsPath, netns); err != nil {
-		return err
-	}
-	return c.recordListeners(target)
+	return c.attachInLookup(netnsPath, netns)
 }
 
-// recordListeners runs sidelane_in_record in target (the pod's netns) for
-// each family and slot: the pod's listeners on its inbound port go into
-// in_listeners.
-func (c *Capture) recordListeners(target ns.NetNS) error {
-	return target.Do(func(ns.NetNS) error {
-		for _, v6 := range []bool{false, true} {
-			for slot := range uint16(inSlots) {
-				if _, err := c.objs.SidelaneInRecord.Run(&ebpf.RunOptions{Data: recordPacket(v6, recordPort+slot)}); err != nil {
-					return fmt.Errorf("record inbound listeners: %w", err)
-				}
+// recordListeners runs sidelane_in_record from the calling thread, which
+// must be in the pod's netns, for each family and slot: the pod's
+// listeners on its inbound port go into in_listeners.
+func (c *Capture) recordListeners() error {
+	for _, v6 := range []bool{false, true} {
+		for slot := range uint16(inSlots) {
+			if _, err := c.objs.SidelaneInRecord.Run(&ebpf.RunOptions{Data: recordPacket(v6, recordPort+slot)}); err != nil {
+				return fmt.Errorf("record inbound listeners: %w", err)
 			}
 		}
-		return nil
-	})
+	}
+	return nil
 }
 
 // recordPort is the first source port of sidelane_in_record's packets
@@ -298,6 +302,11 @@ func (c *Capture) newInLookupSpec(spec *ebpf.CollectionSpec) error {
 	maps := c.pinnedMaps()
 	for i := range ps.Instructions {
 		ins := &ps.Instructions[i]
+		// No BTF func or line info: with it every pod's load also builds
+		// and loads a BTF blob (BPF_BTF_LOAD), which doubled the stub's
+		// load time (118 against 61 us here); the stub has one function
+		// and needs none.
+		*ins = btf.WithFuncMetadata(ins.WithSource(nil), nil)
 		if !ins.IsLoadFromMap() {
 			continue
 		}
