@@ -149,6 +149,10 @@ const (
 	PerNode          = "pernode"
 	Sidelane         = "sidelane"
 	Chain            = "chain"
+	// NoopPlugin is the CNI project's reference noop plugin in
+	// sidelane-cni's place in the CNI bursts, NoopChain that chain.
+	NoopPlugin = "noop-plugin"
+	NoopChain  = "chain-noop"
 )
 
 // FloorContenders are the references for what any capture keeping both
@@ -206,6 +210,11 @@ var ratioDefs = []ratioDef{
 	{name: "cni_add_share_p99",
 		inputs:  []ref{{"cni_burst_100", Sidelane, "addP99ms"}, {"cni_burst_100", Chain, "addP99ms"}},
 		compute: ratio, target: "<= 0.25"},
+	// The same share for a chained plugin that does nothing (the reference
+	// noop plugin, same burst): the floor of cni_add_share_p99.
+	{name: "cni_add_share_p99_noop_plugin",
+		inputs:  []ref{{"cni_burst_100", NoopPlugin, "addP99ms"}, {"cni_burst_100", NoopChain, "addP99ms"}},
+		compute: ratio},
 	{name: "cni_add_p99_1000_over_10",
 		inputs:  []ref{{"cni_add_1000", Sidelane, "addP99ms"}, {"cni_add_10", Sidelane, "addP99ms"}},
 		compute: ratio, target: "<= 1.2"},

@@ -101,3 +101,23 @@ func TestFloors(t *testing.T) {
 		t.Errorf("results.md lacks the unix floor:\n%s", md.String())
 	}
 }
+
+// The CNI share gets a paired interval from its per-round p99s, and the
+// reference noop plugin's share, from its own chain's rounds, is reported
+// next to it (informational: the floor of the share, never the headline).
+func TestCNIShareRounds(t *testing.T) {
+	r := &Results{}
+	r.AddReps("cni_burst_100", Sidelane, "addP99ms", []float64{30, 34, 26, 32}, "ms")
+	r.AddReps("cni_burst_100", Chain, "addP99ms", []float64{100, 110, 90, 105}, "ms")
+	r.AddReps("cni_burst_100", NoopPlugin, "addP99ms", []float64{20, 22, 18, 21}, "ms")
+	r.AddReps("cni_burst_100", NoopChain, "addP99ms", []float64{80, 90, 70, 84}, "ms")
+	r.ComputeRatios()
+	share := r.Ratios["cni_add_share_p99"]
+	if share.Value == nil || *share.Value != 0.301 || share.Lo == nil || share.Reps != 4 || share.Met == nil || *share.Met {
+		t.Errorf("cni_add_share_p99 = %+v, want 0.301 with a 4-round interval, not met", share)
+	}
+	floor := r.Ratios["cni_add_share_p99_noop_plugin"]
+	if floor.Value == nil || *floor.Value != 0.25 || floor.Lo == nil || floor.Target != "" || floor.Met != nil {
+		t.Errorf("cni_add_share_p99_noop_plugin = %+v, want 0.25 with an interval and no target", floor)
+	}
+}

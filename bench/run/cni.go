@@ -4,10 +4,12 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -18,6 +20,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/sidelane/sidelane/bench/loadgen"
 	"github.com/sidelane/sidelane/bench/report"
@@ -61,10 +64,14 @@ func (t *timingExec) ExecPlugin(ctx context.Context, path string, stdin []byte, 
 // with its own agent process.
 type chain struct {
 	name, bridge string
-	list         *libcni.NetworkConfigList
-	cni          *libcni.CNIConfig
-	exec         *timingExec
-	agent        *agentproc.Proc
+	// plugin is the chained plugin after bridge: sidelane-cni, or the
+	// reference noop plugin (chainOpts.noop), whose per-pod debug files
+	// are under noopDir.
+	plugin, noopDir string
+	list            *libcni.NetworkConfigList
+	cni             *libcni.CNIConfig
+	exec            *timingExec
+	agent           *agentproc.Proc
 	// metrics is the agent's /metrics URL.
 	metrics string
 }
@@ -76,6 +83,12 @@ type chainOpts struct {
 	// sidecar mode with Istio's default capture, so ADD enrolls for real
 	// (netns cookie, map writes, tc attach). Otherwise: the no-op datapath.
 	ebpf bool
+	// noop puts the CNI project's reference noop plugin (plugins/test/noop,
+	// told to pass prevResult through) in sidelane-cni's place and starts
+	// no agent: a chained plugin that only starts, reads and writes its
+	// small debug file, and exits. Its share of the chain is the floor of
+	// any chained plugin's share, measured in the same burst.
+	noop bool
 }
 
 // newChain is a chain whose agent runs the no-op datapath.
@@ -89,37 +102,31 @@ func (r *Runner) newChainWith(ctx context.Context, subnet netip.Prefix, o chainO
 		return nil, err
 	}
 	r.cleanup(func() { os.RemoveAll(dir) })
-	c := &chain{name: uniqueName("slbench-"), bridge: uniqueName("slbb"), exec: newTimingExec()}
-	port, err := freePort()
-	if err != nil {
-		return nil, err
-	}
-	c.metrics = fmt.Sprintf("http://127.0.0.1:%d/metrics", port)
-	// The agent's defaults (info), not agentproc's debug logging.
-	args := []string{"--log-level", "info", "--metrics-addr", fmt.Sprintf("127.0.0.1:%d", port)}
-	if o.ebpf {
-		eargs, err := r.ebpfNode()
-		if err != nil {
-			return nil, err
-		}
-		args = append(args, eargs...)
-	}
-	c.agent = agentproc.New(filepath.Join(r.cfg.SidelaneBin, "sidelane"), filepath.Join(dir, "agent"), args...)
-	if err := c.agent.Start(ctx); err != nil {
-		return nil, err
-	}
-	r.cleanup(c.agent.Stop)
+	c := &chain{name: uniqueName("slbench-"), bridge: uniqueName("slbb"), exec: newTimingExec(), plugin: "sidelane-cni"}
 	r.cleanup(func() {
 		if l, err := netlink.LinkByName(c.bridge); err == nil {
 			_ = netlink.LinkDel(l)
 		}
 	})
+	var last map[string]any
+	if o.noop {
+		c.plugin, c.noopDir = "noop", filepath.Join(dir, "noop")
+		if err := os.Mkdir(c.noopDir, 0o755); err != nil {
+			return nil, err
+		}
+		last = map[string]any{"type": "noop"}
+	} else {
+		if err := r.startAgent(ctx, c, dir, o); err != nil {
+			return nil, err
+		}
+		last = map[string]any{"type": "sidelane-cni", "agentSocket": c.agent.Socket}
+	}
 	raw, err := json.Marshal(map[string]any{
 		"cniVersion": "1.0.0", "name": c.name,
 		"plugins": []map[string]any{
 			{"type": "bridge", "bridge": c.bridge, "isGateway": true, "ipam": map[string]any{
 				"type": "host-local", "ranges": [][]map[string]string{{{"subnet": subnet.String()}}}, "dataDir": filepath.Join(dir, "ipam")}},
-			{"type": "sidelane-cni", "agentSocket": c.agent.Socket},
+			last,
 		},
 	})
 	if err != nil {
@@ -130,6 +137,46 @@ func (r *Runner) newChainWith(ctx context.Context, subnet netip.Prefix, o chainO
 	}
 	c.cni = libcni.NewCNIConfigWithCacheDir([]string{r.cfg.SidelaneBin, r.cfg.ToolBin}, filepath.Join(dir, "cache"), c.exec)
 	return c, nil
+}
+
+// startAgent starts c's agent with its run dir (socket and state) on a
+// tmpfs, as /var/run is on a node (this VM's /tmp is ext4, where a state
+// write's tail was 9 ms in a burst), in the node's agent cpu group when
+// the scenario has one (nodeCPU).
+func (r *Runner) startAgent(ctx context.Context, c *chain, dir string, o chainOpts) error {
+	port, err := freePort()
+	if err != nil {
+		return err
+	}
+	c.metrics = fmt.Sprintf("http://127.0.0.1:%d/metrics", port)
+	// The agent's defaults (info), not agentproc's debug logging.
+	args := []string{"--log-level", "info", "--metrics-addr", fmt.Sprintf("127.0.0.1:%d", port)}
+	if o.ebpf {
+		eargs, err := r.ebpfNode()
+		if err != nil {
+			return err
+		}
+		args = append(args, eargs...)
+	}
+	run := filepath.Join(dir, "agent")
+	if err := os.Mkdir(run, 0o700); err != nil {
+		return err
+	}
+	if err := unix.Mount("tmpfs", run, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "size=64m,mode=0700"); err != nil {
+		return fmt.Errorf("mount tmpfs for the agent's run dir: %w", err)
+	}
+	r.cleanup(func() { _ = unix.Unmount(run, unix.MNT_DETACH) })
+	c.agent = agentproc.New(filepath.Join(r.cfg.SidelaneBin, "sidelane"), run, args...)
+	if err := c.agent.Start(ctx); err != nil {
+		return err
+	}
+	r.cleanup(c.agent.Stop)
+	if r.node != nil {
+		if err := r.node.placeAgent(c.agent.PID()); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // ebpfNode makes a cgroup subtree and a pin dir for one agent's eBPF
@@ -163,17 +210,40 @@ func freePort() (int, error) {
 }
 
 func (c *chain) rt(id string, n ns.NetNS) *libcni.RuntimeConf {
-	return &libcni.RuntimeConf{ContainerID: id, NetNS: n.Path(), IfName: "eth0",
-		Args: [][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAMESPACE", "bench"}, {"K8S_POD_NAME", id}}}
+	args := [][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAMESPACE", "bench"}, {"K8S_POD_NAME", id}}
+	if c.noopDir != "" {
+		args = append(args, [2]string{"DEBUG", c.noopDebug(id)})
+	}
+	return &libcni.RuntimeConf{ContainerID: id, NetNS: n.Path(), IfName: "eth0", Args: args}
 }
 
-// cniBurst adds n pods with parallelism p, then deletes them, recording
-// whole-chain and sidelane-only latencies under scenario s.
-func (r *Runner) cniBurst(ctx context.Context, s string, n, p int) error {
+// noopDebug is pod id's debug file for the noop plugin (its CNI_ARGS
+// DEBUG): one per pod, since the plugin rewrites it on every call.
+func (c *chain) noopDebug(id string) string { return filepath.Join(c.noopDir, id+".json") }
+
+// noopPassThrough (re)writes pod id's debug file telling the noop plugin
+// to print its prevResult, as a chained plugin must.
+func (c *chain) noopPassThrough(id string) error {
+	return os.WriteFile(c.noopDebug(id), []byte(`{"ReportResult":"PASSTHROUGH"}`), 0o644)
+}
+
+// cniBurst runs rounds of: n pods added with parallelism p, then deleted,
+// through sidelane's chain and through the same chain with the reference
+// noop plugin in sidelane-cni's place (which of the two goes first
+// alternates by round). Every figure keeps its per-round values (a
+// round's p50 and p99 over its n ADDs), so cni_add_share_p99 gets a paired
+// interval; the noop plugin's share is its floor.
+func (r *Runner) cniBurst(ctx context.Context, s string, n, p, rounds int) error {
 	c, err := r.newChainWith(ctx, netip.MustParsePrefix("10.213.0.0/16"), chainOpts{ebpf: true})
 	if err != nil {
 		return err
 	}
+	ref, err := r.newChainWith(ctx, netip.MustParsePrefix("10.212.0.0/16"), chainOpts{noop: true})
+	if err != nil {
+		return err
+	}
+	// The two chains take turns with the same netns (each deletes its pods
+	// before the other adds).
 	nss := make([]ns.NetNS, n)
 	for i := range nss {
 		if nss[i], err = testutils.NewNS(); err != nil {
@@ -182,13 +252,88 @@ func (r *Runner) cniBurst(ctx context.Context, s string, n, p int) error {
 		netns := nss[i]
 		r.cleanup(func() { netns.Close(); _ = testutils.UnmountNS(netns) })
 	}
+	figs := map[string][]float64{}
+	keep := func(contender, metric string, d []time.Duration, q func(loadgen.Percentiles) float64) {
+		k := contender + "\x00" + metric
+		figs[k] = append(figs[k], q(loadgen.Summarize(d))/1000)
+	}
+	p50 := func(x loadgen.Percentiles) float64 { return x.P50us }
+	p99 := func(x loadgen.Percentiles) float64 { return x.P99us }
+	for round := range rounds {
+		order := []*chain{c, ref}
+		if round%2 == 1 {
+			order = []*chain{ref, c}
+		}
+		for _, ch := range order {
+			plugin, whole := report.Sidelane, report.Chain
+			if ch == ref {
+				plugin, whole = report.NoopPlugin, report.NoopChain
+			}
+			from := ch.exec.count("ADD " + ch.plugin)
+			fromDel := ch.exec.count("DEL " + ch.plugin)
+			add, del, err := r.burstOnce(ctx, ch, nss, p)
+			if err != nil {
+				return fmt.Errorf("%s chain, round %d: %w", ch.plugin, round, err)
+			}
+			keep(whole, "addP50ms", add, p50)
+			keep(whole, "addP99ms", add, p99)
+			keep(whole, "delP50ms", del, p50)
+			keep(whole, "delP99ms", del, p99)
+			own := ch.exec.samples("ADD "+ch.plugin, from)
+			ownDel := ch.exec.samples("DEL "+ch.plugin, fromDel)
+			keep(plugin, "addP50ms", own, p50)
+			keep(plugin, "addP99ms", own, p99)
+			keep(plugin, "delP50ms", ownDel, p50)
+			keep(plugin, "delP99ms", ownDel, p99)
+		}
+	}
+	// The agent's histograms span every round.
+	if err := r.addPhases(ctx, s, c, nil); err != nil {
+		r.log.Warn("read the agent's ADD phases", "scenario", s, "error", err)
+	}
+	for _, k := range slices.Sorted(maps.Keys(figs)) {
+		contender, metric, _ := strings.Cut(k, "\x00")
+		r.res.AddReps(s, contender, metric, figs[k], "ms")
+	}
+	// Starting the plugin process alone (CNI_COMMAND=VERSION), as many
+	// times and as many at once as a round's ADDs (after them, the
+	// agent idle): the floor of sidelane-cni's share at the median and at
+	// the tail, whatever the agent does. Next to agentAddP99ms it shows
+	// whether sidelane-cni's ADD tail is the agent's or the process's.
+	ms := func(us float64) float64 { return us / 1000 }
+	if v, err := r.execVersion(ctx, n, p); err != nil {
+		r.log.Warn("time sidelane-cni VERSION", "scenario", s, "error", err)
+	} else {
+		how := fmt.Sprintf("%d VERSION execs, %d at a time", n, p)
+		r.res.AddNoted(s, report.Sidelane, "execVersionP50ms", ms(v.P50us), "ms", how)
+		r.res.AddNoted(s, report.Sidelane, "execVersionP99ms", ms(v.P99us), "ms", how)
+	}
+	share := func(plugin, whole string) float64 {
+		return report.Mean(figs[plugin+"\x00addP99ms"]) / report.Mean(figs[whole+"\x00addP99ms"])
+	}
+	r.log.Info("cni burst", "pods", n, "parallel", p, "rounds", rounds,
+		"sidelaneShareP99", share(report.Sidelane, report.Chain), "noopShareP99", share(report.NoopPlugin, report.NoopChain))
+	return nil
+}
+
+// burstOnce adds every netns to ch with parallelism p, then deletes them,
+// and returns each pod's whole-chain ADD and DEL latency.
+func (r *Runner) burstOnce(ctx context.Context, ch *chain, nss []ns.NetNS, p int) (add, del []time.Duration, err error) {
+	id := func(i int) string { return fmt.Sprintf("burst%03d", i) }
+	if ch.noopDir != "" {
+		for i := range nss {
+			if err := ch.noopPassThrough(id(i)); err != nil {
+				return nil, nil, err
+			}
+		}
+	}
 	measure := func(op string, f func(i int) error) ([]time.Duration, error) {
-		lat := make([]time.Duration, n)
+		lat := make([]time.Duration, len(nss))
 		sem := make(chan struct{}, p)
 		var wg sync.WaitGroup
 		var mu sync.Mutex
 		var firstErr error
-		for i := range n {
+		for i := range nss {
 			wg.Add(1)
 			sem <- struct{}{}
 			go func() {
@@ -209,45 +354,14 @@ func (r *Runner) cniBurst(ctx context.Context, s string, n, p int) error {
 		wg.Wait()
 		return lat, firstErr
 	}
-	add, err := measure("ADD", func(i int) error {
-		_, err := c.cni.AddNetworkList(ctx, c.list, c.rt(fmt.Sprintf("burst%03d", i), nss[i]))
+	if add, err = measure("ADD", func(i int) error {
+		_, err := ch.cni.AddNetworkList(ctx, ch.list, ch.rt(id(i), nss[i]))
 		return err
+	}); err != nil {
+		return nil, nil, err
+	}
+	del, err = measure("DEL", func(i int) error {
+		return ch.cni.DelNetworkList(ctx, ch.list, ch.rt(id(i), nss[i]))
 	})
-	if err != nil {
-		return err
-	}
-	if err := r.addPhases(ctx, s, c, nil); err != nil {
-		r.log.Warn("read the agent's ADD phases", "scenario", s, "error", err)
-	}
-	del, err := measure("DEL", func(i int) error {
-		return c.cni.DelNetworkList(ctx, c.list, c.rt(fmt.Sprintf("burst%03d", i), nss[i]))
-	})
-	if err != nil {
-		return err
-	}
-	ms := func(us float64) float64 { return us / 1000 }
-	pa, pd := loadgen.Summarize(add), loadgen.Summarize(del)
-	r.res.Add(s, "chain", "addP50ms", ms(pa.P50us), "ms")
-	r.res.Add(s, "chain", "addP99ms", ms(pa.P99us), "ms")
-	r.res.Add(s, "chain", "delP50ms", ms(pd.P50us), "ms")
-	r.res.Add(s, "chain", "delP99ms", ms(pd.P99us), "ms")
-	sa, sd := loadgen.Summarize(c.exec.per["ADD sidelane-cni"]), loadgen.Summarize(c.exec.per["DEL sidelane-cni"])
-	r.res.Add(s, report.Sidelane, "addP50ms", ms(sa.P50us), "ms")
-	r.res.Add(s, report.Sidelane, "addP99ms", ms(sa.P99us), "ms")
-	r.res.Add(s, report.Sidelane, "delP50ms", ms(sd.P50us), "ms")
-	r.res.Add(s, report.Sidelane, "delP99ms", ms(sd.P99us), "ms")
-	// Starting the plugin process alone (CNI_COMMAND=VERSION), as many
-	// times and as many at once as the scenario's ADDs (after them, the
-	// agent idle): the floor of sidelane-cni's share at the median and at
-	// the tail, whatever the agent does. Next to agentAddP99ms it shows
-	// whether sidelane-cni's ADD tail is the agent's or the process's.
-	if v, err := r.execVersion(ctx, n, p); err != nil {
-		r.log.Warn("time sidelane-cni VERSION", "scenario", s, "error", err)
-	} else {
-		how := fmt.Sprintf("%d VERSION execs, %d at a time", n, p)
-		r.res.AddNoted(s, report.Sidelane, "execVersionP50ms", ms(v.P50us), "ms", how)
-		r.res.AddNoted(s, report.Sidelane, "execVersionP99ms", ms(v.P99us), "ms", how)
-	}
-	r.log.Info("cni burst", "pods", n, "parallel", p, "chainAddP99ms", ms(pa.P99us), "sidelaneAddP99ms", ms(sa.P99us))
-	return nil
+	return add, del, err
 }

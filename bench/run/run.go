@@ -9,6 +9,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -39,11 +40,14 @@ type Runner struct {
 	log      *slog.Logger
 	res      *report.Results
 	cleanups []func()
+	// node, while a CNI scenario runs, holds the cpu groups its agents
+	// go into (onNode); nil otherwise or where no cpu controller is.
+	node *nodeCPU
 }
 
 // New makes a runner.
 func New(cfg Config, log *slog.Logger) *Runner {
-	return &Runner{cfg: cfg, log: log, res: &report.Results{Quick: cfg.Quick}}
+	return &Runner{cfg: cfg, log: log, res: &report.Results{Quick: cfg.Quick, Machine: map[string]string{}}}
 }
 
 // transient records a measurement that failed once and was retried, in
@@ -68,20 +72,30 @@ func (r *Runner) runCleanups() {
 
 // Run measures everything and writes results.json and results.md.
 func (r *Runner) Run(ctx context.Context) error {
-	r.res.Machine = machine()
+	maps.Copy(r.res.Machine, machine())
 	start := time.Now()
 	type scenario struct {
 		name string
 		run  func(context.Context) error
 	}
 	footprintCounts := []int{10, 100, 200}
+	// Rounds of each CNI burst, every round one burst through sidelane's
+	// chain and one through the reference noop plugin's, alternating.
+	burstRounds := 6
+	if r.cfg.Quick {
+		burstRounds = 2
+	}
 	scenarios := []scenario{
 		{"traffic", r.traffic},
-		{"cni_burst_100", func(ctx context.Context) error { return r.cniBurst(ctx, "cni_burst_100", 100, 10) }},
+		{"cni_burst_100", r.onNode(func(ctx context.Context) error {
+			return r.cniBurst(ctx, "cni_burst_100", 100, 10, burstRounds)
+		})},
 		// One pod at a time: the plugin's own cost without CPU contention
 		// (the burst's p99 on a 2-core machine is mostly processes queueing).
-		{"cni_sequential_20", func(ctx context.Context) error { return r.cniBurst(ctx, "cni_sequential_20", 20, 1) }},
-		{"cni_add_scale", r.cniAddScaleRun},
+		{"cni_sequential_20", r.onNode(func(ctx context.Context) error {
+			return r.cniBurst(ctx, "cni_sequential_20", 20, 1, burstRounds)
+		})},
+		{"cni_add_scale", r.onNode(r.cniAddScaleRun)},
 		{"footprint", func(ctx context.Context) error { return r.footprint(ctx, footprintCounts) }},
 		{"policy_update", r.policyUpdate},
 		{scenarioIstiod, r.policyToIstiod},
@@ -106,6 +120,30 @@ func (r *Runner) Run(ctx context.Context) error {
 	r.res.Machine["duration"] = time.Since(start).Round(time.Second).String()
 	r.res.ComputeRatios()
 	return r.write()
+}
+
+// onNode runs a CNI scenario with the node's cpu groups (nodeCPU): this
+// process, whose children the plugins are, in the runtime's group, each
+// agent in the agents' group. Where the machine has no cpu controller to
+// use it runs without them, and results say so.
+func (r *Runner) onNode(f func(context.Context) error) func(context.Context) error {
+	return func(ctx context.Context) error {
+		n, err := newNodeCPU()
+		if err != nil {
+			r.res.Machine["cni_cpu_groups"] = "not used: " + err.Error()
+			r.log.Warn("CNI scenarios without the node's cpu groups", "error", err)
+			return f(ctx)
+		}
+		r.node = n
+		defer func() {
+			// Agents stop (cleanups) before their group is removed.
+			r.runCleanups()
+			r.node = nil
+			n.close()
+		}()
+		r.res.Machine["cni_cpu_groups"] = "CNI scenarios: the plugins (children of the bench, the runtime's stand-in) and the agent in sibling cpu cgroups of equal weight under " + n.dir
+		return f(ctx)
+	}
 }
 
 // pendingScenarios are the scenarios whose contenders have not landed yet
