@@ -522,7 +522,48 @@ func mapName(m *ebpf.Map) string {
 
 // deleteWhere removes the entries of m that match, collecting the keys
 // first (deleting while iterating would restart the walk).
+// deleteWhere removes the entries of m that match. It reads m in batches
+// (BPF_MAP_LOOKUP_BATCH walks the buckets with a cursor): a walk by
+// NextKey costs two syscalls an entry and, on a hash map, starts over
+// whenever the key it stands on is deleted, as the programs do while
+// sockets close, so on a busy node a pod's DEL could walk the map many
+// times. Kernels without batch lookup for m's type get the NextKey walk.
 func deleteWhere[K, V any](m *ebpf.Map, match func(K, V) bool) error {
+	stale, err := matchBatched(m, match)
+	if errors.Is(err, ebpf.ErrNotSupported) {
+		stale, err = matchIterated(m, match)
+	}
+	errs := []error{err}
+	for _, s := range stale {
+		errs = append(errs, ignoreNotExist(m.Delete(&s)))
+	}
+	return errors.Join(errs...)
+}
+
+// batchEntries is how many entries deleteWhere reads a syscall.
+const batchEntries = 4096
+
+func matchBatched[K, V any](m *ebpf.Map, match func(K, V) bool) ([]K, error) {
+	keys, vals := make([]K, batchEntries), make([]V, batchEntries)
+	var stale []K
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := m.BatchLookup(&cursor, keys, vals, nil)
+		for i := range n {
+			if match(keys[i], vals[i]) {
+				stale = append(stale, keys[i])
+			}
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return stale, nil // the walk is complete
+		}
+		if err != nil {
+			return stale, fmt.Errorf("read %s: %w", m, err)
+		}
+	}
+}
+
+func matchIterated[K, V any](m *ebpf.Map, match func(K, V) bool) ([]K, error) {
 	var k K
 	var v V
 	var stale []K
@@ -532,11 +573,7 @@ func deleteWhere[K, V any](m *ebpf.Map, match func(K, V) bool) error {
 			stale = append(stale, k)
 		}
 	}
-	errs := []error{it.Err()}
-	for _, s := range stale {
-		errs = append(errs, ignoreNotExist(m.Delete(&s)))
-	}
-	return errors.Join(errs...)
+	return stale, it.Err()
 }
 
 func setOf[K comparable](keys []K) map[K]bool {
