@@ -1790,6 +1790,23 @@ SEC("sockops")
 int sidelane_sockops(struct bpf_sock_ops *skops)
 {
 	__u32 op = skops->op;
+	/* Every TCP socket of the cgroup also gets the init callbacks
+	 * (timeouts, window, ECN, base RTT) and, once watched, each state
+	 * change: leave those before the helpers below, which only the ops
+	 * handled here need. */
+	switch (op) {
+	case BPF_SOCK_OPS_TCP_LISTEN_CB:
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] == BPF_TCP_CLOSE)
+			break;
+		return 1;
+	default:
+		return 1;
+	}
 	struct tuple_key k = {};
 	__u64 cookie = bpf_get_socket_cookie(skops);
 	__u64 netns = bpf_get_netns_cookie(skops);
