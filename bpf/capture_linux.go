@@ -521,13 +521,12 @@ func mapName(m *ebpf.Map) string {
 }
 
 // deleteWhere removes the entries of m that match, collecting the keys
-// first (deleting while iterating would restart the walk).
-// deleteWhere removes the entries of m that match. It reads m in batches
-// (BPF_MAP_LOOKUP_BATCH walks the buckets with a cursor): a walk by
-// NextKey costs two syscalls an entry and, on a hash map, starts over
-// whenever the key it stands on is deleted, as the programs do while
-// sockets close, so on a busy node a pod's DEL could walk the map many
-// times. Kernels without batch lookup for m's type get the NextKey walk.
+// first. It reads m in batches (BPF_MAP_LOOKUP_BATCH walks the buckets
+// with a cursor): a walk by NextKey costs two syscalls an entry and, on a
+// hash map, starts over whenever the key it stands on is deleted, as the
+// programs do while sockets close, so on a busy node a pod's DEL could
+// walk the map many times. Kernels without batch lookup for m's type get
+// the NextKey walk.
 func deleteWhere[K, V any](m *ebpf.Map, match func(K, V) bool) error {
 	stale, err := matchBatched(m, match)
 	if errors.Is(err, ebpf.ErrNotSupported) {

@@ -1,6 +1,7 @@
 package run
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -252,9 +253,10 @@ func (r *Runner) cniBurst(ctx context.Context, s string, n, p, rounds int) error
 		netns := nss[i]
 		r.cleanup(func() { netns.Close(); _ = testutils.UnmountNS(netns) })
 	}
-	figs := map[string][]float64{}
+	type figKey struct{ contender, metric string }
+	figs := map[figKey][]float64{} // per-round values, in ms
 	keep := func(contender, metric string, d []time.Duration, q func(loadgen.Percentiles) float64) {
-		k := contender + "\x00" + metric
+		k := figKey{contender, metric}
 		figs[k] = append(figs[k], q(loadgen.Summarize(d))/1000)
 	}
 	p50 := func(x loadgen.Percentiles) float64 { return x.P50us }
@@ -291,9 +293,11 @@ func (r *Runner) cniBurst(ctx context.Context, s string, n, p, rounds int) error
 	if err := r.addPhases(ctx, s, c, nil); err != nil {
 		r.log.Warn("read the agent's ADD phases", "scenario", s, "error", err)
 	}
-	for _, k := range slices.Sorted(maps.Keys(figs)) {
-		contender, metric, _ := strings.Cut(k, "\x00")
-		r.res.AddReps(s, contender, metric, figs[k], "ms")
+	keys := slices.SortedFunc(maps.Keys(figs), func(a, b figKey) int {
+		return cmp.Or(strings.Compare(a.contender, b.contender), strings.Compare(a.metric, b.metric))
+	})
+	for _, k := range keys {
+		r.res.AddReps(s, k.contender, k.metric, figs[k], "ms")
 	}
 	// Starting the plugin process alone (CNI_COMMAND=VERSION), as many
 	// times and as many at once as a round's ADDs (after them, the
@@ -309,7 +313,7 @@ func (r *Runner) cniBurst(ctx context.Context, s string, n, p, rounds int) error
 		r.res.AddNoted(s, report.Sidelane, "execVersionP99ms", ms(v.P99us), "ms", how)
 	}
 	share := func(plugin, whole string) float64 {
-		return report.Mean(figs[plugin+"\x00addP99ms"]) / report.Mean(figs[whole+"\x00addP99ms"])
+		return report.Mean(figs[figKey{plugin, "addP99ms"}]) / report.Mean(figs[figKey{whole, "addP99ms"}])
 	}
 	r.log.Info("cni burst", "pods", n, "parallel", p, "rounds", rounds,
 		"sidelaneShareP99", share(report.Sidelane, report.Chain), "noopShareP99", share(report.NoopPlugin, report.NoopChain))

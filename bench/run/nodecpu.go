@@ -43,7 +43,7 @@ func newNodeCPU() (*nodeCPU, error) {
 	if err != nil {
 		return nil, err
 	}
-	mnt, cur, err := cpuHierarchy(string(mounts), string(self), func(p string) ([]byte, error) { return os.ReadFile(p) })
+	mnt, cur, v2, err := cpuHierarchy(string(mounts), string(self), func(p string) ([]byte, error) { return os.ReadFile(p) })
 	if err != nil {
 		return nil, err
 	}
@@ -55,7 +55,7 @@ func newNodeCPU() (*nodeCPU, error) {
 			return nil, fmt.Errorf("create cpu cgroup: %w", err)
 		}
 	}
-	if v2 := !isV1(n.dir); v2 {
+	if v2 {
 		if err := os.WriteFile(filepath.Join(n.dir, "cgroup.subtree_control"), []byte("+cpu"), 0); err != nil {
 			n.remove()
 			return nil, fmt.Errorf("enable cpu in %s: %w", n.dir, err)
@@ -66,12 +66,6 @@ func newNodeCPU() (*nodeCPU, error) {
 		return nil, err
 	}
 	return n, nil
-}
-
-// isV1 tells a cgroup v1 directory (cpu.shares) from a v2 one.
-func isV1(dir string) bool {
-	_, err := os.Stat(filepath.Join(dir, "cpu.shares"))
-	return err == nil
 }
 
 // placeAgent moves an agent process into the agent group.
@@ -99,10 +93,10 @@ func moveProc(cg string, pid int) error {
 
 // cpuHierarchy finds the mount of a hierarchy with the cpu controller and
 // this process's cgroup in it, from /proc/mounts and /proc/self/cgroup:
-// cgroup v1's "cpu" mount first, else cgroup v2 when its root delegates
-// cpu to children (read reads its cgroup.subtree_control).
-func cpuHierarchy(mounts, self string, read func(string) ([]byte, error)) (mnt, cur string, err error) {
-	var v2 string
+// cgroup v1's "cpu" mount first, else cgroup v2 (v2 true) when its root
+// delegates cpu to children (read reads its cgroup.subtree_control).
+func cpuHierarchy(mounts, self string, read func(string) ([]byte, error)) (mnt, cur string, v2 bool, err error) {
+	var v2mnt string
 	sc := bufio.NewScanner(strings.NewReader(mounts))
 	for sc.Scan() {
 		f := strings.Fields(sc.Text())
@@ -115,7 +109,7 @@ func cpuHierarchy(mounts, self string, read func(string) ([]byte, error)) (mnt, 
 				mnt = f[1]
 			}
 		case "cgroup2":
-			v2 = f[1]
+			v2mnt = f[1]
 		}
 	}
 	for _, l := range strings.Split(self, "\n") {
@@ -124,29 +118,29 @@ func cpuHierarchy(mounts, self string, read func(string) ([]byte, error)) (mnt, 
 			continue
 		}
 		if mnt != "" && slices.Contains(strings.Split(parts[1], ","), "cpu") {
-			return mnt, parts[2], nil
+			return mnt, parts[2], false, nil
 		}
-		if mnt == "" && parts[0] == "0" && parts[1] == "" && v2 != "" {
+		if mnt == "" && parts[0] == "0" && parts[1] == "" && v2mnt != "" {
 			cur = parts[2]
 		}
 	}
 	if mnt != "" {
-		return "", "", errors.New("no cpu controller line in /proc/self/cgroup")
+		return "", "", false, errors.New("no cpu controller line in /proc/self/cgroup")
 	}
-	if v2 == "" {
-		return "", "", errors.New("no cgroup with the cpu controller mounted")
+	if v2mnt == "" {
+		return "", "", false, errors.New("no cgroup with the cpu controller mounted")
 	}
-	ctl, err := read(filepath.Join(v2, "cgroup.subtree_control"))
+	ctl, err := read(filepath.Join(v2mnt, "cgroup.subtree_control"))
 	if err != nil {
-		return "", "", fmt.Errorf("read cgroup v2 root: %w", err)
+		return "", "", false, fmt.Errorf("read cgroup v2 root: %w", err)
 	}
 	if !slices.Contains(strings.Fields(string(ctl)), "cpu") {
-		return "", "", fmt.Errorf("cgroup v2 at %s does not delegate the cpu controller (its cgroup.subtree_control: %q), and the bench does not change the machine's root cgroup", v2, strings.TrimSpace(string(ctl)))
+		return "", "", false, fmt.Errorf("cgroup v2 at %s does not delegate the cpu controller (its cgroup.subtree_control: %q), and the bench does not change the machine's root cgroup", v2mnt, strings.TrimSpace(string(ctl)))
 	}
 	if cur == "" {
-		return "", "", errors.New("no cgroup v2 line in /proc/self/cgroup")
+		return "", "", false, errors.New("no cgroup v2 line in /proc/self/cgroup")
 	}
 	// The groups go at the top of the hierarchy, beside this process's
 	// own, so they need no controller delegated below the root.
-	return v2, cur, nil
+	return v2mnt, cur, true, nil
 }

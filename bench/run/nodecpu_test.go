@@ -36,15 +36,15 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
 		{"v1 mount, no line", hybridMounts, "0::/\n", noRead, "", "", "no cpu controller line"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			mnt, cur, err := cpuHierarchy(c.mounts, c.self, c.read)
+			mnt, cur, v2, err := cpuHierarchy(c.mounts, c.self, c.read)
 			if c.err != "" {
 				if err == nil || !strings.Contains(err.Error(), c.err) {
 					t.Fatalf("err %v, want %q", err, c.err)
 				}
 				return
 			}
-			if err != nil || mnt != c.mnt || cur != c.cur {
-				t.Fatalf("got %q %q %v, want %q %q", mnt, cur, err, c.mnt, c.cur)
+			if wantV2 := strings.HasPrefix(c.name, "v2"); err != nil || mnt != c.mnt || cur != c.cur || v2 != wantV2 {
+				t.Fatalf("got %q %q v2=%v %v, want %q %q v2=%v", mnt, cur, v2, err, c.mnt, c.cur, wantV2)
 			}
 		})
 	}

@@ -1851,9 +1851,7 @@ int sidelane_sockops(struct bpf_sock_ops *skops)
 		maybe_shortcut(skops, &k, netns);
 		break;
 	}
-	case BPF_SOCK_OPS_STATE_CB:
-		if (skops->args[1] != BPF_TCP_CLOSE)
-			break;
+	case BPF_SOCK_OPS_STATE_CB: /* to BPF_TCP_CLOSE: the others left above */
 		sockops_tuple(skops, &k);
 		struct orig_dst *o = bpf_map_lookup_elem(&orig_by_cookie, &cookie);
 		if (o) {
