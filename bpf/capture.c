@@ -282,18 +282,6 @@ struct {
 	__type(value, __u32);
 } settings SEC(".maps");
 
-/* Sockets accepted in an enrolled netns (set by sock_ops). Per-socket
- * storage, freed with the socket: SO_ORIGINAL_DST on such a socket with no
- * recorded redirect answers its own local address, as conntrack does for a
- * connection that was not NATed; after bpf_sk_assign that is the original
- * destination. Nothing node-wide to flood or evict. */
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, __u8);
-} accepted SEC(".maps");
 
 /* Same-node established sockets eligible for the shortcut, keyed by their
  * own 4-tuple (netns set for loopback tuples, 0 for pod IPs, which are
@@ -1103,7 +1091,8 @@ int sidelane_inbound(struct __sk_buff *skb)
 	}
 	/* No original-destination record: after bpf_sk_assign the accepted
 	 * socket's local address is the original destination, and
-	 * SO_ORIGINAL_DST answers it from the socket itself (see accepted).
+	 * SO_ORIGINAL_DST answers it from the socket itself (see
+	 * sidelane_getsockopt).
 	 * Writing a record per SYN would let anyone who can send SYNs to a pod
 	 * (a scan from anywhere) flood the node-wide LRU and evict other pods'
 	 * outbound records before their proxy reads them. */
@@ -1289,6 +1278,11 @@ int sidelane_in_capture(struct bpf_sk_lookup *ctx)
 {
 	if (ctx->protocol != IPPROTO_TCP)
 		return SK_PASS;
+	/* Loopback (the app's redirected connect to its sidecar) is never
+	 * captured here, and tc records only what crossed the pod's
+	 * interface: leave before any map lookup. */
+	if (READ(ctx->ingress_ifindex) <= 1)
+		return SK_PASS;
 	/* A SYN recorded by tc (a pod that moved here from tc capture and
 	 * still has it) first. */
 	int r = tw_recorded(ctx);
@@ -1312,8 +1306,6 @@ int sidelane_in_capture(struct bpf_sk_lookup *ctx)
 	 * program is attached): the same rules as sidelane_inbound. */
 	if ((pod->flags & POD_NODE) && dport == pod->inbound_port)
 		return drop_lookup(netns);
-	if (!inbound_captured(netns, pod, dport))
-		return SK_PASS;
 	__u8 src[16] = {};
 	__u32 *s = (__u32 *)src;
 	__u32 remote4 = READ(ctx->remote_ip4);
@@ -1332,7 +1324,9 @@ int sidelane_in_capture(struct bpf_sk_lookup *ctx)
 	 * too, but they never crossed it and tc never saw them. A packet from
 	 * outside with such a source cannot open a connection: the SYN-ACK
 	 * goes to the pod's own address and never leaves it. */
-	if (is_loopback(src) || is_passthrough_src(src) || cidr_match(netns, CIDR_LOCAL, src))
+	if (is_loopback(src) || is_passthrough_src(src))
+		return SK_PASS;
+	if (!inbound_captured(netns, pod, dport) || cidr_match(netns, CIDR_LOCAL, src))
 		return SK_PASS;
 	if ((pod->flags & POD_NODE) && is_node_proxy(get_node_proxy(), src))
 		return SK_PASS;
@@ -1843,9 +1837,6 @@ int sidelane_sockops(struct bpf_sock_ops *skops)
 		struct tuple_key m = mirrored(&k, netns);
 		if (bpf_map_lookup_elem(&orig_by_tuple, &m))
 			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
-		struct bpf_sock *ask = skops->sk;
-		if (ask && bpf_map_lookup_elem(&pods, &netns))
-			bpf_sk_storage_get(&accepted, ask, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		maybe_shortcut(skops, &k, netns);
 		break;
 	}
@@ -1872,9 +1863,15 @@ int sidelane_sockops(struct bpf_sock_ops *skops)
 		}
 		struct tuple_key m = mirrored(&k, netns);
 		bpf_map_delete_elem(&orig_by_tuple, &m);
-		k.netns = pair_netns(&k, netns);
-		bpf_map_delete_elem(&pair_cookies, &k);
-		bpf_map_delete_elem(&pair_runs, &k);
+		/* Only a socket that joined the shortcut has pair entries
+		 * (maybe_shortcut made its pair_mode first): the others skip
+		 * two LRU deletes per close. */
+		struct bpf_sock *sk = skops->sk;
+		if (sk && bpf_sk_storage_get(&pair_mode, sk, 0, 0)) {
+			k.netns = pair_netns(&k, netns);
+			bpf_map_delete_elem(&pair_cookies, &k);
+			bpf_map_delete_elem(&pair_runs, &k);
+		}
 		break;
 	}
 	return 1;
@@ -2024,10 +2021,17 @@ int sidelane_getsockopt(struct bpf_sockopt *ctx)
 	struct orig_dst local = {};
 	struct orig_dst *o = bpf_map_lookup_elem(&orig_by_tuple, &k);
 	if (!o) {
-		if (!bpf_sk_storage_get(&accepted, sk, 0, 0))
+		if (!bpf_map_lookup_elem(&pods, &k.netns))
 			return 1;
-		/* An accepted socket, not redirected by connect: its own local
-		 * address (k.dst/k.dport are the connecting side's view). */
+		/* A socket of an enrolled pod, not redirected by connect: its
+		 * own local address (k.dst/k.dport are the connecting side's
+		 * view), as conntrack answers for an accepted connection that
+		 * was not NATed; after bpf_sk_assign that is the original
+		 * destination. Not told apart from a connected socket, which
+		 * conntrack would answer with its peer: per-socket storage
+		 * made at every accept to tell them apart cost ~4 us of CPU
+		 * per connection (alloc, memcg charge, free under a lock),
+		 * and proxies ask accepted sockets only. */
 		__builtin_memcpy(local.addr, k.dst, 16);
 		local.port = k.dport;
 		local.family = is_v4mapped(k.dst) ? AF_INET : AF_INET6;

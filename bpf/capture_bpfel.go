@@ -129,7 +129,6 @@ type captureTwRec struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	captureMapAccepted              = "accepted"
 	captureMapCidrs                 = "cidrs"
 	captureMapInIfaces              = "in_ifaces"
 	captureMapInListeners           = "in_listeners"
@@ -234,7 +233,6 @@ type captureProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type captureMapSpecs struct {
-	Accepted     *ebpf.MapSpec `ebpf:"accepted"`
 	Cidrs        *ebpf.MapSpec `ebpf:"cidrs"`
 	InIfaces     *ebpf.MapSpec `ebpf:"in_ifaces"`
 	InListeners  *ebpf.MapSpec `ebpf:"in_listeners"`
@@ -283,7 +281,6 @@ func (o *captureObjects) Close() error {
 //
 // It can be passed to loadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type captureMaps struct {
-	Accepted     *ebpf.Map `ebpf:"accepted"`
 	Cidrs        *ebpf.Map `ebpf:"cidrs"`
 	InIfaces     *ebpf.Map `ebpf:"in_ifaces"`
 	InListeners  *ebpf.Map `ebpf:"in_listeners"`
@@ -308,7 +305,6 @@ type captureMaps struct {
 
 func (m *captureMaps) Close() error {
 	return _CaptureClose(
-		m.Accepted,
 		m.Cidrs,
 		m.InIfaces,
 		m.InListeners,

@@ -183,7 +183,29 @@ func Load(cfg Config) (*Capture, error) {
 		c.Close()
 		return nil, fmt.Errorf("migrate maps: %w", err)
 	}
+	// Every link runs this version's programs now: an older version's
+	// maps that no program of this one uses lose their pins (a program
+	// still running holds its map by fd, not by pin).
+	if err := c.removeRetiredPins(); err != nil {
+		c.Close()
+		return nil, err
+	}
 	return c, nil
+}
+
+// removeRetiredPins removes the pins of maps an older version pinned and
+// this one no longer has.
+func (c *Capture) removeRetiredPins() error {
+	var errs []error
+	// accepted: per-socket storage that marked accepted sockets for
+	// SO_ORIGINAL_DST, dropped for its per-connection cost (see
+	// sidelane_getsockopt).
+	for _, name := range []string{"accepted"} {
+		if err := os.Remove(filepath.Join(c.cfg.PinDir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("remove retired pin %s: %w", name, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 func (c *Capture) linkPin(name string) string { return filepath.Join(c.cfg.PinDir, "link_"+name) }
@@ -262,7 +284,7 @@ func (c *Capture) Uninstall() error {
 			errs = append(errs, err)
 		}
 	}
-	errs = append(errs, c.close())
+	errs = append(errs, c.removeRetiredPins(), c.close())
 	if err := os.Remove(c.cfg.PinDir); err != nil && !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, fmt.Errorf("remove pin dir: %w", err))
 	}

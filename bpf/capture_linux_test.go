@@ -564,6 +564,32 @@ func TestIPv6OriginalDst(t *testing.T) {
 	}
 }
 
+// The local-address answer is only for sockets of enrolled pods: in a
+// netns that is not (or no longer) enrolled, getsockopt answers what the
+// kernel does (no conntrack here: an error), even in the programs' cgroup.
+func TestOriginalDstOnlyEnrolled(t *testing.T) {
+	e := newEnv(t)
+	dst := netip.MustParseAddrPort("[::1]:15001")
+	check := func(want string) {
+		t.Helper()
+		l, out := e.startOrigDstHelper(t, "origdst", "[::]:15001")
+		e.dial(dst, false)
+		if err := l.Wait(); err != nil {
+			t.Fatalf("listener: %v: %s", err, out.String())
+		}
+		if got := strings.TrimSpace(out.String()); got != want {
+			t.Errorf("getsockopt on the accepted socket: %q, want %q", got, want)
+		}
+	}
+	check("v4=error v6=error")
+	e.enroll(defaultSettings())
+	check("v4=error v6=" + dst.String())
+	if err := e.cap.Delete(e.cookie); err != nil {
+		t.Fatal(err)
+	}
+	check("v4=error v6=error")
+}
+
 // startOrigDstHelper runs origDstHelper (mode "origdst" or "lateaccept")
 // on addr in the pod's netns and the test cgroup, as a sidecar listener,
 // and waits until it listens; the caller Waits for it.

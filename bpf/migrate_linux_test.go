@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
@@ -172,5 +173,46 @@ func TestLoadMigratesMapLayout(t *testing.T) {
 	e.load()
 	if r := e.dial(ap(remoteIP, 8080), false); r.peer.Addr() != sidecarSrc {
 		t.Errorf("after the refused upgrade: server saw %s, want the sidecar", r.peer)
+	}
+}
+
+// A map an older version pinned and this one no longer has (accepted, the
+// per-socket storage SO_ORIGINAL_DST used to read) loses its pin when this
+// version loads over it, and so at uninstall.
+func TestLoadRemovesRetiredPins(t *testing.T) {
+	e := newEnv(t)
+	pin := filepath.Join(e.pinDir, "accepted")
+	retire := func() {
+		t.Helper()
+		// Any map will do: only the pin name matters.
+		m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Hash, KeySize: 4, ValueSize: 1, MaxEntries: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer m.Close()
+		if err := m.Pin(pin); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.cap.Close(); err != nil {
+		t.Fatal(err)
+	}
+	e.cap = nil
+	retire()
+	c, err := Load(Config{Cgroup: e.cgroup, PinDir: e.pinDir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.cap = c
+	if _, err := os.Stat(pin); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("retired pin after Load: %v, want it gone", err)
+	}
+	retire()
+	if err := e.cap.Uninstall(); err != nil {
+		t.Fatal(err)
+	}
+	e.cap = nil
+	if _, err := os.Stat(e.pinDir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("pin dir after Uninstall: %v, want it gone", err)
 	}
 }

@@ -315,7 +315,7 @@ func (c *Capture) pinnedMaps() map[string]*ebpf.Map {
 		"pods": o.Pods, "cidrs": o.Cidrs, "ports": o.Ports, "pod_ips": o.PodIps,
 		"orig_by_cookie": o.OrigByCookie, "orig_by_tuple": o.OrigByTuple, "pod_counters": o.PodCounters,
 		"settings": o.Settings, "sock_pairs": o.SockPairs, "pair_cookies": o.PairCookies, "pair_mode": o.PairMode, "pair_runs": o.PairRuns,
-		"node_proxy_cfg": o.NodeProxyCfg, "node_counters": o.NodeCounters, "accepted": o.Accepted,
+		"node_proxy_cfg": o.NodeProxyCfg, "node_counters": o.NodeCounters,
 		"tw_pending": o.TwPending, "tw_listeners": o.TwListeners, "in_listeners": o.InListeners, "in_ifaces": o.InIfaces,
 		"in_netns": o.InNetns, "in_progs": o.InProgs,
 	}

@@ -129,7 +129,6 @@ type capturev2TwRec struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	capturev2MapAccepted              = "accepted"
 	capturev2MapCidrs                 = "cidrs"
 	capturev2MapInIfaces              = "in_ifaces"
 	capturev2MapInListeners           = "in_listeners"
@@ -234,7 +233,6 @@ type capturev2ProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type capturev2MapSpecs struct {
-	Accepted     *ebpf.MapSpec `ebpf:"accepted"`
 	Cidrs        *ebpf.MapSpec `ebpf:"cidrs"`
 	InIfaces     *ebpf.MapSpec `ebpf:"in_ifaces"`
 	InListeners  *ebpf.MapSpec `ebpf:"in_listeners"`
@@ -283,7 +281,6 @@ func (o *capturev2Objects) Close() error {
 //
 // It can be passed to loadCapturev2Objects or ebpf.CollectionSpec.LoadAndAssign.
 type capturev2Maps struct {
-	Accepted     *ebpf.Map `ebpf:"accepted"`
 	Cidrs        *ebpf.Map `ebpf:"cidrs"`
 	InIfaces     *ebpf.Map `ebpf:"in_ifaces"`
 	InListeners  *ebpf.Map `ebpf:"in_listeners"`
@@ -308,7 +305,6 @@ type capturev2Maps struct {
 
 func (m *capturev2Maps) Close() error {
 	return _Capturev2Close(
-		m.Accepted,
 		m.Cidrs,
 		m.InIfaces,
 		m.InListeners,
