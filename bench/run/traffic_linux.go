@@ -42,10 +42,12 @@ func (r *Runner) sizes() sizes {
 		return sizes{reps: 20, rr1kReps: 20, streamReps: 20, crrReps: 4, rrCount: 100, stream: 20 * time.Millisecond, crr: 80 * time.Millisecond,
 			exclReps: 3, connects: 200, exclusions: []int{10, 1000, 10000}}
 	}
-	// rr_1k's p99 is per block of 25 rounds (5,000 round trips), 40
+	// rr_1k's p99 is per block of 25 rounds (5,000 round trips), 64
 	// blocks: with 20 blocks of 500 rounds its interval was ±0.044 in one
-	// full run and ±0.089 in the next (2026-12-01 20:11, 20:53).
-	return sizes{reps: 500, rr1kReps: 1000, p99Block: 25, streamReps: 400, crrReps: 24, rrCount: 200, stream: 40 * time.Millisecond, crr: 200 * time.Millisecond,
+	// full run and ±0.089 in the next (2026-12-01 20:11, 20:53); with 40
+	// of 1000, ±0.047 and then ±0.056 (21:09, 23:15). 1600 rounds take
+	// about 3 min 20 s.
+	return sizes{reps: 500, rr1kReps: 1600, p99Block: 25, streamReps: 400, crrReps: 24, rrCount: 200, stream: 40 * time.Millisecond, crr: 200 * time.Millisecond,
 		exclReps: 100, connects: 500, exclusions: []int{10, 1000, 10000}}
 }
 
