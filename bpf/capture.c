@@ -282,7 +282,6 @@ struct {
 	__type(value, __u32);
 } settings SEC(".maps");
 
-
 /* Same-node established sockets eligible for the shortcut, keyed by their
  * own 4-tuple (netns set for loopback tuples, 0 for pod IPs, which are
  * unique on the node). */
