@@ -185,10 +185,11 @@ func Load(cfg Config) (*Capture, error) {
 	}
 	// Every link runs this version's programs now: an older version's
 	// maps that no program of this one uses lose their pins (a program
-	// still running holds its map by fd, not by pin).
+	// still running holds its map by fd, not by pin). A pin left behind
+	// holds an unused map and nothing else, so it does not fail the load
+	// (Uninstall retries and reports it).
 	if err := c.removeRetiredPins(); err != nil {
-		c.Close()
-		return nil, err
+		cfg.Log.Warn("remove an older version's unused map pins", "error", err)
 	}
 	return c, nil
 }

@@ -211,18 +211,16 @@ func (r *Runner) traffic(ctx context.Context) error {
 	latUnits := map[string]string{"p50us": "us", "p90us": "us", "p99us": "us", report.MetricCPU: "us/round trip"}
 
 	for _, s := range []struct {
-		name  string
-		size  int
-		pairs []*Pair
-	}{{"rr_64", 64, pairs}, {"rr_1k", 1024, pairs}, {"rr_64k", 65536, pairs}, {"rr_1k_cross_node", 1024, remotes}} {
+		name   string
+		size   int
+		rounds int
+		pairs  []*Pair
+	}{{"rr_64", 64, sz.reps, pairs}, {"rr_1k", 1024, sz.rr1kReps, pairs}, {"rr_64k", 65536, sz.reps, pairs}, {"rr_1k_cross_node", 1024, sz.reps, remotes}} {
 		count := sz.rrCount
 		if s.size > 4096 {
 			count /= 4
 		}
-		rounds := sz.reps
-		if s.name == "rr_1k" {
-			rounds = sz.rr1kReps
-		}
+		rounds := s.rounds
 		v := reps{}
 		// p99 per block of consecutive rounds (the block aligned across
 		// contenders like the rounds): a batch of 200 round trips has

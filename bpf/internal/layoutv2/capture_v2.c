@@ -1233,10 +1233,11 @@ int sidelane_in_lookup(struct bpf_sk_lookup *ctx)
 	return SK_DROP; /* no capture program: fail closed */
 }
 
+/* ifindex > 1: the caller has left out loopback and 0 (an empty slot). */
 static __always_inline int iface_captured(__u64 netns, __u32 ifindex)
 {
 	struct in_iface_set *in = bpf_map_lookup_elem(&in_ifaces, &netns);
-	if (!in || ifindex <= 1) /* 1: loopback */
+	if (!in)
 		return 0;
 #pragma unroll
 	for (int i = 0; i < MAX_IN_IFACES; i++)
@@ -1282,7 +1283,8 @@ int sidelane_in_capture(struct bpf_sk_lookup *ctx)
 	/* Loopback (the app's redirected connect to its sidecar) is never
 	 * captured here, and tc records only what crossed the pod's
 	 * interface: leave before any map lookup. */
-	if (READ(ctx->ingress_ifindex) <= 1)
+	__u32 ifindex = READ(ctx->ingress_ifindex);
+	if (ifindex <= 1) /* 1: loopback */
 		return SK_PASS;
 	/* A SYN recorded by tc (a pod that moved here from tc capture and
 	 * still has it) first. */
@@ -1297,7 +1299,7 @@ int sidelane_in_capture(struct bpf_sk_lookup *ctx)
 	struct pod_config *pod = bpf_map_lookup_elem(&pods, &netns);
 	if (!pod)
 		return SK_PASS; /* not enrolled (any more) */
-	if (!iface_captured(netns, READ(ctx->ingress_ifindex)))
+	if (!iface_captured(netns, ifindex))
 		return SK_PASS;
 	__u32 family = READ(ctx->family);
 	if ((pod->flags & POD_NO_IPV6) && family != AF_INET)
