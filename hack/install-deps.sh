@@ -11,7 +11,8 @@
 # GROUP is demo (`make demo`), test (`make test`, a superset of demo),
 # generate (`make generate` / `make verify`: clang for bpf2go), image
 # (`make image`: the image without a Docker daemon), node (`make node-e2e`:
-# a real node, also image) or all (the default: what .ci/run needs). --check never installs or mounts.
+# a real node: also image, and test for etcd, haproxy and the tools its
+# apiserver and pods run) or all (the default: what .ci/run needs). --check never installs or mounts.
 # --list prints each package, why it is needed, the version Debian 12
 # ships (the one tested) and the installed version.
 # (INSTALL_DEPS_MOUNTS replaces /proc/mounts for hack/scripts_test.go.)
@@ -46,7 +47,7 @@ for a in "$@"; do
     --check) check_only=1 ;;
     --list) list=1 ;;
     demo|test|generate|image) groups+=("$a") ;;
-    node) groups+=(node image) ;;
+    node) groups+=(node image test) ;;
     all) groups+=(demo test generate image node) ;;
     -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "install-deps: unknown argument $a (groups: demo test generate image node all)" >&2; exit 2 ;;

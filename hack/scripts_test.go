@@ -181,6 +181,18 @@ func TestInstallDeps(t *testing.T) {
 		}
 	}
 
+	// `make node-e2e` alone on a fresh machine: its node's apiserver runs
+	// on etcd, its sidecars are haproxy, so the node group holds test's.
+	out, err = run(t, ".", nil, deps, "--list", "node")
+	if err != nil {
+		t.Fatalf("--list node: %v\n%s", err, out)
+	}
+	for _, p := range []string{"etcd-server", "haproxy", "containerd", "podman"} {
+		if !strings.Contains(out, "\n"+p+" ") {
+			t.Errorf("install-deps.sh node does not install %s:\n%s", p, out)
+		}
+	}
+
 	// --check never installs, even as root.
 	env, log = stubTools(t, 0, nil)
 	if out, err := run(t, ".", env, deps, "--check", "all"); err == nil {
