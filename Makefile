@@ -82,7 +82,7 @@ chart: deps-check ## helm lint, golden templates, schema and server-side strict 
 	$(GO) test -count=1 -v ./charts/sidelane/test/ 2>&1 | grep -E '^(=== RUN|--- (FAIL|SKIP)|\s+.*_test.go|FAIL|ok|PASS)'; test $${PIPESTATUS[0]} -eq 0
 
 e2e: deps-check build tools kube ## end-to-end: real kube-apiserver, two simulated nodes, real CNI chain, real agents (root)
-	$(GO) test -count=1 -v -timeout 15m ./test/e2e/ 2>&1 | tee $(BIN)/e2e.log | grep -E '^(=== RUN|\s*--- (PASS|FAIL|SKIP)|FAIL|ok|PASS)' ; test $${PIPESTATUS[0]} -eq 0
+	$(GO) test -count=1 -json -timeout 15m ./test/e2e/ 2>&1 | $(GO) run ./hack/testsummary -progress -log $(BIN)/e2e.log
 
 bench: deps-check build tools ## side-by-side benchmarks into bench/out/ (QUICK=1: under 3 minutes); needs root
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/sidelane-bench ./cmd/sidelane-bench
@@ -102,7 +102,7 @@ node-e2e: deps-check build tools image ## a real node (kubelet, containerd, runc
 	hack/build-kube-apiserver.sh node
 	hack/build-node-images.sh
 	VERSION=$(VERSION)-upgrade TAG_SUFFIX=-upgrade OUT=$(CACHE)/sidelane-image-upgrade.tar hack/build-image.sh
-	$(GO) test -count=1 -v -timeout 30m ./test/node/ 2>&1 | tee $(BIN)/node-e2e.log | grep -E '^(=== RUN|\s*--- (PASS|FAIL|SKIP)|FAIL|ok|PASS)' ; test $${PIPESTATUS[0]} -eq 0
+	$(GO) test -count=1 -json -timeout 30m ./test/node/ 2>&1 | $(GO) run ./hack/testsummary -progress -log $(BIN)/node-e2e.log
 
 clean: ## remove build outputs
 	rm -rf $(BIN)

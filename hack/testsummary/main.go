@@ -1,12 +1,21 @@
 // Command testsummary reads `go test -json` on stdin, prints a readable log
 // (failures with their output), and ends with "N passed, N failed" counting
 // leaf tests (tests without subtests). It exits 1 if anything failed.
+//
+//	testsummary [-v] [-progress] [-log FILE]
+//
+// -v prints every output line as it comes; -progress only each test's
+// "=== RUN" and verdict lines (a long run shows where it is, and the
+// failures' output still comes at the end); -log writes the plain
+// `go test -v` text to FILE as well.
 package main
 
 import (
 	"bufio"
 	"encoding/json"
+	"flag"
 	"fmt"
+	"io"
 	"os"
 	"sort"
 	"strings"
@@ -19,28 +28,68 @@ type event struct {
 	Output  string
 }
 
+type options struct {
+	verbose, progress bool
+	log               io.Writer // nil: none
+}
+
 func main() {
-	verbose := len(os.Args) > 1 && os.Args[1] == "-v"
+	var o options
+	logFile := ""
+	flag.BoolVar(&o.verbose, "v", false, "print every output line")
+	flag.BoolVar(&o.progress, "progress", false, "print the RUN and verdict lines as they come")
+	flag.StringVar(&logFile, "log", "", "also write the plain text output to this file")
+	flag.Parse()
+	if logFile != "" {
+		f, err := os.Create(logFile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "testsummary:", err)
+			os.Exit(2)
+		}
+		defer f.Close()
+		o.log = f
+	}
+	if summarize(os.Stdin, os.Stdout, o) > 0 {
+		os.Exit(1)
+	}
+}
+
+// isProgress: a line of `go test -v` that says which test runs or how one ended.
+func isProgress(line string) bool {
+	t := strings.TrimLeft(line, " ")
+	return strings.HasPrefix(line, "=== RUN") || strings.HasPrefix(t, "--- PASS") ||
+		strings.HasPrefix(t, "--- FAIL") || strings.HasPrefix(t, "--- SKIP")
+}
+
+// summarize prints to w and returns the number of failed leaf tests
+// (at least 1 when a package failed outside its tests).
+func summarize(r io.Reader, w io.Writer, o options) int {
 	output := map[string]*strings.Builder{}
 	result := map[string]string{}
 	hasChild := map[string]bool{}
 	var order []string
 	pkgFailed := false
 
-	sc := bufio.NewScanner(os.Stdin)
+	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 1<<20), 1<<24)
 	for sc.Scan() {
 		var ev event
 		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
-			fmt.Println(sc.Text()) // build errors and the like
+			fmt.Fprintln(w, sc.Text()) // build errors and the like
+			if o.log != nil {
+				fmt.Fprintln(o.log, sc.Text())
+			}
 			continue
+		}
+		if ev.Action == "output" && o.log != nil {
+			fmt.Fprint(o.log, ev.Output)
 		}
 		if ev.Test == "" {
 			if ev.Action == "fail" {
 				pkgFailed = true
 			}
-			if ev.Action == "output" && (verbose || strings.HasPrefix(ev.Output, "FAIL") || strings.Contains(ev.Output, "panic")) {
-				fmt.Print(ev.Output)
+			if ev.Action == "output" && (o.verbose || strings.HasPrefix(ev.Output, "FAIL") || strings.Contains(ev.Output, "panic")) {
+				fmt.Fprint(w, ev.Output)
 			}
 			continue
 		}
@@ -56,8 +105,8 @@ func main() {
 			if b := output[key]; b != nil {
 				b.WriteString(ev.Output)
 			}
-			if verbose {
-				fmt.Print(ev.Output)
+			if o.verbose || (o.progress && isProgress(ev.Output)) {
+				fmt.Fprint(w, ev.Output)
 			}
 		case "pass", "fail", "skip":
 			result[key] = ev.Action
@@ -77,7 +126,7 @@ func main() {
 			if !hasChild[k] {
 				skipped++
 			}
-			fmt.Printf("--- SKIP %s\n", strings.SplitN(k, " ", 2)[1])
+			fmt.Fprintf(w, "--- SKIP %s\n", strings.SplitN(k, " ", 2)[1])
 		case "pass":
 			if !hasChild[k] {
 				passed++
@@ -91,17 +140,15 @@ func main() {
 	}
 	sort.Strings(failures)
 	for _, k := range failures {
-		fmt.Printf("--- FAIL %s\n", k)
-		if !verbose && !hasChild[k] {
-			fmt.Print(output[k].String())
+		fmt.Fprintf(w, "--- FAIL %s\n", k)
+		if !o.verbose && !hasChild[k] {
+			fmt.Fprint(w, output[k].String())
 		}
 	}
 	if pkgFailed && failed == 0 {
 		failed++ // a package failed outside any test (build error, TestMain)
-		fmt.Println("--- FAIL a package failed outside its tests")
+		fmt.Fprintln(w, "--- FAIL a package failed outside its tests")
 	}
-	fmt.Printf("%d passed, %d failed, %d skipped\n", passed, failed, skipped)
-	if failed > 0 {
-		os.Exit(1)
-	}
+	fmt.Fprintf(w, "%d passed, %d failed, %d skipped\n", passed, failed, skipped)
+	return failed
 }

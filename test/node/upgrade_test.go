@@ -80,6 +80,12 @@ func testUpgradeUnderStream(t *testing.T, n *nodeharness.Node, chart string) {
 	if err := n.ImportImage(archive); err != nil {
 		t.Fatal(err)
 	}
+	upgradeUnderStream(t, n, chart, tag)
+}
+
+// upgradeUnderStream is testUpgradeUnderStream's roll to the imported
+// image tag.
+func upgradeUnderStream(t *testing.T, n *nodeharness.Node, chart, tag string) {
 	webIP, err := n.Kubectl("get", "pod", "-n", "shop", "web", "-o", "jsonpath={.status.podIP}")
 	if err != nil || webIP == "" {
 		t.Fatalf("web's IP: %q %v", webIP, err)
