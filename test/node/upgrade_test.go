@@ -1,6 +1,7 @@
 package node
 
 import (
+	"bytes"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -91,6 +92,16 @@ func upgradeUnderStream(t *testing.T, n *nodeharness.Node, chart, tag string) {
 		t.Fatalf("web's IP: %q %v", webIP, err)
 	}
 	serverIP := streamPods(t, n, webIP)
+	// On failure, once, while the stream pods are still there (a Fatal
+	// skips their deletion below; an Error checks before it).
+	diagnosed := false
+	diagnose := func() {
+		if t.Failed() && !diagnosed {
+			diagnosed = true
+			upgradeDiagnostics(t, n)
+		}
+	}
+	t.Cleanup(diagnose)
 	web := webIP + ":8080"
 	before := sidecarConnCounts(t, n, "stream-client", web)
 	podSh(t, n, "stream-client", "touch /tmp/go")
@@ -104,6 +115,22 @@ func upgradeUnderStream(t *testing.T, n *nodeharness.Node, chart, tag string) {
 	oldCtrl := podImages(t, n, "app.kubernetes.io/component=controller")
 	atStart := podSize(t, n, "stream-server", "/tmp/recv")
 
+	// The old agent's log, to its end (its pod and log go with the roll).
+	var oldLog bytes.Buffer
+	follow := n.Exec(filepath.Join(tools(t).KubeDir, "kubectl"), "-n", releaseNS, "logs", "-f", "daemonset/sidelane", "-c", "agent")
+	follow.Stdout, follow.Stderr = &oldLog, &oldLog
+	if err := follow.Start(); err != nil {
+		t.Fatal(err)
+	}
+	followed := make(chan error, 1)
+	go func() { followed <- follow.Wait() }()
+	t.Cleanup(func() {
+		_ = follow.Process.Kill()
+		<-followed
+		if t.Failed() {
+			t.Logf("--- the old agent's log\n%s", tail(oldLog.String(), 60))
+		}
+	})
 	helm(t, n, append([]string{"upgrade", "sidelane", chart, "--wait", "--timeout", "5m", "--set", "image.tag=" + tag}, helmInstallArgs(n)...)...)
 	for _, w := range []string{"daemonset/sidelane", "deployment/sidelane-controller"} {
 		if out, err := n.Kubectl("-n", releaseNS, "rollout", "status", w, "--timeout=180s"); err != nil {
@@ -164,11 +191,42 @@ func upgradeUnderStream(t *testing.T, n *nodeharness.Node, chart, tag string) {
 	}
 	t.Logf("helm upgrade to %s under a stream: %d bytes streamed intact through the roll; %d new connections carried by both sidecars, %d refused (fail closed) and retried",
 		tag, size, ok, failed)
+	diagnose()
 	for _, p := range []string{"stream-client", "stream-server"} {
 		if _, err := n.Kubectl("delete", "pod", "-n", "shop", p, "--wait=true", "--timeout=120s"); err != nil {
 			t.Fatal(err)
 		}
 	}
+}
+
+// upgradeDiagnostics logs what a failed roll leaves to read: the stream
+// pods' files and sidecar logs, the agent's logs (the rolled-out one's
+// too), the pods and the recent events.
+func upgradeDiagnostics(t *testing.T, n *nodeharness.Node) {
+	t.Helper()
+	show := func(what string, args ...string) {
+		out, err := n.Kubectl(args...)
+		t.Logf("--- %s (err %v)\n%s", what, err, tail(out, 40))
+	}
+	for _, p := range []string{"stream-client", "stream-server"} {
+		show(p+" files", "exec", "-n", "shop", p, "-c", "app", "--", "sh", "-c",
+			"ls -l /tmp; cat /tmp/sent.done /tmp/recv.done 2>&1; grep -c ok /tmp/loop.log; grep fail /tmp/loop.log; tail -3 /tmp/loop.log; true")
+		show(p+" sidecar", "logs", "-n", "shop", p, "-c", "istio-proxy")
+		show(p+" sidecar, previous container", "logs", "-n", "shop", p, "-c", "istio-proxy", "--previous")
+	}
+	show("web sidecar", "logs", "-n", "shop", "web", "-c", "istio-proxy")
+	show("agent", "-n", releaseNS, "logs", "daemonset/sidelane", "-c", "agent")
+	show("agent, previous container", "-n", releaseNS, "logs", "daemonset/sidelane", "-c", "agent", "--previous")
+	show("pods", "get", "pods", "-A", "-o", "wide")
+	show("events", "get", "events", "-A", "--sort-by=.lastTimestamp")
+}
+
+func tail(s string, n int) string {
+	l := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(l) > n {
+		l = l[len(l)-n:]
+	}
+	return strings.Join(l, "\n")
 }
 
 // podImages is "name=image " of each release pod matching sel, with its
