@@ -195,7 +195,7 @@ func sidecarConnCounts(t *testing.T, n *nodeharness.Node, pod, dst string) sidec
 	t.Helper()
 	var c sidecarCounts
 	count := func(p, dir string) int {
-		logs, err := n.Kubectl("logs", "-n", "shop", p, "-c", "istio-proxy")
+		logs, err := kubectlRetry(t, n, "logs", "-n", "shop", p, "-c", "istio-proxy")
 		if err != nil {
 			t.Fatalf("logs of %s's sidecar: %v", p, err)
 		}
@@ -208,7 +208,7 @@ func sidecarConnCounts(t *testing.T, n *nodeharness.Node, pod, dst string) sidec
 		return k
 	}
 	c.outbound = count(pod, "outbound")
-	dstPod, err := n.Kubectl("get", "pods", "-n", "shop", "--field-selector", "status.podIP="+strings.Split(dst, ":")[0], "-o", "jsonpath={.items[0].metadata.name}")
+	dstPod, err := kubectlRetry(t, n, "get", "pods", "-n", "shop", "--field-selector", "status.podIP="+strings.Split(dst, ":")[0], "-o", "jsonpath={.items[0].metadata.name}")
 	if err != nil || dstPod == "" {
 		t.Fatalf("the pod of %s: %q %v", dst, dstPod, err)
 	}

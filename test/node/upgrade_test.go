@@ -26,14 +26,31 @@ func upgradeArchive(t *testing.T) (archive, tag string) {
 	return p, tag + "-upgrade"
 }
 
-// exec runs sh -c script in a pod's app container.
+// podSh runs sh -c script (idempotent) in a pod's app container.
 func podSh(t *testing.T, n *nodeharness.Node, pod, script string) string {
 	t.Helper()
-	out, err := n.Kubectl("exec", "-n", "shop", pod, "-c", "app", "--", "sh", "-c", script)
+	out, err := kubectlRetry(t, n, "exec", "-n", "shop", pod, "-c", "app", "--", "sh", "-c", script)
 	if err != nil {
 		t.Fatalf("exec in %s: %s: %v\n%s", pod, script, err, out)
 	}
 	return strings.TrimSpace(out)
+}
+
+// kubectlRetry runs an idempotent kubectl command, again (twice at most,
+// a second apart, each logged) when kubectl itself failed: the API
+// server, kubelet or the runtime's streaming did not answer. A command
+// that ran in the container and failed ("command terminated with exit
+// code") is not retried.
+func kubectlRetry(t *testing.T, n *nodeharness.Node, args ...string) (string, error) {
+	t.Helper()
+	for attempt := 1; ; attempt++ {
+		out, err := n.Kubectl(args...)
+		if err == nil || attempt == 3 || strings.Contains(err.Error(), "command terminated with exit code") {
+			return out, err
+		}
+		t.Logf("kubectl failed (attempt %d of 3, retrying): %v", attempt, err)
+		time.Sleep(time.Second)
+	}
 }
 
 func podSize(t *testing.T, n *nodeharness.Node, pod, file string) int {
