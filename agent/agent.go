@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"path/filepath"
 	"reflect"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -65,7 +66,15 @@ type Agent struct {
 	// interleave, or a move could re-enroll an attachment DEL just
 	// removed. Different sandboxes change in parallel.
 	locks *attachLocks
+	// life orders live changes (SetMode, Forget: they hold it shared)
+	// before the shutdown snapshot (exclusive): the snapshot is the next
+	// start's newest truth, so once it is written nothing changes.
+	life    sync.RWMutex
+	stopped bool
 }
+
+// ErrStopped: the agent has written its shutdown snapshot and changes nothing more.
+var ErrStopped = errors.New("agent stopped")
 
 // New loads the persisted state and prepares the socket server.
 func New(cfg Config) (*Agent, error) {
@@ -165,9 +174,14 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.SetReady(false, "shutting down")
 	// For a rollback to a version before per-attachment records (O(pods),
 	// once, off the ADD path); this version's next start takes it back.
+	// The CNI server has drained; a live move still running finishes
+	// first, and later ones are refused.
+	a.life.Lock()
+	a.stopped = true
 	if serr := a.store.WriteLegacy(); serr != nil {
 		a.cfg.Log.Error("write the state snapshot for older agents", "error", serr)
 	}
+	a.life.Unlock()
 	return err
 }
 
@@ -184,6 +198,11 @@ func (a *Agent) Datapath() datapath.Datapath { return a.cfg.Datapath }
 // (sidelane_errors_total{op="move"}; op="move_not_restored" when the old
 // state could not be put back either, which the next move repairs).
 func (a *Agent) SetMode(ctx context.Context, k store.Key, dec Decision) (old store.Entry, changed bool, err error) {
+	a.life.RLock()
+	defer a.life.RUnlock()
+	if a.stopped {
+		return store.Entry{}, false, fmt.Errorf("move %s: %w", k, ErrStopped)
+	}
 	defer a.locks.sandbox(k.ContainerID)()
 	e, ok := a.store.Get(k)
 	if !ok {
@@ -237,6 +256,11 @@ func (a *Agent) moveFailed(from, to store.Entry, err error, msg string) {
 // Forget unenrolls and removes an attachment whose pod no longer exists
 // (deleted while the agent was down, so its DEL was lost).
 func (a *Agent) Forget(ctx context.Context, k store.Key) error {
+	a.life.RLock()
+	defer a.life.RUnlock()
+	if a.stopped {
+		return fmt.Errorf("forget %s: %w", k, ErrStopped)
+	}
 	defer a.locks.sandbox(k.ContainerID)()
 	e, ok := a.store.Get(k)
 	if !ok {

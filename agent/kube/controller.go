@@ -243,6 +243,9 @@ func (c *Controller) reconcile(ctx context.Context) {
 		pod, err := c.pods.Pods(e.PodNamespace).Get(e.PodName)
 		if apierrors.IsNotFound(err) || (err == nil && e.PodUID != "" && string(pod.UID) != e.PodUID) {
 			if err := t.Forget(ctx, e.Key); err != nil {
+				if errors.Is(err, agent.ErrStopped) {
+					return // shutting down: the next start reconciles
+				}
 				c.cfg.Metrics.Error("reconcile")
 				c.log.Error("forget attachment of deleted pod", "pod", e.PodNamespace+"/"+e.PodName, "attachment", e.Key.String(), "error", err)
 				continue
@@ -321,6 +324,9 @@ func (c *Controller) apply(ctx context.Context, e store.Entry, pod *corev1.Pod) 
 	old, changed, err := c.agent().SetMode(ctx, e.Key, dec)
 	if errors.Is(err, agent.ErrUnknownAttachment) {
 		return nil // DEL removed it meanwhile
+	}
+	if errors.Is(err, agent.ErrStopped) {
+		return nil // shutting down: the next start decides again
 	}
 	if err != nil {
 		c.recorder.Eventf(pod, corev1.EventTypeWarning, EventModeChangeError, "sidelane could not move the pod from %s to %s mode: %v", old.Mode, dec.Mode, err)
