@@ -20,30 +20,8 @@ import (
 // rollback keeps every pod), and the next start takes it back into records.
 func TestShutdownWritesSnapshotForOlderAgents(t *testing.T) {
 	dir := t.TempDir()
-	a, err := agent.New(agent.Config{Socket: filepath.Join(dir, "s.sock"), StateDir: dir, Datapath: datapath.Noop{},
-		Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if err != nil {
-		t.Fatal(err)
-	}
 	k := store.Key{Network: "n", ContainerID: "c", IfName: "eth0"}
-	if err := a.Store().Put(store.Entry{Key: k, Mode: agent.ModeSidecar}); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- a.Run(ctx) }()
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if ok, _ := a.Ready(); ok {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("agent not ready")
-		}
-	}
-	cancel()
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
+	stoppedAgent(t, dir, k)
 	data, err := os.ReadFile(filepath.Join(dir, "state.json"))
 	if err != nil {
 		t.Fatalf("no snapshot after a graceful stop: %v", err)
@@ -69,12 +47,32 @@ func TestShutdownWritesSnapshotForOlderAgents(t *testing.T) {
 // so the snapshot, the next start's newest truth, stays the truth.
 func TestNoChangeAfterShutdownSnapshot(t *testing.T) {
 	dir := t.TempDir()
+	k := store.Key{Network: "n", ContainerID: "c", IfName: "eth0"}
+	a := stoppedAgent(t, dir, k)
+	if _, _, err := a.SetMode(context.Background(), k, agent.Decision{Mode: agent.ModeNone, Reason: "late"}); !errors.Is(err, agent.ErrStopped) {
+		t.Errorf("SetMode after the snapshot: %v, want ErrStopped", err)
+	}
+	if err := a.Forget(context.Background(), k); !errors.Is(err, agent.ErrStopped) {
+		t.Errorf("Forget after the snapshot: %v, want ErrStopped", err)
+	}
+	if e, ok := a.Store().Get(k); !ok || e.Mode != agent.ModeSidecar {
+		t.Errorf("the store changed after the snapshot: %+v %v", e, ok)
+	}
+	again := runAgent(t, dir, datapath.Noop{}, agent.ModeSidecar)
+	if e, ok := again.Store().Get(k); !ok || e.Mode != agent.ModeSidecar {
+		t.Errorf("the next start: %+v %v, want the attachment in sidecar mode", e, ok)
+	}
+}
+
+// stoppedAgent is an agent in dir that held k in sidecar mode, ran until
+// Ready and was then stopped gracefully.
+func stoppedAgent(t *testing.T, dir string, k store.Key) *agent.Agent {
+	t.Helper()
 	a, err := agent.New(agent.Config{Socket: filepath.Join(dir, "s.sock"), StateDir: dir, Datapath: datapath.Noop{},
 		Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
-	k := store.Key{Network: "n", ContainerID: "c", IfName: "eth0"}
 	if err := a.Store().Put(store.Entry{Key: k, Mode: agent.ModeSidecar}); err != nil {
 		t.Fatal(err)
 	}
@@ -93,17 +91,5 @@ func TestNoChangeAfterShutdownSnapshot(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := a.SetMode(context.Background(), k, agent.Decision{Mode: agent.ModeNone, Reason: "late"}); !errors.Is(err, agent.ErrStopped) {
-		t.Errorf("SetMode after the snapshot: %v, want ErrStopped", err)
-	}
-	if err := a.Forget(context.Background(), k); !errors.Is(err, agent.ErrStopped) {
-		t.Errorf("Forget after the snapshot: %v, want ErrStopped", err)
-	}
-	if e, ok := a.Store().Get(k); !ok || e.Mode != agent.ModeSidecar {
-		t.Errorf("the store changed after the snapshot: %+v %v", e, ok)
-	}
-	again := runAgent(t, dir, datapath.Noop{}, agent.ModeSidecar)
-	if e, ok := again.Store().Get(k); !ok || e.Mode != agent.ModeSidecar {
-		t.Errorf("the next start: %+v %v, want the attachment in sidecar mode", e, ok)
-	}
+	return a
 }

@@ -928,17 +928,9 @@ func runIstioValidation(t *testing.T, pod *capPod, extra ...string) {
 	defer cancel()
 	out, err := pod.ns.Command(ctx, "setpriv", args...).CombinedOutput()
 	if err != nil {
-		t.Fatalf("istio-iptables --run-validation failed (%v):\n%s", err, tail(string(out), 15))
+		t.Fatalf("istio-iptables --run-validation failed (%v):\n%s", err, testenv.LastLines(string(out), 15))
 	}
 	if !strings.Contains(string(out), "Validation passed") {
-		t.Fatalf("istio-iptables --run-validation did not report success:\n%s", tail(string(out), 15))
+		t.Fatalf("istio-iptables --run-validation did not report success:\n%s", testenv.LastLines(string(out), 15))
 	}
-}
-
-func tail(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
 }

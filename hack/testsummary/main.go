@@ -40,17 +40,24 @@ func main() {
 	flag.BoolVar(&o.progress, "progress", false, "print the RUN and verdict lines as they come")
 	flag.StringVar(&logFile, "log", "", "also write the plain text output to this file")
 	flag.Parse()
+	var f *os.File
 	if logFile != "" {
-		f, err := os.Create(logFile)
-		if err != nil {
+		var err error
+		if f, err = os.Create(logFile); err != nil {
 			fmt.Fprintln(os.Stderr, "testsummary:", err)
 			os.Exit(2)
 		}
-		defer f.Close()
 		o.log = f
 	}
-	if summarize(os.Stdin, os.Stdout, o) > 0 {
-		os.Exit(1)
+	failed := summarize(os.Stdin, os.Stdout, o)
+	if f != nil {
+		if err := f.Close(); err != nil {
+			fmt.Fprintln(os.Stderr, "testsummary:", err)
+			os.Exit(2)
+		}
+	}
+	if failed > 0 {
+		os.Exit(1) // os.Exit skips defers: the log is closed above
 	}
 }
 

@@ -145,7 +145,7 @@ func upgradeUnderStream(t *testing.T, n *nodeharness.Node, chart, tag string) {
 		_ = follow.Process.Kill()
 		<-followed
 		if t.Failed() {
-			t.Logf("--- the old agent's log\n%s", tail(oldLog.String(), 60))
+			t.Logf("--- the old agent's log\n%s", testenv.LastLines(oldLog.String(), 60))
 		}
 	})
 	helm(t, n, append([]string{"upgrade", "sidelane", chart, "--wait", "--timeout", "5m", "--set", "image.tag=" + tag}, helmInstallArgs(n)...)...)
@@ -223,7 +223,7 @@ func upgradeDiagnostics(t *testing.T, n *nodeharness.Node) {
 	t.Helper()
 	show := func(what string, args ...string) {
 		out, err := n.Kubectl(args...)
-		t.Logf("--- %s (err %v)\n%s", what, err, tail(out, 40))
+		t.Logf("--- %s (err %v)\n%s", what, err, testenv.LastLines(out, 40))
 	}
 	for _, p := range []string{"stream-client", "stream-server"} {
 		show(p+" files", "exec", "-n", "shop", p, "-c", "app", "--", "sh", "-c",
@@ -236,14 +236,6 @@ func upgradeDiagnostics(t *testing.T, n *nodeharness.Node) {
 	show("agent, previous container", "-n", releaseNS, "logs", "daemonset/sidelane", "-c", "agent", "--previous")
 	show("pods", "get", "pods", "-A", "-o", "wide")
 	show("events", "get", "events", "-A", "--sort-by=.lastTimestamp")
-}
-
-func tail(s string, n int) string {
-	l := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(l) > n {
-		l = l[len(l)-n:]
-	}
-	return strings.Join(l, "\n")
 }
 
 // podImages is "name=image " of each release pod matching sel, with its
