@@ -60,7 +60,17 @@ func (p *Proc) Start(ctx context.Context) error {
 	done := p.done
 	p.mu.Unlock()
 	go func() { _ = cmd.Wait(); close(done) }()
+	if err := p.waitReady(ctx, done); err != nil {
+		// The caller registers Stop only after a successful Start: an
+		// agent that never became ready (or a cancelled ctx) must not
+		// outlive it.
+		p.Stop()
+		return err
+	}
+	return nil
+}
 
+func (p *Proc) waitReady(ctx context.Context, done <-chan struct{}) error {
 	c := cnirpc.Client{Socket: p.Socket, Timeout: time.Second}
 	deadline := time.Now().Add(15 * time.Second)
 	for time.Now().Before(deadline) {
