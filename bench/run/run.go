@@ -74,10 +74,6 @@ func (r *Runner) runCleanups() {
 func (r *Runner) Run(ctx context.Context) error {
 	maps.Copy(r.res.Machine, machine())
 	start := time.Now()
-	type scenario struct {
-		name string
-		run  func(context.Context) error
-	}
 	footprintCounts := []int{10, 100, 200}
 	// Rounds of each CNI burst, every round one burst through sidelane's
 	// chain and one through the reference noop plugin's, alternating.
@@ -100,26 +96,75 @@ func (r *Runner) Run(ctx context.Context) error {
 		{"policy_update", r.policyUpdate},
 		{scenarioIstiod, r.policyToIstiod},
 	}
-	for _, s := range scenarios {
+	interrupted := r.runScenarios(ctx, scenarios)
+	for _, p := range pendingScenarios() {
+		r.res.Skip(p.Scenario, p.Contender, p.Reason)
+	}
+	r.res.Machine["duration"] = time.Since(start).Round(time.Second).String()
+	r.res.ComputeRatios()
+	if err := r.write(); err != nil {
+		return err
+	}
+	if interrupted {
+		// The partial results are written (and say so), but make bench
+		// must not report success for a run that did not finish.
+		return fmt.Errorf("interrupted: %s (partial results in %s)", r.res.Machine["interrupted"], r.cfg.OutDir)
+	}
+	return nil
+}
+
+type scenario struct {
+	name string
+	run  func(context.Context) error
+}
+
+// runScenarios runs the selected scenarios in order. Once ctx is done
+// (SIGINT, SIGTERM) it starts no further scenario: each would only fail
+// on the cancelled ctx (an interrupted run used to go on through every
+// one). The ones left are listed as not run, and Machine["interrupted"]
+// names the scenario the interrupt hit, whose figures may be partial; it
+// reports whether that happened.
+func (r *Runner) runScenarios(ctx context.Context, scenarios []scenario) bool {
+	where := func(last string) string {
+		if last == "" {
+			return fmt.Sprintf("before the first scenario: %v", context.Cause(ctx))
+		}
+		return fmt.Sprintf("during %s: %v", last, context.Cause(ctx))
+	}
+	last := ""
+	for i, s := range scenarios {
 		if !selected(r.cfg.Only, s.name) {
 			continue
 		}
+		if ctx.Err() != nil {
+			r.res.Machine["interrupted"] = where(last)
+			for _, rest := range scenarios[i:] {
+				if selected(r.cfg.Only, rest.name) {
+					r.res.Skip(rest.name, "", "not run: the run was interrupted")
+				}
+			}
+			r.log.Error("run interrupted", "where", r.res.Machine["interrupted"])
+			return true
+		}
+		last = s.name
 		r.log.Info("scenario", "name", s.name)
 		t0 := time.Now()
 		err := guard(func() error { return s.run(ctx) })
 		r.runCleanups()
 		r.log.Info("scenario finished", "name", s.name, "took", time.Since(t0).Round(time.Millisecond))
 		if err != nil {
+			if ctx.Err() != nil {
+				err = fmt.Errorf("interrupted: %w", err)
+			}
 			r.res.Skip(s.name, "", "failed: "+err.Error())
 			r.log.Error("scenario failed", "name", s.name, "error", err)
 		}
 	}
-	for _, p := range pendingScenarios() {
-		r.res.Skip(p.Scenario, p.Contender, p.Reason)
+	if ctx.Err() != nil {
+		r.res.Machine["interrupted"] = where(last)
+		return true
 	}
-	r.res.Machine["duration"] = time.Since(start).Round(time.Second).String()
-	r.res.ComputeRatios()
-	return r.write()
+	return false
 }
 
 // onNode runs a CNI scenario with the node's cpu groups (nodeCPU): this
