@@ -74,6 +74,7 @@ func (r *Runner) runCleanups() {
 func (r *Runner) Run(ctx context.Context) error {
 	maps.Copy(r.res.Machine, machine())
 	start := time.Now()
+	r.recordHostProbe(ctx, "start")
 	footprintCounts := []int{10, 100, 200}
 	// Rounds of each CNI burst, every round one burst through sidelane's
 	// chain and one through the reference noop plugin's, alternating.
@@ -97,6 +98,9 @@ func (r *Runner) Run(ctx context.Context) error {
 		{scenarioIstiod, r.policyToIstiod},
 	}
 	interrupted := r.runScenarios(ctx, scenarios)
+	if !interrupted {
+		r.recordHostProbe(ctx, "end")
+	}
 	for _, p := range pendingScenarios() {
 		r.res.Skip(p.Scenario, p.Contender, p.Reason)
 	}
