@@ -36,15 +36,12 @@ func (r *Runner) hostProbe(ctx context.Context) (loadgen.Percentiles, error) {
 		return loadgen.Percentiles{}, fmt.Errorf("start the probe's server: %w", err)
 	}
 	defer func() { stop(); _ = srv.Wait() }()
-	var out bytes.Buffer
 	var lastErr error
 	// The server needs a moment to listen; a refused dial is retried.
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {
-		out.Reset()
+		var out, stderr bytes.Buffer
 		cl := r.probeCmd(ctx, "0", "rr", "-addr", addr, "-size", "1024", "-count", fmt.Sprint(hostProbeCount))
-		cl.Stdout = &out
-		var stderr bytes.Buffer
-		cl.Stderr = &stderr
+		cl.Stdout, cl.Stderr = &out, &stderr
 		if lastErr = cl.Run(); lastErr == nil {
 			var res ClientResult
 			if err := json.Unmarshal(out.Bytes(), &res); err != nil {
@@ -78,11 +75,8 @@ func (r *Runner) probeCmd(ctx context.Context, cpu string, args ...string) *exec
 func (r *Runner) recordHostProbe(ctx context.Context, when string) {
 	p, err := r.hostProbe(ctx)
 	note := hostProbeNote(when, p, err)
-	if prev := r.res.Machine["host_probe"]; prev != "" {
-		note = prev + "; " + note
-	}
-	r.res.Machine["host_probe"] = note
-	r.log.Info("host probe", "when", when, "note", note)
+	r.addNote("host_probe", note)
+	r.log.Info("host probe", "note", note)
 }
 
 func hostProbeNote(when string, p loadgen.Percentiles, err error) string {

@@ -17,12 +17,7 @@ import (
 // The probe runs the real sidelane-bench server and client over loopback
 // (no privilege needed) and reports every round trip it asked for.
 func TestHostProbe(t *testing.T) {
-	bin := filepath.Join(t.TempDir(), "sidelane-bench")
-	build := exec.Command("go", "build", "-o", bin, "./cmd/sidelane-bench")
-	build.Dir = testenv.RepoRoot(t)
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build sidelane-bench: %v\n%s", err, out)
-	}
+	bin := buildBench(t)
 	r := New(Config{BenchBin: bin, PinCPUs: true}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	r.recordHostProbe(context.Background(), "start")
 	note := r.res.Machine["host_probe"]
@@ -50,4 +45,16 @@ func TestHostProbeNote(t *testing.T) {
 	if got := hostProbeNote("start", loadgen.Percentiles{}, errors.New("refused")); got != "start: failed: refused" {
 		t.Errorf("failure note = %q", got)
 	}
+}
+
+// buildBench builds sidelane-bench for a test and returns its path.
+func buildBench(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "sidelane-bench")
+	build := exec.Command("go", "build", "-o", bin, "./cmd/sidelane-bench")
+	build.Dir = testenv.RepoRoot(t)
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build sidelane-bench: %v\n%s", err, out)
+	}
+	return bin
 }

@@ -6,8 +6,6 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -24,12 +22,7 @@ import (
 // path and call it a mesh.
 func TestContendersCapture(t *testing.T) {
 	testenv.Privileged(t)
-	bin := filepath.Join(t.TempDir(), "sidelane-bench")
-	build := exec.Command("go", "build", "-o", bin, "./cmd/sidelane-bench")
-	build.Dir = testenv.RepoRoot(t)
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build sidelane-bench: %v\n%s", err, out)
-	}
+	bin := buildBench(t)
 	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	m := NewMesh(t, MeshConfig{BenchBin: bin, PilotAgent: testenv.RequireTool(t, "pilot-agent"), PinCPUs: true, Log: log})
 	if len(m.Pending) > 0 {

@@ -54,11 +54,15 @@ func New(cfg Config, log *slog.Logger) *Runner {
 // the results' machine notes, so a flaky path is visible.
 func (r *Runner) transient(scenario, contender string, err error) {
 	r.log.Warn("measurement failed, retrying once", "scenario", scenario, "contender", contender, "error", err)
-	note := fmt.Sprintf("%s/%s: %v", scenario, contender, err)
-	if prev := r.res.Machine["retried"]; prev != "" {
+	r.addNote("retried", fmt.Sprintf("%s/%s: %v", scenario, contender, err))
+}
+
+// addNote appends note to the results' machine note key ("; " between).
+func (r *Runner) addNote(key, note string) {
+	if prev := r.res.Machine[key]; prev != "" {
 		note = prev + "; " + note
 	}
-	r.res.Machine["retried"] = note
+	r.res.Machine[key] = note
 }
 
 func (r *Runner) cleanup(f func()) { r.cleanups = append(r.cleanups, f) }
@@ -129,26 +133,18 @@ type scenario struct {
 // names the scenario the interrupt hit, whose figures may be partial; it
 // reports whether that happened.
 func (r *Runner) runScenarios(ctx context.Context, scenarios []scenario) bool {
-	where := func(last string) string {
-		if last == "" {
-			return fmt.Sprintf("before the first scenario: %v", context.Cause(ctx))
-		}
-		return fmt.Sprintf("during %s: %v", last, context.Cause(ctx))
-	}
 	last := ""
 	for i, s := range scenarios {
 		if !selected(r.cfg.Only, s.name) {
 			continue
 		}
 		if ctx.Err() != nil {
-			r.res.Machine["interrupted"] = where(last)
 			for _, rest := range scenarios[i:] {
 				if selected(r.cfg.Only, rest.name) {
 					r.res.Skip(rest.name, "", "not run: the run was interrupted")
 				}
 			}
-			r.log.Error("run interrupted", "where", r.res.Machine["interrupted"])
-			return true
+			break
 		}
 		last = s.name
 		r.log.Info("scenario", "name", s.name)
@@ -164,11 +160,16 @@ func (r *Runner) runScenarios(ctx context.Context, scenarios []scenario) bool {
 			r.log.Error("scenario failed", "name", s.name, "error", err)
 		}
 	}
-	if ctx.Err() != nil {
-		r.res.Machine["interrupted"] = where(last)
-		return true
+	if ctx.Err() == nil {
+		return false
 	}
-	return false
+	where := "before the first scenario"
+	if last != "" {
+		where = "during " + last
+	}
+	r.res.Machine["interrupted"] = fmt.Sprintf("%s: %v", where, context.Cause(ctx))
+	r.log.Error("run interrupted", "where", r.res.Machine["interrupted"])
+	return true
 }
 
 // onNode runs a CNI scenario with the node's cpu groups (nodeCPU): this
