@@ -469,6 +469,8 @@ func TestOutboundCapture(t *testing.T) {
 		{"excluded port goes direct", ap(remoteIP, 9090), false, false},
 		{"excluded CIDR goes direct", ap(remoteIP2, 8080), false, false},
 		{"proxy uid is not captured", ap(remoteIP, 8080), true, false},
+		{"proxy uid to an excluded port is not captured", ap(remoteIP, 9090), true, false},
+		{"proxy uid to an excluded CIDR is not captured", ap(remoteIP2, 8080), true, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -492,8 +494,10 @@ func TestOutboundCapture(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The proxy's own upstream connect and the proxy-uid dial pass as
-	// "not captured" without counting as excluded.
+	// The proxy's own upstream connect and the proxy-uid dials pass as
+	// "not captured" without counting as excluded, even to an excluded
+	// port or CIDR: "excluded" counts the app's connections that go
+	// around the proxy.
 	if got.RedirectedOutbound != 1 || got.Excluded != 2 || got.OrigDstAnswered != 1 {
 		t.Errorf("counters = %+v, want 1 redirected, 2 excluded, 1 SO_ORIGINAL_DST answered", got)
 	}

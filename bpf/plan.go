@@ -21,6 +21,14 @@ const (
 	flagDNS         uint16 = 0x4
 	flagLoopbackIn  uint16 = 0x8
 	flagNoIPv6      uint16 = 0x10
+
+	// The pod has no rule of a kind, so the programs skip its lookup
+	// (Pod.config derives them from the rules; a pod written without
+	// them is looked up as before).
+	flagNoRoutes       uint16 = 0x40
+	flagNoExclPortsOut uint16 = 0x80
+	flagNoExclCIDRsOut uint16 = 0x100
+	flagNoInclPortsOut uint16 = 0x200
 )
 
 // CIDR and port rule kinds, as capture.c's CIDR_* and PORT_* defines.
@@ -286,3 +294,25 @@ func PlanNodePod(ips []netip.Prefix, s NodePodSettings) (Pod, error) {
 // origNode is capture.c's ORIG_NODE: an orig_dst recorded for a per-node
 // pod's connection to the node proxy.
 const origNode uint32 = 0x1
+
+// emptyKinds is the flagNo* bits for the rule kinds p has none of.
+func (p Pod) emptyKinds() uint16 {
+	flags := flagNoRoutes | flagNoExclPortsOut | flagNoExclCIDRsOut | flagNoInclPortsOut
+	for _, r := range p.CIDRs {
+		switch r.Kind {
+		case cidrRoute:
+			flags &^= flagNoRoutes
+		case cidrExcludeOut:
+			flags &^= flagNoExclCIDRsOut
+		}
+	}
+	for _, r := range p.Ports {
+		switch r.Kind {
+		case portExcludeOut:
+			flags &^= flagNoExclPortsOut
+		case portIncludeOut:
+			flags &^= flagNoInclPortsOut
+		}
+	}
+	return flags
+}

@@ -223,3 +223,50 @@ func TestPlanPodInboundExcludesOnlyWithWildcard(t *testing.T) {
 		t.Errorf("inbound excludes with * = %v, want %v", excluded, want)
 	}
 }
+
+// The programs skip a rule kind's lookup only when the pod has no rule of
+// that kind: each setting that writes one clears its bit.
+func TestPlanPodEmptyKinds(t *testing.T) {
+	v4 := netip.MustParsePrefix("10.0.0.5/24")
+	all := flagNoRoutes | flagNoExclPortsOut | flagNoExclCIDRsOut | flagNoInclPortsOut
+	ports := []capture.PortRange{{First: 9000, Last: 9010}}
+	cidrs := []netip.Prefix{netip.MustParsePrefix("10.9.0.0/16")}
+	tests := []struct {
+		name   string
+		mod    func(*capture.Settings)
+		routes []Route
+		want   uint16
+	}{
+		{"defaults", nil, nil, all},
+		{"excluded outbound ports", func(s *capture.Settings) { s.ExcludeOutboundPorts = ports }, nil, all &^ flagNoExclPortsOut},
+		{"included outbound ports", func(s *capture.Settings) { s.IncludeOutboundPorts = ports }, nil, all &^ flagNoInclPortsOut},
+		{"excluded outbound CIDRs", func(s *capture.Settings) { s.ExcludeOutboundCIDRs = cidrs }, nil, all &^ flagNoExclCIDRsOut},
+		// Included CIDRs and inbound rules have lookups of their own,
+		// never skipped.
+		{"included CIDRs and inbound ports", func(s *capture.Settings) {
+			s.IncludeOutboundCIDRs = cidrs
+			s.IncludeInboundPorts = ports
+			s.ExcludeInboundPorts = ports
+		}, nil, all},
+		{"routes (excluded interfaces)", nil, []Route{{Dst: cidrs[0], Excluded: true}}, all &^ flagNoRoutes},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := capture.Settings{OutboundPort: 15001, InboundPort: 15006, OutboundAllCIDRs: true}
+			if tt.mod != nil {
+				tt.mod(&s)
+			}
+			p, err := PlanPod([]netip.Prefix{v4}, s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			p = p.WithRoutes(tt.routes)
+			if got := p.emptyKinds(); got != tt.want {
+				t.Errorf("emptyKinds = %#x, want %#x", got, tt.want)
+			}
+			if p.Flags&all != 0 {
+				t.Errorf("PlanPod's own flags %#x carry derived bits", p.Flags)
+			}
+		})
+	}
+}

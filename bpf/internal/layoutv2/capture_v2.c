@@ -70,6 +70,12 @@ char __license[] SEC("license") = "Dual BSD/GPL";
 #define POD_LOOPBACK_IN 0x8  /* an included CIDR is loopback: capture the app's lo traffic too */
 #define POD_NO_IPV6 0x10     /* leave IPv6 alone (dual-stack pod without ISTIO_DUAL_STACK) */
 #define POD_NODE 0x20        /* per-node mode: no sidecar, the node proxy in the host netns */
+/* The pod has no rule of a kind: its lookup is skipped (an LPM trie walk
+ * per connect). Absent (a pod written by an older agent): looked up. */
+#define POD_NO_ROUTES 0x40         /* no CIDR_ROUTE */
+#define POD_NO_EXCL_PORTS_OUT 0x80 /* no PORT_EXCLUDE_OUT */
+#define POD_NO_EXCL_CIDRS_OUT 0x100 /* no CIDR_EXCLUDE_OUT */
+#define POD_NO_INCL_PORTS_OUT 0x200 /* no PORT_INCLUDE_OUT */
 
 #define MAX_IDS 4
 
@@ -585,6 +591,16 @@ static __always_inline int is_node_proxy(const struct node_proxy *np, const __u8
 	       w[2] == np->ip6[2] && w[3] == np->ip6[3];
 }
 
+/* The connect hooks send every redirected connection to 127.0.0.1 or ::1
+ * (the pod's proxy) or to the node proxy, so only a socket whose peer is
+ * one of those can have an orig_by_cookie entry. Hooks that run for every
+ * socket check this first: the node proxy config is one hot array slot,
+ * the LRU map's bucket for a new socket a cold miss. */
+static __always_inline int maybe_redirected(const __u8 peer[16])
+{
+	return is_localhost(peer) || is_node_proxy(get_node_proxy(), peer);
+}
+
 /* The socket's owner, as iptables' owner match sees it: the fsuid/fsgid of
  * the credentials the socket's file was opened with, which can differ from
  * the calling task's ids (setfsuid, sockets passed between processes).
@@ -756,9 +772,17 @@ static __always_inline enum verdict decide_outbound(__u64 netns, const struct po
 
 	if ((pod->flags & POD_NO_IPV6) && !is_v4mapped(dst))
 		return PASS;
-	if (!local && route_excluded(netns, dst))
+	/* The proxy's own connect to a destination outside the pod: every
+	 * rule that can match it (excluded port, excluded route, "owner
+	 * RETURN") returns, so skip the exclusion lookups. Only the
+	 * "excluded" counter differs, and it counts the app's connections
+	 * that bypass the proxy, not the proxy's. */
+	if (!local && (id_in((__u32)ugid, pod->proxy_uids, pod->n_uids) ||
+		       id_in((__u32)(ugid >> 32), pod->proxy_gids, pod->n_gids)))
+		return PASS;
+	if (!local && !(pod->flags & POD_NO_ROUTES) && route_excluded(netns, dst))
 		return PASS_EXCLUDED;
-	if (port_match(netns, PORT_EXCLUDE_OUT, dport))
+	if (!(pod->flags & POD_NO_EXCL_PORTS_OUT) && port_match(netns, PORT_EXCLUDE_OUT, dport))
 		return PASS_EXCLUDED;
 	if (local && is_passthrough_src(src))
 		return PASS;
@@ -772,9 +796,9 @@ static __always_inline enum verdict decide_outbound(__u64 netns, const struct po
 		return REDIRECT_DNS;
 	if (is_localhost(dst))
 		return PASS;
-	if (cidr_match(netns, CIDR_EXCLUDE_OUT, dst))
+	if (!(pod->flags & POD_NO_EXCL_CIDRS_OUT) && cidr_match(netns, CIDR_EXCLUDE_OUT, dst))
 		return PASS_EXCLUDED;
-	if (port_match(netns, PORT_INCLUDE_OUT, dport))
+	if (!(pod->flags & POD_NO_INCL_PORTS_OUT) && port_match(netns, PORT_INCLUDE_OUT, dport))
 		return REDIRECT_OUT;
 	if ((pod->flags & POD_OUTBOUND_ALL) || cidr_match(netns, CIDR_INCLUDE_OUT, dst))
 		return REDIRECT_OUT;
@@ -1222,7 +1246,10 @@ struct {
 SEC("sk_lookup")
 int sidelane_in_lookup(struct bpf_sk_lookup *ctx)
 {
-	if (ctx->protocol != IPPROTO_TCP)
+	/* Loopback is never captured here (see sidelane_in_capture): the
+	 * app's redirected connect to its sidecar leaves before the tail
+	 * call. */
+	if (ctx->protocol != IPPROTO_TCP || READ(ctx->ingress_ifindex) <= 1)
 		return SK_PASS;
 	__u32 zero = 0;
 	__u64 *slot = bpf_map_lookup_elem(&in_netns, &zero);
@@ -1286,29 +1313,7 @@ int sidelane_in_capture(struct bpf_sk_lookup *ctx)
 	__u32 ifindex = READ(ctx->ingress_ifindex);
 	if (ifindex <= 1) /* 1: loopback */
 		return SK_PASS;
-	/* A SYN recorded by tc (a pod that moved here from tc capture and
-	 * still has it) first. */
-	int r = tw_recorded(ctx);
-	if (r >= 0)
-		return r;
-	__u32 zero = 0;
-	__u64 *slot = bpf_map_lookup_elem(&in_netns, &zero);
-	if (!slot || !*slot)
-		return SK_DROP; /* not called by a pod's stub: fail closed */
-	__u64 netns = *slot;
-	struct pod_config *pod = bpf_map_lookup_elem(&pods, &netns);
-	if (!pod)
-		return SK_PASS; /* not enrolled (any more) */
-	if (!iface_captured(netns, ifindex))
-		return SK_PASS;
 	__u32 family = READ(ctx->family);
-	if ((pod->flags & POD_NO_IPV6) && family != AF_INET)
-		return SK_PASS;
-	__u16 dport = (__u16)READ(ctx->local_port);
-	/* Per-node pods (a pod that moved to per-node mode, until its tc
-	 * program is attached): the same rules as sidelane_inbound. */
-	if ((pod->flags & POD_NODE) && dport == pod->inbound_port)
-		return drop_lookup(netns);
 	__u8 src[16] = {};
 	__u32 *s = (__u32 *)src;
 	__u32 remote4 = READ(ctx->remote_ip4);
@@ -1327,7 +1332,34 @@ int sidelane_in_capture(struct bpf_sk_lookup *ctx)
 	 * too, but they never crossed it and tc never saw them. A packet from
 	 * outside with such a source cannot open a connection: the SYN-ACK
 	 * goes to the pod's own address and never leaves it. */
-	if (is_loopback(src) || is_passthrough_src(src))
+	int from_pod = is_loopback(src) || is_passthrough_src(src);
+	/* A SYN recorded by tc (a pod that moved here from tc capture and
+	 * still has it) first. tc records what crossed the interface, never
+	 * a lookup from the pod itself: every connection the proxy passes to
+	 * the app skips that map. */
+	if (!from_pod) {
+		int r = tw_recorded(ctx);
+		if (r >= 0)
+			return r;
+	}
+	__u32 zero = 0;
+	__u64 *slot = bpf_map_lookup_elem(&in_netns, &zero);
+	if (!slot || !*slot)
+		return SK_DROP; /* not called by a pod's stub: fail closed */
+	__u64 netns = *slot;
+	struct pod_config *pod = bpf_map_lookup_elem(&pods, &netns);
+	if (!pod)
+		return SK_PASS; /* not enrolled (any more) */
+	if (!iface_captured(netns, ifindex))
+		return SK_PASS;
+	if ((pod->flags & POD_NO_IPV6) && family != AF_INET)
+		return SK_PASS;
+	__u16 dport = (__u16)READ(ctx->local_port);
+	/* Per-node pods (a pod that moved to per-node mode, until its tc
+	 * program is attached): the same rules as sidelane_inbound. */
+	if ((pod->flags & POD_NODE) && dport == pod->inbound_port)
+		return drop_lookup(netns);
+	if (from_pod)
 		return SK_PASS;
 	if (!inbound_captured(netns, pod, dport) || cidr_match(netns, CIDR_LOCAL, src))
 		return SK_PASS;
@@ -1406,14 +1438,15 @@ static __always_inline void record(void *ctx, const __u8 dst[16], __u16 dport, _
  * host netns, which is never enrolled: the proxy is identified by where it
  * runs, not by a uid, so no uid is reserved on the node and a host process
  * that happens to run as 1337 gains nothing. */
-static __always_inline enum verdict decide_node(__u64 netns, const struct node_proxy *np, const __u8 dst[16],
-						__u16 dport)
+static __always_inline enum verdict decide_node(__u64 netns, const struct pod_config *pod,
+						const struct node_proxy *np, const __u8 dst[16], __u16 dport)
 {
 	if (is_node_proxy(np, dst) && dport == np->port)
 		return DENY_LOOP;
 	if (is_loopback(dst) || cidr_match(netns, CIDR_LOCAL, dst))
 		return PASS;
-	if (port_match(netns, PORT_EXCLUDE_OUT, dport) || cidr_match(netns, CIDR_EXCLUDE_OUT, dst))
+	if ((!(pod->flags & POD_NO_EXCL_PORTS_OUT) && port_match(netns, PORT_EXCLUDE_OUT, dport)) ||
+	    (!(pod->flags & POD_NO_EXCL_CIDRS_OUT) && cidr_match(netns, CIDR_EXCLUDE_OUT, dst)))
 		return PASS_EXCLUDED;
 	return REDIRECT_OUT;
 }
@@ -1429,7 +1462,7 @@ static __always_inline enum verdict connect_common(struct bpf_sock_addr *ctx, co
 		return PASS;
 	if (pod->flags & POD_NODE) {
 		struct node_proxy *np = get_node_proxy();
-		enum verdict v = decide_node(netns, np, dst, dport);
+		enum verdict v = decide_node(netns, pod, np, dst, dport);
 		if (v == DENY_LOOP) {
 			node_count(NODE_LOOPED);
 			return DENY;
@@ -1805,8 +1838,11 @@ int sidelane_sockops(struct bpf_sock_ops *skops)
 		return 1;
 	}
 	struct tuple_key k = {};
-	__u64 cookie = bpf_get_socket_cookie(skops);
 	__u64 netns = bpf_get_netns_cookie(skops);
+	/* Listening and accepted sockets need no cookie here. */
+	__u64 cookie = op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_TCP_LISTEN_CB
+			       ? 0
+			       : bpf_get_socket_cookie(skops);
 
 	switch (op) {
 	case BPF_SOCK_OPS_TCP_LISTEN_CB:
@@ -1820,7 +1856,12 @@ int sidelane_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
 		sockops_tuple(skops, &k);
-		struct orig_dst *o = bpf_map_lookup_elem(&orig_by_cookie, &cookie);
+		/* A redirected socket is connected to a redirect target, and
+		 * CONNECT_CB above watched it (either is enough: the node
+		 * proxy may have moved since the connect). */
+		int watched = READ(skops->bpf_sock_ops_cb_flags) & BPF_SOCK_OPS_STATE_CB_FLAG;
+		struct orig_dst *o =
+			watched || maybe_redirected(k.dst) ? bpf_map_lookup_elem(&orig_by_cookie, &cookie) : NULL;
 		if (o) {
 			/* Redirected by connect: re-key the original dst by the
 			 * tuple the proxy's accepted socket will see mirrored. */
@@ -1863,9 +1904,12 @@ int sidelane_sockops(struct bpf_sock_ops *skops)
 				bpf_map_delete_elem(&orig_by_tuple, &tk);
 			}
 			bpf_map_delete_elem(&orig_by_cookie, &cookie);
+		} else {
+			/* A connecting socket is never the accepting end a
+			 * record is keyed for. */
+			struct tuple_key m = mirrored(&k, netns);
+			bpf_map_delete_elem(&orig_by_tuple, &m);
 		}
-		struct tuple_key m = mirrored(&k, netns);
-		bpf_map_delete_elem(&orig_by_tuple, &m);
 		/* Only a socket that joined the shortcut has pair entries
 		 * (maybe_shortcut made its pair_mode first): the others skip
 		 * two LRU deletes per close. */
@@ -1961,6 +2005,14 @@ int sidelane_msg(struct sk_msg_md *msg)
 SEC("cgroup/getpeername4")
 int sidelane_getpeername4(struct bpf_sock_addr *ctx)
 {
+	/* Also runs for accept(2)'s peer address: most sockets asked are not
+	 * redirected ones. */
+	__u8 peer[16] = {};
+	__u32 *p = (__u32 *)peer;
+	p[2] = bpf_htonl(0xffff);
+	p[3] = ctx->user_ip4;
+	if (!maybe_redirected(peer))
+		return 1;
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	struct orig_dst *o = bpf_map_lookup_elem(&orig_by_cookie, &cookie);
 	if (!o || o->family != AF_INET)
@@ -1973,6 +2025,14 @@ int sidelane_getpeername4(struct bpf_sock_addr *ctx)
 SEC("cgroup/getpeername6")
 int sidelane_getpeername6(struct bpf_sock_addr *ctx)
 {
+	__u8 peer[16] = {};
+	__u32 *p = (__u32 *)peer;
+	p[0] = READ(ctx->user_ip6[0]);
+	p[1] = READ(ctx->user_ip6[1]);
+	p[2] = READ(ctx->user_ip6[2]);
+	p[3] = READ(ctx->user_ip6[3]);
+	if (!maybe_redirected(peer))
+		return 1;
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	struct orig_dst *o = bpf_map_lookup_elem(&orig_by_cookie, &cookie);
 	if (!o)
