@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"math"
 	"net/netip"
 	"os"
 	"strings"
@@ -98,6 +99,39 @@ func TestContendersCapture(t *testing.T) {
 			t.Fatalf("contenders = %v, want %v", got, want)
 		}
 	}
+
+	// Where the eBPF contender's per-connection CPU goes: its programs'
+	// run time per connection, by program, under BPF_ENABLE_STATS.
+	t.Run("BPF run time per connection", func(t *testing.T) {
+		var pr *Pair
+		for _, c := range m.Contenders {
+			if c.Name == report.SidelaneEBPF {
+				pr = m.NewPair(c)
+			}
+		}
+		if pr == nil {
+			t.Fatalf("no %s contender", report.SidelaneEBPF)
+		}
+		r := New(Config{Quick: true}, log)
+		r.bpfCost(ctx, m, []*Pair{pr}, []string{report.SidelaneEBPF}, 2, "100ms")
+		got := map[string]float64{}
+		for _, f := range r.res.Figures {
+			if f.Scenario == "crr_8_bpf" && f.Contender == report.SidelaneEBPF {
+				got[f.Metric] = f.Value
+			}
+		}
+		// Every connection is a redirected connect and the sockets'
+		// sock_ops callbacks; the total is their sum.
+		var sum float64
+		for k, v := range got {
+			if k != "total" {
+				sum += v
+			}
+		}
+		if got["sidelane_connect4"] <= 0 || got["sidelane_sockops"] <= 0 || got["total"] <= 0 || math.Abs(sum-got["total"]) > 1e-6*got["total"] {
+			t.Fatalf("crr_8_bpf figures = %v (pending %+v), want connect4, sockops and their total", got, r.res.Pending)
+		}
+	})
 
 	t.Run("uncaptured sidecars are caught", func(t *testing.T) {
 		bare := &Contender{Name: "sidecars-without-capture", Sidecar: true, install: func(podnet.TB, *Pod, map[string]string) {}}

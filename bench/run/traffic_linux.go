@@ -313,6 +313,7 @@ func (r *Runner) traffic(ctx context.Context) error {
 		}
 	}
 
+	r.bpfCost(ctx, m, pairs, []string{report.SidelaneEBPF, alt}, max(sz.crr8Reps/8, 2), sz.crr8.String())
 	r.exclusions(ctx, m, pairs, sz)
 	return nil
 }
