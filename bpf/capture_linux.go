@@ -11,12 +11,14 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
+	"github.com/sidelane/sidelane/internal/coalesce"
 	"github.com/sidelane/sidelane/internal/keyedlock"
 )
 
@@ -67,6 +69,10 @@ type Capture struct {
 	nodeMu sync.Mutex
 	// rules finds each pod's rule keys without walking the maps.
 	rules ruleIndex
+	// sweeps batches the walks that remove deleted pods' recorded
+	// connections (see sweepConnections); connectionSweeps counts walks.
+	sweeps           coalesce.Group[sweepItem]
+	connectionSweeps atomic.Uint64
 	// inSpec is sidelane_in_lookup with the maps associated: each sidecar
 	// pod gets a copy with its netns cookie (see capture.c).
 	inSpec  *ebpf.ProgramSpec
@@ -629,15 +635,38 @@ func (c *Capture) Delete(netns uint64) error {
 	errs = append(errs, c.deleteStale(netns, nil, nil, nil))
 	errs = append(errs, ignoreNotExist(c.objs.PodCounters.Delete(&netns)))
 	errs = append(errs, ignoreNotExist(c.objs.TwListeners.Delete(&netns)))
-	errs = append(errs,
-		deleteWhere(c.objs.OrigByTuple, func(k captureTupleKey, od captureOrigDst) bool {
-			return k.Netns == netns || (od.Flags&origNode != 0 && podIPs[k.Src])
-		}),
-		deleteWhere(c.objs.OrigByCookie, func(_ uint64, od captureOrigDst) bool { return od.Netns == netns }))
+	errs = append(errs, c.sweeps.Do(sweepItem{netns, podIPs}, c.sweepConnections))
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("delete pod %d: %w", netns, err)
 	}
 	return nil
+}
+
+// sweepItem is a deleted pod whose recorded connections go.
+type sweepItem struct {
+	netns  uint64
+	podIPs map[[16]byte]bool
+}
+
+// sweepConnections removes the recorded connections of every pod in
+// items with one walk of each connection map: a walk costs the same for
+// one pod as for many (it reads the whole map), so the DELs that arrive
+// while one walks share the next (c.sweeps) instead of walking once each.
+func (c *Capture) sweepConnections(items []sweepItem) error {
+	netns := make(map[uint64]bool, len(items))
+	ips := map[[16]byte]bool{}
+	for _, it := range items {
+		netns[it.netns] = true
+		for ip := range it.podIPs {
+			ips[ip] = true
+		}
+	}
+	c.connectionSweeps.Add(1)
+	return errors.Join(
+		deleteWhere(c.objs.OrigByTuple, func(k captureTupleKey, od captureOrigDst) bool {
+			return netns[k.Netns] || (od.Flags&origNode != 0 && ips[k.Src])
+		}),
+		deleteWhere(c.objs.OrigByCookie, func(_ uint64, od captureOrigDst) bool { return netns[od.Netns] }))
 }
 
 // Verify reports whether netns is enrolled exactly as p says.
