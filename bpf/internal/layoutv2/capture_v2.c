@@ -1850,8 +1850,11 @@ int sidelane_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		/* Redirected: watch state changes from the SYN on, so the
-		 * entries go even if the connection never establishes. */
-		if (bpf_map_lookup_elem(&orig_by_cookie, &cookie))
+		 * entries go even if the connection never establishes. Only a
+		 * socket connecting to a redirect target can be one (the
+		 * sidecars' own upstream connects skip a cold map miss). */
+		sockops_tuple(skops, &k);
+		if (maybe_redirected(k.dst) && bpf_map_lookup_elem(&orig_by_cookie, &cookie))
 			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
@@ -1876,10 +1879,13 @@ int sidelane_sockops(struct bpf_sock_ops *skops)
 	}
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: {
 		sockops_tuple(skops, &k);
-		/* An accepted socket with a recorded original destination (tc
-		 * inbound, or a connect redirect) forgets it when it closes. */
+		/* An accepted socket with a recorded original destination
+		 * forgets it when it closes. Only connect redirects record one
+		 * (ACTIVE_ESTABLISHED above), so only a socket accepted on a
+		 * redirect target can have one: the sidecar's inbound accepts
+		 * (sk_lookup) and the app's skip a cold map miss. */
 		struct tuple_key m = mirrored(&k, netns);
-		if (bpf_map_lookup_elem(&orig_by_tuple, &m))
+		if (maybe_redirected(k.src) && bpf_map_lookup_elem(&orig_by_tuple, &m))
 			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 		maybe_shortcut(skops, &k, netns);
 		break;
@@ -2082,7 +2088,10 @@ int sidelane_getsockopt(struct bpf_sockopt *ctx)
 	k.sport = bpf_ntohs(READ(sk->dst_port));
 	k.dport = (__u16)READ(sk->src_port);
 	struct orig_dst local = {};
-	struct orig_dst *o = bpf_map_lookup_elem(&orig_by_tuple, &k);
+	/* Records are keyed by a redirect target (see sock_ops): a socket
+	 * accepted on another address (sk_lookup's inbound capture) skips
+	 * the lookup. */
+	struct orig_dst *o = maybe_redirected(k.dst) ? bpf_map_lookup_elem(&orig_by_tuple, &k) : NULL;
 	if (!o) {
 		if (!bpf_map_lookup_elem(&pods, &k.netns))
 			return 1;
