@@ -51,12 +51,13 @@ func (r *Runner) sizes() sizes {
 	// of 1000, ±0.047 and then ±0.056 (21:09, 23:15). 1600 rounds take
 	// about 3 min 20 s. crr_8 ran 24 rounds of 200 ms until the TIME_WAIT
 	// stall was fixed: its interval was ±0.078 (2026-12-01 23:33) and
-	// straddled the target; 96 of 100 ms take 43 s more. The scenarios
-	// without a target run fewer rounds, to keep the full run under 20
-	// minutes when the host is busy: at 500 rounds rr_64's and rr_64k's
-	// intervals were ±0.013 and ±0.010, stream_64k's ±0.024 at 400
-	// (2026-12-01 23:33), so 250 rounds stay well inside ±0.05; stream_1k
-	// (±0.037 at 400) keeps its 400.
+	// straddled the target; 96 of 100 ms take 43 s more. The rr
+	// scenarios without a target, crr_1, and stream_64k (the narrower of
+	// the two streams' intervals) run fewer rounds, to keep the full run
+	// near 20 minutes when the host is busy: at 500 rounds rr_64's and
+	// rr_64k's intervals were ±0.013 and ±0.010, stream_64k's ±0.024 at
+	// 400 (2026-12-01 23:33); at 250, on a busy host, ±0.037, ±0.018 and
+	// ±0.041 (2026-12-03 14:24). stream_1k (±0.037 at 400) keeps its 400.
 	return sizes{reps: 250, rr1kReps: 1600, p99Block: 25, streamReps: 400, stream64k: 250, crr1Reps: 12, crr8Reps: 96, rrCount: 200,
 		stream: 40 * time.Millisecond, crr1: 200 * time.Millisecond, crr8: 100 * time.Millisecond,
 		exclReps: 100, connects: 500, exclusions: []int{10, 1000, 10000}}
