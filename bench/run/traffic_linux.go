@@ -25,24 +25,24 @@ import (
 // the intervals are made of. See the README (Performance) for how the
 // counts were chosen.
 type sizes struct {
-	reps       int // rounds of rr_64, rr_64k and rr_1k_cross_node (no target)
-	rr1kReps   int // rounds of rr_1k, whose p99 has a target (see p99Block)
-	p99Block   int // rounds per rr p99 block (0: a twentieth of the rounds)
-	streamReps int // rounds of stream_1k
-	stream64k  int // rounds of stream_64k, whose interval is narrower
-	crr1Reps   int // rounds of crr_1 (no target)
-	crr8Reps   int // rounds of crr_8, whose ratio has a target: more, shorter rounds
-	rrCount    int // round trips per round (rr_64k: a quarter)
-	stream     time.Duration
-	crr1, crr8 time.Duration // one crr round's length
-	exclReps   int
-	connects   int
-	exclusions []int
+	reps          int // rounds of rr_64, rr_64k and rr_1k_cross_node (no target)
+	rr1kReps      int // rounds of rr_1k, whose p99 has a target (see p99Block)
+	p99Block      int // rounds per rr p99 block (0: a twentieth of the rounds)
+	streamReps    int // rounds of stream_1k
+	stream64kReps int // rounds of stream_64k, whose interval is narrower
+	crr1Reps      int // rounds of crr_1 (no target)
+	crr8Reps      int // rounds of crr_8, whose ratio has a target: more, shorter rounds
+	rrCount       int // round trips per round (rr_64k: a quarter)
+	stream        time.Duration
+	crr1, crr8    time.Duration // one crr round's length
+	exclReps      int
+	connects      int
+	exclusions    []int
 }
 
 func (r *Runner) sizes() sizes {
 	if r.cfg.Quick {
-		return sizes{reps: 20, rr1kReps: 20, streamReps: 20, stream64k: 20, crr1Reps: 4, crr8Reps: 4, rrCount: 100, stream: 20 * time.Millisecond, crr1: 80 * time.Millisecond, crr8: 80 * time.Millisecond,
+		return sizes{reps: 20, rr1kReps: 20, streamReps: 20, stream64kReps: 20, crr1Reps: 4, crr8Reps: 4, rrCount: 100, stream: 20 * time.Millisecond, crr1: 80 * time.Millisecond, crr8: 80 * time.Millisecond,
 			exclReps: 3, connects: 200, exclusions: []int{10, 1000, 10000}}
 	}
 	// rr_1k's p99 is per block of 25 rounds (5,000 round trips), 64
@@ -58,7 +58,7 @@ func (r *Runner) sizes() sizes {
 	// rr_64k's intervals were ±0.013 and ±0.010, stream_64k's ±0.024 at
 	// 400 (2026-12-01 23:33); at 250, on a busy host, ±0.037, ±0.018 and
 	// ±0.041 (2026-12-03 14:24). stream_1k (±0.037 at 400) keeps its 400.
-	return sizes{reps: 250, rr1kReps: 1600, p99Block: 25, streamReps: 400, stream64k: 250, crr1Reps: 12, crr8Reps: 96, rrCount: 200,
+	return sizes{reps: 250, rr1kReps: 1600, p99Block: 25, streamReps: 400, stream64kReps: 250, crr1Reps: 12, crr8Reps: 96, rrCount: 200,
 		stream: 40 * time.Millisecond, crr1: 200 * time.Millisecond, crr8: 100 * time.Millisecond,
 		exclReps: 100, connects: 500, exclusions: []int{10, 1000, 10000}}
 }
@@ -264,7 +264,7 @@ func (r *Runner) traffic(ctx context.Context) error {
 		name   string
 		size   int
 		rounds int
-	}{{"stream_1k", 1024, sz.streamReps}, {"stream_64k", 65536, sz.stream64k}} {
+	}{{"stream_1k", 1024, sz.streamReps}, {"stream_64k", 65536, sz.stream64kReps}} {
 		v := reps{}
 		ok := each(s.name, s.rounds, s.size, pairs, "stream "+sz.stream.String(), func(pr *Pair, res ClientResult) error {
 			add(v, pr.C.Name, "MBps", res.BytesPerSec/1e6)
