@@ -244,6 +244,26 @@ func noConntrack(scenario string) func(*Results, string) (bool, string) {
 	}
 }
 
+// TargetContenders are the contenders whose figures in scenario some
+// ratio with a target reads. A benchmark can run the other contenders
+// (references and other configurations, reported without a target) for
+// fewer rounds: compute pairs them with the rest over their rounds.
+func TargetContenders(scenario string) []string {
+	var out []string
+	for _, d := range ratioDefs {
+		if d.target == "" {
+			continue
+		}
+		for _, in := range d.inputs {
+			if in.scenario == scenario && !slices.Contains(out, in.contender) {
+				out = append(out, in.contender)
+			}
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
 // RatioNames lists the fixed ratio names in order.
 func RatioNames() []string {
 	var out []string
@@ -338,6 +358,23 @@ func (r *Results) compute(d ratioDef, contender string) Ratio {
 	if len(missing) > 0 {
 		slices.Sort(missing)
 		return Ratio{Target: d.target, Pending: strings.Join(slices.Compact(missing), "; ")}
+	}
+	// A contender that no targeted ratio reads runs only a scenario's
+	// first rounds (TargetContenders): pair it with the others over those
+	// rounds, value and interval alike, so both come from the same rounds.
+	shared := -1
+	for _, rp := range reps {
+		if shared < 0 || len(rp) < shared {
+			shared = len(rp)
+		}
+	}
+	if shared >= 2 {
+		for i, rp := range reps {
+			if len(rp) > shared {
+				reps[i] = rp[:shared]
+				vals[i] = Mean(reps[i])
+			}
+		}
 	}
 	v := d.compute(vals)
 	if math.IsNaN(v) || math.IsInf(v, 0) {

@@ -3,6 +3,7 @@ package report
 import (
 	"math"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -151,5 +152,40 @@ func TestOtherConfigurationsAndCPU(t *testing.T) {
 	}
 	if c := r.CPU["rr_1k"][Explicit]; c.Value == nil || c.Lo == nil {
 		t.Errorf("cpu table lacks explicit-proxy with an interval: %+v", c)
+	}
+}
+
+// A contender that ran only a scenario's first rounds is paired with the
+// others over those rounds: value and interval from the same rounds.
+func TestRatioOverSharedLeadingRounds(t *testing.T) {
+	r := &Results{Alternatives: []string{EBPFShortcut}}
+	// istio-iptables ran 6 rounds, the alternative only the first 3; the
+	// later rounds are slower, so using them would move the value.
+	r.AddReps("stream_1k", IstioIptables, "MBps", []float64{100, 100, 100, 50, 50, 50}, "MB/s")
+	r.AddReps("stream_1k", SidelaneEBPF, "MBps", []float64{150, 150, 150, 75, 75, 75}, "MB/s")
+	r.AddReps("stream_1k", EBPFShortcut, "MBps", []float64{120, 130, 110}, "MB/s")
+	r.ComputeRatios()
+	alt := r.OtherConfigurations[EBPFShortcut]["stream_1k_ratio"]
+	if alt.Value == nil || math.Abs(*alt.Value-1.2) > 0.001 || alt.Lo == nil || alt.Reps != 3 {
+		t.Fatalf("alternative's stream ratio = %+v, want 1.2 over the 3 shared rounds with an interval", alt)
+	}
+	if *alt.Lo > 1.2 || *alt.Hi < 1.2 {
+		t.Errorf("interval [%v, %v] does not hold the value", *alt.Lo, *alt.Hi)
+	}
+	head := r.Ratios["stream_1k_ratio"]
+	if head.Value == nil || *head.Value != 1.5 || head.Reps != 6 {
+		t.Errorf("headline stream ratio = %+v, want 1.5 over all 6 rounds", head)
+	}
+}
+
+func TestTargetContenders(t *testing.T) {
+	if got, want := TargetContenders("rr_1k"), []string{Explicit, IstioIptables, NoMesh, SidelaneEBPF}; !slices.Equal(got, want) {
+		t.Errorf("rr_1k: %v, want %v", got, want)
+	}
+	if got, want := TargetContenders("stream_1k"), []string{IstioIptables, SidelaneEBPF}; !slices.Equal(got, want) {
+		t.Errorf("stream_1k: %v, want %v", got, want)
+	}
+	if got := TargetContenders("rr_64"); len(got) != 0 {
+		t.Errorf("rr_64 has no target, got %v", got)
 	}
 }

@@ -20,6 +20,7 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/sidelane/sidelane/agent/cnirpc"
 	"github.com/sidelane/sidelane/bench/loadgen"
@@ -287,6 +288,19 @@ func (r *Runner) cniAddScaleRun(ctx context.Context) error {
 	return r.cniAddScale(ctx, CNIScaleSizes, reps, perRep)
 }
 
+// delDepth is how many of cni_add_scale's unmeasured DELs run at once.
+const delDepth = 8
+
+// delAll runs del(0..n-1), delDepth at a time, and waits for all of them.
+func delAll(n int, del func(int) error) error {
+	g := new(errgroup.Group)
+	g.SetLimit(delDepth)
+	for j := range n {
+		g.Go(func() error { return del(j) })
+	}
+	return g.Wait()
+}
+
 // cniAddScale measures sidelane-cni's ADD on nodes with CNIScaleSizes pods
 // already enrolled: one agent (real eBPF datapath, own cgroup and pins)
 // per size, its pods pre-enrolled through the agent's socket (a netns of
@@ -341,10 +355,13 @@ func (r *Runner) cniAddScale(ctx context.Context, sizes []int, reps, perRep int)
 			got := c.exec.samples(key, from)
 			pooled[i] = append(pooled[i], got...)
 			res.RepP99ms[i] = append(res.RepP99ms[i], loadgen.Summarize(got).P99us/1000)
-			for j, n := range pods {
-				if err := c.cni.DelNetworkList(ctx, c.list, c.rt(fmt.Sprintf("scale%d-%03d", k, j), n)); err != nil {
-					return fmt.Errorf("DEL at %d pods: %w", sizes[i], err)
-				}
+			// DELs are not measured: run them delDepth at once (a DEL,
+			// mostly the bridge plugin's veth removal, takes longer than an
+			// ADD), all done before the next size's ADDs start.
+			if err := delAll(len(pods), func(j int) error {
+				return c.cni.DelNetworkList(ctx, c.list, c.rt(fmt.Sprintf("scale%d-%03d", k, j), pods[j]))
+			}); err != nil {
+				return fmt.Errorf("DEL at %d pods: %w", sizes[i], err)
 			}
 		}
 	}
