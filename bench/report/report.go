@@ -502,8 +502,15 @@ func (r *Results) WriteMarkdown(w io.Writer) error {
 				continue
 			}
 			rel := ""
-			if base, ok := r.get(s, IstioIptables, f.Metric); ok && base != 0 && f.Contender != IstioIptables {
-				rel = fmt.Sprintf("%.2fx", f.Value/base)
+			if bf, ok := r.figure(s, IstioIptables, f.Metric); ok && f.Contender != IstioIptables {
+				// Over the rounds both ran, as compute pairs them.
+				x, base := f.Value, bf.Value
+				if n := min(len(f.Reps), len(bf.Reps)); n >= 2 && len(f.Reps) != len(bf.Reps) {
+					x, base = Mean(f.Reps[:n]), Mean(bf.Reps[:n])
+				}
+				if base != 0 {
+					rel = fmt.Sprintf("%.2fx", x/base)
+				}
 			}
 			reps := ""
 			if len(f.Reps) > 0 {

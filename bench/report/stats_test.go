@@ -172,6 +172,13 @@ func TestRatioOverSharedLeadingRounds(t *testing.T) {
 	if *alt.Lo > 1.2 || *alt.Hi < 1.2 {
 		t.Errorf("interval [%v, %v] does not hold the value", *alt.Lo, *alt.Hi)
 	}
+	var md strings.Builder
+	if err := r.WriteMarkdown(&md); err != nil {
+		t.Fatal(err)
+	}
+	if want := "| sidelane-ebpf-shortcut | MBps | 120.00 MB/s | 3 | 1.20x |"; !strings.Contains(md.String(), want) {
+		t.Errorf("results.md lacks %q (the column over the shared rounds):\n%s", want, md.String())
+	}
 	head := r.Ratios["stream_1k_ratio"]
 	if head.Value == nil || *head.Value != 1.5 || head.Reps != 6 {
 		t.Errorf("headline stream ratio = %+v, want 1.5 over all 6 rounds", head)
