@@ -362,20 +362,7 @@ func (r *Results) compute(d ratioDef, contender string) Ratio {
 	// A contender that no targeted ratio reads runs only a scenario's
 	// first rounds (TargetContenders): pair it with the others over those
 	// rounds, value and interval alike, so both come from the same rounds.
-	shared := -1
-	for _, rp := range reps {
-		if shared < 0 || len(rp) < shared {
-			shared = len(rp)
-		}
-	}
-	if shared >= 2 {
-		for i, rp := range reps {
-			if len(rp) > shared {
-				reps[i] = rp[:shared]
-				vals[i] = Mean(reps[i])
-			}
-		}
-	}
+	sharedRounds(vals, reps)
 	v := d.compute(vals)
 	if math.IsNaN(v) || math.IsInf(v, 0) {
 		return Ratio{Target: d.target, Pending: "inputs give no finite ratio"}
@@ -404,6 +391,26 @@ func (r *Results) compute(d ratioDef, contender string) Ratio {
 	}
 	out.Met = &met
 	return out
+}
+
+// sharedRounds cuts every input's reps to the leading rounds all of them
+// ran (when each ran at least two) and sets vals[i] to the mean over those.
+func sharedRounds(vals []float64, reps [][]float64) {
+	shared := -1
+	for _, rp := range reps {
+		if shared < 0 || len(rp) < shared {
+			shared = len(rp)
+		}
+	}
+	if shared < 2 {
+		return
+	}
+	for i, rp := range reps {
+		if len(rp) > shared {
+			reps[i] = rp[:shared]
+			vals[i] = Mean(reps[i])
+		}
+	}
 }
 
 func round3(v float64) *float64 {
@@ -504,12 +511,10 @@ func (r *Results) WriteMarkdown(w io.Writer) error {
 			rel := ""
 			if bf, ok := r.figure(s, IstioIptables, f.Metric); ok && f.Contender != IstioIptables {
 				// Over the rounds both ran, as compute pairs them.
-				x, base := f.Value, bf.Value
-				if n := min(len(f.Reps), len(bf.Reps)); n >= 2 && len(f.Reps) != len(bf.Reps) {
-					x, base = Mean(f.Reps[:n]), Mean(bf.Reps[:n])
-				}
-				if base != 0 {
-					rel = fmt.Sprintf("%.2fx", x/base)
+				v := []float64{f.Value, bf.Value}
+				sharedRounds(v, [][]float64{f.Reps, bf.Reps})
+				if v[1] != 0 {
+					rel = fmt.Sprintf("%.2fx", v[0]/v[1])
 				}
 			}
 			reps := ""

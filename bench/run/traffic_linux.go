@@ -367,6 +367,7 @@ func (r *Runner) exclusions(ctx context.Context, m *Mesh, pairs []*Pair, sz size
 		scenario string
 		pr       *Pair
 		client   *Pod
+		targeted bool // a targeted ratio reads it (else only exclOthersReps rounds)
 	}
 	var runs []run
 	failed := map[string]bool{}
@@ -381,7 +382,7 @@ func (r *Runner) exclusions(ctx context.Context, m *Mesh, pairs []*Pair, sz size
 				r.res.Skip(scenario, pr.C.Name, "capture check failed, not measured: "+err.Error())
 				continue
 			}
-			runs = append(runs, run{scenario, pr, c})
+			runs = append(runs, run{scenario, pr, c, slices.Contains(report.TargetContenders(scenario), pr.C.Name)})
 		}
 	}
 	p50, p99 := map[run][]float64{}, map[run][]float64{}
@@ -392,7 +393,7 @@ func (r *Runner) exclusions(ctx context.Context, m *Mesh, pairs []*Pair, sz size
 				continue
 			}
 			// istio-iptables is the comparison here, no target reads it.
-			if rep >= sz.exclOthersReps && !slices.Contains(report.TargetContenders(x.scenario), x.pr.C.Name) {
+			if rep >= sz.exclOthersReps && !x.targeted {
 				continue
 			}
 			args := []string{"connect", "-addr", x.pr.ServerAddr(), "-count", strconv.Itoa(sz.connects)}
