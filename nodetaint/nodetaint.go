@@ -73,7 +73,7 @@ func Decide(node *corev1.Node, agents []*corev1.Pod, key string, effect corev1.T
 	has := slices.ContainsFunc(node.Spec.Taints, func(t corev1.Taint) bool { return t.Key == key && t.Effect == effect })
 	var why []string
 	for _, p := range bound {
-		ok, reason := podReady(p)
+		ok, reason := PodReady(p)
 		if ok {
 			if has {
 				return Remove, fmt.Sprintf("agent pod %s/%s is ready", p.Namespace, p.Name)
@@ -89,8 +89,10 @@ func Decide(node *corev1.Node, agents []*corev1.Pod, key string, effect corev1.T
 	return Add, reason
 }
 
-// podReady is the pod's Ready condition.
-func podReady(p *corev1.Pod) (bool, string) {
+// PodReady is the pod's Ready condition, and when false why, in words.
+// The agent waits for it on its own pod before it removes the taint
+// itself (kube.Config.Self), so both writers of the taint apply one test.
+func PodReady(p *corev1.Pod) (bool, string) {
 	if p.Status.Phase != corev1.PodRunning {
 		return false, "is " + strings.ToLower(string(p.Status.Phase))
 	}

@@ -105,6 +105,14 @@ type Config struct {
 	// not when it is gone or being deleted (helm uninstall), which would
 	// leave the node tainted with no agent to remove it.
 	DaemonSet types.NamespacedName
+	// Self, when set, is the agent's own pod (the chart passes its name
+	// with the downward API). OnReady then removes the taint only once
+	// the pod is Ready (nodetaint.PodReady, kubelet's readiness probe
+	// passed), the test the controller's taint loop applies: removing it
+	// earlier, while kubelet still reports the pod not Ready, made that
+	// loop put it back until the probe passed, on every agent restart.
+	// Unset (an agent run outside a pod): OnReady removes it at once.
+	Self types.NamespacedName
 }
 
 // Controller is the agent's Kubernetes side.

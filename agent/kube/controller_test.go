@@ -42,11 +42,17 @@ type runningAgent struct {
 
 func startAgent(t *testing.T, cs kubernetes.Interface, node, stateDir string) *runningAgent {
 	t.Helper()
+	return startAgentAs(t, cs, node, stateDir, types.NamespacedName{})
+}
+
+// startAgentAs is startAgent with kube.Config.Self (the agent's own pod).
+func startAgentAs(t *testing.T, cs kubernetes.Interface, node, stateDir string, self types.NamespacedName) *runningAgent {
+	t.Helper()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	if testing.Verbose() {
 		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
-	ctrl, err := kube.New(kube.Config{Client: cs, NodeName: node, Classify: classify.DefaultConfig(), Log: log, ManageTaint: true, Capture: kube.IstioCapture})
+	ctrl, err := kube.New(kube.Config{Client: cs, NodeName: node, Classify: classify.DefaultConfig(), Log: log, ManageTaint: true, Capture: kube.IstioCapture, Self: self})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -293,5 +299,72 @@ func TestControllerLifecycle(t *testing.T) {
 	}
 	if m := modeOf(ra, "c-late"); m != agent.ModeNode {
 		t.Errorf("after restart late pod mode %q, want node", m)
+	}
+}
+
+// TestTaintWaitsForOwnPodReady: an agent that knows its own pod (the
+// chart's POD_NAME) removes the node taint only once that pod is Ready,
+// the controller's test (nodetaint.PodReady). Removing it as soon as the
+// agent was ready, while kubelet still reported the pod not Ready, made
+// the controller put the taint back until the readiness probe passed: a
+// taint flap and a Warning Event on every agent restart.
+func TestTaintWaitsForOwnPodReady(t *testing.T) {
+	ctx := context.Background()
+	cs, err := kubernetes.NewForConfig(cluster.RESTConfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const node, ns = "node-selfready", "sidelane-selfready"
+	if _, err := cs.CoreV1().Nodes().Create(ctx, &corev1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: node},
+		Spec:       corev1.NodeSpec{Taints: []corev1.Taint{{Key: kube.TaintKey, Effect: kube.TaintEffect}}},
+	}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	self := createPod(t, cs, loadFixture(t, "plain"), ns, "sidelane-agent-x7k2p", node)
+	// As kubelet reports a started container whose readiness probe has
+	// not passed yet.
+	setStatus := func(ready corev1.ConditionStatus) {
+		t.Helper()
+		p, err := cs.CoreV1().Pods(ns).Get(ctx, self.Name, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		now := metav1.Now()
+		p.Status.Phase = corev1.PodRunning
+		p.Status.Conditions = []corev1.PodCondition{{Type: corev1.PodReady, Status: ready, LastTransitionTime: now}}
+		p.Status.ContainerStatuses = nil
+		for _, c := range p.Spec.Containers {
+			p.Status.ContainerStatuses = append(p.Status.ContainerStatuses, corev1.ContainerStatus{
+				Name: c.Name, Image: c.Image, ImageID: c.Image, Ready: ready == corev1.ConditionTrue,
+				State: corev1.ContainerState{Running: &corev1.ContainerStateRunning{StartedAt: now}},
+			})
+		}
+		if _, err := cs.CoreV1().Pods(ns).UpdateStatus(ctx, p, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	setStatus(corev1.ConditionFalse)
+
+	ra := startAgentAs(t, cs, node, t.TempDir(), types.NamespacedName{Namespace: ns, Name: self.Name})
+	// The agent serves ADDs (fail-closed capture works) but leaves the
+	// taint: before this change it was gone within milliseconds here.
+	time.Sleep(time.Second)
+	if ok, why := ra.agent.Ready(); !ok {
+		t.Fatalf("agent not ready: %s", why)
+	}
+	if !hasTaint(t, cs, node) {
+		t.Fatal("taint removed while the agent's own pod is not Ready: the controller would put it back (flap)")
+	}
+	setStatus(corev1.ConditionTrue)
+	eventually(t, "taint removed once the agent's pod is Ready", func() bool { return !hasTaint(t, cs, node) })
+
+	// A graceful stop still re-adds it.
+	ra.stop()
+	if !hasTaint(t, cs, node) {
+		t.Error("taint not re-added on a graceful stop")
 	}
 }

@@ -12,13 +12,64 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/util/retry"
+
+	"github.com/sidelane/sidelane/nodetaint"
 )
 
-// OnReady is the agent's ready hook: it removes the not-ready taint.
+// OnReady is the agent's ready hook: it removes the not-ready taint, at
+// once or, with Config.Self, once the agent's own pod is Ready (in the
+// background: it returns at once).
 func (c *Controller) OnReady(ctx context.Context) {
 	if !c.cfg.ManageTaint {
 		return
 	}
+	if c.cfg.Self.Name == "" {
+		c.untaint(ctx)
+		return
+	}
+	go c.untaintWhenReady(ctx)
+}
+
+// untaintWhenReady waits, on the pod cache, for the agent's own pod to be
+// Ready, then removes the taint; it gives up when ctx ends (the agent
+// stops, and its Shutdown re-adds the taint anyway).
+func (c *Controller) untaintWhenReady(ctx context.Context) {
+	var last string
+	for {
+		changed := c.changes()
+		ready, why := c.selfReady()
+		if ctx.Err() != nil {
+			return
+		}
+		if ready {
+			c.untaint(ctx)
+			return
+		}
+		if why != last {
+			c.log.Info("agent ready; the node taint stays until this pod is Ready", "node", c.cfg.NodeName, "pod", c.cfg.Self.String(), "pod_state", why)
+			last = why
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		}
+	}
+}
+
+// selfReady is nodetaint.PodReady of the agent's own pod in the cache.
+func (c *Controller) selfReady() (bool, string) {
+	pod, err := c.pods.Pods(c.cfg.Self.Namespace).Get(c.cfg.Self.Name)
+	if apierrors.IsNotFound(err) {
+		return false, "not in the agent's pod cache (is --pod-name this node's agent pod?)"
+	}
+	if err != nil {
+		return false, err.Error()
+	}
+	return nodetaint.PodReady(pod)
+}
+
+func (c *Controller) untaint(ctx context.Context) {
 	if err := c.setTaint(ctx, false); err != nil {
 		c.cfg.Metrics.Error("taint")
 		c.log.Error("remove node taint", "node", c.cfg.NodeName, "taint", TaintKey, "error", err)

@@ -49,6 +49,7 @@ func runAgent(ctx context.Context, args []string) error {
 	agentLabel := fs.String("agent-pod-label", classify.AgentLabelDefault+"="+classify.AgentLabelValue, "key=value label identifying the agent's own pods, never captured")
 	podWait := fs.Duration("pod-wait", kube.DefaultWait, "how long ADD waits for a pod the agent's cache has not seen yet")
 	taint := fs.Bool("manage-taint", true, "remove the "+kube.TaintKey+" node taint when ready and re-add it on shutdown")
+	podName := fs.String("pod-name", os.Getenv("POD_NAME"), "the agent's own pod (in --agent-namespace; default $POD_NAME): the taint is removed once kubelet reports it Ready, as the controller's taint loop does (empty: as soon as the agent is ready)")
 	daemonSet := fs.String("daemonset", "", "the agent's own DaemonSet (in --agent-namespace): on shutdown the taint is re-added only while it exists, not on uninstall (empty: always)")
 	standalone := fs.Bool("standalone", false, "run without Kubernetes: every pod gets --standalone-mode (default when there is no --kubeconfig and no in-cluster config)")
 	standaloneMode := fs.String("standalone-mode", agent.ModeNone, "mode of every pod when standalone: none, or sidecar with Istio's default capture settings (benchmarks and tests of the enroll path without Kubernetes)")
@@ -110,6 +111,9 @@ func runAgent(ctx context.Context, args []string) error {
 		if *daemonSet != "" && *agentNS == "" {
 			return errors.New("--daemonset needs --agent-namespace (or $POD_NAMESPACE)")
 		}
+		if *podName != "" && *agentNS == "" {
+			return errors.New("--pod-name needs --agent-namespace (or $POD_NAMESPACE)")
+		}
 		rc, err := restConfig(*kubeconfig)
 		if err != nil {
 			return err
@@ -122,6 +126,7 @@ func runAgent(ctx context.Context, args []string) error {
 			Client: cs, NodeName: *nodeName, Classify: ccfg, Log: log, Metrics: m,
 			Wait: *podWait, ManageTaint: *taint, Capture: kube.IstioCapture,
 			DaemonSet: types.NamespacedName{Namespace: *agentNS, Name: *daemonSet},
+			Self:      types.NamespacedName{Namespace: *agentNS, Name: *podName},
 		})
 		if err != nil {
 			return err
