@@ -48,7 +48,7 @@ func runAgent(ctx context.Context, args []string) error {
 	agentNS := fs.String("agent-namespace", os.Getenv("POD_NAMESPACE"), "namespace of the agent's own pods (default $POD_NAMESPACE; empty: any)")
 	agentLabel := fs.String("agent-pod-label", classify.AgentLabelDefault+"="+classify.AgentLabelValue, "key=value label identifying the agent's own pods, never captured")
 	podWait := fs.Duration("pod-wait", kube.DefaultWait, "how long ADD waits for a pod the agent's cache has not seen yet")
-	taint := fs.Bool("manage-taint", true, "remove the "+kube.TaintKey+" node taint when ready and re-add it on shutdown")
+	taint := fs.Bool("manage-taint", true, "remove the "+kube.TaintKey+" node taint when ready (with --pod-name: once kubelet reports that pod Ready) and re-add it on shutdown")
 	podName := fs.String("pod-name", os.Getenv("POD_NAME"), "the agent's own pod (in --agent-namespace; default $POD_NAME): the taint is removed once kubelet reports it Ready, as the controller's taint loop does (empty: as soon as the agent is ready)")
 	daemonSet := fs.String("daemonset", "", "the agent's own DaemonSet (in --agent-namespace): on shutdown the taint is re-added only while it exists, not on uninstall (empty: always)")
 	standalone := fs.Bool("standalone", false, "run without Kubernetes: every pod gets --standalone-mode (default when there is no --kubeconfig and no in-cluster config)")
