@@ -222,9 +222,15 @@ func sidecarConnCounts(t *testing.T, n *nodeharness.Node, pod, dst string) sidec
 // around a sidecar reaches the server without a log line there.
 func carried(t *testing.T, n *nodeharness.Node, pod, dst string, before sidecarCounts, want int) error {
 	t.Helper()
+	return carriedWithin(t, n, pod, dst, before, want, 10)
+}
+
+// carriedWithin is carried, waiting up to seconds for the log lines.
+func carriedWithin(t *testing.T, n *nodeharness.Node, pod, dst string, before sidecarCounts, want, seconds int) error {
+	t.Helper()
 	var now sidecarCounts
 	// haproxy logs when a connection ends; give the logs a moment.
-	for range 10 {
+	for range seconds {
 		now = sidecarConnCounts(t, n, pod, dst)
 		if now.outbound-before.outbound >= want && now.inbound-before.inbound >= want {
 			return nil
