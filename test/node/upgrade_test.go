@@ -289,7 +289,7 @@ func testCrashedAgentRetaints(t *testing.T, n *nodeharness.Node) {
 		t.Fatal("no agent container ID")
 	}
 	events := func() string {
-		out, _ := n.Kubectl("get", "events", "-n", "default", "--field-selector", "involvedObject.kind=Node,involvedObject.name="+n.Name+",reason=SidelaneAgentNotReady", "-o", "jsonpath={range .items[*]}{.count} {.message}{\"\\n\"}{end}")
+		out, _ := notReadyEvents(n)
 		return out
 	}
 	eventsBefore := events()
@@ -436,21 +436,31 @@ func testReboot(t *testing.T, n *nodeharness.Node) {
 	}
 }
 
+// notReadyEvents lists the node's SidelaneAgentNotReady Events (the
+// controller's taint additions), one "<count> <message>" line each.
+func notReadyEvents(n *nodeharness.Node) (string, error) {
+	return n.Kubectl("get", "events", "-n", "default", "--field-selector", "involvedObject.kind=Node,involvedObject.name="+n.Name+",reason=SidelaneAgentNotReady", "-o", "jsonpath={range .items[*]}{.count} {.message}{\"\\n\"}{end}")
+}
+
 // taintAdditions is how many times the controller's taint loop has tainted
-// the node: the summed counts of the node's SidelaneAgentNotReady Events
-// (one per addition; Events outlive the controller pods a roll replaces,
-// which the sidelane_node_taint_changes_total counter does not).
+// the node: the summed counts of notReadyEvents (one per addition; Events
+// outlive the controller pods a roll replaces, which the
+// sidelane_node_taint_changes_total counter does not).
 func taintAdditions(t *testing.T, n *nodeharness.Node) int {
 	t.Helper()
-	out, err := n.Kubectl("get", "events", "-n", "default", "--field-selector", "involvedObject.kind=Node,involvedObject.name="+n.Name+",reason=SidelaneAgentNotReady", "-o", "jsonpath={range .items[*]}{.count}{\"\\n\"}{end}")
+	out, err := notReadyEvents(n)
 	if err != nil {
 		t.Fatalf("node events: %v\n%s", err, out)
 	}
 	sum := 0
-	for _, f := range strings.Fields(out) {
+	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+		if l == "" {
+			continue
+		}
+		f, _, _ := strings.Cut(l, " ")
 		c, err := strconv.Atoi(f)
 		if err != nil {
-			t.Fatalf("event count %q: %v", f, err)
+			t.Fatalf("event count in %q: %v", l, err)
 		}
 		sum += c
 	}
