@@ -312,13 +312,15 @@ struct {
 	__type(value, __u64);
 } pair_cookies SEC(".maps");
 
-/* Per-socket shortcut mode, created by sock_ops when a socket joins
- * sock_pairs, freed with the socket. Once a socket's send went the TCP way
- * it never redirects again: bytes it already queued on TCP could still be
- * unread (or in flight) on the peer, and the peer reads its redirect queue
- * first, so a later redirect would overtake them. The other way round is
- * safe: a redirect lands in the peer's queue before sendmsg returns, and the
- * peer drains that queue before it reads TCP. */
+/* Per-socket shortcut mode, created by sock_ops when it asks the agent to
+ * put the socket into sock_pairs (see pair_joins), freed with the socket.
+ * MODE_TCP: the socket's last send went the TCP way (it starts so), for
+ * the shortcut_to_tcp counter, which counts switches from redirect to TCP.
+ * A socket may switch both ways: redirect -> TCP is safe because a redirect
+ * is in the peer's queue before sendmsg returns and the peer drains that
+ * queue before it reads TCP; TCP -> redirect only once the peer has read
+ * every byte the socket sent by TCP (pair_seen), since the peer reads its
+ * redirect queue first and a redirect would otherwise overtake them. */
 #define MODE_TCP 0x1
 
 struct {
@@ -344,6 +346,48 @@ struct {
 	__type(key, struct tuple_key);
 	__type(value, __u32);
 } pair_runs SEC(".maps");
+
+/* The socket of this tuple's copied_seq (how far its application has read
+ * the TCP byte stream) at its last send. Its peer may redirect only while
+ * this equals the peer's own write_seq: every byte the peer ever sent by
+ * TCP has been read, so nothing of it is left for a redirect to overtake.
+ * Both are in the same sequence space (the two ends of one same-node
+ * connection, no NAT rewrites sequence numbers on it). copied_seq only
+ * grows, so a stale record only sends a message by TCP. LRU: a lost
+ * record does the same. */
+struct {
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct tuple_key);
+	__type(value, __u32);
+} pair_seen SEC(".maps");
+
+/* Sockets sock_ops asks the agent to put into sock_pairs. A socket joins
+ * only once it carries request/response traffic (JOIN_SEGS data segments
+ * each way): being in a sockhash costs every send of the socket (the
+ * tcp_bpf send path copies into an sk_msg, then pushes it to TCP) and every
+ * connection its insert and teardown, which streams and short connections
+ * would pay for nothing. sock_ops may only insert at the established
+ * callbacks, before the traffic is known, so the agent inserts later by
+ * running sidelane_pair_join in the socket's netns. A full ring loses the
+ * request: the socket stays on TCP. */
+struct pair_join {
+	struct tuple_key key; /* the socket's own tuple, netns as in sock_pairs */
+	__u64 netns;          /* the socket's netns cookie */
+	__u64 cookie;         /* the socket's cookie (pair_cookies) */
+};
+
+struct {
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} pair_joins SEC(".maps");
+
+#define JOIN_SEGS 4
+/* A socket still short of JOIN_SEGS one way after this many data segments
+ * in all streams: its RTT callbacks stop. */
+#define JOIN_GIVEUP_SEGS 256
 
 /* TIME_WAIT reuse (see sidelane_inbound and sidelane_tw_lookup). A SYN
  * whose four-tuple finds the pod's side of an earlier captured connection
@@ -1772,7 +1816,9 @@ static __always_inline int shortcut_enabled(void)
 }
 
 /* A same-node pair: both ends loopback in an enrolled pod (app <-> its own
- * sidecar), or both ends pod IPs on this node (sidecar <-> sidecar). */
+ * sidecar), or both ends pod IPs on this node (sidecar <-> sidecar). Such a
+ * socket is watched (RTT callbacks, one per ACK of new data) until its
+ * traffic says whether it should join the shortcut (shortcut_rtt). */
 static __always_inline void maybe_shortcut(struct bpf_sock_ops *skops, struct tuple_key *k, __u64 netns)
 {
 	if (!shortcut_enabled() || !bpf_map_lookup_elem(&pods, &netns))
@@ -1780,17 +1826,39 @@ static __always_inline void maybe_shortcut(struct bpf_sock_ops *skops, struct tu
 	if (!(is_loopback(k->src) && is_loopback(k->dst)) &&
 	    !(bpf_map_lookup_elem(&pod_ips, k->src) && bpf_map_lookup_elem(&pod_ips, k->dst)))
 		return;
-	k->netns = pair_netns(k, netns);
-	__u64 cookie = bpf_get_socket_cookie(skops);
-	/* No mode storage, no shortcut: sk_msg could not remember that the
-	 * socket went TCP. */
-	struct bpf_sock *sk = skops->sk;
-	if (!sk || !bpf_sk_storage_get(&pair_mode, sk, 0, BPF_SK_STORAGE_GET_F_CREATE))
+	bpf_sock_ops_cb_flags_set(skops, READ(skops->bpf_sock_ops_cb_flags) | BPF_SOCK_OPS_RTT_CB_FLAG);
+}
+
+/* An ACK of new data on a watched socket: once data went both ways
+ * JOIN_SEGS times, ask the agent to put the socket into sock_pairs (the
+ * mode storage first, which marks it for the pair entries' cleanup at
+ * close, hence the state callbacks) and stop watching; a socket that only
+ * streams stops being watched after JOIN_GIVEUP_SEGS. */
+static __always_inline void shortcut_rtt(struct bpf_sock_ops *skops)
+{
+	__u32 in = READ(skops->data_segs_in), out = READ(skops->data_segs_out);
+	__u32 flags = READ(skops->bpf_sock_ops_cb_flags) & ~BPF_SOCK_OPS_RTT_CB_FLAG;
+	if (in < JOIN_SEGS || out < JOIN_SEGS) {
+		if (in + out > JOIN_GIVEUP_SEGS)
+			bpf_sock_ops_cb_flags_set(skops, flags);
 		return;
-	if (bpf_sock_hash_update(skops, &sock_pairs, k, BPF_ANY) == 0) {
-		bpf_map_update_elem(&pair_cookies, k, &cookie, BPF_ANY);
-		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 	}
+	struct bpf_sock *sk = skops->sk;
+	__u32 init = MODE_TCP;
+	if (shortcut_enabled() && sk && bpf_sk_storage_get(&pair_mode, sk, &init, BPF_SK_STORAGE_GET_F_CREATE)) {
+		struct pair_join *j = bpf_ringbuf_reserve(&pair_joins, sizeof(*j), 0);
+		if (j) {
+			__u64 netns = bpf_get_netns_cookie(skops);
+			__builtin_memset(&j->key, 0, sizeof(j->key));
+			sockops_tuple(skops, &j->key);
+			j->key.netns = pair_netns(&j->key, netns);
+			j->netns = netns;
+			j->cookie = bpf_get_socket_cookie(skops);
+			bpf_ringbuf_submit(j, 0);
+			flags |= BPF_SOCK_OPS_STATE_CB_FLAG;
+		}
+	}
+	bpf_sock_ops_cb_flags_set(skops, flags);
 }
 
 /* A sidecar pod's proxy starts listening on the inbound port: record the
@@ -1831,6 +1899,9 @@ int sidelane_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_STATE_CB:
 		if (skops->args[1] == BPF_TCP_CLOSE)
 			break;
+		return 1;
+	case BPF_SOCK_OPS_RTT_CB:
+		shortcut_rtt(skops);
 		return 1;
 	default:
 		return 1;
@@ -1914,30 +1985,38 @@ int sidelane_sockops(struct bpf_sock_ops *skops)
 			struct tuple_key m = mirrored(&k, netns);
 			bpf_map_delete_elem(&orig_by_tuple, &m);
 		}
-		/* Only a socket that joined the shortcut has pair entries
-		 * (maybe_shortcut made its pair_mode first): the others skip
-		 * two LRU deletes per close. */
+		/* Only a socket asked to join the shortcut has pair entries
+		 * (shortcut_rtt made its pair_mode first): the others skip
+		 * three LRU deletes per close. */
 		struct bpf_sock *sk = skops->sk;
 		if (sk && bpf_sk_storage_get(&pair_mode, sk, 0, 0)) {
 			k.netns = pair_netns(&k, netns);
 			bpf_map_delete_elem(&pair_cookies, &k);
 			bpf_map_delete_elem(&pair_runs, &k);
+			bpf_map_delete_elem(&pair_seen, &k);
 		}
 		break;
 	}
 	return 1;
 }
 
-/* to_tcp sends this message, and every later one of the socket, the TCP
- * way (see pair_mode). */
+/* to_tcp sends this message the TCP way (see pair_mode). */
 static __always_inline int to_tcp(__u32 *mode, __u64 netns)
 {
-	*mode |= MODE_TCP;
-	struct counters *c = bpf_map_lookup_elem(&pod_counters, &netns);
-	if (c)
-		c->shortcut_to_tcp++;
+	if (!(*mode & MODE_TCP)) {
+		*mode |= MODE_TCP;
+		struct counters *c = bpf_map_lookup_elem(&pod_counters, &netns);
+		if (c)
+			c->shortcut_to_tcp++;
+	}
 	return SK_PASS;
 }
+
+/* The kernel's tcp_sock, for the two sequence numbers pair_seen compares. */
+struct tcp_sock___sl {
+	__u32 write_seq;
+	__u32 copied_seq;
+} __attribute__((preserve_access_index));
 
 SEC("sk_msg")
 int sidelane_msg(struct sk_msg_md *msg)
@@ -1946,7 +2025,7 @@ int sidelane_msg(struct sk_msg_md *msg)
 	if (!sk)
 		return SK_PASS;
 	__u32 *mode = bpf_sk_storage_get(&pair_mode, sk, 0, 0);
-	if (!mode || (*mode & MODE_TCP))
+	if (!mode)
 		return SK_PASS;
 
 	struct tuple_key self = {}, peer = {};
@@ -1968,8 +2047,18 @@ int sidelane_msg(struct sk_msg_md *msg)
 	peer.dport = self.sport;
 	peer.netns = self.netns;
 
-	/* No peer yet (or the guard): this message goes TCP, so all later
-	 * ones must too. */
+	/* How far this socket has read, for its peer's check (below). */
+	struct tcp_sock___sl *tp = (struct tcp_sock___sl *)bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return to_tcp(mode, netns);
+	__u32 wseq = tp->write_seq, cseq = tp->copied_seq;
+	__u32 *seen = bpf_map_lookup_elem(&pair_seen, &self);
+	if (seen)
+		*seen = cseq;
+	else
+		bpf_map_update_elem(&pair_seen, &self, &cseq, BPF_ANY);
+
+	/* No peer in sock_pairs yet (or the guard): TCP. */
 	__u64 *own = bpf_map_lookup_elem(&pair_cookies, &self);
 	__u64 *other = bpf_map_lookup_elem(&pair_cookies, &peer);
 	if (!own || !other || *own == *other)
@@ -1991,17 +2080,66 @@ int sidelane_msg(struct sk_msg_md *msg)
 		__u32 one = 1;
 		bpf_map_update_elem(&pair_runs, &self, &one, BPF_ANY);
 	}
+	/* Bytes this socket sent by TCP that the peer has not read (or not
+	 * shown that it read, by sending since): a redirect would overtake
+	 * them. */
+	__u32 *pseen = bpf_map_lookup_elem(&pair_seen, &peer);
+	if (!pseen || *pseen != wseq)
+		return to_tcp(mode, netns);
 	/* On failure (the peer just closed) the helper leaves no redirect and
-	 * SK_PASS sends the bytes the normal way: never drop, and never
-	 * redirect after that. */
+	 * SK_PASS sends the bytes the normal way: never drop. */
 	if (bpf_msg_redirect_hash(msg, &sock_pairs, &peer, BPF_F_INGRESS) != SK_PASS)
 		return to_tcp(mode, netns);
+	*mode &= ~MODE_TCP;
 	struct counters *c = bpf_map_lookup_elem(&pod_counters, &netns);
 	if (c) {
 		c->shortcut_msgs++;
 		c->shortcut_bytes += msg->size;
 	}
 	return SK_PASS;
+}
+
+/* sidelane_pair_join is never attached: the agent runs it
+ * (BPF_PROG_TEST_RUN, from a thread in the socket's netns) for each
+ * pair_joins request, with a TCP packet as the socket's peer would send
+ * it, followed by the request's netns and socket cookies. It puts the
+ * established socket the packet's tuple finds into sock_pairs (programs of
+ * this type may put sockets into a sockhash; sock_ops only at the
+ * established callbacks). Returns 1 when the socket joined. */
+SEC("tc")
+int sidelane_pair_join(struct __sk_buff *skb)
+{
+	struct {
+		__u64 netns;
+		__u64 cookie;
+	} want;
+	if (skb->len < sizeof(want) || bpf_skb_load_bytes(skb, skb->len - sizeof(want), &want, sizeof(want)))
+		return 0;
+	__u64 netns = dev_netns_cookie(skb);
+	/* The path the agent entered may name another netns by now. */
+	if (!netns || netns != want.netns || !bpf_map_lookup_elem(&pods, &netns))
+		return 0;
+	struct inbound_pkt p = {};
+	if (parse_inbound(skb, &p) != IN_TCP)
+		return 0;
+	struct tuple_key k = {.sport = p.dport};
+	k.dport = bpf_ntohs(p.tlen == sizeof(p.t.ipv4) ? p.t.ipv4.sport : p.t.ipv6.sport);
+	__builtin_memcpy(k.src, p.dst, 16);
+	__builtin_memcpy(k.dst, p.src, 16);
+	k.netns = pair_netns(&k, netns);
+	struct bpf_sock *sk = lookup_tcp(skb, &p);
+	if (!sk)
+		return 0;
+	if (sk->state != BPF_TCP_ESTABLISHED) {
+		bpf_sk_release(sk);
+		return 0;
+	}
+	long err = bpf_map_update_elem(&sock_pairs, &k, sk, BPF_NOEXIST);
+	bpf_sk_release(sk);
+	if (err)
+		return 0;
+	bpf_map_update_elem(&pair_cookies, &k, &want.cookie, BPF_ANY);
+	return 1;
 }
 
 /* getpeername on a redirected socket answers the original destination, as

@@ -139,8 +139,10 @@ const (
 	captureMapOrigByCookie          = "orig_by_cookie"
 	captureMapOrigByTuple           = "orig_by_tuple"
 	captureMapPairCookies           = "pair_cookies"
+	captureMapPairJoins             = "pair_joins"
 	captureMapPairMode              = "pair_mode"
 	captureMapPairRuns              = "pair_runs"
+	captureMapPairSeen              = "pair_seen"
 	captureMapPodCounters           = "pod_counters"
 	captureMapPodIps                = "pod_ips"
 	captureMapPods                  = "pods"
@@ -159,6 +161,7 @@ const (
 	captureProgSidelaneInRecord     = "sidelane_in_record"
 	captureProgSidelaneInbound      = "sidelane_inbound"
 	captureProgSidelaneMsg          = "sidelane_msg"
+	captureProgSidelanePairJoin     = "sidelane_pair_join"
 	captureProgSidelaneRecvmsg4     = "sidelane_recvmsg4"
 	captureProgSidelaneRecvmsg6     = "sidelane_recvmsg6"
 	captureProgSidelaneSendmsg4     = "sidelane_sendmsg4"
@@ -220,6 +223,7 @@ type captureProgramSpecs struct {
 	SidelaneInRecord     *ebpf.ProgramSpec `ebpf:"sidelane_in_record"`
 	SidelaneInbound      *ebpf.ProgramSpec `ebpf:"sidelane_inbound"`
 	SidelaneMsg          *ebpf.ProgramSpec `ebpf:"sidelane_msg"`
+	SidelanePairJoin     *ebpf.ProgramSpec `ebpf:"sidelane_pair_join"`
 	SidelaneRecvmsg4     *ebpf.ProgramSpec `ebpf:"sidelane_recvmsg4"`
 	SidelaneRecvmsg6     *ebpf.ProgramSpec `ebpf:"sidelane_recvmsg6"`
 	SidelaneSendmsg4     *ebpf.ProgramSpec `ebpf:"sidelane_sendmsg4"`
@@ -243,8 +247,10 @@ type captureMapSpecs struct {
 	OrigByCookie *ebpf.MapSpec `ebpf:"orig_by_cookie"`
 	OrigByTuple  *ebpf.MapSpec `ebpf:"orig_by_tuple"`
 	PairCookies  *ebpf.MapSpec `ebpf:"pair_cookies"`
+	PairJoins    *ebpf.MapSpec `ebpf:"pair_joins"`
 	PairMode     *ebpf.MapSpec `ebpf:"pair_mode"`
 	PairRuns     *ebpf.MapSpec `ebpf:"pair_runs"`
+	PairSeen     *ebpf.MapSpec `ebpf:"pair_seen"`
 	PodCounters  *ebpf.MapSpec `ebpf:"pod_counters"`
 	PodIps       *ebpf.MapSpec `ebpf:"pod_ips"`
 	Pods         *ebpf.MapSpec `ebpf:"pods"`
@@ -291,8 +297,10 @@ type captureMaps struct {
 	OrigByCookie *ebpf.Map `ebpf:"orig_by_cookie"`
 	OrigByTuple  *ebpf.Map `ebpf:"orig_by_tuple"`
 	PairCookies  *ebpf.Map `ebpf:"pair_cookies"`
+	PairJoins    *ebpf.Map `ebpf:"pair_joins"`
 	PairMode     *ebpf.Map `ebpf:"pair_mode"`
 	PairRuns     *ebpf.Map `ebpf:"pair_runs"`
+	PairSeen     *ebpf.Map `ebpf:"pair_seen"`
 	PodCounters  *ebpf.Map `ebpf:"pod_counters"`
 	PodIps       *ebpf.Map `ebpf:"pod_ips"`
 	Pods         *ebpf.Map `ebpf:"pods"`
@@ -315,8 +323,10 @@ func (m *captureMaps) Close() error {
 		m.OrigByCookie,
 		m.OrigByTuple,
 		m.PairCookies,
+		m.PairJoins,
 		m.PairMode,
 		m.PairRuns,
+		m.PairSeen,
 		m.PodCounters,
 		m.PodIps,
 		m.Pods,
@@ -348,6 +358,7 @@ type capturePrograms struct {
 	SidelaneInRecord     *ebpf.Program `ebpf:"sidelane_in_record"`
 	SidelaneInbound      *ebpf.Program `ebpf:"sidelane_inbound"`
 	SidelaneMsg          *ebpf.Program `ebpf:"sidelane_msg"`
+	SidelanePairJoin     *ebpf.Program `ebpf:"sidelane_pair_join"`
 	SidelaneRecvmsg4     *ebpf.Program `ebpf:"sidelane_recvmsg4"`
 	SidelaneRecvmsg6     *ebpf.Program `ebpf:"sidelane_recvmsg6"`
 	SidelaneSendmsg4     *ebpf.Program `ebpf:"sidelane_sendmsg4"`
@@ -369,6 +380,7 @@ func (p *capturePrograms) Close() error {
 		p.SidelaneInRecord,
 		p.SidelaneInbound,
 		p.SidelaneMsg,
+		p.SidelanePairJoin,
 		p.SidelaneRecvmsg4,
 		p.SidelaneRecvmsg6,
 		p.SidelaneSendmsg4,

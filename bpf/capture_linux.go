@@ -77,6 +77,9 @@ type Capture struct {
 	// pod gets a copy with its netns cookie (see capture.c).
 	inSpec  *ebpf.ProgramSpec
 	inProgs progIDs
+	// joins puts sockets into the shortcut's sockhash when sock_ops asks
+	// (see joins_linux.go).
+	joins *joiner
 	// beforeAttach, when set (tests), runs at the start of every inbound
 	// attach, with the locks the attach holds taken.
 	beforeAttach func(netns uint64)
@@ -197,6 +200,10 @@ func Load(cfg Config) (*Capture, error) {
 	if err := c.removeRetiredPins(); err != nil {
 		cfg.Log.Warn("remove an older version's unused map pins", "error", err)
 	}
+	if err := c.startJoins(); err != nil {
+		c.Close()
+		return nil, err
+	}
 	return c, nil
 }
 
@@ -255,6 +262,7 @@ func (c *Capture) attach(a attachment, cgID uint64) (link.Link, error) {
 // Close releases this process's handles. Pinned maps and links stay, so
 // capture goes on (an agent restart drops nothing).
 func (c *Capture) Close() error {
+	c.stopJoins()
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.close()
@@ -273,6 +281,7 @@ func (c *Capture) close() error {
 // Uninstall detaches the programs and removes every pin, then closes c.
 // Capture stops for every pod.
 func (c *Capture) Uninstall() error {
+	c.stopJoins()
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	errs := []error{c.detachInbound(0)}
@@ -624,6 +633,7 @@ func ignoreNotExist(err error) error {
 // connections. Deleting an unknown netns is not an error.
 func (c *Capture) Delete(netns uint64) error {
 	defer c.lockPod(netns)()
+	c.forgetNetnsPath(netns)
 	var errs []error
 	errs = append(errs, ignoreNotExist(c.objs.Pods.Delete(&netns)))
 	// A per-node pod's connections to the node proxy are keyed by the

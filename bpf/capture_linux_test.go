@@ -105,9 +105,27 @@ func runHelper(mode, addr string) int {
 		return 1
 	}
 	defer c.Close()
-	if mode != "stream" {
-		c.Write([]byte("D"))
-	} else {
+	switch mode {
+	case "rr":
+		// 10 round trips, the gate (see runGated), 40 more.
+		c.Write([]byte("R"))
+		buf := make([]byte, rrSize)
+		for i := range 50 {
+			if i == 10 {
+				fmt.Println("gate")
+				bufio.NewReader(os.Stdin).ReadString('\n')
+			}
+			if _, err := c.Write(buf); err != nil {
+				fmt.Fprintln(os.Stderr, err)
+				return 1
+			}
+			if _, err := io.ReadFull(c, buf); err != nil {
+				fmt.Fprintln(os.Stderr, err)
+				return 1
+			}
+		}
+		c.(*net.TCPConn).CloseWrite()
+	case "stream":
 		c.Write([]byte("S"))
 		for i := 0; i < streamChunks; i++ {
 			if _, err := c.Write(chunk(i)); err != nil {
@@ -117,6 +135,8 @@ func runHelper(mode, addr string) int {
 			time.Sleep(20 * time.Millisecond)
 		}
 		c.(*net.TCPConn).CloseWrite()
+	default:
+		c.Write([]byte("D"))
 	}
 	out, err := io.ReadAll(c)
 	if err != nil {
@@ -130,6 +150,9 @@ func runHelper(mode, addr string) int {
 }
 
 const streamChunks = 100
+
+// rrSize is the "rr" helper's request and response size.
+const rrSize = 100
 
 func chunk(i int) []byte {
 	b := make([]byte, 16<<10)
@@ -304,6 +327,20 @@ func serveListener(l net.Listener) {
 			if _, err := io.ReadFull(c, mode); err == nil && mode[0] == 'S' {
 				c.SetReadDeadline(time.Time{})
 				n, _ = io.Copy(h, c)
+			} else if err == nil && mode[0] == 'R' {
+				// Echo 100-byte requests until the client's half-close.
+				c.SetReadDeadline(time.Time{})
+				buf := make([]byte, rrSize)
+				for {
+					if _, err := io.ReadFull(c, buf); err != nil {
+						break
+					}
+					h.Write(buf)
+					n += rrSize
+					if _, err := c.Write(buf); err != nil {
+						break
+					}
+				}
 			}
 			fmt.Fprintf(c, "peer=%s local=%s bytes=%d sha=%s\n", c.RemoteAddr(), c.LocalAddr(), n, hex.EncodeToString(h.Sum(nil)))
 		}()
@@ -446,6 +483,9 @@ func (e *env) enroll(s capture.Settings) Pod {
 	if err := e.cap.Verify(e.cookie, p); err != nil {
 		e.t.Fatal(err)
 	}
+	// The agent learns a netns path at the pod's inbound attach; the
+	// shortcut's joins enter the netns by it.
+	e.cap.setNetnsPath(e.cookie, e.podPath)
 	return p
 }
 
@@ -508,9 +548,10 @@ func TestOutboundCapture(t *testing.T) {
 		t.Errorf("IPv6 without ISTIO_DUAL_STACK: server saw %s, want direct from %s", r.peer.Addr(), podIP6)
 	}
 
-	// The server's reply crossed the sidecar -> app loopback pair.
-	if got.ShortcutMessages == 0 || got.ShortcutBytes == 0 {
-		t.Errorf("counters = %+v, want the reply shortcut", got)
+	// One request and one reply per connection: the shortcut is not
+	// worth joining for (TestShortcut has request/response connections).
+	if got.ShortcutMessages != 0 || e.cap.ShortcutJoins().Joined != 0 {
+		t.Errorf("counters = %+v, joins %+v: want no short connection shortcut", got, e.cap.ShortcutJoins())
 	}
 	if n := drained(t, e.cap.objs.OrigByTuple); n != 0 {
 		t.Errorf("orig_by_tuple has %d entries after every connection closed, want 0", n)
@@ -809,9 +850,10 @@ func TestRestartKeepsCapture(t *testing.T) {
 	}
 }
 
-// The shortcut carries a stream intact between the app and its sidecar
-// (redirected at first, on TCP once it streams), and stops being used for
-// new connections once switched off.
+// Through the sidecar: a stream never joins the shortcut (it is not
+// request/response) and arrives intact on TCP; a request/response
+// connection joins (the app's socket and the sidecar's accepted one) and
+// is carried socket to socket; switched off, new connections never join.
 func TestShortcut(t *testing.T) {
 	e := newEnv(t)
 	e.startSidecar()
@@ -820,32 +862,41 @@ func TestShortcut(t *testing.T) {
 	for i := 0; i < streamChunks; i++ {
 		want.Write(chunk(i))
 	}
-	stream := func() reply {
-		out, err := e.app("stream", ap(remoteIP, 8080).String(), false).CombinedOutput()
-		if err != nil {
-			t.Fatalf("stream: %v: %s", err, out)
-		}
-		r := parseReply(t, string(out))
-		if r.peer.Addr() != sidecarSrc || r.bytes != streamChunks*16<<10 || r.sha != hex.EncodeToString(want.Sum(nil)) {
-			t.Fatalf("stream: server saw %s, %d bytes, sha %s; want the sidecar, %d bytes, sha %s",
-				r.peer, r.bytes, r.sha, streamChunks*16<<10, hex.EncodeToString(want.Sum(nil)))
-		}
-		return r
+	out, err := e.app("stream", ap(remoteIP, 8080).String(), false).CombinedOutput()
+	if err != nil {
+		t.Fatalf("stream: %v: %s", err, out)
 	}
-	stream()
+	r := parseReply(t, string(out))
+	if r.peer.Addr() != sidecarSrc || r.bytes != streamChunks*16<<10 || r.sha != hex.EncodeToString(want.Sum(nil)) {
+		t.Fatalf("stream: server saw %s, %d bytes, sha %s; want the sidecar, %d bytes, sha %s",
+			r.peer, r.bytes, r.sha, streamChunks*16<<10, hex.EncodeToString(want.Sum(nil)))
+	}
+	if got := e.cap.ShortcutJoins(); got.Joined != 0 {
+		t.Errorf("joins %+v after a stream: want none", got)
+	}
+	rr := func(wantJoins uint64) {
+		t.Helper()
+		r := parseReply(t, e.runGated(t, e.app("rr", ap(remoteIP, 8080).String(), false), wantJoins))
+		if r.peer.Addr() != sidecarSrc || r.bytes != 50*rrSize {
+			t.Fatalf("rr: server saw %s, %d bytes; want the sidecar, %d bytes", r.peer, r.bytes, 50*rrSize)
+		}
+	}
+	rr(2)
 	on, err := e.cap.Counters(e.cookie)
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The stream starts on the shortcut and, once it is seen streaming
-	// (many sends in a row), finishes on TCP.
-	if on.ShortcutBytes == 0 || on.ShortcutToTCP == 0 {
-		t.Errorf("counters %+v: want the stream's start shortcut, then its sockets back on TCP", on)
+	if on.ShortcutMessages < 40 {
+		t.Errorf("counters %+v: want the 40 round trips after the join shortcut", on)
 	}
 	if err := e.cap.SetShortcut(false); err != nil {
 		t.Fatal(err)
 	}
-	stream()
+	joins := e.cap.ShortcutJoins().Joined
+	rr(0)
+	if got := e.cap.ShortcutJoins().Joined; got != joins {
+		t.Errorf("shortcut disabled, yet %d more sockets joined", got-joins)
+	}
 	off, err := e.cap.Counters(e.cookie)
 	if err != nil {
 		t.Fatal(err)
@@ -856,12 +907,14 @@ func TestShortcut(t *testing.T) {
 }
 
 // Two enrolled pods on the node: the sidecar's upstream connection and the
-// other pod's server socket (pod IP to pod IP) are shortcut as a pair.
+// other pod's server socket (pod IP to pod IP) join the shortcut as a
+// pair, each from its own netns.
 func TestShortcutBetweenPods(t *testing.T) {
 	e := newEnv(t)
 	e.startSidecar()
 	e.enroll(defaultSettings())
-	other, err := NetnsCookie("/var/run/netns/" + e.remNS)
+	otherPath := "/var/run/netns/" + e.remNS
+	other, err := NetnsCookie(otherPath)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -872,6 +925,7 @@ func TestShortcutBetweenPods(t *testing.T) {
 	if err := e.cap.Put(other, p); err != nil {
 		t.Fatal(err)
 	}
+	e.cap.setNetnsPath(other, otherPath)
 	// The other pod's server, born in the cgroup like a real pod's.
 	dst := ap(remoteIP, 7070)
 	srv := exec.Command("ip", "netns", "exec", e.remNS, os.Args[0], "-test.run=^$", dst.String())
@@ -888,25 +942,18 @@ func TestShortcutBetweenPods(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 
-	out, err := e.app("stream", dst.String(), false).CombinedOutput()
-	if err != nil {
-		t.Fatalf("stream: %v: %s", err, out)
+	// Both hops join: app <-> sidecar and sidecar <-> the other pod.
+	r := parseReply(t, e.runGated(t, e.app("rr", dst.String(), false), 4))
+	if r.peer.Addr() != sidecarSrc || r.bytes != 50*rrSize {
+		t.Fatalf("rr: server saw %s, %d bytes; want the sidecar, %d bytes", r.peer, r.bytes, 50*rrSize)
 	}
-	want := sha256.New()
-	for i := 0; i < streamChunks; i++ {
-		want.Write(chunk(i))
-	}
-	r := parseReply(t, string(out))
-	if r.peer.Addr() != sidecarSrc || r.bytes != streamChunks*16<<10 || r.sha != hex.EncodeToString(want.Sum(nil)) {
-		t.Fatalf("stream: server saw %s, %d bytes; want the sidecar, %d bytes intact", r.peer, r.bytes, streamChunks*16<<10)
-	}
-	// The server's reply went socket to socket into the sidecar.
+	// The server's replies went socket to socket into the sidecar.
 	got, err := e.cap.Counters(other)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if got.ShortcutMessages == 0 {
-		t.Errorf("other pod's counters %+v: want its reply shortcut", got)
+		t.Errorf("other pod's counters %+v: want its replies shortcut", got)
 	}
 	if err := e.cap.Delete(other); err != nil {
 		t.Fatal(err)

@@ -63,6 +63,7 @@ func (c *Capture) attachInbound(netnsPath string, netns uint64, ifname string) e
 	if c.beforeAttach != nil {
 		c.beforeAttach(netns)
 	}
+	c.setNetnsPath(netns, netnsPath)
 	var cfg capturePodConfig
 	sidecar := !c.cfg.tcInbound && c.objs.Pods.Lookup(&netns, &cfg) == nil && cfg.Flags&flagNode == 0
 	if sidecar {

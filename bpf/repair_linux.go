@@ -49,6 +49,7 @@ func (c *Capture) repairOne(in Inbound) ([]Repaired, error) {
 	if c.atts == nil {
 		return nil, errors.New("repair: capture closed")
 	}
+	c.setNetnsPath(in.Netns, in.NetnsPath)
 	return c.repairInbound(in)
 }
 
@@ -315,6 +316,7 @@ func (c *Capture) pinnedMaps() map[string]*ebpf.Map {
 		"pods": o.Pods, "cidrs": o.Cidrs, "ports": o.Ports, "pod_ips": o.PodIps,
 		"orig_by_cookie": o.OrigByCookie, "orig_by_tuple": o.OrigByTuple, "pod_counters": o.PodCounters,
 		"settings": o.Settings, "sock_pairs": o.SockPairs, "pair_cookies": o.PairCookies, "pair_mode": o.PairMode, "pair_runs": o.PairRuns,
+		"pair_seen": o.PairSeen, "pair_joins": o.PairJoins,
 		"node_proxy_cfg": o.NodeProxyCfg, "node_counters": o.NodeCounters,
 		"tw_pending": o.TwPending, "tw_listeners": o.TwListeners, "in_listeners": o.InListeners, "in_ifaces": o.InIfaces,
 		"in_netns": o.InNetns, "in_progs": o.InProgs,

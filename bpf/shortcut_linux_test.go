@@ -3,6 +3,7 @@
 package bpf
 
 import (
+	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"sync"
@@ -18,52 +20,156 @@ import (
 )
 
 // The shortcut's byte stream contract, on loopback pairs inside the
-// enrolled pod (both ends shortcut): every byte arrives once and in order
-// in both directions, across the switch from redirect to TCP (a stream
-// detected) while the reader lags behind, across half-close, with large
-// writes, many connections at once, and connections closed mid-stream.
+// enrolled pod (both ends join the shortcut once they have exchanged
+// requests and responses): every byte arrives once and in order in both
+// directions, across the switches between TCP and redirect (the late join,
+// a stream detected, request/response again) while the reader lags
+// behind, across half-close, with large writes, many connections at once,
+// and connections closed mid-stream.
 func TestShortcutByteExact(t *testing.T) {
 	e := newEnv(t)
 	e.enroll(defaultSettings())
-	out, err := e.app("pairs", "24", false).CombinedOutput()
-	if err != nil {
-		t.Fatalf("pairs: %v: %s", err, out)
-	}
+	e.runPairs(t, "24", 2*18) // 18 of the 24 connections exchange requests and responses
 	got, err := e.cap.Counters(e.cookie)
 	if err != nil {
 		t.Fatal(err)
 	}
 	// Both ways were taken: request/response redirected, streams back on TCP.
 	if got.ShortcutMessages == 0 || got.ShortcutToTCP == 0 {
-		t.Errorf("counters %+v: want redirected messages and sockets switched to TCP", got)
+		t.Errorf("counters %+v: want redirected messages and switches to TCP", got)
 	}
 }
 
-// A request/response exchange keeps the shortcut for every message: no
-// socket goes back to TCP when it never sends many messages in a row.
+// A request/response exchange keeps the shortcut for every message once
+// both ends joined: only the first send after the join goes TCP (the peer
+// has not yet shown what it read), and no socket switches back to TCP.
 func TestShortcutKeepsRequestResponse(t *testing.T) {
 	e := newEnv(t)
 	e.enroll(defaultSettings())
-	out, err := e.app("pairs", "rr", false).CombinedOutput()
-	if err != nil {
-		t.Fatalf("pairs rr: %v: %s", err, out)
-	}
+	e.runPairs(t, "rr", 2)
 	got, err := e.cap.Counters(e.cookie)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := uint64(2 * rrRounds); got.ShortcutMessages < want || got.ShortcutToTCP != 0 {
-		t.Errorf("counters %+v: want >= %d redirected messages, 0 sockets switched to TCP", got, want)
+	if want := uint64(2*rrRounds - 1); got.ShortcutMessages < want || got.ShortcutToTCP != 0 {
+		t.Errorf("counters %+v: want >= %d redirected messages, 0 switches to TCP", got, want)
+	}
+}
+
+// A socket that sent by TCP what its peer has not read yet never
+// redirects until the peer has read it: the peer reads its redirect queue
+// first, so the redirect would overtake those bytes. Here the peer sends
+// (which ends the client's run of sends) without reading first; the
+// client's next message must queue behind its unread TCP bytes. Once the
+// peer has read everything, the client redirects again.
+func TestShortcutNeverOvertakesUnreadTCP(t *testing.T) {
+	e := newEnv(t)
+	e.enroll(defaultSettings())
+	e.runPairs(t, "overtake", 2)
+	got, err := e.cap.Counters(e.cookie)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.ShortcutMessages < 3 {
+		t.Errorf("counters %+v: want >= 3 redirected messages (the server's two, the client's last)", got)
+	}
+}
+
+// Only request/response sockets join: a stream and short connections
+// (one request and response each) never ask, so they never pay for the
+// sockhash.
+func TestShortcutJoinsOnlyRequestResponse(t *testing.T) {
+	e := newEnv(t)
+	e.enroll(defaultSettings())
+	e.runPairs(t, "kinds", 2)
+	if got := e.cap.ShortcutJoins(); got.Joined != 2 || got.Missed != 0 || got.NoNetns != 0 {
+		t.Errorf("joins %+v after a stream, 20 short connections and one request/response connection: want 2 joined, none missed", got)
 	}
 }
 
 const rrRounds = 200
 
+// runPairs runs pairsHelper in the pod (see runGated).
+func (e *env) runPairs(t *testing.T, arg string, wantJoins uint64) {
+	t.Helper()
+	e.runGated(t, e.app("pairs", arg, false), wantJoins)
+}
+
+// runGated runs cmd, a helper that prints "gate" when every connection
+// that will join has exchanged enough requests and responses, and then
+// waits for a line on stdin: it waits until the agent side has joined
+// wantJoins sockets before it lets the helper go on. It returns what the
+// helper printed after the gate.
+func (e *env) runGated(t *testing.T, cmd *exec.Cmd, wantJoins uint64) string {
+	t.Helper()
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	r := bufio.NewReader(stdout)
+	line, _ := r.ReadString('\n')
+	if strings.TrimSpace(line) == "gate" {
+		deadline := time.Now().Add(10 * time.Second)
+		for e.cap.ShortcutJoins().Joined < wantJoins && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+		if got := e.cap.ShortcutJoins(); got.Joined < wantJoins {
+			t.Errorf("joins %+v at the gate: want %d joined", got, wantJoins)
+		}
+		line = ""
+	}
+	fmt.Fprintln(stdin, "go")
+	stdin.Close()
+	rest, _ := io.ReadAll(r)
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("%v: %v: %s", cmd.Args, err, stderr.String())
+	}
+	return line + string(rest)
+}
+
+// gate holds n clients until the test lets them go: the last to arrive
+// prints "gate" and waits for a line on stdin.
+type gate struct {
+	mu      sync.Mutex
+	n       int
+	release chan struct{}
+}
+
+func newGate(n int) *gate { return &gate{n: n, release: make(chan struct{})} }
+
+func (g *gate) wait() {
+	g.mu.Lock()
+	g.n--
+	last := g.n == 0
+	g.mu.Unlock()
+	if last {
+		fmt.Println("gate")
+		bufio.NewReader(os.Stdin).ReadString('\n')
+		close(g.release)
+	}
+	<-g.release
+}
+
 // pairsHelper runs in the pod: a loopback server and clients exchanging
 // seeded pseudo-random data, each side checking every byte. arg is the
-// number of concurrent connections, or "rr" for one request/response
-// connection.
+// number of concurrent connections, "rr" for one request/response
+// connection, "overtake" or "kinds" (see the tests).
 func pairsHelper(arg string) int {
+	switch arg {
+	case "overtake":
+		return report(overtakeHelper())
+	case "kinds":
+		return report(kindsHelper())
+	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -96,9 +202,10 @@ func pairsHelper(arg string) int {
 		return errors.Join(serverErrs...)
 	}
 	if arg == "rr" {
-		return report(errors.Join(rrClient(addr, rrRounds), serverErr()))
+		return report(errors.Join(rrClient(addr, rrRounds, newGate(1)), serverErr()))
 	}
 	n, _ := strconv.Atoi(arg)
+	g := newGate(n - n/4)
 	var wg sync.WaitGroup
 	errs := make(chan error, n)
 	for i := range n {
@@ -108,7 +215,7 @@ func pairsHelper(arg string) int {
 			if i%4 == 3 {
 				errs <- abortClient(addr, uint64(i))
 			} else {
-				errs <- pairClient(addr, uint64(i))
+				errs <- pairClient(addr, uint64(i), g)
 			}
 		}()
 	}
@@ -119,6 +226,165 @@ func pairsHelper(arg string) int {
 		all = append(all, err)
 	}
 	return report(errors.Join(all...))
+}
+
+// loopbackPair is a connected client and server socket on loopback.
+func loopbackPair() (client, server *net.TCPConn, err error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, nil, err
+	}
+	defer ln.Close()
+	c, err := net.DialTimeout("tcp", ln.Addr().String(), 5*time.Second)
+	if err != nil {
+		return nil, nil, err
+	}
+	s, err := ln.Accept()
+	if err != nil {
+		c.Close()
+		return nil, nil, err
+	}
+	for _, x := range []net.Conn{c, s} {
+		x.SetDeadline(time.Now().Add(60 * time.Second))
+	}
+	return c.(*net.TCPConn), s.(*net.TCPConn), nil
+}
+
+// exchange does rounds 100-byte round trips from a to b.
+func exchange(a, b net.Conn, rounds int) error {
+	buf := make([]byte, 100)
+	for range rounds {
+		if _, err := a.Write(buf); err != nil {
+			return err
+		}
+		if _, err := io.ReadFull(b, buf); err != nil {
+			return err
+		}
+		if _, err := b.Write(buf); err != nil {
+			return err
+		}
+		if _, err := io.ReadFull(a, buf); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// overtakeHelper: after the join, the client sends 40 KiB-messages (all
+// TCP: its peer has not sent since the join), the server sends a byte
+// without reading them, the client reads that byte and sends a marker. The
+// server must read the 40 messages, then the marker. Then the server,
+// having read everything, sends again, and the client's next message
+// may (and does) redirect.
+func overtakeHelper() error {
+	c, s, err := loopbackPair()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	defer s.Close()
+	if err := exchange(c, s, 8); err != nil {
+		return fmt.Errorf("before the join: %w", err)
+	}
+	newGate(1).wait()
+	msg := func(b byte) []byte { return bytes.Repeat([]byte{b}, 1024) }
+	for i := range 40 {
+		if _, err := c.Write(msg(byte(i))); err != nil {
+			return err
+		}
+	}
+	one := make([]byte, 1)
+	if _, err := s.Write([]byte("S")); err != nil {
+		return err
+	}
+	if _, err := io.ReadFull(c, one); err != nil || one[0] != 'S' {
+		return fmt.Errorf("client read %q, %v; want S", one, err)
+	}
+	if _, err := c.Write(msg(0xee)); err != nil {
+		return err
+	}
+	got := make([]byte, 41*1024)
+	if _, err := io.ReadFull(s, got); err != nil {
+		return err
+	}
+	for i := range 41 {
+		want := byte(i)
+		if i == 40 {
+			want = 0xee
+		}
+		if m := got[i*1024 : (i+1)*1024]; !bytes.Equal(m, msg(want)) {
+			return fmt.Errorf("message %d read by the server is %#x..., want %#x (a redirect overtook bytes sent by TCP)", i, m[0], want)
+		}
+	}
+	if _, err := s.Write([]byte("T")); err != nil {
+		return err
+	}
+	if _, err := io.ReadFull(c, one); err != nil || one[0] != 'T' {
+		return fmt.Errorf("client read %q, %v; want T", one, err)
+	}
+	if _, err := c.Write(msg(0xdd)); err != nil {
+		return err
+	}
+	last := make([]byte, 1024)
+	if _, err := io.ReadFull(s, last); err != nil || !bytes.Equal(last, msg(0xdd)) {
+		return fmt.Errorf("last message: %#x..., %v", last[0], err)
+	}
+	return nil
+}
+
+// kindsHelper: a 4 MB stream (one byte back at the end), 20 short
+// connections of one 100-byte request and response each, then one
+// request/response connection of 20 round trips, the only one that joins.
+func kindsHelper() error {
+	c, s, err := loopbackPair()
+	if err != nil {
+		return err
+	}
+	go func() {
+		buf := make([]byte, 64<<10)
+		for read := 0; read < 4<<20; {
+			n, err := s.Read(buf)
+			if err != nil {
+				return
+			}
+			read += n
+		}
+		s.Write([]byte("k"))
+	}()
+	chunk := make([]byte, 1024)
+	for range 4 << 10 {
+		if _, err := c.Write(chunk); err != nil {
+			return err
+		}
+	}
+	if _, err := io.ReadFull(c, chunk[:1]); err != nil {
+		return fmt.Errorf("stream: %w", err)
+	}
+	c.Close()
+	s.Close()
+	for i := range 20 {
+		c, s, err := loopbackPair()
+		if err != nil {
+			return err
+		}
+		err = exchange(c, s, 1)
+		c.Close()
+		s.Close()
+		if err != nil {
+			return fmt.Errorf("short connection %d: %w", i, err)
+		}
+	}
+	c, s, err = loopbackPair()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	defer s.Close()
+	if err := exchange(c, s, 20); err != nil {
+		return err
+	}
+	newGate(1).wait()
+	return exchange(c, s, 5)
 }
 
 func report(err error) int {
@@ -155,7 +421,7 @@ func pairServer(c *net.TCPConn) error {
 	seed, _ := strconv.ParseUint(strings.TrimLeft(string(hdr[1:]), "0"), 10, 64)
 	switch hdr[0] {
 	case 'R':
-		return echo(c, rrRounds, newSizes(seed))
+		return echo(c, rrRounds+10, newSizes(seed))
 	case 'A':
 		// Whatever arrives before the reset is a prefix of the stream.
 		want := newGen(seed)
@@ -294,16 +560,23 @@ func roundTrips(c net.Conn, g *gen, rounds int, sz *sizes) error {
 	return nil
 }
 
-func rrClient(addr string, rounds int) error {
+// rrClient does 10 round trips, waits at g (both ends join), then rounds
+// more; the server echoes rounds+10.
+func rrClient(addr string, rounds int, g *gate) error {
 	c, err := dialScript(addr, 'R', 7)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	return roundTrips(c, newGen(7), rounds, newSizes(7))
+	gen, sz := newGen(7), newSizes(7)
+	if err := roundTrips(c, gen, 10, sz); err != nil {
+		return err
+	}
+	g.wait()
+	return roundTrips(c, gen, rounds, sz)
 }
 
-func pairClient(addr string, seed uint64) error {
+func pairClient(addr string, seed uint64, gt *gate) error {
 	c, err := dialScript(addr, 'P', seed)
 	if err != nil {
 		return err
@@ -311,8 +584,10 @@ func pairClient(addr string, seed uint64) error {
 	defer c.Close()
 	g, sz := newGen(seed+3000), newSizes(seed)
 	if err := roundTrips(c, g, 30, sz); err != nil {
+		gt.wait()
 		return fmt.Errorf("conn %d before the stream: %w", seed, err)
 	}
+	gt.wait()
 	up := newGen(seed + 1000)
 	for _, n := range writeSizes(seed + 1000) {
 		if _, err := c.Write(up.bytes(n)); err != nil {

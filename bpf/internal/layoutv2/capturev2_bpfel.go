@@ -139,8 +139,10 @@ const (
 	capturev2MapOrigByCookie          = "orig_by_cookie"
 	capturev2MapOrigByTuple           = "orig_by_tuple"
 	capturev2MapPairCookies           = "pair_cookies"
+	capturev2MapPairJoins             = "pair_joins"
 	capturev2MapPairMode              = "pair_mode"
 	capturev2MapPairRuns              = "pair_runs"
+	capturev2MapPairSeen              = "pair_seen"
 	capturev2MapPodCounters           = "pod_counters"
 	capturev2MapPodIps                = "pod_ips"
 	capturev2MapPods                  = "pods"
@@ -159,6 +161,7 @@ const (
 	capturev2ProgSidelaneInRecord     = "sidelane_in_record"
 	capturev2ProgSidelaneInbound      = "sidelane_inbound"
 	capturev2ProgSidelaneMsg          = "sidelane_msg"
+	capturev2ProgSidelanePairJoin     = "sidelane_pair_join"
 	capturev2ProgSidelaneRecvmsg4     = "sidelane_recvmsg4"
 	capturev2ProgSidelaneRecvmsg6     = "sidelane_recvmsg6"
 	capturev2ProgSidelaneSendmsg4     = "sidelane_sendmsg4"
@@ -220,6 +223,7 @@ type capturev2ProgramSpecs struct {
 	SidelaneInRecord     *ebpf.ProgramSpec `ebpf:"sidelane_in_record"`
 	SidelaneInbound      *ebpf.ProgramSpec `ebpf:"sidelane_inbound"`
 	SidelaneMsg          *ebpf.ProgramSpec `ebpf:"sidelane_msg"`
+	SidelanePairJoin     *ebpf.ProgramSpec `ebpf:"sidelane_pair_join"`
 	SidelaneRecvmsg4     *ebpf.ProgramSpec `ebpf:"sidelane_recvmsg4"`
 	SidelaneRecvmsg6     *ebpf.ProgramSpec `ebpf:"sidelane_recvmsg6"`
 	SidelaneSendmsg4     *ebpf.ProgramSpec `ebpf:"sidelane_sendmsg4"`
@@ -243,8 +247,10 @@ type capturev2MapSpecs struct {
 	OrigByCookie *ebpf.MapSpec `ebpf:"orig_by_cookie"`
 	OrigByTuple  *ebpf.MapSpec `ebpf:"orig_by_tuple"`
 	PairCookies  *ebpf.MapSpec `ebpf:"pair_cookies"`
+	PairJoins    *ebpf.MapSpec `ebpf:"pair_joins"`
 	PairMode     *ebpf.MapSpec `ebpf:"pair_mode"`
 	PairRuns     *ebpf.MapSpec `ebpf:"pair_runs"`
+	PairSeen     *ebpf.MapSpec `ebpf:"pair_seen"`
 	PodCounters  *ebpf.MapSpec `ebpf:"pod_counters"`
 	PodIps       *ebpf.MapSpec `ebpf:"pod_ips"`
 	Pods         *ebpf.MapSpec `ebpf:"pods"`
@@ -291,8 +297,10 @@ type capturev2Maps struct {
 	OrigByCookie *ebpf.Map `ebpf:"orig_by_cookie"`
 	OrigByTuple  *ebpf.Map `ebpf:"orig_by_tuple"`
 	PairCookies  *ebpf.Map `ebpf:"pair_cookies"`
+	PairJoins    *ebpf.Map `ebpf:"pair_joins"`
 	PairMode     *ebpf.Map `ebpf:"pair_mode"`
 	PairRuns     *ebpf.Map `ebpf:"pair_runs"`
+	PairSeen     *ebpf.Map `ebpf:"pair_seen"`
 	PodCounters  *ebpf.Map `ebpf:"pod_counters"`
 	PodIps       *ebpf.Map `ebpf:"pod_ips"`
 	Pods         *ebpf.Map `ebpf:"pods"`
@@ -315,8 +323,10 @@ func (m *capturev2Maps) Close() error {
 		m.OrigByCookie,
 		m.OrigByTuple,
 		m.PairCookies,
+		m.PairJoins,
 		m.PairMode,
 		m.PairRuns,
+		m.PairSeen,
 		m.PodCounters,
 		m.PodIps,
 		m.Pods,
@@ -348,6 +358,7 @@ type capturev2Programs struct {
 	SidelaneInRecord     *ebpf.Program `ebpf:"sidelane_in_record"`
 	SidelaneInbound      *ebpf.Program `ebpf:"sidelane_inbound"`
 	SidelaneMsg          *ebpf.Program `ebpf:"sidelane_msg"`
+	SidelanePairJoin     *ebpf.Program `ebpf:"sidelane_pair_join"`
 	SidelaneRecvmsg4     *ebpf.Program `ebpf:"sidelane_recvmsg4"`
 	SidelaneRecvmsg6     *ebpf.Program `ebpf:"sidelane_recvmsg6"`
 	SidelaneSendmsg4     *ebpf.Program `ebpf:"sidelane_sendmsg4"`
@@ -369,6 +380,7 @@ func (p *capturev2Programs) Close() error {
 		p.SidelaneInRecord,
 		p.SidelaneInbound,
 		p.SidelaneMsg,
+		p.SidelanePairJoin,
 		p.SidelaneRecvmsg4,
 		p.SidelaneRecvmsg6,
 		p.SidelaneSendmsg4,
