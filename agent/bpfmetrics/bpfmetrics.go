@@ -30,6 +30,12 @@ type Collector struct {
 	entries Entries
 	pod     *prometheus.Desc
 	node    *prometheus.Desc
+	joins   *prometheus.Desc
+}
+
+// joinSource is a Source that also reports the shortcut's joins.
+type joinSource interface {
+	ShortcutJoins() bpf.JoinStats
 }
 
 // New makes a collector.
@@ -42,6 +48,9 @@ func New(src Source, entries Entries) *Collector {
 		node: prometheus.NewDesc("sidelane_node_proxy_connects_total",
 			"Per-node mode connects: steered to the node proxy (redirected), refused because it was down (refused, fail closed), refused because none is configured (unconfigured).",
 			[]string{"outcome"}, nil),
+		joins: prometheus.NewDesc("sidelane_shortcut_joins_total",
+			"Shortcut join requests (a same-node socket carrying request/response traffic): put into the sockhash (joined), no socket found or the run failed (missed), from a netns the agent has no path for (no_netns).",
+			[]string{"outcome"}, nil),
 	}
 }
 
@@ -49,6 +58,9 @@ func New(src Source, entries Entries) *Collector {
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.pod
 	ch <- c.node
+	if _, ok := c.src.(joinSource); ok {
+		ch <- c.joins
+	}
 }
 
 // Collect implements prometheus.Collector. The BPF counters are per
@@ -96,6 +108,12 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.node, prometheus.CounterValue, float64(n.Refused), "refused")
 		ch <- prometheus.MustNewConstMetric(c.node, prometheus.CounterValue, float64(n.Unconfigured), "unconfigured")
 		ch <- prometheus.MustNewConstMetric(c.node, prometheus.CounterValue, float64(n.Looped), "looped")
+	}
+	if j, ok := c.src.(joinSource); ok {
+		s := j.ShortcutJoins()
+		ch <- prometheus.MustNewConstMetric(c.joins, prometheus.CounterValue, float64(s.Joined), "joined")
+		ch <- prometheus.MustNewConstMetric(c.joins, prometheus.CounterValue, float64(s.Missed), "missed")
+		ch <- prometheus.MustNewConstMetric(c.joins, prometheus.CounterValue, float64(s.NoNetns), "no_netns")
 	}
 }
 

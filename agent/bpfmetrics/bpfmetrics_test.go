@@ -90,3 +90,31 @@ func labels(m *dto.Metric) string {
 	}
 	return v["namespace"] + "/" + v["pod"] + "/" + v["counter"]
 }
+
+// joinsSource also reports the shortcut's joins.
+type joinsSource struct{ source }
+
+func (joinsSource) ShortcutJoins() bpf.JoinStats { return bpf.JoinStats{Joined: 4, Missed: 1, NoNetns: 2} }
+
+// The shortcut's join outcomes are exported when the datapath reports them.
+func TestShortcutJoinsExported(t *testing.T) {
+	m := metrics.New(nil)
+	if err := m.Register(bpfmetrics.New(joinsSource{source{}}, func() []store.Entry { return nil })); err != nil {
+		t.Fatal(err)
+	}
+	families, err := m.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, f := range families {
+		if f.GetName() == "sidelane_shortcut_joins_total" {
+			for _, mt := range f.GetMetric() {
+				got[mt.GetLabel()[0].GetValue()] = mt.GetCounter().GetValue()
+			}
+		}
+	}
+	if want := map[string]float64{"joined": 4, "missed": 1, "no_netns": 2}; len(got) != 3 || got["joined"] != 4 || got["missed"] != 1 || got["no_netns"] != 2 {
+		t.Errorf("sidelane_shortcut_joins_total = %v, want %v", got, want)
+	}
+}

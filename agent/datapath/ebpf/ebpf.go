@@ -354,6 +354,15 @@ func (d *Datapath) NodeCounters() (bpf.NodeCounters, error) {
 	return d.pods.NodeCounters()
 }
 
+// ShortcutJoins reports the shortcut's join requests handled so far (zero
+// when the loaded programs do not say).
+func (d *Datapath) ShortcutJoins() bpf.JoinStats {
+	if j, ok := d.pods.(interface{ ShortcutJoins() bpf.JoinStats }); ok {
+		return j.ShortcutJoins()
+	}
+	return bpf.JoinStats{}
+}
+
 // NodeProxyOptions say where the node proxy of per-node mode listens.
 type NodeProxyOptions struct {
 	// IPv4 and IPv6 are the node proxy's outbound listener addresses in
