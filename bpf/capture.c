@@ -1816,9 +1816,11 @@ static __always_inline int shortcut_enabled(void)
 }
 
 /* A same-node pair: both ends loopback in an enrolled pod (app <-> its own
- * sidecar), or both ends pod IPs on this node (sidecar <-> sidecar). Such a
- * socket is watched (RTT callbacks, one per ACK of new data) until its
- * traffic says whether it should join the shortcut (shortcut_rtt). */
+ * sidecar), or both ends pod IPs on this node (sidecar <-> sidecar). The
+ * connecting end is watched (RTT callbacks, one per ACK of new data) until
+ * its traffic says whether the pair should join the shortcut
+ * (shortcut_rtt); the agent then joins both ends, so the accepting end is
+ * never watched. */
 static __always_inline void maybe_shortcut(struct bpf_sock_ops *skops, struct tuple_key *k, __u64 netns)
 {
 	if (!shortcut_enabled() || !bpf_map_lookup_elem(&pods, &netns))
@@ -1830,10 +1832,10 @@ static __always_inline void maybe_shortcut(struct bpf_sock_ops *skops, struct tu
 }
 
 /* An ACK of new data on a watched socket: once data went both ways
- * JOIN_SEGS times, ask the agent to put the socket into sock_pairs (the
- * mode storage first, which marks it for the pair entries' cleanup at
- * close, hence the state callbacks) and stop watching; a socket that only
- * streams stops being watched after JOIN_GIVEUP_SEGS. */
+ * JOIN_SEGS times, ask the agent to put the pair into sock_pairs (this
+ * end's mode storage first, which marks it for the pair entries' cleanup
+ * at close, hence the state callbacks) and stop watching; a socket that
+ * only streams stops being watched after JOIN_GIVEUP_SEGS. */
 static __always_inline void shortcut_rtt(struct bpf_sock_ops *skops)
 {
 	__u32 in = READ(skops->data_segs_in), out = READ(skops->data_segs_out);
@@ -1956,7 +1958,6 @@ int sidelane_sockops(struct bpf_sock_ops *skops)
 		struct tuple_key m = mirrored(&k, netns);
 		if (maybe_redirected(k.src) && bpf_map_lookup_elem(&orig_by_tuple, &m))
 			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
-		maybe_shortcut(skops, &k, netns);
 		break;
 	}
 	case BPF_SOCK_OPS_STATE_CB: /* to BPF_TCP_CLOSE: the others left above */
@@ -2100,12 +2101,16 @@ int sidelane_msg(struct sk_msg_md *msg)
 }
 
 /* sidelane_pair_join is never attached: the agent runs it
- * (BPF_PROG_TEST_RUN, from a thread in the socket's netns) for each
- * pair_joins request, with a TCP packet as the socket's peer would send
- * it, followed by the request's netns and socket cookies. It puts the
- * established socket the packet's tuple finds into sock_pairs (programs of
- * this type may put sockets into a sockhash; sock_ops only at the
- * established callbacks). Returns 1 when the socket joined. */
+ * (BPF_PROG_TEST_RUN, from a thread in the socket's netns) for each end of
+ * a pair_joins request's pair, with a TCP packet as that end's peer would
+ * send it, followed by the end's netns cookie and the cookie to record
+ * (pair_cookies). It puts the established socket the packet's tuple finds
+ * into sock_pairs (programs of this type may put sockets into a sockhash;
+ * sock_ops only at the established callbacks), with its mode storage (the
+ * accepting end has none yet) and without a previous socket's pair_seen
+ * and pair_runs under the same tuple (the accepting end's entries are not
+ * removed at close: it has no state callbacks, and LRU maps forget).
+ * Returns 1 when the socket joined. */
 SEC("tc")
 int sidelane_pair_join(struct __sk_buff *skb)
 {
@@ -2130,10 +2135,15 @@ int sidelane_pair_join(struct __sk_buff *skb)
 	struct bpf_sock *sk = lookup_tcp(skb, &p);
 	if (!sk)
 		return 0;
-	if (sk->state != BPF_TCP_ESTABLISHED) {
+	struct bpf_sock *fsk = bpf_sk_fullsock(sk);
+	__u32 init = MODE_TCP;
+	if (!fsk || fsk->state != BPF_TCP_ESTABLISHED ||
+	    !bpf_sk_storage_get(&pair_mode, fsk, &init, BPF_SK_STORAGE_GET_F_CREATE)) {
 		bpf_sk_release(sk);
 		return 0;
 	}
+	bpf_map_delete_elem(&pair_seen, &k);
+	bpf_map_delete_elem(&pair_runs, &k);
 	long err = bpf_map_update_elem(&sock_pairs, &k, sk, BPF_NOEXIST);
 	bpf_sk_release(sk);
 	if (err)

@@ -96,12 +96,17 @@ func (c *Capture) runJoins(j *joiner) {
 			time.Sleep(100 * time.Millisecond)
 			continue
 		}
-		// One entry into each netns for all of its requests waiting now.
+		// One entry into each netns for all of its ends waiting now.
 		batch := map[uint64][]pairJoin{}
 		for {
 			var pj pairJoin
 			if err := binary.Read(bytes.NewReader(rec.RawSample), binary.NativeEndian, &pj); err == nil {
 				batch[pj.Netns] = append(batch[pj.Netns], pj)
+				if peer, ok := c.peerEnd(pj); ok {
+					batch[peer.Netns] = append(batch[peer.Netns], peer)
+				} else {
+					j.missed.Add(1)
+				}
 			}
 			j.rd.SetDeadline(time.Now())
 			if err := j.rd.ReadInto(&rec); err != nil {
@@ -149,6 +154,22 @@ func (c *Capture) joinBatch(j *joiner, batch map[uint64][]pairJoin) {
 			c.cfg.Log.Warn("shortcut join", "netns", netns, "error", err)
 		}
 	}
+}
+
+// peerEnd is the accepting end of r's pair (r is the connecting end's
+// request): the mirrored tuple, in the same netns for a loopback pair,
+// else in the netns of the pod that has the destination address. Its
+// pair_cookies value only has to differ from the connecting end's.
+func (c *Capture) peerEnd(r pairJoin) (pairJoin, bool) {
+	k := r.Key
+	p := pairJoin{Netns: r.Netns, Cookie: r.Cookie ^ 1<<63}
+	p.Key = captureTupleKey{Netns: k.Netns, Src: k.Dst, Dst: k.Src, Sport: k.Dport, Dport: k.Sport}
+	if k.Netns == 0 {
+		if err := c.objs.PodIps.Lookup(&k.Dst, &p.Netns); err != nil {
+			return pairJoin{}, false
+		}
+	}
+	return p, true
 }
 
 // joinPacket is a TCP segment to r's socket from its peer, with an

@@ -5,8 +5,10 @@
 // its loopback, the same connection kinds under each design, interleaved
 // (rotating order per repetition), so ratios are read from one run on a
 // shared machine: "off" (plain loopback TCP), "sticky16" (the shipped
-// design: redirect until 16 sends in a row, then TCP for good) and "always"
-// (redirect every send). Per scenario it logs the median result and, per
+// stream run: once joined, TCP after 16 sends in a row without a reply)
+// and "always" (redirect every send once joined). Sockets join only after
+// request/response traffic (capture.c's JOIN_SEGS), so streams and short
+// connections measure the same under every design but "off". Per scenario it logs the median result and, per
 // unit of work (a round trip, a MB, a connection), the cgroup's CPU time
 // and the client's and the server's context switches. It asserts only that
 // the shortcut carried bytes when on and none when off. Run it with
@@ -125,6 +127,11 @@ func newPod(t *testing.T) *pod {
 		t.Fatal(err)
 	}
 	if err := c.Put(cookie, p); err != nil {
+		t.Fatal(err)
+	}
+	// As the agent does at ADD: the shortcut's joins enter the pod's netns
+	// by the path this records.
+	if err := c.AttachInbound(n.Path, cookie, "eth0"); err != nil {
 		t.Fatal(err)
 	}
 	return &pod{ns: n, cgroup: cg, cap: c, cookie: cookie}
