@@ -1801,11 +1801,11 @@ static __always_inline struct tuple_key mirrored(const struct tuple_key *k, __u6
 	return m;
 }
 
-/* pair_netns is the netns part of a shortcut key: loopback tuples repeat in
- * every netns, pod IPs do not. */
+/* pair_netns is the netns part of a shortcut key: a tuple with a loopback
+ * address repeats in every netns, one of two pod IPs does not. */
 static __always_inline __u64 pair_netns(const struct tuple_key *k, __u64 netns)
 {
-	return is_loopback(k->src) ? netns : 0;
+	return is_loopback(k->src) || is_loopback(k->dst) ? netns : 0;
 }
 
 static __always_inline int shortcut_enabled(void)
@@ -1816,7 +1816,9 @@ static __always_inline int shortcut_enabled(void)
 }
 
 /* A same-node pair: both ends loopback in an enrolled pod (app <-> its own
- * sidecar), or both ends pod IPs on this node (sidecar <-> sidecar). The
+ * sidecar), the sidecar's inbound passthrough from a loopback address
+ * (127.0.0.6) to its own pod's IP (sidecar -> app, over lo), or both ends
+ * pod IPs on this node (sidecar <-> sidecar). The
  * connecting end is watched (RTT callbacks, one per ACK of new data) until
  * its traffic says whether the pair should join the shortcut
  * (shortcut_rtt); the agent then joins both ends, so the accepting end is
@@ -1825,9 +1827,14 @@ static __always_inline void maybe_shortcut(struct bpf_sock_ops *skops, struct tu
 {
 	if (!shortcut_enabled() || !bpf_map_lookup_elem(&pods, &netns))
 		return;
-	if (!(is_loopback(k->src) && is_loopback(k->dst)) &&
-	    !(bpf_map_lookup_elem(&pod_ips, k->src) && bpf_map_lookup_elem(&pod_ips, k->dst)))
-		return;
+	int lo_src = is_loopback(k->src), lo_dst = is_loopback(k->dst);
+	if (!(lo_src && lo_dst)) {
+		if (lo_dst)
+			return;
+		__u64 *dst_pod = bpf_map_lookup_elem(&pod_ips, k->dst);
+		if (!dst_pod || (lo_src ? *dst_pod != netns : !bpf_map_lookup_elem(&pod_ips, k->src)))
+			return;
+	}
 	bpf_sock_ops_cb_flags_set(skops, READ(skops->bpf_sock_ops_cb_flags) | BPF_SOCK_OPS_RTT_CB_FLAG);
 }
 

@@ -10,6 +10,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"strconv"
@@ -665,5 +666,35 @@ func TestShortcutSettings(t *testing.T) {
 	}
 	if v != settingShortcut {
 		t.Errorf("settings = %#x after shortcut on and run 0, want %#x", v, settingShortcut)
+	}
+}
+
+// The inbound hop: a client on another node reaches the app through the
+// sidecar's inbound listener (sk_lookup), whose passthrough connection
+// from 127.0.0.6 to the pod's own IP joins the shortcut with the app's
+// accepted socket; the remote client's connection, not a same-node pair,
+// never does.
+func TestShortcutInboundPassthrough(t *testing.T) {
+	e := newEnv(t)
+	e.startSidecar()
+	e.enroll(defaultSettings())
+	if err := e.cap.AttachInbound(e.podPath, e.cookie, "eth0"); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("ip", "netns", "exec", e.remNS, os.Args[0], "-test.run=^$", ap(podIP, 8080).String())
+	cmd.Env = append(os.Environ(), helperEnv+"=rr")
+	r := parseReply(t, e.runGated(t, cmd, 2))
+	if r.peer.Addr().Unmap() != netip.MustParseAddr("127.0.0.6") || r.bytes != 50*rrSize {
+		t.Fatalf("rr: app saw %s, %d bytes; want the sidecar's passthrough 127.0.0.6, %d bytes", r.peer, r.bytes, 50*rrSize)
+	}
+	got, err := e.cap.Counters(e.cookie)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.ShortcutMessages < 40 {
+		t.Errorf("counters %+v: want the 40 round trips after the join shortcut between the sidecar and the app", got)
+	}
+	if j := e.cap.ShortcutJoins(); j.Joined != 2 {
+		t.Errorf("joins %+v: want 2 (the passthrough pair only)", j)
 	}
 }
