@@ -31,11 +31,10 @@ type Config struct {
 	// PinDir is a directory on bpffs (DefaultPinDir if empty).
 	PinDir string
 	// EnableShortcut turns on the sockmap shortcut for same-node pairs
-	// (new connections; sockets already shortcut keep it until they close).
-	// Off by default: it cuts latency for request/response traffic and
-	// speeds up large writes, but streams of small (1 KiB) writes were
-	// measured ~15% slower than plain loopback TCP on the build machine, and
-	// the product must never make small writes slower than plain TCP.
+	// (new connections; sockets already shortcut keep it until they close):
+	// pairs that carry request/response traffic join it and send socket to
+	// socket, streams and short connections never join (see capture.c's
+	// pair_joins). The agent turns it on by default (--enable-shortcut).
 	EnableShortcut bool
 	Log            *slog.Logger
 

@@ -33,7 +33,7 @@ func (f *datapathFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.kind, "datapath", choose.Auto, "capture backend: auto (eBPF, falling back to iptables when the kernel lacks a feature, and to nftables when the iptables binaries or kernel modules are missing too), ebpf, iptables, nftables or noop")
 	fs.StringVar(&f.cgroupRoot, "cgroup-root", "", "cgroup v2 directory the eBPF programs attach to; every pod must be below it (default: the cgroup2 mount from /proc/mounts)")
 	fs.StringVar(&f.pinDir, "bpf-pin-dir", bpf.DefaultPinDir, "bpffs directory for sidelane's pinned maps and links")
-	fs.BoolVar(&f.shortcut, "enable-shortcut", false, "redirect bytes socket-to-socket (sockmap) for same-node pairs until a socket streams; off by default: it speeds up request/response but slows streams (see README, Shortcut design)")
+	fs.BoolVar(&f.shortcut, "enable-shortcut", true, "redirect bytes socket-to-socket (sockmap) for same-node pairs that carry request/response traffic; streams and short connections stay on TCP (see README, Shortcut design); false: TCP for every connection")
 	fs.StringVar(&f.forceMissing, "force-missing-feature", "", "comma-separated kernel features to treat as missing (tests of the fallback); \"iptables\" makes auto skip the iptables backend (tests of the nftables fallback)")
 	fs.StringVar(&f.nodeProxyAddr, "node-proxy-address", "", "per-node mode: comma-separated IPv4/IPv6 addresses of the node proxy's listeners in the host netns (e.g. the CNI bridge gateway); empty: per-node pods fail closed")
 	fs.UintVar(&f.nodeProxyOut, "node-proxy-outbound-port", 15001, "per-node mode: the node proxy's outbound listener port")
