@@ -94,7 +94,9 @@ func labels(m *dto.Metric) string {
 // joinsSource also reports the shortcut's joins.
 type joinsSource struct{ source }
 
-func (joinsSource) ShortcutJoins() bpf.JoinStats { return bpf.JoinStats{Joined: 4, Missed: 1, NoNetns: 2} }
+func (joinsSource) ShortcutJoins() bpf.JoinStats {
+	return bpf.JoinStats{Joined: 4, Missed: 1, NoNetns: 2}
+}
 
 // The shortcut's join outcomes are exported when the datapath reports them.
 func TestShortcutJoinsExported(t *testing.T) {
