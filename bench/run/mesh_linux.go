@@ -241,6 +241,8 @@ func (m *Mesh) loadEBPF(tb podnet.TB, name string, shortcut bool) (*loaded, erro
 		return nil, err
 	}
 	tb.Cleanup(func() {
+		j := c.ShortcutJoins()
+		m.log.Info("shortcut joins", "capture", name, "joined", j.Joined, "missed", j.Missed, "noNetns", j.NoNetns)
 		if err := c.Uninstall(); err != nil {
 			m.log.Warn("uninstall eBPF", "error", err)
 		}
